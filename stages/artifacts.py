@@ -1,0 +1,146 @@
+"""The artifact contract: references, manifests, content keys.
+
+A stage output is a directory holding its files and a ``manifest.json`` written last.
+Stages hand each other ``ArtifactRef`` values (where + what hash), never Python objects,
+so two stages can run in different processes, containers or machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from stages.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Where a finished stage output lives (local path or s3:// URI) and the digest of its files."""
+
+    stage: str
+    uri: str
+    digest: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> ArtifactRef:
+        return cls(stage=data["stage"], uri=data["uri"], digest=data["digest"])
+
+
+@dataclass
+class Manifest:
+    """Self-description of a stage output. ``digest`` covers every file listed in ``files``."""
+
+    stage: str
+    key: str
+    config: dict[str, Any]
+    inputs: dict[str, dict[str, str]]
+    code_version: str
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+    wall_time_s: float = 0.0
+    digest: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = MANIFEST) -> Manifest:
+        try:
+            data = json.loads(text)
+            manifest = cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ArtifactError(f"{source}: not a valid gptpipe manifest ({exc})") from None
+        for rel in manifest.files:
+            check_relative(rel, source)
+        return manifest
+
+
+def check_relative(rel: str, source: str) -> None:
+    """Refuse manifest paths that could escape the artifact directory."""
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or "\\" in rel or not rel:
+        raise ArtifactError(f"{source}: refusing file path {rel!r} (must be relative, inside the artifact)")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root`` except the manifest, keyed by POSIX relative path."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.relative_to(root).as_posix()] = sha256_file(path)
+    return files
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """One hash for a whole artifact: the sha256 of its sorted (path, sha256) list."""
+    blob = "\n".join(f"{rel}\t{sha}" for rel, sha in sorted(files.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """Hash of the stage code: editing any file under stages/ invalidates cached outputs."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(stage: str, config: dict[str, Any], inputs: dict[str, ArtifactRef], version: str) -> str:
+    """Content key of a stage output: same stage, config, input content and code => same key."""
+    blob = json.dumps(
+        {
+            "stage": stage,
+            "config": config,
+            "inputs": {name: ref.digest for name, ref in sorted(inputs.items())},
+            "code": version,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST}; not a finished gptpipe artifact")
+    return Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def verify(directory: Path, manifest: Manifest | None = None) -> Manifest:
+    """Check every file against the manifest's sha256; raise naming the first mismatch."""
+    manifest = manifest or read_manifest(directory)
+    for rel, expected in manifest.files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: file {rel} listed in the manifest is missing; rerun stage '{manifest.stage}'")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…); "
+                f"the artifact was modified — delete it and rerun stage '{manifest.stage}'"
+            )
+    if files_digest(manifest.files) != manifest.digest:
+        raise ArtifactError(f"{directory}/{MANIFEST}: digest does not match its file list; the manifest was edited")
+    return manifest

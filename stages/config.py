@@ -1,0 +1,271 @@
+"""Recipe schema: one YAML file -> one validated ``PipelineConfig``.
+
+Each stage owns one section. Every model forbids unknown keys, so a typo such as
+``pretrain.max_step`` fails before any work starts, with the field named. Secrets and
+service endpoints never live here: they come from the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stages.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class CorpusConfig(Section):
+    """Where the pretraining text comes from."""
+
+    source: str = Field(
+        "python-stdlib",
+        description="'python-stdlib' (the interpreter's own library sources), a file, a directory, "
+        "a glob, or a .jsonl/.parquet file.",
+    )
+    text_field: str = Field("text", description="Field holding the text in JSONL/Parquet records.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".py", ".rst"],
+        description="File suffixes read when the source is a directory or glob.",
+    )
+    max_bytes: int = Field(
+        8_000_000, gt=0, description="Stop reading after this many bytes of text (keeps demo runs small)."
+    )
+    max_doc_bytes: int = Field(
+        200_000, gt=0, description="Documents longer than this are truncated to this many bytes."
+    )
+
+
+class TokenizerConfig(Section):
+    """SentencePiece training."""
+
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm.")
+    vocab_size: int = Field(2048, ge=300, le=1_000_000, description="Vocabulary size, special tokens included.")
+    byte_fallback: bool = Field(True, description="Encode unknown characters as UTF-8 bytes (costs 256 ids).")
+    split_digits: bool = Field(True, description="Every digit is its own token.")
+    character_coverage: float = Field(0.9995, gt=0.0, le=1.0, description="Share of characters covered by pieces.")
+    train_bytes: int = Field(
+        4_000_000, gt=0, description="At most this many bytes of the corpus are used to train the tokenizer."
+    )
+    heldout_fraction: float = Field(
+        0.02, ge=0.0, lt=0.5, description="Share of documents held out to measure compression."
+    )
+    threads: int = Field(2, ge=1, description="SentencePiece trainer threads.")
+
+
+class DataConfig(Section):
+    """Corpus -> token shards."""
+
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split.")
+    shard_tokens: int = Field(
+        50_000_000, gt=0, description="Maximum tokens per shard file (uint16/uint32 memmap)."
+    )
+    workers: int = Field(2, ge=1, description="Processes used to tokenize documents.")
+    seed: int = Field(1234, description="Seed of the deterministic train/val document split.")
+
+
+class ModelConfig(Section):
+    """GPT shape. The vocabulary size comes from the tokenizer artifact."""
+
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_embd: int = Field(256, ge=8, description="Model width; must be divisible by n_head.")
+    block_size: int = Field(256, ge=8, description="Context length in tokens.")
+    mlp_ratio: float = Field(8 / 3, gt=0, description="SwiGLU hidden width as a multiple of n_embd.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual paths.")
+    rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
+
+    @field_validator("n_head")
+    @classmethod
+    def _heads_divide(cls, n_head: int, info: Any) -> int:
+        n_embd = info.data.get("n_embd")
+        if n_embd is not None and n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        return n_head
+
+
+class TrainConfig(Section):
+    """The one training loop's knobs, shared by pretraining and fine-tuning."""
+
+    max_steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of lr (cosine).")
+    warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not on norms/biases).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    eval_interval: int = Field(100, gt=0, description="Steps between validation-loss evaluations.")
+    eval_batches: int = Field(8, gt=0, description="Micro-batches per validation-loss estimate.")
+    log_interval: int = Field(10, gt=0, description="Steps between metric log lines.")
+    checkpoint_interval: int = Field(0, ge=0, description="Steps between resumable checkpoints (0 = only at the end).")
+    seed: int = Field(1337, description="Seed for weights and batch order.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")
+
+
+class PretrainConfig(TrainConfig):
+    """GPT pretraining from scratch on the token shards."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+class FinetuneConfig(TrainConfig):
+    """Supervised fine-tuning on chat data (assistant tokens only)."""
+
+    method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters merged at the end.")
+    data: str = Field(
+        "synthetic", description="'synthetic' (built-in verifiable tasks) or a chat JSONL file."
+    )
+    heldout_data: str | None = Field(None, description="Held-out chat JSONL (defaults to a split of `data`).")
+    train_items: int = Field(20_000, gt=0, description="Synthetic training conversations.")
+    heldout_items: int = Field(300, gt=0, description="Held-out conversations (synthetic or split).")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["qkv", "proj", "w_gate", "w_up", "w_down"],
+        description="Names of nn.Linear modules that receive LoRA adapters.",
+    )
+
+
+class EvaluateConfig(Section):
+    """Held-out evaluation of the base and fine-tuned models."""
+
+    task_items: int = Field(300, gt=0, description="Held-out task items scored by exact match.")
+    max_new_tokens: int = Field(48, gt=0, description="Generation limit per answer.")
+    val_batches: int = Field(20, gt=0, description="Validation micro-batches for loss / bits per byte.")
+    samples: int = Field(8, ge=0, description="Sample generations saved in the report.")
+
+
+class ExportConfig(Section):
+    """ONNX / torch.export of the final model, behind a parity gate."""
+
+    source: Literal["finetune", "pretrain"] = Field("finetune", description="Which checkpoint to export.")
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs.")
+    tolerance: float = Field(1e-4, gt=0, description="Max |logit difference| ONNX Runtime vs PyTorch (fp32).")
+
+
+class PublishConfig(Section):
+    """Netron viewer bundle of the exported graphs."""
+
+    enabled: bool = Field(True, description="Build the Netron bundle.")
+
+
+class ArtifactsConfig(Section):
+    store: str = Field("runs/store", description="Local directory (or s3://bucket/prefix) holding stage outputs.")
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("gptpipe", description="MLflow experiment name.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default sqlite under runs/. MLFLOW_TRACKING_URI in the environment wins.",
+    )
+
+
+STAGE_ORDER = ("tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish")
+StageName = Literal["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
+
+
+class PipelineConfig(Section):
+    """A whole recipe."""
+
+    name: str = Field("tiny", description="Recipe name, used in run names and tags.")
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGE_ORDER), description="Stages to run, in pipeline order."
+    )
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}={raw}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config tree, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. pretrain.max_steps=50")
+        key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r}: empty key")
+        _set_dotted(tree, key.strip(), raw)
+    return tree
+
+
+def _describe(error: dict, source: str) -> str:
+    field = ".".join(str(p) for p in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{field}' (check the spelling; see the recipe reference in README.md)"
+    value = error.get("input")
+    return f"{source}: {field} = {value!r}: {error['msg']}"
+
+
+def parse_config(tree: dict[str, Any], source: str = "<config>") -> PipelineConfig:
+    """Validate a raw tree; a bad field raises ``ConfigError`` naming field, value and rule."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(tree).__name__}")
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e, source) for e in exc.errors())) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML recipe (or the built-in defaults when ``path`` is None) and apply overrides."""
+    tree: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: recipe not found (see configs/ for examples)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read recipe: {exc}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        apply_overrides(tree, list(overrides))
+    except (yaml.YAMLError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--set: cannot apply override: {exc}") from None
+    return parse_config(tree, source)

@@ -1,0 +1,114 @@
+"""Run one stage under the artifact contract: key it, reuse it, or build it atomically.
+
+Each stage module exposes three names:
+
+* ``SECTIONS`` — the recipe sections it reads (they, and only they, enter its cache key);
+* ``INPUTS`` — the upstream stages whose artifacts it consumes;
+* ``run(cfg, inputs, out, tracker) -> dict`` — does the work, writing files under ``out``
+  (a fresh directory), reading input artifacts from local directories, and returning
+  summary metrics for the manifest.
+
+This module is the one place that turns that into a content-keyed, verified,
+all-or-nothing artifact. The Prefect flow and ``python -m stages`` both call it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from stages.artifacts import ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
+from stages.config import PipelineConfig
+from stages.errors import ArtifactError
+from stages.storage import Store
+from stages.tracking import MemoryTracker, Tracker
+
+log = logging.getLogger("gptpipe.runner")
+
+STAGE_MODULES = {
+    "tokenizer": "stages.tokenizer",
+    "data": "stages.data",
+    "pretrain": "stages.pretrain",
+    "finetune": "stages.finetune",
+    "evaluate": "stages.evaluate",
+    "export": "stages.export",
+    "publish": "stages.publish",
+}
+
+
+@dataclass
+class StageResult:
+    ref: ArtifactRef
+    manifest: Manifest
+    reused: bool
+    wall_time_s: float
+
+
+def stage_module(name: str) -> ModuleType:
+    if name not in STAGE_MODULES:
+        raise ArtifactError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved sections a stage reads, as plain data (what its cache key and params hold)."""
+    module = stage_module(name)
+    return {section: getattr(cfg, section).model_dump(mode="json") for section in module.SECTIONS}
+
+
+def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
+    return cache_key(name, stage_config(name, cfg), inputs, code_version())
+
+
+def run_stage(
+    name: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    store: Store,
+    tracker: Tracker | None = None,
+    force: bool = False,
+) -> StageResult:
+    """Reuse the finished output for this content key, or build it and publish it atomically."""
+    module = stage_module(name)
+    missing = [need for need in module.INPUTS if need not in inputs]
+    if missing:
+        raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
+    tracker = tracker or MemoryTracker()
+    config = stage_config(name, cfg)
+    version = code_version()
+    key = cache_key(name, config, inputs, version)
+
+    existing = None if force else store.find(name, key)
+    if existing is not None:
+        log.info("stage %s: reusing finished output %s (key %s)", name, store.ref(existing).uri, key)
+        return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
+
+    local_inputs = {need: store.materialize(inputs[need]) for need in module.INPUTS}
+    scratch = store.scratch(name, key)
+    started = time.perf_counter()
+    try:
+        metrics = module.run(cfg, local_inputs, scratch, tracker) or {}
+        wall = time.perf_counter() - started
+        files = hash_files(scratch)
+        manifest = Manifest(
+            stage=name,
+            key=key,
+            config=config,
+            inputs={n: ref.to_dict() for n, ref in sorted(inputs.items()) if n in module.INPUTS},
+            code_version=version,
+            files=files,
+            metrics=metrics,
+            wall_time_s=round(wall, 3),
+            digest=files_digest(files),
+        )
+        ref = store.commit(scratch, manifest)
+    except BaseException:
+        store.discard(scratch)
+        raise
+    log.info("stage %s: finished in %.1fs -> %s", name, wall, ref.uri)
+    return StageResult(ref, manifest, reused=False, wall_time_s=wall)
