@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.errors import ConfigError
 
@@ -31,17 +31,17 @@ class Section(BaseModel):
 
 
 class CorpusConfig(Section):
-    """Where the pretraining text comes from."""
+    """Where the pretraining text comes from (read by ``stages/corpus.py``)."""
 
     source: str = Field(
         "python-stdlib",
-        description="'python-stdlib' (the interpreter's own library sources), a file, a directory, "
-        "a glob, or a .jsonl/.parquet file.",
+        description="'python-stdlib' (the interpreter's own library .py sources), a file, a directory, "
+        "a glob, or a .jsonl/.parquet file. Files are read in sorted order.",
     )
     text_field: str = Field("text", description="Field holding the text in JSONL/Parquet records.")
     extensions: list[str] = Field(
-        default_factory=lambda: [".txt", ".md", ".py", ".rst"],
-        description="File suffixes read when the source is a directory or glob.",
+        default_factory=lambda: [".txt", ".md", ".py", ".rst", ".jsonl", ".parquet"],
+        description="File suffixes read when the source is a directory or glob (.jsonl/.parquet are read as records).",
     )
     max_bytes: int = Field(
         8_000_000, gt=0, description="Stop reading after this many bytes of text (keeps demo runs small)."
@@ -50,12 +50,32 @@ class CorpusConfig(Section):
         200_000, gt=0, description="Documents longer than this are truncated to this many bytes."
     )
 
+    @field_validator("source", "text_field")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not v.startswith(".") or len(v) < 2]
+        if bad:
+            raise ValueError(f"suffixes must start with a dot, e.g. '.txt' (got {bad})")
+        if not values:
+            raise ValueError("list at least one suffix, e.g. ['.txt']")
+        return values
+
 
 class TokenizerConfig(Section):
-    """SentencePiece training."""
+    """SentencePiece training (``stages/tokenizer.py``). Text round-trips exactly, newlines included."""
 
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm.")
-    vocab_size: int = Field(2048, ge=300, le=1_000_000, description="Vocabulary size, special tokens included.")
+    vocab_size: int = Field(
+        2048, ge=300, le=1_000_000,
+        description="Vocabulary size, special tokens included (byte_fallback takes 256 ids, specials 9).",
+    )
     byte_fallback: bool = Field(True, description="Encode unknown characters as UTF-8 bytes (costs 256 ids).")
     split_digits: bool = Field(True, description="Every digit is its own token.")
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0, description="Share of characters covered by pieces.")
@@ -63,19 +83,19 @@ class TokenizerConfig(Section):
         4_000_000, gt=0, description="At most this many bytes of the corpus are used to train the tokenizer."
     )
     heldout_fraction: float = Field(
-        0.02, ge=0.0, lt=0.5, description="Share of documents held out to measure compression."
+        0.02, ge=0.0, lt=0.5, description="Share of documents held out to measure compression (0 = measure on training text)."
     )
     threads: int = Field(2, ge=1, description="SentencePiece trainer threads.")
 
 
 class DataConfig(Section):
-    """Corpus -> token shards."""
+    """Corpus -> token shards (``stages/data.py``)."""
 
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split.")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split (at least one).")
     shard_tokens: int = Field(
         50_000_000, gt=0, description="Maximum tokens per shard file (uint16/uint32 memmap)."
     )
-    workers: int = Field(2, ge=1, description="Processes used to tokenize documents.")
+    workers: int = Field(2, ge=1, description="Processes used to tokenize documents (1 = in the stage's own process).")
     seed: int = Field(1234, description="Seed of the deterministic train/val document split.")
 
 
@@ -90,13 +110,13 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residual paths.")
     rope_theta: float = Field(10_000.0, gt=0, description="RoPE base frequency.")
 
-    @field_validator("n_head")
-    @classmethod
-    def _heads_divide(cls, n_head: int, info: Any) -> int:
-        n_embd = info.data.get("n_embd")
-        if n_embd is not None and n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        return n_head
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"n_head: n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even width (RoPE)"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -116,6 +136,7 @@ class TrainConfig(Section):
     eval_batches: int = Field(8, gt=0, description="Micro-batches per validation-loss estimate.")
     log_interval: int = Field(10, gt=0, description="Steps between metric log lines.")
     checkpoint_interval: int = Field(0, ge=0, description="Steps between resumable checkpoints (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk; older ones are deleted.")
     seed: int = Field(1337, description="Seed for weights and batch order.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")

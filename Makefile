@@ -1,0 +1,40 @@
+# gptpipe — two commands on a fresh machine:
+#   make run    create .venv if missing, install, run the default pipeline (configs/tiny.yaml)
+#   make test   same bootstrap, then the test suite
+# TORCH_SPEC picks the torch build (CI uses the local CPU wheel: TORCH_SPEC=torch==2.13.0).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch
+RECIPE     ?= configs/tiny.yaml
+PYTEST_ARGS ?=
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.gptpipe-installed
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test install lint clean help
+
+help:
+	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
+	@echo "make test   - run the test suite"
+	@echo "make clean  - remove runs/ and Prefect state (keeps .venv)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/gptpipe run --config $(RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .prefect test-artifacts

@@ -1,0 +1,68 @@
+"""The report card: one table of stage, status, wall time, key metrics and where things are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.stage_task import HEADLINE
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _headline(stage: str, metrics: dict[str, Any]) -> str:
+    keys = HEADLINE.get(stage, ())
+    return ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
+
+
+def mlflow_ui_command(uri: str | None) -> str | None:
+    if not uri:
+        return None
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    out = []
+    for name, result in report["stages"].items():
+        status = "reused" if result["reused"] else "ran"
+        wall = "-" if result["reused"] else f"{result['wall_time_s']:.1f}s"
+        out.append((name, status, wall, _headline(name, result["metrics"]), result["ref"]["uri"]))
+    return out
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """Plain-text table for the terminal."""
+    header = ("stage", "status", "time", "key metrics", "artifact")
+    table = [header, *rows(report)]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines = [f"\ngptpipe report card — recipe '{report['recipe']}'"]
+    for i, row in enumerate(table):
+        cells = [row[c].ljust(widths[c]) for c in range(4)] + [row[4]]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  --------")
+    total = sum(r["wall_time_s"] for r in report["stages"].values())
+    lines.append(f"pipeline time (stages): {total:.1f}s")
+    reused = [n for n, r in report["stages"].items() if r["reused"]]
+    if reused:
+        lines.append(f"reused by content key (nothing recomputed): {', '.join(reused)}")
+    lines.append(f"artifact store: {report['store']}")
+    ui = mlflow_ui_command(report.get("tracking_uri"))
+    if ui:
+        lines.append(f"MLflow run {report.get('parent_run_id')}; open the UI with:\n  {ui}")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The same table as Markdown, attached to the MLflow parent run."""
+    lines = [f"# gptpipe report card — {report['recipe']}", "", "| stage | status | time | key metrics | artifact |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} | `{e}` |" for a, b, c, d, e in rows(report)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,95 @@
+"""The artifact contract: content keys, atomic publication, reuse, verification."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from stages import runner
+from stages.artifacts import ArtifactRef, Manifest, cache_key, read_manifest, verify
+from stages.config import load_config
+from stages.errors import ArtifactError, DataError
+from stages.storage import LocalStore
+
+
+def fake_stage(calls: list, fail: bool = False):
+    """A stand-in stage module: writes two files, or half of them and then fails."""
+
+    def run(cfg, inputs, out: Path, tracker):
+        calls.append(out)
+        (out / "a.txt").write_text("alpha")
+        if fail:
+            raise DataError("corpus.source: simulated failure halfway")
+        (out / "sub").mkdir()
+        (out / "sub" / "b.bin").write_bytes(b"\x00\x01")
+        return {"answer": 42}
+
+    return types.SimpleNamespace(SECTIONS=("tokenizer",), INPUTS=(), run=run)
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    calls: list = []
+    modules = {"ok": fake_stage(calls), "bad": fake_stage(calls, fail=True)}
+    monkeypatch.setattr(runner, "stage_module", lambda name: modules[name])
+    return calls
+
+
+def test_cache_key_depends_on_config_inputs_and_code():
+    ref = ArtifactRef("tokenizer", "/x", "d1")
+    base = cache_key("data", {"a": 1}, {"tokenizer": ref}, "v1")
+    assert base == cache_key("data", {"a": 1}, {"tokenizer": ref}, "v1")
+    assert base != cache_key("data", {"a": 2}, {"tokenizer": ref}, "v1")
+    assert base != cache_key("data", {"a": 1}, {"tokenizer": ArtifactRef("tokenizer", "/x", "d2")}, "v1")
+    assert base != cache_key("data", {"a": 1}, {"tokenizer": ref}, "v2")
+
+
+def test_run_publishes_then_reuses(tmp_path: Path, patched):
+    store = LocalStore(tmp_path)
+    cfg = load_config(None)
+    first = runner.run_stage("ok", cfg, {}, store)
+    assert not first.reused and first.manifest.metrics == {"answer": 42}
+    manifest = read_manifest(Path(first.ref.uri))
+    assert set(manifest.files) == {"a.txt", "sub/b.bin"}
+    verify(Path(first.ref.uri))
+    second = runner.run_stage("ok", cfg, {}, store)
+    assert second.reused and second.ref == first.ref
+    assert len(patched) == 1  # the stage body ran once
+    changed = runner.run_stage("ok", load_config(None, ["tokenizer.vocab_size=512"]), {}, store)
+    assert not changed.reused and changed.ref.uri != first.ref.uri
+
+
+def test_failed_stage_leaves_nothing_reusable(tmp_path: Path, patched):
+    store = LocalStore(tmp_path)
+    with pytest.raises(DataError):
+        runner.run_stage("bad", load_config(None), {}, store)
+    assert list((tmp_path / "bad").iterdir()) == []  # the scratch directory is gone
+    assert store.find("bad", runner.plan_key("bad", load_config(None), {})) is None
+
+
+def test_tampered_artifact_is_refused(tmp_path: Path, patched):
+    store = LocalStore(tmp_path)
+    result = runner.run_stage("ok", load_config(None), {}, store)
+    (Path(result.ref.uri) / "a.txt").write_text("alphA")
+    with pytest.raises(ArtifactError, match=r"a\.txt: sha256 .* does not match"):
+        store.materialize(result.ref)
+
+
+def test_manifest_with_path_traversal_is_refused(tmp_path: Path):
+    manifest = Manifest(stage="x", key="k", config={}, inputs={}, code_version="v", files={"../../etc/passwd": "0"})
+    with pytest.raises(ArtifactError, match="refusing file path"):
+        Manifest.from_json(manifest.to_json())
+    bad = json.loads(manifest.to_json())
+    bad["files"] = {"/abs/path": "0"}
+    with pytest.raises(ArtifactError, match="refusing file path"):
+        Manifest.from_json(json.dumps(bad))
+
+
+def test_missing_input_is_named(tmp_path: Path, monkeypatch):
+    module = types.SimpleNamespace(SECTIONS=(), INPUTS=("tokenizer",), run=lambda *a: {})
+    monkeypatch.setattr(runner, "stage_module", lambda name: module)
+    with pytest.raises(ArtifactError, match="needs input artifact.*tokenizer"):
+        runner.run_stage("data", load_config(None), {}, LocalStore(tmp_path))

@@ -1,0 +1,53 @@
+"""Layering: stages/ never imports prefect, and only stages/tracking.py imports mlflow."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_roots(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_stages_never_import_prefect_or_mlflow_outside_tracking():
+    offenders = []
+    for path in sorted((ROOT / "stages").rglob("*.py")):
+        roots = imported_roots(path)
+        if "prefect" in roots:
+            offenders.append(f"{path.name} imports prefect")
+        if "mlflow" in roots and path.name != "tracking.py":
+            offenders.append(f"{path.name} imports mlflow")
+    assert offenders == []
+
+
+def test_importing_every_stage_loads_no_prefect():
+    code = (
+        "import sys, importlib, pkgutil, stages\n"
+        "for m in pkgutil.iter_modules(stages.__path__):\n"
+        "    if m.name != '__main__': importlib.import_module('stages.' + m.name)\n"
+        "bad = sorted(n for n in sys.modules if n == 'prefect' or n.startswith('prefect.'))\n"
+        "print(len(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+def test_no_pickle_loading_of_untrusted_data():
+    for path in sorted((ROOT / "stages").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "pickle.load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path.name}: {line.strip()}"

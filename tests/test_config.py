@@ -1,0 +1,76 @@
+"""Recipes: every shipped recipe loads; mistakes fail early and name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.config import PipelineConfig, load_config
+from stages.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"tiny.yaml", "micro.yaml"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads(recipe: Path):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.pretrain.model.n_embd % cfg.pretrain.model.n_head == 0
+
+
+def test_override_applies_and_parses_yaml_types():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["pretrain.max_steps=50", "finetune.method=lora",
+                                                    "pretrain.lr=1e-3", "corpus.extensions=[.txt]"])
+    assert cfg.pretrain.max_steps == 50
+    assert cfg.finetune.method == "lora"
+    assert cfg.pretrain.lr == pytest.approx(1e-3)
+    assert cfg.corpus.extensions == [".txt"]
+
+
+def test_typo_names_the_field():
+    with pytest.raises(ConfigError, match=r"unknown key 'pretrain\.max_step'"):
+        load_config(ROOT / "configs/tiny.yaml", ["pretrain.max_step=5"])
+
+
+def test_typo_in_yaml_file_names_file_and_field(tmp_path: Path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("tokenizer:\n  vocab_sise: 512\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert "bad.yaml" in str(err.value) and "tokenizer.vocab_sise" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("pretrain.max_steps=0", "pretrain.max_steps"),
+        ("pretrain.lr=-1", "pretrain.lr"),
+        ("pretrain.lr=.nan", "pretrain.lr"),
+        ("finetune.method=qlora", "finetune.method"),
+        ("pretrain.model.n_head=3", "n_head (3)"),
+        ("tokenizer.model_type=wordpiece", "tokenizer.model_type"),
+        ("stages=[tokenizer, trian]", "stages"),
+    ],
+)
+def test_bad_values_name_field_and_value(override: str, field: str):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert field in message
+    assert "\n" not in message
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["pretrain.max_steps"])
+
+
+def test_missing_recipe_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(tmp_path / "nope.yaml")
