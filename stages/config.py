@@ -158,6 +158,10 @@ class FinetuneConfig(TrainConfig):
     heldout_data: str | None = Field(None, description="Held-out chat JSONL (defaults to a split of `data`).")
     train_items: int = Field(20_000, gt=0, description="Synthetic training conversations.")
     heldout_items: int = Field(300, gt=0, description="Held-out conversations (synthetic or split).")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["reverse", "sort", "repeat"],
+        description="Synthetic task mix (see stages/tasks.py): reverse, sort, repeat, add.",
+    )
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -175,6 +179,9 @@ class EvaluateConfig(Section):
     max_new_tokens: int = Field(48, gt=0, description="Generation limit per answer.")
     val_batches: int = Field(20, gt=0, description="Validation micro-batches for loss / bits per byte.")
     samples: int = Field(8, ge=0, description="Sample generations saved in the report.")
+    batch_size: int = Field(8, gt=0, description="Sequences per validation micro-batch (block_size tokens each).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")
 
 
 class ExportConfig(Section):
@@ -183,12 +190,33 @@ class ExportConfig(Section):
     source: Literal["finetune", "pretrain"] = Field("finetune", description="Which checkpoint to export.")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs.")
     tolerance: float = Field(1e-4, gt=0, description="Max |logit difference| ONNX Runtime vs PyTorch (fp32).")
+    parity_shapes: int = Field(
+        4, ge=1, description="Random (batch, length) shapes checked by the gate; (1, 1) and (2, block_size) always included."
+    )
+    generation_prompts: int = Field(
+        4, ge=1, description="Prompts whose greedy ORT+KV generation must equal PyTorch's token for token."
+    )
+    generation_tokens: int = Field(24, ge=1, description="New tokens generated per parity prompt.")
+    seed: int = Field(0, description="Seed of the parity shapes, ids and prompts.")
+    external_data: bool = Field(
+        False, description="Always write weights to side .onnx.data files (done automatically above 2 GB)."
+    )
+    pt2: bool = Field(True, description="Also save the model as a torch.export program (model.pt2).")
+    quantize: bool = Field(
+        False, description="Also write model.int8.onnx (dynamic int8) and measure its held-out loss change (not gated)."
+    )
+    heldout_items: int = Field(32, ge=1, description="Held-out chat items scoring the int8 loss change.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime (0 = their defaults).")
 
 
 class PublishConfig(Section):
     """Netron viewer bundle of the exported graphs."""
 
     enabled: bool = Field(True, description="Build the Netron bundle.")
+    graphs: list[str] = Field(
+        default_factory=lambda: ["model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"],
+        description="Export files shown in the bundle (those the export did not write are skipped).",
+    )
 
 
 class ArtifactsConfig(Section):

@@ -58,7 +58,13 @@ def stage_module(name: str) -> ModuleType:
 def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
     """The resolved sections a stage reads, as plain data (what its cache key and params hold)."""
     module = stage_module(name)
-    return {section: getattr(cfg, section).model_dump(mode="json") for section in module.SECTIONS}
+    config = {section: getattr(cfg, section).model_dump(mode="json") for section in module.SECTIONS}
+    if "corpus" in module.SECTIONS:
+        # The corpus files themselves are an input: an edited file must not reuse stale outputs.
+        from stages.corpus import fingerprint
+
+        config["corpus"]["fingerprint"] = fingerprint(cfg.corpus)
+    return config
 
 
 def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:

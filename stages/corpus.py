@@ -1,0 +1,309 @@
+"""Reading the pretraining corpus: ``CorpusConfig.source`` -> a list of text documents.
+
+A source is one of
+
+* ``python-stdlib`` — the running interpreter's own standard-library ``.py`` files (the
+  demo corpus: every Python install has it, nothing is downloaded);
+* a file, a directory (walked recursively) or a glob; files are filtered by
+  ``extensions`` when they come from a directory or glob;
+* ``.jsonl`` files (one JSON object per line, text in ``text_field``) and ``.parquet`` files
+  (text in column ``text_field``), whether named directly or found in a directory.
+
+``_SOURCE_KINDS`` maps a source to the function that lists its files; an ``s3://`` lister
+slots in there later. Per file, ``_FILE_READERS`` picks how documents are pulled out of it.
+
+Files are visited in sorted order so the same source always yields the same documents in
+the same order: the tokenizer and data stages rely on that to be reproducible. Binary
+files (a NUL byte), files that are not UTF-8 and empty documents are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stages.config import CorpusConfig
+from stages.errors import DataError
+
+STDLIB = "python-stdlib"
+# Directories of the standard library that are not the library itself: the test suite
+# (huge, repetitive, full of deliberately broken files), IDLE and installed packages.
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
+_RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class CorpusStats:
+    """What reading the source did: shown in errors and reported as stage metrics."""
+
+    source: str = ""
+    files: int = 0  # files that contributed at least one document
+    scanned: int = 0  # files opened
+    skipped_binary: int = 0
+    skipped_non_utf8: int = 0
+    skipped_empty: int = 0  # empty files and empty JSONL/Parquet records
+    truncated: int = 0  # documents cut to max_doc_bytes
+    capped: bool = False  # reading stopped at max_bytes
+    bytes: int = 0  # UTF-8 bytes of all documents kept
+    documents: int = 0
+
+    def as_metrics(self, prefix: str = "corpus_") -> dict[str, int]:
+        """Numeric stats with a prefix, ready for a stage's summary metrics."""
+        return {f"{prefix}{k}": int(v) for k, v in asdict(self).items() if k != "source"}
+
+
+@dataclass
+class Corpus:
+    documents: list[str] = field(default_factory=list)
+    stats: CorpusStats = field(default_factory=CorpusStats)
+
+
+# --------------------------------------------------------------------------- listing files
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _list_stdlib(cfg: CorpusConfig) -> list[Path]:
+    root = stdlib_root()
+    if not root.is_dir():
+        raise DataError(f"corpus.source={STDLIB!r}: the standard library is not at {root}; point corpus.source at your own text")
+    found = []
+    # os.walk lets us prune skipped directories (site-packages can be far larger than the stdlib).
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP_DIRS]
+        found.extend(Path(folder, name) for name in names if name.endswith(".py"))
+    # Sort by relative path so the order does not depend on where Python is installed.
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _wanted(path: Path, cfg: CorpusConfig) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(ext.lower()) for ext in cfg.extensions)
+
+
+def _list_directory(cfg: CorpusConfig) -> list[Path]:
+    root = Path(cfg.source).expanduser()
+    return sorted(
+        (p for p in root.rglob("*") if p.is_file() and _wanted(p, cfg)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def _list_glob(cfg: CorpusConfig) -> list[Path]:
+    paths = (Path(p) for p in glob.glob(str(Path(cfg.source).expanduser()), recursive=True))
+    return sorted((p for p in paths if p.is_file() and _wanted(p, cfg)), key=lambda p: p.as_posix())
+
+
+def _list_file(cfg: CorpusConfig) -> list[Path]:
+    # A file named directly is read whatever its suffix: the user chose it.
+    return [Path(cfg.source).expanduser()]
+
+
+def _unsupported_s3(cfg: CorpusConfig) -> list[Path]:
+    raise DataError(
+        f"corpus.source={cfg.source!r}: s3:// corpora are not supported by this build yet; "
+        "copy the files locally and point corpus.source at them"
+    )
+
+
+def _is_glob(source: str) -> bool:
+    return any(ch in source for ch in "*?[")
+
+
+def source_kind(source: str) -> str:
+    """Which lister handles ``source``: 'stdlib', 's3', 'file', 'dir' or 'glob'."""
+    if source == STDLIB:
+        return "stdlib"
+    if source.startswith("s3://"):
+        return "s3"
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "dir"
+    if _is_glob(source):
+        return "glob"
+    raise DataError(
+        f"corpus.source={source!r}: no such file or directory (expected '{STDLIB}', a file, a directory, a glob or s3://…)"
+    )
+
+
+_SOURCE_KINDS: dict[str, Callable[[CorpusConfig], list[Path]]] = {
+    "stdlib": _list_stdlib,
+    "s3": _unsupported_s3,
+    "file": _list_file,
+    "dir": _list_directory,
+    "glob": _list_glob,
+}
+
+
+def list_files(cfg: CorpusConfig) -> list[Path]:
+    """The files a source covers, in the deterministic order they are read."""
+    return _SOURCE_KINDS[source_kind(cfg.source)](cfg)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _text_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    """A plain text file is one document."""
+    data = path.read_bytes()
+    if not data.strip():
+        stats.skipped_empty += 1
+        return
+    if b"\0" in data:
+        stats.skipped_binary += 1
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.skipped_non_utf8 += 1
+        return
+    yield text
+
+
+def _jsonl_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}:{number}: not a valid JSON line ({exc}); fix or remove that line") from None
+            if not isinstance(record, dict) or cfg.text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"{path}:{number}: no field {cfg.text_field!r} (found {keys}); set corpus.text_field to the text field"
+                )
+            text = record[cfg.text_field]
+            if text is None or text == "":
+                stats.skipped_empty += 1
+                continue
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}:{number}: field {cfg.text_field!r} holds {type(text).__name__}, expected a string"
+                )
+            yield text
+
+
+def _parquet_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    import pyarrow.parquet as pq  # only needed for Parquet sources; keeps imports light
+
+    try:
+        handle = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    columns = handle.schema_arrow.names
+    if cfg.text_field not in columns:
+        raise DataError(
+            f"{path}: no column {cfg.text_field!r} (columns: {columns}); set corpus.text_field to the text column"
+        )
+    row = 0
+    for batch in handle.iter_batches(columns=[cfg.text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if value is None or value == "":
+                stats.skipped_empty += 1
+                continue
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    stats.skipped_non_utf8 += 1
+                    continue
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{path}: row {row} of column {cfg.text_field!r} holds {type(value).__name__}, expected a string"
+                )
+            yield value
+
+
+_FILE_READERS: dict[str, Callable[[Path, CorpusConfig, CorpusStats], Iterator[str]]] = {
+    ".jsonl": _jsonl_documents,
+    ".parquet": _parquet_documents,
+}
+
+
+def _reader_for(path: Path) -> Callable[[Path, CorpusConfig, CorpusStats], Iterator[str]]:
+    return _FILE_READERS.get(path.suffix.lower(), _text_documents)
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 encoding fits in ``limit`` bytes."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+
+
+def read_corpus(cfg: CorpusConfig) -> Corpus:
+    """Every document of the source, in a fixed order, capped at ``max_bytes`` of UTF-8 text.
+
+    Raises ``DataError`` when nothing usable is left, naming what was scanned and skipped.
+    """
+    stats = CorpusStats(source=cfg.source)
+    documents: list[str] = []
+    paths = list_files(cfg)
+    for path in paths:
+        if stats.capped:
+            break
+        stats.scanned += 1
+        contributed = False
+        for text in _reader_for(path)(path, cfg, stats):
+            # Windows line ends become '\n' so the same text never tokenizes two ways.
+            text = text.replace("\r\n", "\n")
+            size = len(text.encode("utf-8"))
+            if size > cfg.max_doc_bytes:
+                text, size = _cut_utf8(text, cfg.max_doc_bytes), cfg.max_doc_bytes
+                stats.truncated += 1
+            room = cfg.max_bytes - stats.bytes
+            if size >= room:
+                text = _cut_utf8(text, room)
+                size = len(text.encode("utf-8"))
+                stats.capped = True
+            if text.strip():
+                documents.append(text)
+                stats.bytes += size
+                stats.documents += 1
+                contributed = True
+            elif not stats.capped:
+                stats.skipped_empty += 1  # whitespace only: nothing to learn from
+            if stats.capped:
+                break
+        stats.files += contributed
+    if not documents:
+        raise DataError(_empty_message(cfg, len(paths), stats))
+    return Corpus(documents, stats)
+
+
+def _empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:
+    if listed == 0:
+        where = f"matched no files with extensions {cfg.extensions}" if source_kind(cfg.source) in ("dir", "glob") else "is empty"
+        return f"corpus.source={cfg.source!r} {where}; point it at text files or adjust corpus.extensions"
+    return (
+        f"corpus.source={cfg.source!r}: no usable documents in {stats.scanned} file(s) "
+        f"(skipped: {stats.skipped_binary} binary, {stats.skipped_non_utf8} not UTF-8, {stats.skipped_empty} empty); "
+        "point it at UTF-8 text"
+    )
+
+
+def fingerprint(cfg: CorpusConfig) -> str:
+    """A cheap hash of what the source currently holds (paths, sizes, mtimes; interpreter for stdlib).
+
+    Stage cache keys hash the config, not the files it points at: a runner can fold this in so an
+    edited corpus is not served from a stale artifact.
+    """
+    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    if cfg.source == STDLIB:
+        digest.update(f"{sys.version}|{stdlib_root()}".encode())
+    for path in list_files(cfg):
+        stat = path.stat()
+        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

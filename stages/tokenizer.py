@@ -1,0 +1,299 @@
+"""Stage ``tokenizer``: train a SentencePiece model on the corpus, and the ``Tokenizer`` class.
+
+Source code must survive a round trip byte for byte, so the trainer runs with the
+``identity`` normalization (no NFKC, no whitespace squeezing), whitespace-only pieces (runs
+of indentation become single tokens) and no dummy ``▁`` prefix. SentencePiece treats every
+input string as one "sentence" and never learns a newline piece on its own, so documents are
+fed line by line and ``"\\n"`` is a *user-defined symbol*: a reserved piece that always
+encodes as its own single id. Nothing is remapped; ``decode`` gives the newline back as is.
+
+Reserved ids (same in every model)::
+
+    0 <unk>   1 <s> (BOS)   2 </s> (EOS)   3 <pad>
+    4 <|system|>   5 <|user|>   6 <|assistant|>   7 <|end|>   8 "\\n"
+
+BOS/EOS/PAD are control ids: text never produces them. The chat markers are user-defined, so
+the literal string ``<|user|>`` in a chat transcript encodes as exactly one id.
+
+Outputs: ``tokenizer.model`` (the SentencePiece proto), ``tokenizer.vocab`` (one ``piece\\tscore``
+per line, pieces JSON-escaped so the newline piece stays on one line) and ``tokenizer.json``
+(special ids and training settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+
+from stages.config import PipelineConfig, TokenizerConfig
+from stages.corpus import read_corpus
+from stages.errors import ArtifactError, DataError
+from stages.tracking import Tracker
+
+SECTIONS = ("corpus", "tokenizer")
+INPUTS = ()
+
+SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+NEWLINE = "\n"
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MODEL_FILE, VOCAB_FILE, INFO_FILE = "tokenizer.model", "tokenizer.vocab", "tokenizer.json"
+FORMAT = "gptpipe-sentencepiece/1"
+# SentencePiece drops training sentences longer than max_sentence_length bytes; long lines
+# are cut into pieces of at most _LINE_CHARS characters (4 bytes each at worst) instead.
+_MAX_SENTENCE_BYTES = 16384
+_LINE_CHARS = 4000
+
+_TRAINER_SETTINGS = {
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "add_dummy_prefix": False,
+    "split_by_whitespace": True,
+}
+
+
+class Tokenizer:
+    """A trained SentencePiece model plus the project's reserved ids."""
+
+    def __init__(self, model_proto: bytes, info: dict[str, Any] | None = None, source: str = "<memory>"):
+        self.model_proto = model_proto
+        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.info = info or {}
+        self.vocab_size: int = self.processor.get_piece_size()
+        self.unk_id: int = self.processor.unk_id()
+        self.bos_id: int = self.processor.bos_id()
+        self.eos_id: int = self.processor.eos_id()
+        self.pad_id: int = self.processor.pad_id()
+        self.special: dict[str, int] = {tok: self.processor.piece_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [tok for tok, i in self.special.items() if self.processor.id_to_piece(i) != tok]
+        if missing or min(self.bos_id, self.eos_id, self.pad_id) < 0:
+            raise ArtifactError(f"{source}: tokenizer lacks reserved tokens {missing or ['bos/eos/pad']}; retrain it with stage 'tokenizer'")
+        self.newline_id: int = self.processor.piece_to_id(NEWLINE)
+        self._hidden = {self.bos_id, self.eos_id, self.pad_id, *self.special.values()}
+        self._byte_lengths: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Load ``tokenizer.model`` (+ ``tokenizer.json``) from a tokenizer artifact directory."""
+        directory = Path(directory)
+        model = directory / MODEL_FILE
+        if not model.is_file():
+            raise ArtifactError(f"{directory}: no {MODEL_FILE}; pass the output directory of stage 'tokenizer'")
+        info_path = directory / INFO_FILE
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        return cls(model.read_bytes(), info, str(directory))
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.processor.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: Iterable[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return self.processor.encode(list(texts), add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+        """Text of ``ids``. BOS/EOS/PAD, the chat markers (unless ``keep_special``) and ids outside
+        the vocabulary (a model may pad its embedding table) are dropped."""
+        hidden = {self.bos_id, self.eos_id, self.pad_id} if keep_special else self._hidden
+        kept = [i for i in (int(x) for x in ids) if 0 <= i < self.vocab_size and i not in hidden]
+        return self.processor.decode(kept)
+
+    def id_to_piece(self, index: int) -> str:
+        return self.processor.id_to_piece(int(index))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.processor.piece_to_id(piece)
+
+    # -- byte accounting (bits per byte) ---------------------------------------------------
+
+    @property
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each id contributes to decoded text (0 for control ids and chat markers)."""
+        if self._byte_lengths is None:
+            lengths = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                if i in self._hidden or self.processor.is_control(i) or self.processor.is_unknown(i):
+                    continue
+                if self.processor.is_byte(i):
+                    lengths[i] = 1
+                else:
+                    lengths[i] = len(self.processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+            self._byte_lengths = lengths
+        return self._byte_lengths
+
+    def token_bytes(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Per-id UTF-8 byte counts; ``token_bytes(ids).sum()`` is the byte size of the text."""
+        return self.byte_lengths[np.asarray(ids, dtype=np.int64)]
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _unit_hash(text: str, salt: str) -> float:
+    """A stable number in [0, 1) for a document: decides held-out membership and sampling order."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=salt.encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def split_heldout(documents: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(train, heldout) by a content hash; with ``fraction > 0`` at least one document is held out
+    when there are two or more, and at least one is always kept for training."""
+    if fraction <= 0 or len(documents) < 2:
+        return list(documents), []
+    scores = [_unit_hash(doc, "heldout") for doc in documents]
+    held = {i for i, s in enumerate(scores) if s < fraction}
+    if not held:
+        held = {min(range(len(documents)), key=scores.__getitem__)}
+    if len(held) == len(documents):
+        held.discard(max(range(len(documents)), key=scores.__getitem__))
+    train = [d for i, d in enumerate(documents) if i not in held]
+    return train, [documents[i] for i in sorted(held)]
+
+
+def sample_for_training(documents: Sequence[str], budget: int) -> list[str]:
+    """At most ``budget`` UTF-8 bytes of documents, picked in hash order so a capped sample spans
+    the whole corpus rather than its alphabetical start."""
+    order = sorted(range(len(documents)), key=lambda i: _unit_hash(documents[i], "train-sample"))
+    chosen, used = [], 0
+    for i in order:
+        size = len(documents[i].encode("utf-8"))
+        if used + size > budget:
+            if used == 0:  # one huge document: take its start rather than nothing
+                chosen.append(documents[i].encode("utf-8")[:budget].decode("utf-8", errors="ignore"))
+            break
+        chosen.append(documents[i])
+        used += size
+    return chosen
+
+
+def training_sentences(documents: Iterable[str]) -> Iterator[str]:
+    """Documents as SentencePiece sentences: one per non-empty line, long lines cut in pieces."""
+    for doc in documents:
+        for line in doc.split(NEWLINE):
+            for start in range(0, len(line), _LINE_CHARS):
+                yield line[start : start + _LINE_CHARS]
+
+
+def _explain_trainer_error(message: str, cfg: TokenizerConfig, train_bytes: int) -> str:
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", message)
+    if too_high:
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} is too large for {train_bytes:,} bytes of training text "
+            f"(it supports at most {too_high.group(2)}); set tokenizer.vocab_size lower or give corpus.source more text"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (
+            f"tokenizer.vocab_size={cfg.vocab_size} cannot hold the corpus's {too_low.group(2)} required characters "
+            f"and reserved pieces; raise tokenizer.vocab_size or lower tokenizer.character_coverage (now {cfg.character_coverage})"
+        )
+    return f"SentencePiece training failed on {train_bytes:,} bytes: {message.splitlines()[0]}"
+
+
+def train_model(documents: Sequence[str], cfg: TokenizerConfig) -> bytes:
+    """Train on ``documents`` and return the serialized SentencePiece model."""
+    train_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(documents),
+            model_writer=model,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            byte_fallback=cfg.byte_fallback,
+            split_digits=cfg.split_digits,
+            user_defined_symbols=[*SPECIAL_TOKENS, NEWLINE],
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, pad_piece="<pad>",
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            num_threads=cfg.threads,
+            minloglevel=2,  # SentencePiece's INFO log is thousands of lines on stderr
+            **_TRAINER_SETTINGS,
+        )
+    except RuntimeError as exc:
+        raise DataError(_explain_trainer_error(str(exc), cfg, train_bytes)) from None
+    return model.getvalue()
+
+
+def write_artifact(tokenizer: Tokenizer, cfg: TokenizerConfig, out: Path) -> None:
+    (out / MODEL_FILE).write_bytes(tokenizer.model_proto)
+    processor = tokenizer.processor
+    with open(out / VOCAB_FILE, "w", encoding="utf-8") as handle:
+        for i in range(tokenizer.vocab_size):
+            piece = json.dumps(processor.id_to_piece(i), ensure_ascii=False)[1:-1]
+            handle.write(f"{piece}\t{processor.get_score(i):g}\n")
+    info = {
+        "format": FORMAT,
+        "vocab_size": tokenizer.vocab_size,
+        "unk_id": tokenizer.unk_id,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "newline_id": tokenizer.newline_id,
+        "special": tokenizer.special,
+        "model_type": cfg.model_type,
+        "byte_fallback": cfg.byte_fallback,
+        "split_digits": cfg.split_digits,
+        "character_coverage": cfg.character_coverage,
+        "trainer_settings": _TRAINER_SETTINGS,
+        "vocab_file_format": "piece<TAB>score per line, piece JSON-escaped without quotes",
+        "sentencepiece_version": spm.__version__,
+    }
+    tokenizer.info = info
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def compression(tokenizer: Tokenizer, documents: Sequence[str]) -> dict[str, Any]:
+    """Bytes and characters per token on ``documents``, and how many fail to round-trip exactly."""
+    encoded = tokenizer.encode_batch(documents)
+    tokens = sum(len(ids) for ids in encoded)
+    num_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    chars = sum(len(d) for d in documents)
+    failures = sum(tokenizer.decode(ids, keep_special=True) != d for ids, d in zip(encoded, documents))
+    return {
+        "bytes_per_token": round(num_bytes / max(tokens, 1), 4),
+        "chars_per_token": round(chars / max(tokens, 1), 4),
+        "eval_tokens": tokens,
+        "eval_bytes": num_bytes,
+        "roundtrip_failures": failures,
+    }
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+    started = time.perf_counter()
+    corpus = read_corpus(cfg.corpus)
+    if corpus.stats.documents < 1:
+        raise DataError(f"corpus.source={cfg.corpus.source!r}: no documents to train a tokenizer on")
+    train, heldout = split_heldout(corpus.documents, cfg.tokenizer.heldout_fraction)
+    sample = sample_for_training(train, cfg.tokenizer.train_bytes)
+    read_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    tokenizer = Tokenizer(train_model(sample, cfg.tokenizer))
+    train_seconds = time.perf_counter() - started
+    write_artifact(tokenizer, cfg.tokenizer, out)
+
+    # With no held-out documents, compression is measured on (a slice of) the training text.
+    evaluated = heldout or sample_for_training(sample, 500_000)
+    metrics = {
+        "vocab_size": tokenizer.vocab_size,
+        "model_type": cfg.tokenizer.model_type,
+        "train_seconds": round(train_seconds, 3),
+        "read_seconds": round(read_seconds, 3),
+        "train_documents": len(sample),
+        "train_bytes": sum(len(d.encode("utf-8")) for d in sample),
+        "heldout_documents": len(heldout),
+        "compression_measured_on": "heldout" if heldout else "train",
+        **compression(tokenizer, evaluated),
+        **corpus.stats.as_metrics(),
+    }
+    return metrics  # the runner records these in the manifest; flows log them to MLflow

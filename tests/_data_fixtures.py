@@ -1,0 +1,66 @@
+"""Small corpora and a micro tokenizer shared by the corpus, tokenizer and data tests.
+
+The corpus is made on the spot: slices of the standard library's own sources (real code,
+real indentation) plus a few documents with non-ASCII text, so every test runs offline
+in well under a second of tokenizer training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.config import PipelineConfig, load_config
+from stages.corpus import stdlib_root
+from stages.runner import StageResult, run_stage
+from stages.storage import LocalStore
+
+# Micro settings every test starts from: a tiny vocabulary trained on a few hundred KB.
+MICRO = ["tokenizer.vocab_size=400", "tokenizer.train_bytes=200000", "tokenizer.threads=1", "data.workers=1"]
+
+UNICODE_DOCS = [
+    "Café crème brûlée: déjà vu à la française.\nNaïve façade, coöperate.\n",
+    "漢字とかなの混じった文章です。\n中文也可以。\n",
+    "Emoji 😀🚀✨ and symbols → ≤ ≥ ∑ π ∞ — “quotes”.\n",
+    "def grüße(name: str) -> str:\n    \"\"\"Say hello.\"\"\"\n\treturn f'Hallo {name} 👋'\n",
+]
+
+# Text never seen in training: code with tabs, trailing spaces, blank lines and CRs, and
+# characters the tiny vocabulary can only spell with byte fallback.
+HELDOUT_TEXTS = [
+    "class Ünïcödé:\n    def __init__(self):\n        self.x = {'漢字': 1, 'emoji': '🐍'}\n\n\n",
+    "\tif x:\n\t\treturn  y   \n  \n    # trailing spaces   \n",
+    "   leading spaces and\r\nwindows line ends\r\n",
+    "\n\nstarts with newlines, ends without",
+    "números 0123456789 and 3.14159e-10",
+    " ",
+    "\n",
+]
+
+
+def stdlib_documents(count: int, chars: int = 4000) -> list[str]:
+    """The first ``chars`` characters of ``count`` standard-library modules (sorted, deterministic)."""
+    root = stdlib_root()
+    docs = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8")[:chars]
+        if text.strip():
+            docs.append(text)
+        if len(docs) == count:
+            break
+    return docs
+
+
+def write_corpus(directory: Path, documents: list[str], suffix: str = ".txt") -> Path:
+    """One file per document, zero-padded names so sorted order is document order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(documents):
+        (directory / f"doc_{i:04d}{suffix}").write_text(doc, encoding="utf-8", newline="")
+    return directory
+
+
+def micro_config(*overrides: str) -> PipelineConfig:
+    return load_config(None, [*MICRO, *overrides])
+
+
+def run(stage: str, cfg: PipelineConfig, store_root: Path, inputs: dict | None = None) -> StageResult:
+    return run_stage(stage, cfg, inputs or {}, LocalStore(store_root))
