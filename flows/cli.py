@@ -47,6 +47,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from stages.config import load_config
 
+    if args.reference:
+        from flows.recipe_reference import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
+
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
@@ -85,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="validate a recipe and print it fully resolved")
     _recipe_args(config)
+    config.add_argument("--reference", action="store_true", help="print every recipe key with its default and meaning")
     config.set_defaults(func=cmd_config)
 
     stage = sub.add_parser("stage", help="run one stage alone (same as `python -m stages NAME ...`)", add_help=False)
