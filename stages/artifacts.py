@@ -17,6 +17,8 @@ from typing import Any
 from stages.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+# Inside a stage's work directory: resumable state that survives a failed attempt (see storage.py).
+CHECKPOINTS = "checkpoints"
 _CHUNK = 1 << 20
 
 

@@ -1,19 +1,19 @@
 """Artifact stores: where finished stage outputs live, keyed by ``<stage>/<key>/``.
 
 A store only ever shows complete outputs. The local store builds an output in a hidden
-temporary directory beside its final place and renames it when the manifest is written,
-so a crash leaves a ``.tmp-*`` directory that nothing reads, never a half artifact.
+work directory (``.work-<key>``) beside its final place and renames it when the manifest is
+written, so a crash leaves a hidden directory that nothing reads as finished, never a half
+artifact. Only its ``checkpoints/`` survive, so a rerun resumes training where it stopped.
 An S3 store (uploads first, manifest last) slots in behind the same methods.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from stages.artifacts import MANIFEST, ArtifactRef, Manifest, read_manifest, verify
+from stages.artifacts import CHECKPOINTS, MANIFEST, ArtifactRef, Manifest, read_manifest, verify
 from stages.errors import ArtifactError
 
 
@@ -50,9 +50,14 @@ class LocalStore:
         return ArtifactRef(manifest.stage, str(self.location(manifest.stage, manifest.key)), manifest.digest)
 
     def scratch(self, stage: str, key: str) -> Path:
-        parent = self.root / stage
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent))
+        """The stage's work directory for this key: stable across attempts, so an interrupted
+        stage finds its resumable ``checkpoints/`` again; anything else left by a crash is wiped."""
+        work = self.root / stage / f".work-{key}"
+        work.mkdir(parents=True, exist_ok=True)
+        for leftover in work.iterdir():
+            if leftover.name != CHECKPOINTS:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        return work
 
     def commit(self, scratch: Path, manifest: Manifest) -> ArtifactRef:
         (scratch / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
@@ -63,7 +68,12 @@ class LocalStore:
         return self.ref(manifest)
 
     def discard(self, scratch: Path) -> None:
-        shutil.rmtree(scratch, ignore_errors=True)
+        """Drop a failed attempt's files, keeping resumable checkpoints for the next attempt."""
+        for leftover in scratch.iterdir() if scratch.is_dir() else ():
+            if leftover.name != CHECKPOINTS or not any(leftover.iterdir()):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        if scratch.is_dir() and not any(scratch.iterdir()):
+            scratch.rmdir()
 
     def materialize(self, ref: ArtifactRef) -> Path:
         path = Path(ref.uri)

@@ -1,0 +1,232 @@
+"""THE checkpoint format, shared by pretraining, fine-tuning, evaluation and export.
+
+A checkpoint is a directory::
+
+    model.safetensors   weights (the tied embedding / head matrix is stored once)
+    model.json          GPTConfig as a dict: enough to rebuild the module with no recipe
+    optimizer.pt        resumable only: torch.save of optimizer.state_dict() (tensors, no code)
+    trainer.json        resumable only: step, RNG states, data cursor, schedule, curve so far
+
+``load_model`` needs only the first two files, so a resumable checkpoint is also a model.
+Every write is atomic: the directory is built under a hidden temporary sibling and renamed
+into place, so a crash leaves either the old checkpoint or the new one, never half of one.
+Resumable checkpoints of one run live under a root as ``step_00000100/`` directories.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from stages.errors import ArtifactError
+from stages.model import GPT, GPTConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER = "trainer.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomically(directory: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` in a fresh sibling directory, then swap it in for ``directory``."""
+    directory = Path(directory)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; checkpoints are ordinary readable outputs
+        build(tmp)
+        if directory.exists():
+            # A directory cannot be os.replace()d over a non-empty one: move the old one aside
+            # first, so a reader sees either the old or the new checkpoint at this name.
+            old = parent / f".old-{directory.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def find_gpt(model: nn.Module) -> GPT | None:
+    """The GPT inside ``model`` (itself, or wrapped e.g. by peft), for its config."""
+    for module in model.modules():
+        if isinstance(module, GPT):
+            return module
+    return None
+
+
+def _write_model_files(tmp: Path, model: nn.Module) -> None:
+    # save_model (not save_file) drops the duplicate name of the tied embedding/head tensor;
+    # safetensors refuses shared storage otherwise.
+    safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+    gpt = find_gpt(model)
+    if gpt is not None:
+        (tmp / CONFIG).write_text(json.dumps(gpt.cfg.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+
+
+def save_model(directory: str | Path, model: nn.Module) -> Path:
+    """Write weights + config (what ``load_model`` reads). Replaces an existing directory atomically."""
+    return _write_atomically(Path(directory), lambda tmp: _write_model_files(tmp, model))
+
+
+def read_config(directory: str | Path) -> GPTConfig:
+    """The GPTConfig stored beside the weights; a clear ArtifactError when absent or foreign."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {directory} is not a gptpipe model directory (expected {CONFIG} + {WEIGHTS})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return GPTConfig(**data)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ArtifactError(f"{path}: not a GPTConfig ({exc}); rerun the stage that wrote this model") from None
+
+
+def load_weights(directory: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    """Load ``model.safetensors`` into an existing module (strict: every name must match)."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — rerun the stage that wrote it")
+    try:
+        safetensors.torch.load_model(model, str(path), strict=True, device=str(device))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise ArtifactError(
+            f"{path}: weights do not fit this model ({' '.join(s.strip() for s in first[:3])}); "
+            "was it written for another model shape?"
+        ) from None
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Rebuild the GPT from ``model.json`` and load its weights, in eval mode, on ``device``."""
+    model = GPT(read_config(directory))
+    load_weights(directory, model)
+    return model.to(device).eval()
+
+
+# --- RNG states as JSON (no pickle in trainer.json) -------------------------------------------
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG training may touch (dropout uses torch's), JSON-serializable."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": _b64(torch.get_rng_state()),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [_unb64(s) for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --- resumable checkpoints --------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> Path:
+    """Write a resumable checkpoint: model files, optimizer state and ``state`` as trainer.json."""
+    try:
+        trainer_text = json.dumps(state, indent=1, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"trainer state must be JSON-serializable: {exc}") from None
+
+    def build(tmp: Path) -> None:
+        _write_model_files(tmp, model)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / TRAINER).write_text(trainer_text, encoding="utf-8")  # written last: marks completeness
+
+    return _write_atomically(Path(directory), build)
+
+
+def load_checkpoint(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load weights (and optimizer state when given) in place; return the trainer state."""
+    directory = Path(directory)
+    trainer = directory / TRAINER
+    if not trainer.is_file():
+        raise ArtifactError(f"{trainer}: missing; {directory} is not a resumable checkpoint (delete it to start over)")
+    device = next(model.parameters()).device
+    load_weights(directory, model, device)
+    if optimizer is not None:
+        path = directory / OPTIMIZER
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — delete {directory} to resume from an older one")
+        # weights_only: the file holds tensors and plain containers only, never code to run.
+        optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return json.loads(trainer.read_text(encoding="utf-8"))
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete resumable checkpoints under ``root`` as (step, path), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / TRAINER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint with the highest step under ``root``, or None to start from scratch."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (and leftovers of crashed writes)."""
+    root = Path(root)
+    removed = [path for _, path in list_checkpoints(root)[: -keep_last or None]] if keep_last > 0 else []
+    if root.is_dir():
+        removed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
