@@ -37,8 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
     from flows.pipeline import pipeline
+    from flows.report import render_report
 
-    pipeline(config_path=args.config, overrides=args.overrides, force=args.force, track=not args.no_track)
+    report = pipeline(config_path=args.config, overrides=args.overrides, force=args.force, track=not args.no_track)
+    print(render_report(report))
     return 0
 
 

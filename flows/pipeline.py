@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from flows.report import render_report, report_markdown
+from flows.report import report_markdown
 from flows.stage_task import stage_task
 from stages.config import STAGE_ORDER, PipelineConfig, load_config
 from stages.errors import ConfigError
@@ -53,7 +53,7 @@ def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
     return parent
 
 
-@flow(name="gptpipe", log_prints=True)
+@flow(name="gptpipe")
 def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str] | None = None,
              force: bool = False, track: bool = True) -> dict[str, Any]:
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
@@ -78,5 +78,6 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
     finally:
         if parent is not None:
             parent.finish(ok)
-    print(render_report(report))
+    reused = [name for name, result in results.items() if result["reused"]]
+    get_run_logger().info("pipeline finished: %d stages, reused by content key: %s", len(results), ", ".join(reused) or "none")
     return report

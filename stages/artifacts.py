@@ -7,6 +7,7 @@ so two stages can run in different processes, containers or machines.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import time
@@ -98,11 +99,43 @@ def files_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def code_version() -> str:
-    """Hash of the stage code: editing any file under stages/ invalidates cached outputs."""
-    digest = hashlib.sha256()
+def _local_imports(path: Path, package: str) -> set[str]:
+    """Modules of ``package`` that the file at ``path`` imports (statically, any depth in the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == package:
+                found |= {f"{package}.{alias.name}" for alias in node.names}
+            elif node.module.startswith(package + "."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith(package + ".")}
+    return found
+
+
+def code_version(module: str | None = None) -> str:
+    """Hash of the code a stage runs: its module and every ``stages`` module it imports, transitively.
+
+    Editing ``finetune.py`` therefore invalidates fine-tuning and what follows, not the tokenizer.
+    Without ``module``, every file of the package counts.
+    """
     root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
+    package = root.name
+    if module is None:
+        files = sorted(root.rglob("*.py"))
+    else:
+        seen: set[str] = set()
+        todo = [module]
+        while todo:
+            name = todo.pop()
+            path = root / (name.split(".", 1)[1].replace(".", "/") + ".py")
+            if name in seen or not path.is_file():
+                continue
+            seen.add(name)
+            todo.extend(_local_imports(path, package))
+        files = sorted(root / (name.split(".", 1)[1].replace(".", "/") + ".py") for name in seen)
+    digest = hashlib.sha256()
+    for path in files:
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

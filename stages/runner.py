@@ -68,7 +68,7 @@ def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
-    return cache_key(name, stage_config(name, cfg), inputs, code_version())
+    return cache_key(name, stage_config(name, cfg), inputs, code_version(getattr(stage_module(name), "__name__", None)))
 
 
 def run_stage(
@@ -86,7 +86,7 @@ def run_stage(
         raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
     tracker = tracker or MemoryTracker()
     config = stage_config(name, cfg)
-    version = code_version()
+    version = code_version(getattr(module, "__name__", None))
     key = cache_key(name, config, inputs, version)
 
     existing = None if force else store.find(name, key)

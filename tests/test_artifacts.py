@@ -93,3 +93,13 @@ def test_missing_input_is_named(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(runner, "stage_module", lambda name: module)
     with pytest.raises(ArtifactError, match="needs input artifact.*tokenizer"):
         runner.run_stage("data", load_config(None), {}, LocalStore(tmp_path))
+
+
+def test_code_version_follows_a_stages_own_imports():
+    from stages.artifacts import _local_imports, code_version
+
+    root = Path(__file__).resolve().parents[1] / "stages"
+    assert "stages.corpus" in _local_imports(root / "tokenizer.py", "stages")
+    assert "stages.model" not in _local_imports(root / "tokenizer.py", "stages")
+    assert code_version("stages.tokenizer") != code_version("stages.pretrain")
+    assert code_version("stages.tokenizer") == code_version("stages.tokenizer")
