@@ -18,7 +18,7 @@ from flows.report import report_markdown
 from flows.stage_task import stage_task
 from stages.config import STAGE_ORDER, PipelineConfig, load_config
 from stages.errors import ConfigError
-from stages.runner import stage_module
+from stages.runner import stage_inputs
 from stages.tracking import MlflowTracker, default_tracking_uri, start_run
 
 log = logging.getLogger("gptpipe.flow")
@@ -38,7 +38,7 @@ def check_plan(cfg: PipelineConfig) -> list[str]:
     ordered = [name for name in STAGE_ORDER if name in cfg.stages]
     produced: set[str] = set()
     for name in ordered:
-        missing = [need for need in stage_module(name).INPUTS if need not in produced]
+        missing = [need for need in stage_inputs(name, cfg) if need not in produced]
         if missing:
             raise ConfigError(f"stages: '{name}' needs {', '.join(missing)} earlier in the list; add it to `stages`")
         produced.add(name)
@@ -66,7 +66,7 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
     ok = False
     try:
         for name in order:
-            needs = stage_module(name).INPUTS
+            needs = stage_inputs(name, cfg)
             inputs = {need: results[need]["ref"] for need in needs}
             results[name] = stage_task(name, config, inputs, uri, parent.run_id if parent else None, force)
         report = {"recipe": cfg.name, "stages": results, "tracking_uri": uri,

@@ -3,7 +3,8 @@
 Each stage module exposes three names:
 
 * ``SECTIONS`` — the recipe sections it reads (they, and only they, enter its cache key);
-* ``INPUTS`` — the upstream stages whose artifacts it consumes;
+* ``INPUTS`` — the upstream stages whose artifacts it consumes (or ``inputs_for(cfg)`` when the
+  recipe chooses, as export does between the fine-tuned and the base model);
 * ``run(cfg, inputs, out, tracker) -> dict`` — does the work, writing files under ``out``
   (a fresh directory), reading input artifacts from local directories, and returning
   summary metrics for the manifest.
@@ -55,6 +56,13 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(STAGE_MODULES[name])
 
 
+def stage_inputs(name: str, cfg: PipelineConfig) -> tuple[str, ...]:
+    """Upstream stages this stage reads under ``cfg`` (a stage may choose, e.g. export's source)."""
+    module = stage_module(name)
+    chooser = getattr(module, "inputs_for", None)
+    return tuple(chooser(cfg)) if chooser else tuple(module.INPUTS)
+
+
 def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
     """The resolved sections a stage reads, as plain data (what its cache key and params hold)."""
     module = stage_module(name)
@@ -68,7 +76,8 @@ def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
-    return cache_key(name, stage_config(name, cfg), inputs, code_version(getattr(stage_module(name), "__name__", None)))
+    needed = {n: ref for n, ref in inputs.items() if n in stage_inputs(name, cfg)}
+    return cache_key(name, stage_config(name, cfg), needed, code_version(getattr(stage_module(name), "__name__", None)))
 
 
 def run_stage(
@@ -81,20 +90,21 @@ def run_stage(
 ) -> StageResult:
     """Reuse the finished output for this content key, or build it and publish it atomically."""
     module = stage_module(name)
-    missing = [need for need in module.INPUTS if need not in inputs]
+    needs = stage_inputs(name, cfg)
+    missing = [need for need in needs if need not in inputs]
     if missing:
         raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
     tracker = tracker or MemoryTracker()
     config = stage_config(name, cfg)
     version = code_version(getattr(module, "__name__", None))
-    key = cache_key(name, config, inputs, version)
+    key = cache_key(name, config, {n: ref for n, ref in inputs.items() if n in needs}, version)
 
     existing = None if force else store.find(name, key)
     if existing is not None:
         log.info("stage %s: reusing finished output %s (key %s)", name, store.ref(existing).uri, key)
         return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
 
-    local_inputs = {need: store.materialize(inputs[need]) for need in module.INPUTS}
+    local_inputs = {need: store.materialize(inputs[need]) for need in needs}
     scratch = store.scratch(name, key)
     started = time.perf_counter()
     try:
@@ -105,7 +115,7 @@ def run_stage(
             stage=name,
             key=key,
             config=config,
-            inputs={n: ref.to_dict() for n, ref in sorted(inputs.items()) if n in module.INPUTS},
+            inputs={n: ref.to_dict() for n, ref in sorted(inputs.items()) if n in needs},
             code_version=version,
             files=files,
             metrics=metrics,
