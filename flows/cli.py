@@ -77,6 +77,42 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_services(args: argparse.Namespace) -> int:
+    from flows import services
+
+    if args.action == "up":
+        ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
+        names = tuple(n.strip() for n in args.only.split(",") if n.strip())
+        unknown = sorted(set(names) - set(services.START_ORDER))
+        if unknown:
+            raise GptpipeError(f"--only {args.only!r}: unknown service(s) {unknown}; choose from s3, mlflow, prefect")
+        layout = services.up(args.home, ports, args.bucket, timeout=args.timeout, names=names)
+        urls = {"prefect": layout.prefect_url, "mlflow": layout.mlflow_url, "s3": f"{layout.s3_url} (bucket {layout.bucket})"}
+        for name in layout.names:
+            print(f"{name:8} {urls[name]}")
+        print(f"logs     {layout.home / 'logs'}")
+        print(f"use them: source {layout.home / 'env.sh'}\n"
+              f"then:     gptpipe run --set artifacts.store=s3://{layout.bucket}/store")
+        return 0
+    if args.action == "down":
+        stopped = services.down(args.home)
+        print("services stopped" if stopped else f"no services running under {args.home}")
+        return 0
+    report = services.status(args.home)
+    if not report:
+        print(f"no services running under {args.home} (start them with: gptpipe services up)")
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        sup = report.pop("supervisor")
+        print(f"supervisor pid {sup['pid']}: {'running' if sup['running'] else 'stopped'}")
+        for name, info in report.items():
+            state = "healthy" if info["healthy"] else ("running, not answering" if info["running"] else "down")
+            print(f"{name:8} port {info['port']:<6} pid {info['pid']}  {state}")
+    return 0 if all(info.get("healthy", True) for info in report.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptpipe",
@@ -104,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(ui)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    svc = sub.add_parser(
+        "services", help="start/stop local Prefect + MLflow + S3 (moto) servers on 127.0.0.1",
+        description="Local shared services without Docker, supervised in the background, data under --home. "
+        "`up` prints what to `source` so gptpipe uses them.")
+    svc.add_argument("action", choices=["up", "down", "status"])
+    svc.add_argument("--home", default="runs/services", help="directory holding their data and logs (default: %(default)s)")
+    svc.add_argument("--prefect-port", type=int, default=4200, help="0 = any free port (default: %(default)s)")
+    svc.add_argument("--mlflow-port", type=int, default=5000, help="0 = any free port (default: %(default)s)")
+    svc.add_argument("--s3-port", type=int, default=9000, help="0 = any free port (default: %(default)s)")
+    svc.add_argument("--bucket", default="gptpipe", help="bucket created for artifacts (default: %(default)s)")
+    svc.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health (default: %(default)s)")
+    svc.add_argument("--only", default="s3,mlflow,prefect", help="services to start (default: all three)")
+    svc.add_argument("--json", action="store_true", help="status as JSON")
+    svc.set_defaults(func=cmd_services)
+
+    from flows.deploy import add_deploy_command
+
+    add_deploy_command(sub)
 
     from flows.generate_cli import add_generate_command
 

@@ -1,8 +1,13 @@
 """The gptpipe pipeline flow: stages chained as Prefect tasks under one MLflow parent run.
 
 The flow only wires: it resolves the recipe, opens the parent run, hands each stage the
-references its inputs produced, and prints the report card. All work happens in
-``stages/`` through ``flows.stage_task.stage_task``.
+references its inputs produced, registers the exported ONNX graph in the MLflow Model
+Registry, and attaches the report card and links to the flow run as Prefect artifacts.
+All work happens in ``stages/`` through ``flows.stage_task.stage_task``.
+
+The same flow runs embedded (``gptpipe run``) and from a deployment on a work pool
+(``flows/deploy.py``); ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` / an ``s3://`` store
+point it at shared services without any change here.
 """
 
 from __future__ import annotations
@@ -12,20 +17,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows.report import report_markdown
-from flows.stage_task import stage_task
+from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
+from flows.stage_task import retry_transient, stage_task
+from stages.artifacts import ArtifactRef
 from stages.config import STAGE_ORDER, PipelineConfig, load_config
 from stages.errors import ConfigError
 from stages.runner import stage_inputs
-from stages.tracking import MlflowTracker, default_tracking_uri, start_run
+from stages.storage import describe_store, open_store
+from stages.tracking import MlflowTracker, attach_run, default_tracking_uri, register_onnx, start_run
 
 log = logging.getLogger("gptpipe.flow")
 
 
 def runs_dir(cfg: PipelineConfig) -> Path:
-    """Local home of embedded services (MLflow SQLite + artifacts): the store's parent directory."""
+    """Local home of embedded services (MLflow SQLite + artifacts): the store's parent directory
+    (``./runs`` when the store is in S3)."""
+    if cfg.artifacts.store.startswith("s3://"):
+        return Path("runs").resolve()
     return Path(cfg.artifacts.store).expanduser().resolve().parent
 
 
@@ -53,10 +64,29 @@ def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
     return parent
 
 
+def registered_model_name(cfg: PipelineConfig) -> str:
+    return cfg.tracking.registered_model or f"gptpipe-{cfg.name}"
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def register_model(config: dict[str, Any], export: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+    """Register the export stage's ``model.onnx`` (with tokenizer and parity figures) under its child run."""
+    cfg = PipelineConfig.model_validate(config)
+    ref = ArtifactRef.from_dict(export["ref"])
+    local = open_store(cfg.artifacts.store).materialize(ref)
+    tracker = attach_run(tracking_uri, export["run_id"])
+    model = register_onnx(tracker, registered_model_name(cfg), local, export["metrics"], ref.digest, ref.uri)
+    log.info("model registry: %s version %s (%s)", model["name"], model["version"],
+             "existing version, same export" if model["reused"] else "new version")
+    return model
+
+
 @flow(name="gptpipe")
 def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str] | None = None,
              force: bool = False, track: bool = True) -> dict[str, Any]:
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
+    forward_stage_logs()
     cfg = load_config(config_path, overrides or [])
     order = check_plan(cfg)
     uri = tracking_uri(cfg) if track else None
@@ -68,12 +98,20 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
         for name in order:
             needs = stage_inputs(name, cfg)
             inputs = {need: results[need]["ref"] for need in needs}
-            results[name] = stage_task(name, config, inputs, uri, parent.run_id if parent else None, force)
+            labelled = stage_task.with_options(
+                task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"])
+            results[name] = labelled(name, config, inputs, uri, parent.run_id if parent else None, force)
         report = {"recipe": cfg.name, "stages": results, "tracking_uri": uri,
                   "parent_run_id": parent.run_id if parent else None,
-                  "store": str(Path(cfg.artifacts.store).resolve())}
+                  "experiment_id": parent.experiment_id if parent else None,
+                  "store": describe_store(cfg.artifacts.store), "registered_model": None}
+        if parent is not None and "export" in results and results["export"].get("run_id"):
+            registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
+            report["registered_model"] = registered
+            parent.set_tags({"gptpipe.registered_model": f"{registered['name']}/{registered['version']}"})
         if parent is not None:
-            parent.log_text(report_markdown(report), "report_card.md")
+            parent.log_text(full_markdown(report), "report_card.md")
+        publish_artifacts(report)
         ok = True
     finally:
         if parent is not None:

@@ -28,6 +28,10 @@ def mlflow_ui_command(uri: str | None) -> str | None:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+def registered(model: dict[str, Any]) -> str:
+    return f"{model['name']} version {model['version']}" + (" (same export as before)" if model.get("reused") else "")
+
+
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     out = []
     for name, result in report["stages"].items():
@@ -54,6 +58,9 @@ def render_report(report: dict[str, Any]) -> str:
     if reused:
         lines.append(f"reused by content key (nothing recomputed): {', '.join(reused)}")
     lines.append(f"artifact store: {report['store']}")
+    model = report.get("registered_model")
+    if model:
+        lines.append(f"model registry: {registered(model)}")
     ui = mlflow_ui_command(report.get("tracking_uri"))
     if ui:
         lines.append(f"MLflow run {report.get('parent_run_id')}; open the UI with:\n  {ui}")

@@ -3,11 +3,14 @@
 The task body is thin: open the store, open a child run under the pipeline's parent run
 (by explicit id), call ``stages.runner.run_stage``, log what the stage produced. Only
 transient failures are retried: a ``GptpipeError`` (bad config, bad data, parity failure)
-would fail the same way again, so it fails at once.
+would fail the same way again, so it fails at once — unless it says it is transient (an S3
+endpoint that could not be reached after botocore's own retries may be back a minute later).
+Training stages also log ``system/*`` metrics (CPU, memory, GPU) to their child run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -20,8 +23,8 @@ from stages.artifacts import ArtifactRef
 from stages.config import PipelineConfig
 from stages.errors import GptpipeError
 from stages.runner import run_stage, stage_config
-from stages.storage import open_store
-from stages.tracking import MlflowTracker, attach_run
+from stages.storage import LocalStore, Store, open_store
+from stages.tracking import MlflowTracker, SystemMetrics, attach_run
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -35,30 +38,53 @@ HEADLINE = {
     "export": ("max_abs_diff", "generation_matches"),
     "publish": ("bundle",),
 }
+# Stages whose child runs get system metrics (CPU, memory, GPU utilisation).
+TRAINING_STAGES = frozenset({"pretrain", "finetune"})
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only what may succeed on a second try: never a GptpipeError."""
+    """Retry only what may succeed on a second try: a GptpipeError only when it says ``transient``."""
     try:
         state.result()
-    except GptpipeError:
-        return False
+    except GptpipeError as exc:
+        return bool(getattr(exc, "transient", False))
     except Exception:  # noqa: BLE001 - anything else may be transient (I/O, network)
         return True
     return False
 
 
-def _log_outputs(tracker: MlflowTracker, name: str, result: Any, cfg: PipelineConfig) -> None:
+def _local_copy(store: Store, result: Any) -> Path | None:
+    """The output's files on this machine without downloading: a local store's directory, or the
+    S3 store's cached copy of an output this process just built."""
+    if isinstance(store, LocalStore):
+        return Path(result.ref.uri)
+    cache = getattr(store, "cache", None)
+    if cache is not None and cache.find(result.manifest.stage, result.manifest.key) is not None:
+        return cache.location(result.manifest.stage, result.manifest.key)
+    return None
+
+
+def _log_outputs(tracker: MlflowTracker, name: str, result: Any, store: Store) -> None:
     manifest = result.manifest
     numeric = {k: v for k, v in manifest.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracker.log_metrics({f"{name}.{k}": v for k, v in numeric.items()})
     tracker.log_metrics({"wall_time_s": result.wall_time_s})
     tracker.log_text(manifest.to_json(), "manifest.json")
-    local = Path(result.ref.uri)
+    local = _local_copy(store, result)
+    if local is None:  # reused from S3 and not cached here: the manifest says what it holds
+        return
     small = [p for p in sorted(local.glob("*")) if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "manifest.json"]
     for path in small:
         if path.suffix in {".json", ".md", ".png", ".vocab", ".model", ".txt", ".jsonl"}:
             tracker.log_artifact(path, "outputs")
+
+
+def _system_metrics(name: str, cfg: PipelineConfig, tracker: MlflowTracker | None) -> Any:
+    """``system/*`` metrics around a training stage that has a child run (a reused one logs a single sample)."""
+    interval = cfg.tracking.system_metrics_interval_s
+    if tracker is None or name not in TRAINING_STAGES or interval <= 0:
+        return contextlib.nullcontext()
+    return SystemMetrics(tracker, interval)
 
 
 @task(
@@ -88,15 +114,19 @@ def stage_task(
     started = time.perf_counter()
     ok = False
     try:
-        result = run_stage(name, cfg, refs, store, tracker, force=force)
+        with _system_metrics(name, cfg, tracker):
+            result = run_stage(name, cfg, refs, store, tracker, force=force)
         ok = True
+    except GptpipeError as exc:
+        log.error("stage %s failed: %s", name, exc)
+        raise
     finally:
         if tracker is not None and not ok:
             tracker.set_tags({"gptpipe.error": "stage failed; see the Prefect/terminal log"})
             tracker.finish(ok=False)
     if tracker is not None:
         tracker.set_tags({"gptpipe.reused": str(result.reused).lower(), "gptpipe.artifact": result.ref.uri})
-        _log_outputs(tracker, name, result, cfg)
+        _log_outputs(tracker, name, result, store)
         tracker.finish(ok=True)
     if result.reused:
         log.info("%s: reused finished output (content key %s) at %s", name, result.manifest.key, result.ref.uri)
@@ -107,4 +137,5 @@ def stage_task(
         "wall_time_s": round(time.perf_counter() - started, 2) if not result.reused else 0.0,
         "metrics": result.manifest.metrics,
         "run_id": tracker.run_id if tracker else None,
+        "experiment_id": tracker.experiment_id if tracker else None,
     }

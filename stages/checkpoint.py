@@ -8,6 +8,10 @@ A checkpoint is a directory::
     trainer.json        resumable only: step, RNG states, data cursor, schedule, curve so far
 
 ``load_model`` needs only the first two files, so a resumable checkpoint is also a model.
+Under FSDP2 the full weights and optimizer state are gathered to rank 0 (``gather_full_state``)
+and written in the same format — the optimizer's state keyed by parameter name rather than
+index, as recorded in trainer.json — so a checkpoint from 1 process, DDP or FSDP resumes in any
+of them, and loading scatters it back into each rank's shard.
 Every write is atomic: the directory is built under a hidden temporary sibling and renamed
 into place, so a crash leaves either the old checkpoint or the new one, never half of one.
 Resumable checkpoints of one run live under a root as ``step_00000100/`` directories.
@@ -167,9 +171,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a resumable checkpoint: model files, optimizer state and ``state`` as trainer.json."""
+    """Write a resumable checkpoint: model files, optimizer state and ``state`` as trainer.json.
+
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` when the caller gathered it itself
+    (FSDP: see ``gather_full_state``); its key style is recorded so any run can load it back.
+    """
+    saved_optimizer = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    state = {**state, "optimizer_keys": "fqn" if _keyed_by_name(saved_optimizer) else "index"}
     try:
         trainer_text = json.dumps(state, indent=1, sort_keys=True, allow_nan=True)
     except (TypeError, ValueError) as exc:
@@ -177,7 +191,7 @@ def save_checkpoint(
 
     def build(tmp: Path) -> None:
         _write_model_files(tmp, model)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(saved_optimizer, tmp / OPTIMIZER)
         (tmp / TRAINER).write_text(trainer_text, encoding="utf-8")  # written last: marks completeness
 
     return _write_atomically(Path(directory), build)
@@ -186,20 +200,120 @@ def save_checkpoint(
 def load_checkpoint(
     directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Any]:
-    """Load weights (and optimizer state when given) in place; return the trainer state."""
+    """Load weights (and optimizer state when given) in place; return the trainer state.
+
+    ``model`` may be a plain module, a DDP-unwrapped one, or an FSDP2-sharded one (then every
+    rank calls this and keeps its own shard of the full weights read from disk).
+    """
     directory = Path(directory)
     trainer = directory / TRAINER
     if not trainer.is_file():
         raise ArtifactError(f"{trainer}: missing; {directory} is not a resumable checkpoint (delete it to start over)")
+    sharded = _is_fsdp(model)
     device = next(model.parameters()).device
-    load_weights(directory, model, device)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, _full_model_state(directory, model),
+                             options=StateDictOptions(full_state_dict=True))
+    else:
+        load_weights(directory, model, device)
     if optimizer is not None:
         path = directory / OPTIMIZER
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — delete {directory} to resume from an older one")
         # weights_only: the file holds tensors and plain containers only, never code to run.
-        optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        saved = torch.load(path, map_location="cpu" if sharded else device, weights_only=True)
+        names = _names_in_optimizer_order(model, optimizer)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            saved = saved if _keyed_by_name(saved) else _index_to_names(saved, names)
+            set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(_names_to_index(saved, names) if _keyed_by_name(saved) else saved)
     return json.loads(trainer.read_text(encoding="utf-8"))
+
+
+# --- FSDP2: gather full state on rank 0, scatter it back on load -------------------------------
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    return any(isinstance(k, str) for k in optimizer_state.get("state", {})) or any(
+        isinstance(p, str) for g in optimizer_state.get("param_groups", []) for p in g.get("params", [])
+    )
+
+
+def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order ``optimizer.state_dict()`` numbers them."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _index_to_names(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    return {"state": {names[int(i)]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def _names_to_index(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    index = {name: i for i, name in enumerate(names)}
+    try:
+        return {"state": {index[n]: s for n, s in saved["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]}
+    except KeyError as exc:
+        raise ArtifactError(f"optimizer state names parameter {exc} that this model does not train; "
+                            "was the checkpoint written for another model or fine-tuning method?") from None
+
+
+def _full_model_state(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as a full CPU state dict under every name (tied ones included)."""
+    gpt = find_gpt(model)
+    if gpt is None:
+        raise ArtifactError("FSDP checkpoints are supported for gptpipe GPT models only")
+    with torch.device("meta"):
+        shadow = GPT(gpt.cfg)
+    shadow.to_empty(device="cpu")
+    shadow.lm_head.weight = shadow.wte.weight  # to_empty gives each name its own tensor: tie again
+    load_weights(directory, shadow)
+    return shadow.state_dict()
+
+
+def gather_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """(a plain CPU module with the full weights, the full optimizer state) for saving.
+
+    Collective under FSDP2: every rank must call it; rank 0 gets the result, the others None.
+    Without FSDP it is free: the module itself and ``optimizer.state_dict()``.
+    """
+    if not _is_fsdp(model):
+        return model, optimizer.state_dict()
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    gpt = find_gpt(model)
+    with torch.device("meta"):
+        shadow = GPT(gpt.cfg)  # meta: no memory, and no draw from the RNG that resume restores
+    shadow.load_state_dict(weights, assign=True)
+    shadow.lm_head.weight = shadow.wte.weight
+    return shadow, optim_state
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:

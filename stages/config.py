@@ -140,6 +140,38 @@ class TrainConfig(Section):
     seed: int = Field(1337, description="Seed for weights and batch order.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")
+    # --- performance switches (stages/perf.py); 'auto' = what pays off on the device ---
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model: 'auto' = on for CUDA, off on the CPU (no gain there)."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast dtype: 'auto' = bf16 on CUDA (fp16 + grad scaler where bf16 is missing), fp32 on the CPU.",
+    )
+    fused_optimizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused AdamW kernel: 'auto' = on for CUDA, off on the CPU."
+    )
+    tf32: bool = Field(True, description="Allow TF32 matmuls/convolutions on Ampere+ GPUs (no effect on the CPU).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, ~30% more compute."
+    )
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms (bitwise-repeatable runs; slower on GPUs)."
+    )
+    peak_flops: float = Field(
+        0.0, ge=0,
+        description="Peak FLOP/s per device for MFU (0 = the GPU table, or a short matmul probe on CPUs/unknown devices).",
+    )
+    # --- distributed (stages/distributed.py); launched by torchrun ---
+    nproc_per_node: int = Field(
+        1, ge=1, description="Processes (GPUs) per node; > 1 makes the flow launch the stage under torchrun."
+    )
+    nnodes: int = Field(
+        1, ge=1, description="Nodes for torchrun; > 1 needs GPTPIPE_RDZV_ENDPOINT=host:port on every node."
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: 'ddp' (replicated weights) or 'fsdp' (FSDP2 fully_shard)."
+    )
 
 
 class PretrainConfig(TrainConfig):
@@ -149,8 +181,18 @@ class PretrainConfig(TrainConfig):
 
 
 class FinetuneConfig(TrainConfig):
-    """Supervised fine-tuning on chat data (assistant tokens only)."""
+    """Supervised fine-tuning on chat data (assistant tokens only).
 
+    Batches are rows of block_size tokens packed with whole conversations, so the defaults
+    below (8 rows x 200 steps) cost about as much compute as 2 minutes on 2 CPU cores.
+    """
+
+    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(8, gt=0, description="Packed rows (block_size tokens each) per micro-batch.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    eval_interval: int = Field(50, gt=0, description="Steps between held-out loss evaluations.")
+    eval_batches: int = Field(4, gt=0, description="Micro-batches of held-out conversations per loss estimate.")
     method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters merged at the end.")
     data: str = Field(
         "synthetic", description="'synthetic' (built-in verifiable tasks) or a chat JSONL file."
@@ -176,8 +218,8 @@ class EvaluateConfig(Section):
     """Held-out evaluation of the base and fine-tuned models."""
 
     task_items: int = Field(300, gt=0, description="Held-out task items scored by exact match.")
-    max_new_tokens: int = Field(48, gt=0, description="Generation limit per answer.")
-    val_batches: int = Field(20, gt=0, description="Validation micro-batches for loss / bits per byte.")
+    max_new_tokens: int = Field(32, gt=0, description="Generation limit per answer.")
+    val_batches: int = Field(10, gt=0, description="Validation micro-batches for loss / bits per byte.")
     samples: int = Field(8, ge=0, description="Sample generations saved in the report.")
     batch_size: int = Field(8, gt=0, description="Sequences per validation micro-batch (block_size tokens each).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
@@ -228,6 +270,12 @@ class TrackingConfig(Section):
     uri: str | None = Field(
         None,
         description="MLflow tracking URI; default sqlite under runs/. MLFLOW_TRACKING_URI in the environment wins.",
+    )
+    registered_model: str = Field(
+        "", description="Model Registry name for the exported ONNX graph ('' = gptpipe-<recipe name>)."
+    )
+    system_metrics_interval_s: float = Field(
+        5.0, ge=0, description="Seconds between CPU/memory/GPU samples logged for training stages (0 = off)."
     )
 
 

@@ -9,8 +9,9 @@ A source is one of
 * ``.jsonl`` files (one JSON object per line, text in ``text_field``) and ``.parquet`` files
   (text in column ``text_field``), whether named directly or found in a directory.
 
-``_SOURCE_KINDS`` maps a source to the function that lists its files; an ``s3://`` lister
-slots in there later. Per file, ``_FILE_READERS`` picks how documents are pulled out of it.
+``_SOURCE_KINDS`` maps a source to the function that lists its files; the ``s3://`` lister
+copies objects into a local cache first (``stages/s3.py``). Per file, ``_FILE_READERS`` picks
+how documents are pulled out of it.
 
 Files are visited in sorted order so the same source always yields the same documents in
 the same order: the tokenizer and data stages rely on that to be reproducible. Binary
@@ -108,11 +109,12 @@ def _list_file(cfg: CorpusConfig) -> list[Path]:
     return [Path(cfg.source).expanduser()]
 
 
-def _unsupported_s3(cfg: CorpusConfig) -> list[Path]:
-    raise DataError(
-        f"corpus.source={cfg.source!r}: s3:// corpora are not supported by this build yet; "
-        "copy the files locally and point corpus.source at them"
-    )
+def _list_s3(cfg: CorpusConfig) -> list[Path]:
+    """``s3://bucket/key`` (one object) or ``s3://bucket/prefix`` (wanted objects under it), as
+    local copies in the S3 cache; ordered by object key like a directory."""
+    from stages.s3 import sync_objects  # boto3 is only needed for s3:// sources
+
+    return sync_objects(cfg.source, lambda key: _wanted(Path(key), cfg))
 
 
 def _is_glob(source: str) -> bool:
@@ -139,7 +141,7 @@ def source_kind(source: str) -> str:
 
 _SOURCE_KINDS: dict[str, Callable[[CorpusConfig], list[Path]]] = {
     "stdlib": _list_stdlib,
-    "s3": _unsupported_s3,
+    "s3": _list_s3,
     "file": _list_file,
     "dir": _list_directory,
     "glob": _list_glob,

@@ -7,6 +7,10 @@ Output artifact::
                         (what ``checkpoint.load_checkpoint`` reads to continue training)
     curve.json          every logged point: train loss, lr, grad norm, tokens/s, val loss
 
+Under torchrun every rank runs this stage: each trains on its own slice of every batch, rank 0
+writes the checkpoints and the outputs, and the other ranks leave once training is done
+(``distributed.exit_worker``) so that only rank 0 publishes the artifact.
+
 The vocabulary size comes from the data artifact (``shards.json``), which recorded the
 tokenizer it was encoded with; the tokenizer artifact is an input only so that a new
 tokenizer changes this stage's cache key.
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from stages import checkpoint as ckpt
+from stages import distributed
 from stages.artifacts import CHECKPOINTS
 from stages.batches import RandomWindows, fixed_windows
 from stages.config import PipelineConfig
@@ -46,6 +51,24 @@ def build_model(cfg: PipelineConfig, vocab_size: int) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab_size, **cfg.pretrain.model.model_dump()))
 
 
+def _val_slice(batches: list, rank: int, world: int) -> list:
+    """This rank's rows of the global validation batches (each rank scores batch_size of them).
+
+    The windows are drawn for the global batch, so 2 ranks of batch 4 score exactly the windows
+    one process of batch 8 scores, and no rank holds more than its own batch in memory.
+    """
+    if world == 1:
+        return batches
+    size = len(batches[0][0]) // world
+    return [(x[rank * size : (rank + 1) * size], y[rank * size : (rank + 1) * size]) for x, y in batches]
+
+
+def _global_val_loss(model: torch.nn.Module, batches: list, world: int) -> float:
+    """Mean token loss over every rank's slice (slices hold equal token counts, so the mean of means)."""
+    loss = evaluate_loss(model, batches)
+    return distributed.all_reduce_sum([loss], next(model.parameters()).device)[0] / world
+
+
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
     pcfg = cfg.pretrain
     if pcfg.threads:
@@ -55,19 +78,21 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     vocab = train_split.vocab_size
     block = pcfg.model.block_size
     batches = RandomWindows(train_split, block, pcfg.batch_size, pcfg.seed)
-    val_batches = fixed_windows(val_split, block, pcfg.batch_size, pcfg.eval_batches)
+    rank, world = distributed.from_env().rank, distributed.from_env().world_size
+    val_batches = _val_slice(fixed_windows(val_split, block, pcfg.batch_size * world, pcfg.eval_batches), rank, world)
     if train_split.eos_id >= vocab:
         raise DataError(f"{inputs['data']}/shards.json: eos_id {train_split.eos_id} >= vocab_size {vocab}; rerun the data stage")
 
     model = build_model(cfg, vocab)
-    tracker.log_params({
-        "model.vocab_size": vocab,
-        "model.n_params": model.num_params(non_embedding=False),
-        "model.n_params_non_embedding": model.num_params(non_embedding=True),
-        "model.flops_per_token": model.flops_per_token(),
-        "data.train_tokens": len(train_split),
-        "data.val_tokens": len(val_split),
-    })
+    if distributed.from_env().is_main:  # under torchrun, one report per job
+        tracker.log_params({
+            "model.vocab_size": vocab,
+            "model.n_params": model.num_params(non_embedding=False),
+            "model.n_params_non_embedding": model.num_params(non_embedding=True),
+            "model.flops_per_token": model.flops_per_token(),
+            "data.train_tokens": len(train_split),
+            "data.val_tokens": len(val_split),
+        })
 
     result = train(
         model,
@@ -75,8 +100,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         pcfg,
         tracker,
         checkpoint_dir=out / _WORK,
-        evaluate=lambda m: {"val_loss": evaluate_loss(m, val_batches)},
+        evaluate=lambda m: {"val_loss": _global_val_loss(m, val_batches, world)},
     )
+    if not distributed.current().is_main:
+        distributed.exit_worker()  # rank 0 wrote the checkpoint; it alone writes and publishes the rest
+    distributed.teardown()
 
     # The last resumable checkpoint is the model: no second copy of the weights.
     final = ckpt.latest_checkpoint(out / _WORK)
@@ -98,4 +126,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "tokens_per_s": round(result.tokens_per_s, 1),
         "seconds": result.seconds,
         "device": str(next(model.parameters()).device),
+        # Hardware use (MFU's denominator is named by peak_source: a table entry, a probe, or the recipe).
+        "mfu": round(result.mfu, 5),
+        "flops_per_token": result.flops_per_token,
+        "total_flops": result.total_flops,
+        "peak_flops": result.peak_flops,
+        "peak_source": result.peak_source,
+        "peak_memory_mb": result.peak_memory_mb,
+        "world_size": result.world_size,
+        "precision": result.precision,
+        "compiled": result.compiled,
     }

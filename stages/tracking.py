@@ -162,3 +162,157 @@ def attach_run(uri: str, run_id: str) -> MlflowTracker:
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     return MlflowTracker(client, run_id, run.info.experiment_id)
+
+
+# --------------------------------------------------------------------------- system metrics
+
+
+class SystemMetrics:
+    """Samples CPU, memory and (where ``nvidia-ml-py`` finds one) GPU use into ``system/*`` metrics.
+
+    A daemon thread logs a sample every ``interval`` seconds to the tracker it was given (the
+    stage's child run, by id), and ``stop()`` always logs one last sample, so even a stage
+    shorter than the interval leaves a point. Used as a context manager around training.
+    """
+
+    def __init__(self, tracker: Tracker, interval: float = 5.0):
+        import threading
+
+        self.tracker = tracker
+        self.interval = interval
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gptpipe-system-metrics", daemon=True)
+        self._gpus = _nvml_handles()
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        values = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+            "system/system_memory_usage_megabytes": (memory.total - memory.available) / 2**20,
+            "system/system_memory_usage_percentage": memory.percent,
+            "system/process_rss_megabytes": psutil.Process().memory_info().rss / 2**20,
+        }
+        for index, handle in enumerate(self._gpus):
+            values.update(_gpu_sample(index, handle))
+        return values
+
+    def _log(self) -> None:
+        try:
+            self.tracker.log_metrics(self.sample(), step=self.step)
+        except Exception:  # noqa: BLE001 - a lost sample must never fail the stage it watches
+            return
+        self.step += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._log()
+
+    def __enter__(self) -> SystemMetrics:
+        import psutil
+
+        psutil.cpu_percent(interval=None)  # the first call only primes the counter
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 5)
+        self._log()
+
+
+def _nvml_handles() -> list[Any]:
+    try:
+        import pynvml  # nvidia-ml-py: optional; absent or no driver means no GPU metrics
+
+        pynvml.nvmlInit()
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, no device...
+        return []
+
+
+def _gpu_sample(index: int, handle: Any) -> dict[str, float]:
+    import pynvml
+
+    try:
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    except Exception:  # noqa: BLE001 - a GPU that stops answering is skipped, not fatal
+        return {}
+    return {
+        f"system/gpu_{index}_utilization_percentage": float(util.gpu),
+        f"system/gpu_{index}_memory_usage_megabytes": memory.used / 2**20,
+        f"system/gpu_{index}_memory_usage_percentage": 100.0 * memory.used / max(memory.total, 1),
+    }
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def find_version(client: Any, name: str, digest: str) -> Any | None:
+    """The version of ``name`` already registered for this exact export (same content digest)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("gptpipe.digest") == digest), None)
+
+
+def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, parity: dict[str, Any],
+                  digest: str, artifact_uri: str | None = None) -> dict[str, Any]:
+    """Register the exported ONNX graph as a version of model ``name`` (once per export digest).
+
+    The graph, the tokenizer it needs and the parity figures are logged to ``tracker``'s run
+    under ``onnx_model/``; the version's source is that folder, and the parity figures, the
+    export's content digest and its artifact-store location become version tags, so the
+    registry entry explains itself. An export already registered (same digest) is not
+    registered twice: like a reused stage, its existing version is returned.
+    Returns ``{"name", "version", "source", "run_id", "reused"}``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    existing = find_version(tracker.client, name, digest)
+    if existing is not None:
+        tracker.set_tags({"gptpipe.registered_model": f"{name}/{existing.version}"})
+        return {"name": name, "version": str(existing.version), "source": existing.source,
+                "run_id": existing.run_id, "reused": True}
+    export_dir = Path(export_dir)
+    graph = export_dir / "model.onnx"
+    if not graph.is_file():
+        raise GptpipeError(f"{export_dir}: no model.onnx to register; run stage 'export' first")
+    client = tracker.client
+    tracker.log_artifact(graph, "onnx_model")
+    for extra in sorted(export_dir.glob("model.onnx.data")) + [export_dir / "export.json"]:
+        if extra.is_file():
+            tracker.log_artifact(extra, "onnx_model")
+    if (export_dir / "tokenizer").is_dir():
+        tracker.log_artifact(export_dir / "tokenizer", "onnx_model/tokenizer")
+    figures = {k: v for k, v in parity.items() if isinstance(v, (int, float, str, bool))}
+    client.log_text(tracker.run_id, json.dumps(figures, indent=2, sort_keys=True), "onnx_model/parity.json")
+    tags = {f"parity.{k}": str(v) for k, v in figures.items()}
+    tags["gptpipe.digest"] = digest
+    if artifact_uri:
+        tags["gptpipe.artifact"] = artifact_uri
+    try:
+        try:
+            client.create_registered_model(name, description="ONNX export of a gptpipe GPT (logits graph)")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+        source = f"{client.get_run(tracker.run_id).info.artifact_uri}/onnx_model"
+        version = client.create_model_version(name, source, run_id=tracker.run_id, tags=tags,
+                                              description="model.onnx + tokenizer + parity.json")
+    except MlflowException as exc:
+        raise GptpipeError(f"MLflow model registry at {tracker.tracking_uri}: {str(exc).splitlines()[0]}") from None
+    tracker.set_tags({"gptpipe.registered_model": f"{name}/{version.version}"})
+    return {"name": name, "version": str(version.version), "source": source, "run_id": tracker.run_id, "reused": False}

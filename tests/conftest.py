@@ -37,6 +37,6 @@ def _few_threads():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def micro_recipe() -> Path:
     return ROOT / "configs" / "micro.yaml"

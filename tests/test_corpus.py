@@ -108,11 +108,9 @@ def test_empty_corpus_says_what_was_scanned_and_skipped(tmp_path):
         read_corpus(corpus(tmp_path / "other"))
 
 
-def test_missing_and_s3_sources_are_clear_errors(tmp_path):
+def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"no such file or directory"):
         read_corpus(corpus(tmp_path / "nope"))
-    with pytest.raises(DataError, match=r"s3:// corpora are not supported"):
-        read_corpus(corpus("s3://bucket/prefix"))
 
 
 def test_truncation_and_byte_cap_respect_utf8_boundaries(tmp_path):

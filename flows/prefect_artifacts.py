@@ -1,0 +1,108 @@
+"""What a pipeline run shows in the Prefect UI: the report card and links, as flow-run artifacts.
+
+Three artifacts are attached to the flow run (keys are stable per recipe, so the Prefect UI
+keeps a history of each across runs):
+
+* ``gptpipe-report-<recipe>`` — the report card (markdown) plus the registered model version;
+* ``gptpipe-mlflow-<recipe>`` — a link to the MLflow parent run (an http tracking server), or
+  the ``mlflow ui`` command for an embedded SQLite store;
+* ``gptpipe-netron-<recipe>`` — where the Netron bundle's ``index.html`` lives.
+
+Also here: stage loggers (``gptpipe.*``) are forwarded to the Prefect run logs, the same way
+``PREFECT_LOGGING_EXTRA_LOGGERS`` does, so a flow run started by a worker whose environment
+lacks that variable still shows what the stages said.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from flows.report import mlflow_ui_command, report_markdown
+
+STAGE_LOGGER = "gptpipe"
+
+
+def forward_stage_logs(name: str = STAGE_LOGGER) -> None:
+    """Give logger ``name`` the handlers Prefect gives its 'extra' loggers (API + console), once."""
+    target = logging.getLogger(name)
+    extra = logging.getLogger("prefect.extra")
+    known = {type(h) for h in target.handlers}
+    for handler in extra.handlers:
+        if type(handler) not in known:
+            target.addHandler(handler)
+    if target.level == logging.NOTSET or target.level > logging.INFO:
+        target.setLevel(logging.INFO)
+
+
+def slug(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-") or "recipe"
+
+
+def mlflow_run_url(uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
+    if uri and uri.startswith(("http://", "https://")) and experiment_id and run_id:
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+def mlflow_model_url(uri: str | None, model: dict[str, str] | None) -> str | None:
+    if uri and uri.startswith(("http://", "https://")) and model:
+        return f"{uri.rstrip('/')}/#/models/{model['name']}/versions/{model['version']}"
+    return None
+
+
+def netron_location(report: dict[str, Any]) -> str | None:
+    """The bundle's landing page: a file:// URL for a local store, the s3:// object otherwise."""
+    publish = report["stages"].get("publish")
+    if not publish or not publish["metrics"].get("enabled", False):
+        return None
+    uri = publish["ref"]["uri"]
+    if uri.startswith("s3://"):
+        return f"{uri}/index.html"
+    return (Path(uri) / "index.html").resolve().as_uri()
+
+
+def full_markdown(report: dict[str, Any]) -> str:
+    """The report card plus the lines only a whole pipeline run knows (registry, links)."""
+    lines = [report_markdown(report).rstrip("\n"), ""]
+    model = report.get("registered_model")
+    if model:
+        state = "already registered" if model.get("reused") else "registered"
+        lines.append(f"**Model registry:** `{model['name']}` version **{model['version']}** ({state})")
+        url = mlflow_model_url(report.get("tracking_uri"), model)
+        if url:
+            lines.append(f"[open the model version]({url})")
+    run_url = mlflow_run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
+    if run_url:
+        lines.append(f"\n**MLflow run:** [{report.get('parent_run_id')}]({run_url})")
+    elif report.get("tracking_uri"):
+        lines.append(f"\n**MLflow run** `{report.get('parent_run_id')}`: `{mlflow_ui_command(report['tracking_uri'])}`")
+    netron = netron_location(report)
+    if netron:
+        lines.append(f"\n**Netron bundle:** {netron}")
+    lines.append(f"\nArtifact store: `{report['store']}`")
+    return "\n".join(lines) + "\n"
+
+
+def publish_artifacts(report: dict[str, Any]) -> list[str]:
+    """Attach the report card and links to the current flow run; returns the artifact keys."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    recipe = slug(report["recipe"])
+    keys = [f"gptpipe-report-{recipe}"]
+    create_markdown_artifact(markdown=full_markdown(report), key=keys[0],
+                             description=f"gptpipe report card, recipe {report['recipe']}")
+    run_url = mlflow_run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
+    if run_url:
+        keys.append(f"gptpipe-mlflow-{recipe}")
+        create_link_artifact(link=run_url, link_text=f"MLflow run {report['parent_run_id']}", key=keys[-1],
+                             description="MLflow parent run of this pipeline run (child runs per stage)")
+    netron = netron_location(report)
+    if netron:
+        keys.append(f"gptpipe-netron-{recipe}")
+        create_link_artifact(link=netron, link_text="Netron bundle (index.html)", key=keys[-1],
+                             description="Serve with: python -m stages.publish serve <bundle dir>")
+    return keys

@@ -1,0 +1,255 @@
+"""Stage ``finetune``: supervised fine-tuning of the pretrained GPT on chat data.
+
+Only assistant tokens are trained: the chat template's loss mask becomes -100 targets, which
+the one training loop (``stages.training.train``) skips. Conversations are packed whole into
+rows of ``block_size`` + 1 tokens (never split across rows) and the tail of each row is padding
+with -100 targets, so no compute is spent on a row per conversation.
+
+``method: lora`` wraps the GPT's linear layers with peft LoRA adapters, trains only those,
+and merges them into the weights at the end (``merge_and_unload``): later stages always get one
+plain checkpoint. The largest logit difference merged vs unmerged is recorded as a metric.
+
+Outputs: ``model/`` (checkpoint.save_model), ``heldout.jsonl`` (the held-out conversations,
+which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages import checkpoint
+from stages.chat import IGNORE, ChatTemplate, Message, Rendered, read_chat_jsonl
+from stages.config import FinetuneConfig, PipelineConfig
+from stages.errors import ConfigError, DataError
+from stages.tasks import check_tasks, make_items
+from stages.tokenizer import Tokenizer
+from stages.tracking import Tracker
+from stages.training import evaluate_loss, resolve_device, train
+
+SECTIONS = ("finetune",)
+INPUTS = ("tokenizer", "pretrain")
+
+log = logging.getLogger("gptpipe.finetune")
+
+MODEL_DIR = "model"
+HELDOUT = "heldout.jsonl"
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _fingerprint(messages: list[Message]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def load_conversations(cfg: FinetuneConfig) -> tuple[list[list[Message]], list[dict]]:
+    """(training conversations, held-out records ``{"messages": ..., "task"?: ...}``).
+
+    Synthetic data comes from ``stages.tasks``; a JSONL file is split by a seeded shuffle
+    unless ``heldout_data`` names its own file. Either way no held-out conversation (by
+    content) is left in the training set.
+    """
+    if cfg.data == "synthetic":
+        check_tasks(cfg.tasks)
+        train_items = make_items(cfg.train_items, "train", cfg.seed, cfg.tasks)
+        heldout_items = make_items(cfg.heldout_items, "heldout", cfg.seed, cfg.tasks)
+        return [i.messages() for i in train_items], [{"messages": i.messages(), "task": i.task} for i in heldout_items]
+
+    conversations = read_chat_jsonl(cfg.data, cfg.max_bad_fraction)
+    if cfg.heldout_data:
+        heldout = read_chat_jsonl(cfg.heldout_data, cfg.max_bad_fraction)[: cfg.heldout_items]
+        train_set = conversations
+    else:
+        if len(conversations) < 2:
+            raise DataError(f"{cfg.data}: only {len(conversations)} conversation(s); need at least 2 to hold some out")
+        order = list(range(len(conversations)))
+        random.Random(cfg.seed).shuffle(order)
+        # Hold out at most half, so a small file still leaves something to train on.
+        n_held = min(cfg.heldout_items, len(conversations) // 2)
+        heldout = [conversations[i] for i in order[:n_held]]
+        train_set = [conversations[i] for i in order[n_held:]]
+    held_keys = {_fingerprint(m) for m in heldout}
+    train_set = [m for m in train_set if _fingerprint(m) not in held_keys]
+    if not train_set:
+        raise DataError(f"{cfg.data}: every training conversation also appears in the held-out set; nothing to train on")
+    return train_set, [{"messages": m} for m in heldout]
+
+
+def render_all(template: ChatTemplate, conversations: list[list[Message]], block_size: int, what: str) -> list[Rendered]:
+    """Render conversations; ones longer than a row (block_size + 1 ids) are dropped and counted."""
+    rendered, too_long = [], 0
+    for messages in conversations:
+        r = template.render(messages)
+        if len(r.ids) > block_size + 1:
+            too_long += 1
+            continue
+        rendered.append(r)
+    if too_long:
+        log.warning("%s: dropped %d of %d conversations longer than block_size+1 = %d tokens",
+                    what, too_long, len(conversations), block_size + 1)
+    if not rendered:
+        raise DataError(
+            f"{what}: all {len(conversations)} conversations are longer than the model's context "
+            f"({block_size} tokens); shorten them or pretrain with a larger pretrain.model.block_size"
+        )
+    return rendered
+
+
+def pack(rendered: list[Rendered], row_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack whole conversations into rows of ``row_len`` ids -> (x, y), each (rows, row_len - 1).
+
+    y is the next id where the mask trains it and -100 elsewhere (prompt, role markers, padding).
+    """
+    rows: list[tuple[list[int], list[bool]]] = []
+    ids: list[int] = []
+    mask: list[bool] = []
+    for r in rendered:
+        if ids and len(ids) + len(r.ids) > row_len:
+            rows.append((ids, mask))
+            ids, mask = [], []
+        ids = ids + r.ids
+        mask = mask + r.mask
+    if ids:
+        rows.append((ids, mask))
+    tokens = np.full((len(rows), row_len), pad_id, dtype=np.int64)
+    trained = np.zeros((len(rows), row_len), dtype=bool)
+    for i, (row_ids, row_mask) in enumerate(rows):
+        tokens[i, : len(row_ids)] = row_ids
+        trained[i, : len(row_mask)] = row_mask
+    x = torch.from_numpy(tokens[:, :-1].copy())
+    y = torch.from_numpy(np.where(trained[:, 1:], tokens[:, 1:], IGNORE))
+    return x, y
+
+
+class PackedBatches:
+    """Rows in a fresh seeded order each epoch; ``get(step, micro)`` is a pure function of its args."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, grad_accum: int, seed: int):
+        self.x, self.y = x, y
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+        return self._orders[epoch]
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (step * self.grad_accum + micro) * self.batch_size
+        n = len(self.x)
+        rows = [int(self._order(g // n)[g % n]) for g in range(start, start + self.batch_size)]
+        return self.x[rows], self.y[rows]
+
+
+def fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` batches of rows in order: a fixed held-out set for the loss curve."""
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)][:limit]
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+
+def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """Wrap ``model`` with trainable LoRA adapters on ``cfg.lora_targets``; other weights freeze."""
+    from peft import LoraConfig, get_peft_model  # imported here: full fine-tuning never needs peft
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [t for t in cfg.lora_targets if t not in names]
+    if unknown or not cfg.lora_targets:
+        raise ConfigError(
+            f"finetune.lora_targets = {cfg.lora_targets!r}: {unknown or 'empty'} not among the model's linear layers "
+            f"({', '.join(sorted(names))})"
+        )
+    lora = LoraConfig(
+        target_modules=list(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout
+    )
+    return get_peft_model(model, lora)
+
+
+@torch.no_grad()
+def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, float]:
+    """Merge the adapters into the base weights; return (plain GPT, max |Δlogits| on ``probe``)."""
+    peft_model.eval()
+    before = peft_model(probe)
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    after = merged(probe)
+    return merged, float((after - before).abs().max())
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def _pretrained_dir(path: Path) -> Path:
+    """The model directory inside a pretrain artifact (``model/``, or the artifact itself)."""
+    return path / MODEL_DIR if (path / MODEL_DIR / checkpoint.CONFIG).is_file() else path
+
+
+def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+    fcfg = cfg.finetune
+    if fcfg.threads:
+        torch.set_num_threads(fcfg.threads)
+    tokenizer = Tokenizer.load(inputs["tokenizer"])
+    template = ChatTemplate(tokenizer)
+    model = checkpoint.load_model(_pretrained_dir(inputs["pretrain"]), device="cpu")
+    block = model.cfg.block_size
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise DataError(
+            f"{inputs['tokenizer']}: tokenizer has {tokenizer.vocab_size} ids but the pretrained model only "
+            f"{model.cfg.vocab_size}; rerun pretrain with this tokenizer"
+        )
+
+    train_convs, heldout = load_conversations(fcfg)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else template.end_id
+    train_rendered = render_all(template, train_convs, block, f"{fcfg.data} (training)")
+    held_rendered = render_all(template, [h["messages"] for h in heldout], block, f"{fcfg.data} (held-out)")
+    x, y = pack(train_rendered, block + 1, pad_id)
+    hx, hy = pack(held_rendered, block + 1, pad_id)
+    held_batches = fixed_batches(hx, hy, fcfg.batch_size, fcfg.eval_batches)
+    with open(out / HELDOUT, "w", encoding="utf-8") as handle:
+        for record in heldout:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
+    n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
+    log.info("finetune (%s): %d conversations in %d rows, %d trainable parameters",
+             fcfg.method, len(train_rendered), len(x), n_trainable)
+    result = train(
+        trainable,
+        PackedBatches(x, y, fcfg.batch_size, fcfg.grad_accum, fcfg.seed),
+        fcfg,
+        tracker,
+        checkpoint_dir=None,  # a fresh scratch dir per run: nothing to resume from
+        evaluate=lambda m: {"val_loss": evaluate_loss(m, held_batches)},
+        metric_prefix="finetune/",
+    )
+
+    metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable}
+    if fcfg.method == "lora":
+        device = resolve_device(fcfg.device)
+        model, delta = merge_lora(trainable, hx[:4].to(device))
+        metrics["lora_merge_max_abs_dlogits"] = delta
+        tracker.log_metrics({"finetune/lora_merge_max_abs_dlogits": delta})
+    checkpoint.save_model(out / MODEL_DIR, model.to("cpu"))
+
+    (out / "curve.json").write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
+    data = {
+        "source": fcfg.data,
+        "train_conversations": len(train_rendered),
+        "train_rows": len(x),
+        "train_assistant_tokens": int((y != IGNORE).sum()),
+        "heldout_conversations": len(heldout),
+        "tasks": fcfg.tasks if fcfg.data == "synthetic" else None,
+    }
+    (out / "data.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    metrics.update(result.summary())
+    metrics.update({k: v for k, v in data.items() if isinstance(v, int)})
+    return metrics

@@ -1,0 +1,205 @@
+"""The one boto3 entry point: an S3 client configured only from the environment.
+
+Endpoint, region and credentials never come from a recipe: boto3 reads the standard AWS
+variables and files (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``~/.aws/config``, instance roles).
+The endpoint of an S3-compatible service (MinIO, moto) is taken from ``AWS_ENDPOINT_URL_S3``,
+``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL`` — the last so one variable serves both
+gptpipe and MLflow's client. Transient failures (throttling, 5xx, refused connections) are
+retried by botocore with exponential backoff; ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` tune it.
+
+Errors leave this module as ``S3Error``: one line naming the object and what to do, never
+a credential (botocore messages do not contain secrets; we add only the endpoint URL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from stages.errors import ArtifactError
+
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+# Files at or above this size go up in parts of this size, several at a time.
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+MULTIPART_CHUNK = 8 * 1024 * 1024
+DEFAULT_ATTEMPTS = 5
+
+
+class S3Error(ArtifactError):
+    """S3 could not be reached or refused a request, after botocore's retries.
+
+    ``transient`` tells the orchestrator a later attempt may succeed (the endpoint may come
+    back); a missing bucket or denied access will not fix itself, so those are not transient.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; the key part has no leading/trailing slash."""
+    if not uri.startswith("s3://"):
+        raise ArtifactError(f"{uri!r}: not an s3:// URI (expected s3://bucket/prefix)")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ArtifactError(f"{uri!r}: no bucket name (expected s3://bucket/prefix)")
+    return bucket, key.strip("/")
+
+
+def endpoint_url() -> str | None:
+    for name in ENDPOINT_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def retry_settings() -> dict[str, Any]:
+    try:
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_ATTEMPTS))
+    except ValueError:
+        raise ArtifactError(f"AWS_MAX_ATTEMPTS={os.environ['AWS_MAX_ATTEMPTS']!r}: expected a whole number") from None
+    return {"max_attempts": max(1, attempts), "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+
+
+@lru_cache(maxsize=8)
+def _cached_client(endpoint: str | None, region: str | None, attempts: int, mode: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": attempts, "mode": mode},
+        connect_timeout=5,
+        read_timeout=60,
+        # S3-compatible servers on a bare host:port need path-style addressing.
+        s3={"addressing_style": "path"} if endpoint else {},
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint, region_name=region or None, config=config)
+
+
+def client() -> Any:
+    """A boto3 S3 client for the current environment (cached per endpoint and retry settings)."""
+    retries = retry_settings()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _cached_client(endpoint_url(), region, retries["max_attempts"], retries["mode"])
+
+
+def transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNK,
+        max_concurrency=4,
+        use_threads=True,
+    )
+
+
+def _where() -> str:
+    endpoint = endpoint_url()
+    return f"endpoint {endpoint}" if endpoint else "AWS S3 (no endpoint variable set)"
+
+
+def is_missing(exc: BaseException) -> bool:
+    """A 404 / NoSuchKey: the object is simply not there."""
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound"}
+
+
+def as_error(exc: BaseException, action: str, uri: str) -> S3Error:
+    """Turn a boto3/botocore exception into one clear line (``action`` e.g. 'upload')."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    from boto3.exceptions import Boto3Error
+
+    # boto3 wraps botocore's error (S3UploadFailedError, RetriesExceededError): look inside.
+    cause = exc
+    if isinstance(exc, Boto3Error):
+        cause = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__ or exc
+    attempts = retry_settings()["max_attempts"]
+    if isinstance(cause, NoCredentialsError):
+        return S3Error(f"{uri}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if isinstance(cause, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectionError)) or (
+        "Could not connect" in str(exc) or "Connection was closed" in str(exc)
+    ):
+        return S3Error(
+            f"{uri}: {action} failed after {attempts} attempts: cannot reach {_where()}; "
+            "check the endpoint is up, then rerun (nothing was marked complete)",
+            transient=True,
+        )
+    response = getattr(cause, "response", None) or {}
+    error = response.get("Error", {})
+    code = str(error.get("Code", type(cause).__name__))
+    message = str(error.get("Message", "")).splitlines()[0] if error.get("Message") else str(cause).splitlines()[0]
+    if code in {"NoSuchBucket"}:
+        return S3Error(f"{uri}: bucket does not exist at {_where()}; create it or fix the s3:// URI")
+    if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}:
+        return S3Error(f"{uri}: cannot {action}: access denied ({code}); check the credentials' permissions")
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    transient = status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+    return S3Error(f"{uri}: {action} failed at {_where()}: {code}: {message}", transient=transient)
+
+
+def s3_errors() -> tuple[type[BaseException], ...]:
+    """The exception types boto3 raises for S3 trouble (caught and converted with ``as_error``)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError, Boto3Error)
+
+
+def cache_root() -> Path:
+    """Local home of downloaded S3 objects: ``$GPTPIPE_S3_CACHE`` or ``~/.cache/gptpipe/s3``."""
+    base = os.environ.get("GPTPIPE_S3_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "gptpipe" / "s3"
+    return Path(base).expanduser().resolve()
+
+
+def sync_objects(uri: str, wanted: Callable[[str], bool], root: Path | None = None) -> list[Path]:
+    """Local copies of the object ``uri`` names, or of every wanted object under that prefix.
+
+    Copies live at ``<root>/objects/<bucket>/<key>`` and are fetched again only when the
+    object's ETag changes. Each copy gets the object's LastModified as its mtime, so a
+    fingerprint of (path, size, mtime) changes exactly when the object does.
+    """
+    bucket, key = split_uri(uri)
+    root = (root or cache_root()) / "objects"
+    s3 = client()
+    try:
+        listed = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            listed.extend(page.get("Contents", []))
+        exact = [item for item in listed if item["Key"] == key]
+        if exact:  # the URI names one object: read it whatever its suffix, like a local file
+            chosen = exact
+        else:
+            folder = f"{key}/" if key else ""
+            chosen = [i for i in listed if i["Key"].startswith(folder) and not i["Key"].endswith("/") and wanted(i["Key"])]
+        paths = []
+        for item in sorted(chosen, key=lambda i: i["Key"]):
+            local = root / bucket / item["Key"]
+            tag = root.parent / "etags" / bucket / (item["Key"] + ".etag")
+            etag = item.get("ETag", "").strip('"')
+            if not (local.is_file() and tag.is_file() and tag.read_text() == etag):
+                local.parent.mkdir(parents=True, exist_ok=True)
+                partial = local.with_name(local.name + ".part")
+                s3.download_file(bucket, item["Key"], str(partial), Config=transfer_config())
+                partial.replace(local)
+                tag.parent.mkdir(parents=True, exist_ok=True)
+                tag.write_text(etag)
+            stamp = item["LastModified"].timestamp()
+            os.utime(local, (stamp, stamp))
+            paths.append(local)
+        return paths
+    except s3_errors() as exc:
+        raise as_error(exc, "read the corpus", uri) from None

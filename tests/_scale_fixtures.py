@@ -1,0 +1,74 @@
+"""Shared by the resume and distributed tests: a store with input artifacts, and runs of
+``tests/_scale_worker.py`` in child processes (plain or under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from stages.artifacts import ArtifactRef
+from stages.storage import LocalStore
+from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_scale_worker.py"
+
+
+def make_inputs(root: Path) -> dict[str, ArtifactRef]:
+    """Tokenizer and data artifacts (hand-made shards of a learnable stream) in a store at ``root``."""
+    store = LocalStore(root)
+    stream = repetitive_stream(length=6000)
+    tokenizer = fake_artifact(store, "tokenizer", lambda d: (d / "tokenizer.model").write_bytes(b"unused"))
+    data = fake_artifact(store, "data", lambda d: write_shards(d, {"train": stream[:5000], "val": stream[5000:]}))
+    return {"tokenizer": tokenizer, "data": data}
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def worker_args(store: Path, inputs: dict[str, ArtifactRef], metrics: Path, pretrain: dict, *extra: str) -> list[str]:
+    return [str(WORKER), "--store", str(store), "--tokenizer", inputs["tokenizer"].uri, "--data", inputs["data"].uri,
+            "--metrics", str(metrics), "--pretrain", json.dumps(pretrain), *extra]
+
+
+def run_worker(store: Path, inputs, metrics: Path, pretrain: dict, *extra: str, nproc: int = 1,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """One run to completion; with ``nproc`` > 1 under ``torchrun --standalone``."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(launcher + worker_args(store, inputs, metrics, pretrain, *extra), env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    """The JSON line the worker prints on success (fails the test with its stderr otherwise)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_points(points: list[dict]) -> list[dict]:
+    return [p for p in points if "train_loss" in p]
+
+
+def weights(artifact_uri: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(Path(artifact_uri) / "model" / "model.safetensors"))
+
+
+def work_checkpoints(store: Path) -> Path:
+    """The pretrain stage's resumable checkpoints in the store's work directory."""
+    found = sorted((store / "pretrain").glob(".work-*/checkpoints"))
+    assert len(found) == 1, found
+    return found[0]

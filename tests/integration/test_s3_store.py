@@ -1,0 +1,182 @@
+"""The S3 artifact store and s3:// corpora against a real S3 endpoint (moto server over HTTP).
+
+The outage test puts a killable TCP proxy between gptpipe and moto: killing it mid-upload is
+an endpoint going away while the bucket keeps what it already received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ._servers import MICRO
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+BUCKET = "gptpipe-test"
+
+
+def _start(command: list[str], url: str | None = None) -> subprocess.Popen:
+    from flows.services import wait_healthy
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if url is not None:
+        assert wait_healthy(url, 60, proc), f"{command[0]} did not start"
+    else:
+        assert proc.stdout.readline().strip() == b"ready"
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    from flows.services import free_port
+
+    port = free_port()
+    proc = _start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                  f"http://127.0.0.1:{port}/")
+    yield port
+    _stop(proc)
+
+
+@pytest.fixture
+def endpoint(moto, monkeypatch, tmp_path):
+    """A killable proxy in front of moto; the environment points gptpipe's S3 client at it."""
+    import boto3
+
+    from flows.services import free_port
+
+    port = free_port()
+    state = {"proxy": _start([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]), "port": port}
+    for name, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "3", "GPTPIPE_S3_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    if BUCKET not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
+        direct.create_bucket(Bucket=BUCKET)
+    state["direct"] = direct
+    state["restart"] = lambda: state.update(proxy=_start([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]))
+    yield state
+    _stop(state["proxy"])
+
+
+def micro(store: str, *extra: str):
+    from stages.config import load_config
+
+    return load_config(MICRO, [f"artifacts.store={store}", *extra])
+
+
+def keys_under(client, prefix: str) -> list[str]:
+    return [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, tmp_path):
+    from stages.runner import plan_key, run_stage
+    from stages.s3 import S3Error
+    from stages.storage import S3Store
+
+    store_uri = f"s3://{BUCKET}/outage"
+    cfg = micro(store_uri, "corpus.max_bytes=120000", "tokenizer.train_bytes=120000")
+    key = plan_key("tokenizer", cfg, {})
+    uploaded: list[str] = []
+
+    class CutAfterFirstFile(S3Store):
+        def upload_file(self, path: Path, name: str) -> None:
+            if uploaded:  # the endpoint dies after the first object went up
+                endpoint["proxy"].send_signal(signal.SIGKILL)
+                endpoint["proxy"].wait()
+            super().upload_file(path, name)
+            uploaded.append(name)
+
+    with pytest.raises(S3Error) as failure:
+        run_stage("tokenizer", cfg, {}, CutAfterFirstFile(store_uri))
+    message = str(failure.value)
+    assert "\n" not in message and "upload failed after 3 attempts" in message
+    assert f"cannot reach endpoint http://127.0.0.1:{endpoint['port']}" in message and "rerun" in message
+    assert "testing" not in message, "credentials must never appear in messages"
+    assert failure.value.transient, "an unreachable endpoint is worth a later retry"
+
+    # What the bucket holds: the first file, and no manifest — so nobody takes it as finished.
+    left = keys_under(endpoint["direct"], f"outage/tokenizer/{key}/")
+    assert left == uploaded[:1]
+    assert not any(k.endswith("/manifest.json") for k in left)
+    endpoint["restart"]()
+    fresh = S3Store(store_uri, cache_dir=tmp_path / "other-cache")
+    assert fresh.find("tokenizer", key) is None
+    assert fresh.list_outputs("tokenizer") == {key: False}
+
+    result = run_stage("tokenizer", cfg, {}, fresh)
+    assert not result.reused
+    assert fresh.list_outputs("tokenizer") == {key: True}
+    again = run_stage("tokenizer", cfg, {}, S3Store(store_uri, cache_dir=tmp_path / "third-cache"))
+    assert again.reused and again.ref == result.ref
+
+
+def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_path):
+    from stages.artifacts import Manifest, files_digest, hash_files
+    from stages.errors import ArtifactError
+    from stages.s3 import MULTIPART_CHUNK
+    from stages.storage import S3Store
+
+    store = S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "a")
+    work = store.scratch("blob", "k1")
+    big = work / "weights.bin"
+    payload = hashlib.sha256(b"seed").digest() * ((MULTIPART_CHUNK + 1_000_000) // 32)
+    big.write_bytes(payload)
+    (work / "small.txt").write_text("hello\n")
+    files = hash_files(work)
+    manifest = Manifest(stage="blob", key="k1", config={}, inputs={}, code_version="t", files=files,
+                        digest=files_digest(files))
+    ref = store.commit(work, manifest)
+    head = endpoint["direct"].head_object(Bucket=BUCKET, Key="parts/blob/k1/weights.bin")
+    assert head["ETag"].strip('"').endswith("-2"), "a file over the threshold is a 2-part multipart upload"
+
+    reader = S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "b")
+    local = reader.materialize(ref)
+    assert (local / "weights.bin").read_bytes() == payload
+    assert (local / "small.txt").read_text() == "hello\n"
+
+    endpoint["direct"].put_object(Bucket=BUCKET, Key="parts/blob/k1/small.txt", Body=b"tampered\n")
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "c").materialize(ref)
+
+
+def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(endpoint):
+    from stages.config import CorpusConfig
+    from stages.corpus import fingerprint, read_corpus
+
+    direct = endpoint["direct"]
+    direct.put_object(Bucket=BUCKET, Key="corpus/b.txt", Body="second document\n".encode())
+    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body="first document\n".encode())
+    direct.put_object(Bucket=BUCKET, Key="corpus/skip.bin", Body=b"\x00\x01")
+    direct.put_object(Bucket=BUCKET, Key="corpus/docs.jsonl", Body=b'{"text": "third"}\n')
+    cfg = CorpusConfig(source=f"s3://{BUCKET}/corpus")
+    corpus = read_corpus(cfg)
+    assert corpus.documents == ["first document\n", "second document\n", "third"]
+    assert fingerprint(cfg) == fingerprint(cfg)
+    before = fingerprint(cfg)
+    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body="first document, edited\n".encode())
+    assert fingerprint(cfg) != before, "an edited object must change the stage's cache key"
+    assert read_corpus(CorpusConfig(source=f"s3://{BUCKET}/corpus/a.txt")).documents == ["first document, edited\n"]
+
+
+def test_missing_bucket_is_one_clear_line(endpoint):
+    from stages.errors import ArtifactError
+    from stages.storage import S3Store
+
+    with pytest.raises(ArtifactError, match="bucket does not exist") as failure:
+        S3Store("s3://no-such-bucket/x").find("tokenizer", "k")
+    assert not getattr(failure.value, "transient", False)

@@ -1,0 +1,120 @@
+"""torchrun on the CPU (gloo): DDP and FSDP2 give one process's loss curve for the same global batch.
+
+The reference trains batch 8 in one process; the distributed runs train batch 4 on each of 2
+ranks (``batch_size`` is per rank), so every step sees the same 8 windows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows.launch import command_line, needs_torchrun, run_stage_torchrun, torchrun_args
+from stages import checkpoint as ckpt
+from stages.batches import RandomWindows, for_rank
+from stages.config import parse_config
+from stages.errors import ConfigError
+from stages.runner import run_stage
+from stages.shards import TokenShards
+from stages.storage import LocalStore
+from stages.tracking import MemoryTracker
+from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
+
+STEPS = 12
+MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
+BASE = {"model": MODEL, "max_steps": STEPS, "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2,
+        "log_interval": 1, "device": "cpu", "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def reference_curve(inputs, tmp_path_factory):
+    """One process, global batch 8: the curve the distributed runs must reproduce."""
+    torch.set_num_threads(1)
+    cfg = parse_config({"name": "dist-test", "pretrain": {**BASE, "batch_size": 8}})
+    store = LocalStore(tmp_path_factory.mktemp("reference"))
+    result = run_stage("pretrain", cfg, inputs, store, MemoryTracker())
+    return json.loads((Path(result.ref.uri) / "curve.json").read_text())
+
+
+def _losses(curve: list[dict], key: str) -> dict[int, float]:
+    return {p["step"]: p[key] for p in curve if key in p}
+
+
+def _assert_same_curve(curve: list[dict], reference: list[dict]) -> None:
+    for key in ("train_loss", "val_loss"):
+        ours, theirs = _losses(curve, key), _losses(reference, key)
+        assert ours.keys() == theirs.keys(), key
+        worst = max(abs(ours[s] - theirs[s]) for s in ours)
+        assert worst < 1e-5, f"{key}: max |Δ| {worst:.2e}"
+
+
+def test_ranks_read_disjoint_slices_that_make_up_the_single_process_batch(inputs):
+    shards = TokenShards(inputs["data"].uri, "train")
+    whole = RandomWindows(shards, 32, 8, seed=5)
+    parts = [for_rank(RandomWindows(shards, 32, 4, seed=5), rank, 2) for rank in range(2)]
+    for step in (0, 3):
+        x, y = whole.get(step, 0)
+        assert torch.equal(torch.cat([p.get(step, 0)[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p.get(step, 0)[1] for p in parts]), y)
+
+    class Rows:  # a source that cannot slice itself (like fine-tuning's packed rows): split by step
+        def get(self, step, micro):
+            return torch.full((2, 3), step), torch.full((2, 3), micro)
+
+    assert [int(for_rank(Rows(), r, 2).get(5, 0)[0][0, 0]) for r in range(2)] == [10, 11]
+    assert for_rank(whole, 0, 1) is whole
+
+
+def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, reference_curve, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    result = result_of(run_worker(tmp_path / "store", inputs, metrics, {**BASE, "batch_size": 4}, nproc=2))
+    curve = json.loads((Path(result["uri"]) / "curve.json").read_text())
+    _assert_same_curve(curve, reference_curve)
+    assert result["metrics"]["world_size"] == 2 and result["metrics"]["tokens"] == STEPS * 8 * 32
+    logged = read_metrics(metrics)
+    assert len({p["pid"] for p in logged}) == 1, "only rank 0 may log"
+    assert [p["step"] for p in logged if "train_loss" in p] == list(range(1, STEPS + 1))
+    assert 0 < result["metrics"]["mfu"] and result["metrics"]["peak_source"].startswith("measured: CPU")
+    published = [p for p in (tmp_path / "store" / "pretrain").iterdir() if not p.name.startswith(".")]
+    assert len(published) == 1  # one artifact, written by rank 0
+
+
+def test_fsdp2_through_the_flow_launcher_matches_one_process(inputs, reference_curve, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = parse_config({"name": "dist-test", "artifacts": {"store": str(tmp_path / "store")},
+                        "pretrain": {**BASE, "batch_size": 4, "nproc_per_node": 2, "parallel": "fsdp",
+                                     "checkpoint_interval": 6}})
+    assert needs_torchrun("pretrain", cfg) and not needs_torchrun("data", cfg)
+    result = run_stage_torchrun("pretrain", cfg, inputs)
+    assert not result.reused and result.manifest.metrics["world_size"] == 2
+    curve = json.loads((Path(result.ref.uri) / "curve.json").read_text())
+    _assert_same_curve(curve, reference_curve)
+    model = ckpt.load_model(Path(result.ref.uri) / "model")  # gathered from the shards: a plain model
+    assert model.num_params(non_embedding=False) == result.manifest.metrics["params"]
+    assert np.isfinite(result.manifest.metrics["final_val_loss"])
+    again = run_stage_torchrun("pretrain", cfg, inputs)  # the same content key: reused, nothing launched
+    assert again.reused and again.ref == result.ref
+
+
+def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tmp_path):
+    cfg = parse_config({"name": "x", "pretrain": {"nproc_per_node": 8, "nnodes": 2}})
+    with pytest.raises(ConfigError, match="GPTPIPE_RDZV_ENDPOINT"):
+        torchrun_args(cfg.pretrain, "pretrain", env={})
+    cmd = command_line("pretrain", cfg, tmp_path / "r.yaml", inputs, env={"GPTPIPE_RDZV_ENDPOINT": "node0:29400"})
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400"} <= set(cmd)
+    assert cmd[cmd.index("-m", 3):][:3] == ["-m", "stages", "pretrain"]
+    assert f"data={inputs['data'].uri}" in cmd and "--standalone" not in cmd
+    single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
+    assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"
+    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):
+        needs_torchrun("finetune", parse_config({"name": "x", "finetune": {"nproc_per_node": 2}}))

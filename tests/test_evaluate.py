@@ -1,0 +1,95 @@
+"""Evaluation: exact-match scoring, report files, and the stage through the runner."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from stages.chat import ChatTemplate
+from stages.evaluate import answer_items, score
+from stages.plots import plot_curves, read_curve
+from stages.runner import run_stage
+from stages.shards import TokenShards
+from stages.tracking import MemoryTracker
+from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
+
+torch.set_num_threads(1)
+
+
+def _record(prompt: str, answer: str, task: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "task": task}
+
+
+def test_score_normalizes_whitespace_and_cuts_at_stop():
+    records = [_record("Sort: 3 1 2", "1 2 3", "sort"), _record("Reverse: a b", "b a", "reverse"),
+               _record("Sort: 2 1", "1 2", "sort")]
+    answers = ["  1  2\n3 ", "b a<|end|><|user|>and more", "1 2 2"]
+    result = score(records, answers)
+    assert result["accuracy"] == 2 / 3
+    assert result["per_task"] == {"reverse": 1.0, "sort": 0.5}
+
+
+def test_generated_answers_stop_at_the_end_token():
+    tok = CharTokenizer()
+    template = ChatTemplate(tok)
+    model = tiny_gpt(tok.vocab_size, block_size=64, seed=0)
+    # Force the model to answer "b a" then <|end|> then junk, whatever the prompt.
+    script = tok.encode("b a") + [tok.special["<|end|>"]] + tok.encode("zzz")
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cfg, self.step, self.anchor = model.cfg, 0, torch.nn.Parameter(torch.zeros(1))
+
+        def forward_with_cache(self, idx, past=None):
+            logits = torch.zeros(1, idx.shape[1], tok.vocab_size)
+            logits[0, -1, script[min(self.step, len(script) - 1)]] = 1.0
+            self.step += 1
+            return logits, [(torch.zeros(1, 1, idx.shape[1] + (0 if past is None else past[0][0].shape[2]), 1),) * 2]
+
+    answers = answer_items(Scripted(), template, [_record("Reverse: a b", "b a", "reverse")], max_new_tokens=10)
+    assert answers == ["b a"]
+    assert score([_record("Reverse: a b", "b a", "reverse")], answers)["accuracy"] == 1.0
+
+
+def test_plot_writes_a_png_even_without_curves(tmp_path):
+    (tmp_path / "curve.json").write_text(json.dumps([{"step": 0, "val_loss": 3.0}, {"step": 5, "train_loss": 2.5}]))
+    curve = read_curve(tmp_path / "curve.json")
+    assert len(curve) == 2 and read_curve(tmp_path / "absent.json") == []
+    png = plot_curves({"pretrain": curve, "finetune": []}, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_stage_through_the_runner():
+    store, refs = micro_upstream()
+    cfg = micro_config()
+    refs["finetune"] = run_stage("finetune", cfg, refs, store).ref
+    tracker = MemoryTracker()
+    result = run_stage("evaluate", cfg, refs, store, tracker=tracker)
+    out = Path(result.ref.uri)
+    metrics = result.manifest.metrics
+    assert metrics["task_items"] == cfg.evaluate.task_items
+    for prefix in ("base", "sft"):
+        assert 0.0 <= metrics[f"{prefix}_accuracy"] <= 1.0
+        assert math.isclose(metrics[f"{prefix}_perplexity"], math.exp(metrics[f"{prefix}_val_loss"]), rel_tol=1e-4)
+    val = TokenShards(refs["data"].uri, "val")
+    expected_bpb = metrics["sft_val_loss"] / math.log(2) / val.bytes_per_token
+    assert math.isclose(metrics["sft_bits_per_byte"], expected_bpb, rel_tol=1e-4)
+    # Fine-tuning changed the model, so the two columns differ.
+    assert metrics["sft_val_loss"] != metrics["base_val_loss"]
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"base", "finetuned", "samples", "task_items"}
+    assert set(report["finetuned"]["per_task"]) == {"reverse", "sort", "repeat"}
+    markdown = (out / "report.md").read_text()
+    assert "| metric | base | fine-tuned |" in markdown and "bits per byte" in markdown
+    samples = json.loads((out / "samples.json").read_text())
+    assert len(samples) == cfg.evaluate.samples
+    assert all({"prompt", "expected", "base", "finetuned"} <= set(s) for s in samples)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    logged = {Path(p).name for p, _ in tracker.artifacts}
+    assert {"report.md", "report.json", "curves.png"} <= logged
+    assert "eval/sft_accuracy" in tracker.metrics
