@@ -14,7 +14,7 @@ STAMP      := $(VENV)/.gptpipe-installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test install clean help services services-down
+.PHONY: run test install clean help services services-down stack-up stack-down
 
 help:
 	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
@@ -42,6 +42,12 @@ services: $(STAMP)   ## Prefect server + MLflow server + S3 endpoint on 127.0.0.
 
 services-down:
 	$(BIN)/gptpipe services down
+
+stack-up:   ## the Docker Compose stack (Postgres, MinIO, MLflow, Prefect server + GPU worker); see infra/README.md
+	docker compose --env-file infra/.env -f infra/compose.yaml up -d --wait
+
+stack-down:
+	docker compose --env-file infra/.env -f infra/compose.yaml down
 
 clean:
 	rm -rf runs .prefect test-artifacts

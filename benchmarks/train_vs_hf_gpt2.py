@@ -13,7 +13,9 @@ come out within 1 % (printed). After warm-up the two alternate step by step (so 
 shared machine's load hits both alike); figures are medians of per-step tokens/s.
 
 The second table turns gptpipe's performance switches on one at a time (``--switches``) against
-the fp32 eager baseline, measured the same alternating way, and says whether each pays off here.
+the fp32 eager baseline, measured the same alternating way, and says whether each pays off here. On a shared machine the
+load of other jobs moves every figure; the script prints the load average with the ratio, and
+the per-round paired ratio (their step time / ours, each pair back to back) is the steadier one.
 """
 
 from __future__ import annotations
@@ -101,15 +103,22 @@ class Runner:
 
 
 def alternate(runners: list[Runner], warmup: int, steps: int) -> None:
+    """Warm each up, then step them in turn, reversing the order every round (ABBA...), so
+    neither always runs right after the other and slow drift in the machine's load cancels."""
     for runner in runners:
         started = time.perf_counter()
         for _ in range(warmup):
             runner.step(record=False)
         if runner.plan.compile:
             runner.compile_s = time.perf_counter() - started
-    for _ in range(steps):
-        for runner in runners:
+    for round_ in range(steps):
+        for runner in runners if round_ % 2 == 0 else runners[::-1]:
             runner.step()
+
+
+def paired_ratio(ours: Runner, theirs: Runner) -> float:
+    """Median over rounds of (their step time / our step time): each pair ran back to back."""
+    return statistics.median(t / o for o, t in zip(ours.times, theirs.times))
 
 
 def params(model: nn.Module) -> int:
@@ -147,9 +156,9 @@ def main() -> None:
     a, b = ours.tokens_per_s(tokens), theirs.tokens_per_s(tokens)
     print("\n| model | params | tokens/s (median) |\n|---|---:|---:|")
     print(f"| gptpipe GPT (fp32 eager) | {n_ours:,} | {a:,.0f} |\n| HF GPT2LMHeadModel (fp32 eager, sdpa) | {n_theirs:,} | {b:,.0f} |")
-    best = (tokens / min(ours.times)) / (tokens / min(theirs.times))
-    print(f"\ngptpipe / HF = {a / b:.2f}x (medians; best steps: {best:.2f}x; load average at the end "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
+    print(f"\ngptpipe / HF = {a / b:.2f}x (ratio of medians); paired per-round median {paired_ratio(ours, theirs):.2f}x; "
+          f"best steps {min(theirs.times) / min(ours.times):.2f}x; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
     if args.switches:  # each row printed when measured: compile rows take minutes on a small CPU
         print("\n| switch (CPU) | without, tokens/s | with, tokens/s | speed-up | pays off here? |")

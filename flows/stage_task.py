@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from stages.artifacts import ArtifactRef
 from stages.config import PipelineConfig
 from stages.errors import GptpipeError
+from flows.launch import needs_torchrun, run_stage_torchrun
 from stages.runner import run_stage, stage_config
 from stages.storage import LocalStore, Store, open_store
 from stages.tracking import MlflowTracker, SystemMetrics, attach_run
@@ -32,7 +33,7 @@ log = logging.getLogger("gptpipe.flow")
 HEADLINE = {
     "tokenizer": ("vocab_size", "bytes_per_token"),
     "data": ("train_tokens", "val_tokens"),
-    "pretrain": ("initial_loss", "final_val_loss", "tokens_per_s"),
+    "pretrain": ("initial_loss", "final_val_loss", "tokens_per_s", "mfu"),
     "finetune": ("final_train_loss", "merge_max_abs_diff"),
     "evaluate": ("base_accuracy", "sft_accuracy", "base_bpb", "sft_bpb"),
     "export": ("max_abs_diff", "generation_matches"),
@@ -115,7 +116,11 @@ def stage_task(
     ok = False
     try:
         with _system_metrics(name, cfg, tracker):
-            result = run_stage(name, cfg, refs, store, tracker, force=force)
+            if needs_torchrun(name, cfg):  # several processes: torchrun runs `python -m stages NAME`
+                parent = tracker.run_id if tracker else None
+                result = run_stage_torchrun(name, cfg, refs, tracking_uri, parent, force=force)
+            else:
+                result = run_stage(name, cfg, refs, store, tracker, force=force)
         ok = True
     except GptpipeError as exc:
         log.error("stage %s failed: %s", name, exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from stages.config import load_config
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise GptpipeError(f"--input {item!r}: expected NAME=URI, e.g. tokenizer=runs/store/tokenizer/<key>")
             inputs[name] = ref_from_path(uri)
         tracker = None
-        if args.tracking_uri and args.parent_run_id:
+        if args.tracking_uri and args.parent_run_id and os.environ.get("RANK", "0") == "0":  # rank 0 logs
             from stages.tracking import attach_run
 
             tracker = attach_run(args.tracking_uri, args.parent_run_id).child(args.stage, {"gptpipe.stage": args.stage})

@@ -201,8 +201,9 @@ class FinetuneConfig(TrainConfig):
     train_items: int = Field(20_000, gt=0, description="Synthetic training conversations.")
     heldout_items: int = Field(300, gt=0, description="Held-out conversations (synthetic or split).")
     tasks: list[str] = Field(
-        default_factory=lambda: ["reverse", "sort", "repeat"],
-        description="Synthetic task mix (see stages/tasks.py): reverse, sort, repeat, add.",
+        default_factory=lambda: ["last", "last_plus"],
+        description="Synthetic task mix (see stages/tasks.py): last, last_plus, last_minus (learnable in minutes "
+        "on a CPU), reverse, sort, repeat, add (need longer training).",
     )
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
@@ -231,7 +232,11 @@ class ExportConfig(Section):
 
     source: Literal["finetune", "pretrain"] = Field("finetune", description="Which checkpoint to export.")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs.")
-    tolerance: float = Field(1e-4, gt=0, description="Max |logit difference| ONNX Runtime vs PyTorch (fp32).")
+    tolerance: float = Field(
+        1e-4, gt=0,
+        description="Max |ONNX Runtime - PyTorch| on logits and KV outputs (fp32), divided by the largest "
+        "|value| when that exceeds 1.",
+    )
     parity_shapes: int = Field(
         4, ge=1, description="Random (batch, length) shapes checked by the gate; (1, 1) and (2, block_size) always included."
     )

@@ -208,7 +208,17 @@ def gate_shapes(count: int, block_size: int, rng: np.random.Generator) -> list[t
 
 
 def _max_diff(ours: list[np.ndarray], ref: list[torch.Tensor]) -> float:
-    return max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip(ours, ref))
+    """Largest |ORT - PyTorch|, scaled by the reference's largest magnitude when that exceeds 1.
+
+    fp32 rounding grows with the values: a fine-tuned model's logits reach tens, where two
+    correct kernels differ by ~1e-4. Scaling keeps the gate at 1e-4 for unit-sized values and
+    relative beyond, so it still catches a changed weight (errors of 1e-2 and up) without
+    failing a faithful export on rounding.
+    """
+    return max(
+        float(np.max(np.abs(a - b.numpy()))) / max(1.0, float(b.abs().max()))
+        for a, b in zip(ours, ref)
+    )
 
 
 @torch.no_grad()
@@ -278,7 +288,8 @@ def pt2_parity(model: GPT, out: Path, rng: np.random.Generator) -> float:
     """Reload model.pt2 and compare its logits with the live model on one odd shape."""
     program = torch.export.load(str(out / PT2_FILE))
     ids = torch.from_numpy(rng.integers(0, model.cfg.vocab_size, size=(3, max(2, model.cfg.block_size // 3))))
-    return float((program.module()(ids) - model(ids)).abs().max())
+    ref = model(ids)
+    return float((program.module()(ids) - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
 def check_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig,
@@ -298,7 +309,8 @@ def check_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig,
         failures.append(f"model.pt2: {pt2_diff:.2e}")
     if failures:
         raise ParityError(
-            f"export parity gate: ORT/PyTorch max |dlogits| above export.tolerance={cfg.tolerance:g} for "
+            f"export parity gate: ORT/PyTorch max |dlogits| (relative to max |logit| when above 1) above "
+            f"export.tolerance={cfg.tolerance:g} for "
             f"{'; '.join(failures)}; the exported graph computes something else — nothing was published"
         )
     if conversations is None:

@@ -62,6 +62,29 @@ def _repeat(rng: random.Random) -> tuple[str, str]:
     return f"Repeat {times} times: {word}", " ".join([word] * times)
 
 
+def _digits(rng: random.Random) -> str:
+    # Written without spaces: with split_digits every digit is exactly one token.
+    return "".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 6)))
+
+
+def _last(rng: random.Random) -> tuple[str, str]:
+    number = _digits(rng)
+    return f"Last digit of {number}", number[-1]
+
+
+# The number ends every prompt of the "last digit" family, so the digit to read always sits at
+# the same distance from the answer: the tasks share one attention pattern and differ only in
+# what is done with the digit. That is what lets a minutes-old model learn them in minutes.
+def _last_plus(rng: random.Random) -> tuple[str, str]:
+    number = _digits(rng)
+    return f"Last digit plus 1 (mod 10) of {number}", str((int(number[-1]) + 1) % 10)
+
+
+def _last_minus(rng: random.Random) -> tuple[str, str]:
+    number = _digits(rng)
+    return f"Last digit minus 1 (mod 10) of {number}", str((int(number[-1]) - 1) % 10)
+
+
 def _add(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     return f"Add: {a} + {b}", str(a + b)
@@ -72,8 +95,13 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sort": _sort,
     "repeat": _repeat,
     "add": _add,
+    "last": _last,
+    "last_plus": _last_plus,
+    "last_minus": _last_minus,
 }
-DEFAULT_TASKS = ("reverse", "sort", "repeat")
+# The default mix: learnable to >= 90 % exact match in a few minutes of CPU fine-tuning of the
+# tiny recipe (see README). reverse/sort/repeat/add are there for longer runs and bigger models.
+DEFAULT_TASKS = ("last", "last_plus")
 
 
 def is_heldout(task: str, prompt: str) -> bool:

@@ -108,17 +108,20 @@ def test_template_refuses_tokenizer_without_chat_tokens():
         ChatTemplate(tok)
 
 
+MIX = ("reverse", "sort", "repeat")
+
+
 def test_tasks_are_seeded_correct_and_split_by_content():
-    train = make_items(600, "train", seed=3)
-    again = make_items(600, "train", seed=3)
-    heldout = make_items(200, "heldout", seed=3)
+    train = make_items(600, "train", seed=3, tasks=MIX)
+    again = make_items(600, "train", seed=3, tasks=MIX)
+    heldout = make_items(200, "heldout", seed=3, tasks=MIX)
     assert train == again
-    assert make_items(50, "train", seed=4) != train[:50]
+    assert make_items(50, "train", seed=4, tasks=MIX) != train[:50]
     assert len({(i.task, i.prompt) for i in heldout}) == 200  # unique held-out items
     assert not {(i.task, i.prompt) for i in heldout} & {(i.task, i.prompt) for i in train}
     assert all(is_heldout(i.task, i.prompt) for i in heldout)
     # A held-out split of another seed is still disjoint from this training set.
-    other = make_items(200, "heldout", seed=99)
+    other = make_items(200, "heldout", seed=99, tasks=MIX)
     assert not {(i.task, i.prompt) for i in other} & {(i.task, i.prompt) for i in train}
     for item in train[:30]:
         body = item.prompt.split(": ", 1)[1]
@@ -133,7 +136,17 @@ def test_tasks_are_seeded_correct_and_split_by_content():
     assert make_items(5, "train", seed=1, tasks=("add",))[0].answer.isdigit()
     with pytest.raises(ConfigError, match="finetune.tasks"):
         make_items(5, "train", seed=1, tasks=("juggle",))
-    assert set(TASKS) >= {"reverse", "sort", "repeat", "add"}
+    assert set(TASKS) >= {"reverse", "sort", "repeat", "add", "last", "last_plus", "last_minus"}
+
+
+def test_last_digit_family_answers_and_shares_the_prompt_ending():
+    items = make_items(60, "train", seed=5, tasks=("last", "last_plus", "last_minus"))
+    shift = {"last": 0, "last_plus": 1, "last_minus": -1}
+    for item in items:
+        number = item.prompt.rsplit(" ", 1)[1]
+        assert number.isdigit() and item.prompt.endswith(number)  # the digit to read ends every prompt
+        assert item.answer == str((int(number[-1]) + shift[item.task]) % 10)
+    assert {i.task for i in make_items(10, "train", seed=5)} == {"last", "last_plus"}  # the default mix
 
 
 def test_exact_match_normalizes_whitespace_and_cuts_at_stop():
