@@ -61,6 +61,10 @@ def render_report(report: dict[str, Any]) -> str:
     model = report.get("registered_model")
     if model:
         lines.append(f"model registry: {registered(model)}")
+    publish = report["stages"].get("publish")
+    if publish and publish["ref"]["uri"].startswith("/"):
+        bundle = publish["ref"]["uri"]
+        lines.append(f"Netron viewer: {bundle}/index.html — serve it with:\n  python -m stages.publish serve {bundle}")
     ui = mlflow_ui_command(report.get("tracking_uri"))
     if ui:
         lines.append(f"MLflow run {report.get('parent_run_id')}; open the UI with:\n  {ui}")

@@ -34,10 +34,10 @@ HEADLINE = {
     "tokenizer": ("vocab_size", "bytes_per_token"),
     "data": ("train_tokens", "val_tokens"),
     "pretrain": ("initial_loss", "final_val_loss", "tokens_per_s", "mfu"),
-    "finetune": ("final_train_loss", "merge_max_abs_diff"),
+    "finetune": ("final_loss", "final_val_loss", "lora_merge_max_abs_dlogits", "tokens_per_s"),
     "evaluate": ("base_accuracy", "sft_accuracy", "base_bpb", "sft_bpb"),
     "export": ("max_abs_diff", "generation_matches"),
-    "publish": ("bundle",),
+    "publish": ("graphs", "netron_version"),
 }
 # Stages whose child runs get system metrics (CPU, memory, GPU utilisation).
 TRAINING_STAGES = frozenset({"pretrain", "finetune"})
