@@ -25,16 +25,7 @@ from stages.config import load_config  # noqa: E402
 from stages.model import GPT, GPTConfig  # noqa: E402
 from stages.tracking import MemoryTracker  # noqa: E402
 from stages.training import train  # noqa: E402
-
-
-class RandomTokens:
-    def __init__(self, vocab: int, batch: int, length: int):
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, vocab, (batch, length), generator=gen)
-        self.y = torch.randint(0, vocab, (batch, length), generator=gen)
-
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
+from train_vs_hf_gpt2 import RandomTokens  # noqa: E402  (same folder: sys.path[0] when run as a script)
 
 
 def main() -> None:
