@@ -75,9 +75,17 @@ def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
     return config
 
 
+def _key_parts(
+    name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]
+) -> tuple[dict[str, Any], dict[str, ArtifactRef], str]:
+    """What a stage's content key hashes: its config sections, the inputs it reads, its code version."""
+    needs = stage_inputs(name, cfg)
+    needed = {n: ref for n, ref in inputs.items() if n in needs}
+    return stage_config(name, cfg), needed, code_version(getattr(stage_module(name), "__name__", None))
+
+
 def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
-    needed = {n: ref for n, ref in inputs.items() if n in stage_inputs(name, cfg)}
-    return cache_key(name, stage_config(name, cfg), needed, code_version(getattr(stage_module(name), "__name__", None)))
+    return cache_key(name, *_key_parts(name, cfg, inputs))
 
 
 def run_stage(
@@ -95,9 +103,8 @@ def run_stage(
     if missing:
         raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
     tracker = tracker or MemoryTracker()
-    config = stage_config(name, cfg)
-    version = code_version(getattr(module, "__name__", None))
-    key = cache_key(name, config, {n: ref for n, ref in inputs.items() if n in needs}, version)
+    config, needed, version = _key_parts(name, cfg, inputs)
+    key = cache_key(name, config, needed, version)
 
     existing = None if force else store.find(name, key)
     if existing is not None:
@@ -115,7 +122,7 @@ def run_stage(
             stage=name,
             key=key,
             config=config,
-            inputs={n: ref.to_dict() for n, ref in sorted(inputs.items()) if n in needs},
+            inputs={n: ref.to_dict() for n, ref in sorted(needed.items())},
             code_version=version,
             files=files,
             metrics=metrics,
