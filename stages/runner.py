@@ -19,7 +19,6 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 

@@ -114,7 +114,6 @@ def is_missing(exc: BaseException) -> bool:
 def as_error(exc: BaseException, action: str, uri: str) -> S3Error:
     """Turn a boto3/botocore exception into one clear line (``action`` e.g. 'upload')."""
     from botocore.exceptions import (
-        ClientError,
         ConnectionClosedError,
         EndpointConnectionError,
         NoCredentialsError,
