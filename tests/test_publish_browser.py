@@ -89,7 +89,8 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
     server = publish.serve_bundle(out, 0)
     origin = f"http://127.0.0.1:{server.server_address[1]}/"
     requests: list[str] = []
-    failures: list[str] = []
+    failures: list[str] = []  # network-level failures other than a navigation cancelling a request
+    missing: list[str] = []  # HTTP errors: a file the bundle should contain but does not
     errors: list[str] = []
     try:
         with sync_playwright() as playwright:
@@ -100,7 +101,7 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
             page = context.new_page()
             page.on("pageerror", lambda error: errors.append(str(error)))
 
-            page.goto(origin + "index.html")
+            page.goto(origin + "index.html", wait_until="networkidle")
             link = page.locator("a", has_text="model.onnx").first.get_attribute("href")
             assert link == "netron/index.html?url=../graphs/model.onnx"
             page.goto(origin + link)  # the viewer link itself: no clicking, no file dialog
@@ -119,5 +120,5 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
     assert any(url.startswith(origin + "graphs/model.onnx") for url in requests)
     outside = [url for url in requests if not url.startswith(origin)]
     assert outside == [], f"requests left 127.0.0.1: {outside}"
-    assert failures == [] and errors == []
+    assert failures == [] and missing == [] and errors == []
     assert (REPO / "test-artifacts" / "netron_model_onnx.png").stat().st_size > 10_000
