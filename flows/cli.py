@@ -34,8 +34,11 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from stages.config import load_config
+    from stages.tracking import check_reachable
 
-    load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
+    cfg = load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
+    if not args.no_track:  # ...and on a tracking server that does not answer (the default SQLite needs none)
+        check_reachable(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
     from flows.pipeline import pipeline
     from flows.report import render_report
 

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             from stages.tracking import attach_run
 
             tracker = attach_run(args.tracking_uri, args.parent_run_id).child(args.stage, {"gptpipe.stage": args.stage})
-            tracker.log_params(stage_config(args.stage, cfg))
         try:
+            if tracker is not None:  # inside the try: a source that cannot be read must not leave a RUNNING run
+                tracker.log_params(stage_config(args.stage, cfg))
             result = run_stage(args.stage, cfg, inputs, open_store(cfg.artifacts.store), tracker, force=args.force)
         except BaseException:
             if tracker is not None:

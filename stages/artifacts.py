@@ -61,18 +61,46 @@ class Manifest:
     def from_json(cls, text: str, source: str = MANIFEST) -> Manifest:
         try:
             data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long to parse
+            raise ArtifactError(f"{source}: not a valid gptpipe manifest ({_first_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source}: not a valid gptpipe manifest (expected a JSON object, got {type(data).__name__})")
+        _check_shape(data, source)
+        try:
             manifest = cls(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except TypeError as exc:  # missing or unexpected top-level keys
             raise ArtifactError(f"{source}: not a valid gptpipe manifest ({exc})") from None
         for rel in manifest.files:
             check_relative(rel, source)
         return manifest
 
 
+# Types of the manifest keys every reader relies on; a file that breaks them is refused whole,
+# so no reader meets a list where it expects a mapping deep inside a stage.
+_SHAPE = {"stage": str, "key": str, "code_version": str, "digest": str, "config": dict, "inputs": dict,
+          "files": dict, "metrics": dict, "created_at": (int, float), "wall_time_s": (int, float)}
+
+
+def _check_shape(data: dict[str, Any], source: str) -> None:
+    for name, kind in _SHAPE.items():
+        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
+            raise ArtifactError(f"{source}: field {name!r} holds {type(data[name]).__name__}; not a valid gptpipe manifest")
+    for rel, sha in data.get("files", {}).items():
+        if not isinstance(sha, str):
+            raise ArtifactError(f"{source}: files[{rel!r}] holds {type(sha).__name__}, expected a sha256 string")
+    for name, ref in data.get("inputs", {}).items():
+        if not isinstance(ref, dict) or not all(isinstance(ref.get(k), str) for k in ("stage", "uri", "digest")):
+            raise ArtifactError(f"{source}: inputs[{name!r}] is not a reference with stage, uri and digest strings")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def check_relative(rel: str, source: str) -> None:
     """Refuse manifest paths that could escape the artifact directory."""
     path = PurePosixPath(rel)
-    if path.is_absolute() or ".." in path.parts or "\\" in rel or not rel:
+    if not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or "\0" in rel or path.parts[:1] == ("~",):
         raise ArtifactError(f"{source}: refusing file path {rel!r} (must be relative, inside the artifact)")
 
 
@@ -166,8 +194,12 @@ def read_manifest(directory: Path) -> Manifest:
 def verify(directory: Path, manifest: Manifest | None = None) -> Manifest:
     """Check every file against the manifest's sha256; raise naming the first mismatch."""
     manifest = manifest or read_manifest(directory)
+    root = Path(directory).resolve()
     for rel, expected in manifest.files.items():
+        check_relative(rel, f"{directory}/{MANIFEST}")  # also for a manifest built in memory
         path = directory / rel
+        if not path.resolve().is_relative_to(root):  # a symlink (file or folder) pointing out of it
+            raise ArtifactError(f"{path}: a link out of the artifact (to {path.resolve()}); refusing to read it")
         if not path.is_file():
             raise ArtifactError(f"{directory}: file {rel} listed in the manifest is missing; rerun stage '{manifest.stage}'")
         actual = sha256_file(path)

@@ -94,7 +94,9 @@ def read_chat_jsonl(path: str | Path, max_bad_fraction: float = 0.0) -> list[lis
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON
+        # allows unescaped inside strings (write_chat_jsonl writes them so).
+        lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
         raise DataError(f"{path}: chat data file not found (set finetune.data to a JSONL file or 'synthetic')") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -109,6 +111,9 @@ def read_chat_jsonl(path: str | Path, max_bad_fraction: float = 0.0) -> list[lis
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             bad.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except (ValueError, RecursionError) as exc:  # an integer too long to parse, nesting too deep
+            bad.append(f"{where}: not usable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
             continue
         try:
             good.append(validate_messages(record, where))

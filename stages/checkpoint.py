@@ -20,6 +20,7 @@ Resumable checkpoints of one run live under a root as ``step_00000100/`` directo
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
@@ -44,6 +45,7 @@ CONFIG = "model.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def step_dirname(step: int) -> str:
@@ -68,6 +70,14 @@ def _write_atomically(directory: Path, build: Callable[[Path], None]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _DISK_FULL:  # the user must act; the checkpoint already at `directory` is untouched
+            raise ArtifactError(
+                f"{directory}: cannot write checkpoint: {os.strerror(exc.errno)}; free space on {parent}, then rerun "
+                "to resume from the last complete checkpoint"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,7 +233,12 @@ def load_checkpoint(
         if not path.is_file():
             raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — delete {directory} to resume from an older one")
         # weights_only: the file holds tensors and plain containers only, never code to run.
-        saved = torch.load(path, map_location="cpu" if sharded else device, weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu" if sharded else device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError: the file asks to run code; RuntimeError: damaged zip
+            first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+            raise ArtifactError(f"{path}: refusing to load: not a plain tensor file ({first[:160]}); "
+                                f"delete {directory} and rerun to resume from an older checkpoint") from None
         names = _names_in_optimizer_order(model, optimizer)
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

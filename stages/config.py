@@ -7,6 +7,7 @@ service endpoints never live here: they come from the environment.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -326,16 +327,37 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         key, raw = item.split("=", 1)
         if not key.strip():
             raise ConfigError(f"--set {item!r}: empty key")
-        _set_dotted(tree, key.strip(), raw)
+        try:
+            _set_dotted(tree, key.strip(), raw)
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # YAML turns 2001-13-45 into a bad date
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_first_line(exc)}") from None
     return tree
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names of the section that holds the key at ``loc`` (empty when the path leaves the schema)."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return []
+        model = fields[part].annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a message stays on one line."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _describe(error: dict, source: str) -> str:
-    field = ".".join(str(p) for p in error["loc"]) or "<root>"
+    field = _printable(".".join(str(p) for p in error["loc"])) or "<root>"
     if error["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{field}' (check the spelling; see the recipe reference in README.md)"
+        close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(tuple(error["loc"])), n=1, cutoff=0.6)
+        hint = f"did you mean '{_printable('.'.join([*map(str, error['loc'][:-1]), close[0]]))}'? " if close else "check the spelling; "
+        return f"{source}: unknown key '{field}' ({hint}see the recipe reference in README.md)"
     value = error.get("input")
-    return f"{source}: {field} = {value!r}: {error['msg']}"
+    return f"{source}: {field} = {value!r}: {_printable(error['msg'])}"
 
 
 def parse_config(tree: dict[str, Any], source: str = "<config>") -> PipelineConfig:
@@ -346,6 +368,10 @@ def parse_config(tree: dict[str, Any], source: str = "<config>") -> PipelineConf
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(e, source) for e in exc.errors())) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -363,11 +389,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{source}: not valid YAML: {_first_line(exc)}") from None
+        except (ValueError, RecursionError) as exc:  # e.g. a date such as 2001-13-45 that YAML turns into one
+            raise ConfigError(f"{source}: a value cannot be read: {_first_line(exc)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level")
     try:
         apply_overrides(tree, list(overrides))
-    except (yaml.YAMLError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"--set: cannot apply override: {exc}") from None
+    except (yaml.YAMLError, ValueError, RecursionError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--set: cannot apply override: {_first_line(exc)}") from None
     return parse_config(tree, source)

@@ -180,7 +180,7 @@ def _jsonl_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Itera
                 continue
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int too long, nesting too deep
                 raise DataError(f"{path}:{number}: not a valid JSON line ({exc}); fix or remove that line") from None
             if not isinstance(record, dict) or cfg.text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__

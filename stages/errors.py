@@ -22,6 +22,18 @@ class ArtifactError(GptpipeError):
     """An artifact is missing, incomplete, or does not match its recorded hashes."""
 
 
+class TrackingError(GptpipeError):
+    """The MLflow tracking server cannot be reached (checked before any work starts).
+
+    ``transient`` tells the orchestrator a later attempt may succeed: a server that is
+    restarting answers again a minute later.
+    """
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+
 class TrainingError(GptpipeError):
     """Training cannot continue (for example the loss became NaN)."""
 

@@ -49,7 +49,9 @@ class ShardWriter:
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
-            raise DataError(f"token id {int(ids.max())} does not fit shard dtype {self.dtype}; use uint32 shards")
+            shard = self.out / f"{self.split}_{len(self.files):03d}.bin"
+            raise DataError(f"{shard}: token id {int(ids.max())} does not fit shard dtype {self.dtype} "
+                            f"(max {np.iinfo(self.dtype).max}); use uint32 shards for this vocabulary")
         ids = ids.astype(self.dtype, copy=False)
         while ids.size:
             if self._handle is None or self._in_current >= self.shard_tokens:
@@ -70,7 +72,14 @@ def read_index(directory: Path) -> dict:
     path = Path(directory) / INDEX
     if not path.is_file():
         raise DataError(f"{directory}: no {INDEX}; not a gptpipe data artifact")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); rerun the data stage") from None
+    missing = [k for k in ("dtype", "vocab_size", "eos_id", "splits") if not isinstance(index, dict) or k not in index]
+    if missing:
+        raise DataError(f"{path}: not a gptpipe shard index (missing {', '.join(missing)}); rerun the data stage")
+    return index
 
 
 class TokenShards:
@@ -86,6 +95,10 @@ class TokenShards:
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
         self.vocab_size = int(index["vocab_size"])
         self.eos_id = int(index["eos_id"])
+        if self.dtype.kind != "u" or self.vocab_size > np.iinfo(self.dtype).max + 1:
+            # A forced or edited dtype would silently wrap ids above its range into wrong tokens.
+            raise DataError(f"{directory / INDEX}: dtype {self.dtype.name} cannot hold vocab_size {self.vocab_size} "
+                            f"ids; rerun the data stage (it picks {dtype_for(self.vocab_size).name} for this vocabulary)")
         self.num_bytes = int(info.get("bytes", 0))
         self.documents = int(info.get("documents", 0))
         self.arrays = [np.memmap(directory / name, dtype=self.dtype, mode="r") for name in info["files"]]

@@ -14,9 +14,14 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.errors import GptpipeError
+from stages.errors import GptpipeError, TrackingError
 
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
+# How long to wait for an http(s) tracking server before any work starts. MLflow's own client
+# retries a refused connection for minutes, so without this a run would sit idle, or fail only
+# after training; once a run is open, MLflow's retries ride out a server restart.
+CONNECT_WAIT_VARIABLE = "GPTPIPE_TRACKING_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_WAIT_S = 20.0
 
 
 class Tracker(Protocol):
@@ -130,9 +135,57 @@ class MlflowTracker:
         return self.client.tracking_uri
 
 
+def redact_uri(uri: str) -> str:
+    """``uri`` without a ``user:password@`` part, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def check_reachable(uri: str, wait_s: float | None = None) -> None:
+    """Fail fast, with one line, when an http(s) tracking server does not answer.
+
+    Any HTTP answer counts as reachable (an auth proxy may refuse ``/health``); only a refused
+    or timed-out connection fails, after retrying for ``wait_s`` seconds
+    (``$GPTPIPE_TRACKING_CONNECT_TIMEOUT``, default 20). Other URIs (sqlite, files) pass.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    if wait_s is None:
+        try:
+            wait_s = float(os.environ.get(CONNECT_WAIT_VARIABLE, DEFAULT_CONNECT_WAIT_S))
+        except ValueError:
+            raise GptpipeError(f"{CONNECT_WAIT_VARIABLE}={os.environ[CONNECT_WAIT_VARIABLE]!r}: expected seconds") from None
+    deadline = time.monotonic() + wait_s
+    pause = 0.25
+    while True:
+        try:
+            with urllib.request.urlopen(redact_uri(uri).rstrip("/") + "/health", timeout=5):  # noqa: S310 - the user's server
+                return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if time.monotonic() + pause > deadline:
+                raise TrackingError(
+                    f"MLflow tracking server {redact_uri(uri)} is not reachable ({reason}); start it or point "
+                    "MLFLOW_TRACKING_URI / tracking.uri elsewhere (or run with --no-track); nothing was started"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
+
+
 def connect(uri: str, experiment: str, artifact_root: str | Path | None = None) -> tuple[Any, str]:
     """An ``MlflowClient`` for ``uri`` and the id of ``experiment`` (created on first use)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    check_reachable(uri)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -144,7 +197,7 @@ def connect(uri: str, experiment: str, artifact_root: str | Path | None = None) 
         location = Path(artifact_root).resolve().as_uri() if artifact_root else None
         return client, client.create_experiment(experiment, artifact_location=location)
     except MlflowException as exc:
-        raise GptpipeError(f"MLflow at {uri}: {str(exc).splitlines()[0]}") from None
+        raise GptpipeError(f"MLflow at {redact_uri(uri)}: {str(exc).splitlines()[0]}") from None
 
 
 def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
@@ -159,8 +212,14 @@ def attach_run(uri: str, run_id: str) -> MlflowTracker:
     """Re-open an existing run by id (a stage in another process logging under the pipeline's run)."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise GptpipeError(f"MLflow at {redact_uri(uri)}: run {run_id!r}: {str(exc).splitlines()[0]}") from None
     return MlflowTracker(client, run_id, run.info.experiment_id)
 
 

@@ -1,4 +1,4 @@
-"""Shared by the resume and distributed tests: a store with input artifacts, and runs of
+"""Shared by the distributed and reliability tests: a store with input artifacts, and runs of
 ``tests/_scale_worker.py`` in child processes (plain or under torchrun)."""
 
 from __future__ import annotations
@@ -8,9 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import safetensors.torch
-import torch
 
 from stages.artifacts import ArtifactRef
 from stages.storage import LocalStore
@@ -57,18 +54,3 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def train_points(points: list[dict]) -> list[dict]:
-    return [p for p in points if "train_loss" in p]
-
-
-def weights(artifact_uri: str) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(Path(artifact_uri) / "model" / "model.safetensors"))
-
-
-def work_checkpoints(store: Path) -> Path:
-    """The pretrain stage's resumable checkpoints in the store's work directory."""
-    found = sorted((store / "pretrain").glob(".work-*/checkpoints"))
-    assert len(found) == 1, found
-    return found[0]

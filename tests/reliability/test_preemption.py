@@ -1,0 +1,115 @@
+"""Preemption at random points: SIGKILL (between steps, or halfway through a checkpoint write),
+then SIGTERM on the resumed run, then a rerun to the end — the final weights and curve equal an
+uninterrupted run's, bit for bit. Three seeds choose the points; each process is a real child.
+
+These tests replace the single-point SIGKILL/SIGTERM tests formerly in tests/test_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from stages import checkpoint as ckpt
+
+from .conftest import HERE, ROOT, clean_env
+
+WORKER = HERE / "_preempted_worker.py"
+STEPS, EVERY = 16, 4  # as in _preempted_worker.PRETRAIN
+TIMED = {"tokens_per_s", "mfu", "peak_memory_mb"}  # differ between runs by nature; nothing else may
+
+
+def _run(store: Path, inputs, metrics: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(WORKER), "--store", str(store), "--tokenizer", inputs["tokenizer"].uri,
+               "--data", inputs["data"].uri, "--metrics", str(metrics), *extra]
+    return subprocess.run(command, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _finished(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _weights(uri: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(Path(uri) / "model" / "model.safetensors"))
+
+
+def _curve(uri: str) -> list[dict]:
+    return [{k: v for k, v in p.items() if k not in TIMED} for p in json.loads((Path(uri) / "curve.json").read_text())]
+
+
+def _checkpoints(store: Path) -> tuple[list[int], list[str]]:
+    """(complete checkpoint steps, names of half-written leftovers) in the stage's work directory."""
+    work = list((store / "pretrain").glob(".work-*/checkpoints"))
+    if not work:
+        return [], []
+    leftovers = sorted(p.name for p in work[0].iterdir() if p.name.startswith(".tmp-"))
+    return [step for step, _ in ckpt.list_checkpoints(work[0])], leftovers
+
+
+def _published(store: Path) -> list[str]:
+    return [p.name for p in (store / "pretrain").glob("[!.]*")] if (store / "pretrain").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return _finished(_run(root / "store", tiny_inputs, root / "metrics.jsonl"))
+
+
+def _plan(seed: int, mode: str) -> tuple[list[str], int, int]:
+    """(kill arguments, step the rerun resumes from, step of the later SIGTERM), drawn from ``seed``."""
+    rng = random.Random(seed)
+    if mode == "inside-checkpoint":
+        at = rng.choice(range(EVERY, STEPS, EVERY))
+        kill, resume_from = ["--sigkill-in-checkpoint", str(at)], at - EVERY
+    else:
+        at = rng.randint(1, STEPS - 1)
+        kill, resume_from = ["--sigkill-at", str(at)], at - at % EVERY
+    return kill, resume_from, rng.randint(resume_from + 1, STEPS - 1)
+
+
+@pytest.mark.parametrize("seed, mode", [(0, "between-steps"), (1, "inside-checkpoint"), (2, "between-steps")])
+def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed, mode, reference, tiny_inputs,
+                                                                             tmp_path):
+    kill, resume_from, term_at = _plan(seed, mode)
+    store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
+    where = f"seed {seed}: {kill} then SIGTERM at {term_at}"
+
+    killed = _run(store, tiny_inputs, metrics, *kill)
+    assert killed.returncode == -signal.SIGKILL, (where, killed.stderr[-2000:])
+    assert _published(store) == [], "a killed run must not publish an artifact"
+    steps, leftovers = _checkpoints(store)
+    assert (steps[-1] if steps else 0) == resume_from, (where, steps)
+    if mode == "inside-checkpoint":
+        prefix = f".tmp-{ckpt.step_dirname(int(kill[1]))}-"
+        assert leftovers and all(name.startswith(prefix) for name in leftovers), \
+            "the kill landed inside the write, which left only a hidden temporary directory"
+
+    stopped = _run(store, tiny_inputs, metrics, "--sigterm-at", str(term_at))
+    assert stopped.returncode == 2, (where, stopped.stderr[-2000:])
+    assert f"stopped by SIGTERM after step {term_at} of {STEPS}" in stopped.stderr
+    assert _checkpoints(store)[0][-1] == term_at and _published(store) == []
+
+    final = _finished(_run(store, tiny_inputs, metrics))
+    expected, got = _weights(reference["uri"]), _weights(final["uri"])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), where
+    assert _curve(final["uri"]) == _curve(reference["uri"]), "every step once, as uninterrupted"
+    assert final["metrics"]["steps"] == STEPS and final["metrics"]["tokens"] == reference["metrics"]["tokens"]
+
+    # Each process logged exactly the steps it trained: no gap, no step twice.
+    by_pid: dict[int, list[int]] = {}
+    for point in (json.loads(line) for line in metrics.read_text().splitlines()):
+        if "train_loss" in point:
+            by_pid.setdefault(point["pid"], []).append(point["step"])
+    runs = list(by_pid.values())
+    assert runs[1] == list(range(resume_from + 1, term_at + 1)) and runs[2] == list(range(term_at + 1, STEPS + 1)), where
