@@ -15,6 +15,9 @@ Pools of three kinds are supported:
   an image holding this project at its working directory (``docker/``); the worker needs
   ``prefect-docker`` / ``prefect-kubernetes`` installed where it runs.
 
+``gptpipe deploy --stages`` instead deploys ``flows/stage_flow.py`` once per stage, for
+recipes with ``execution.mode: containers`` (see ``flows/containers.py``).
+
 The committed ``prefect.yaml`` holds the same deployments for ``prefect deploy``.
 """
 
@@ -98,10 +101,9 @@ async def ensure_pool(name: str, pool_type: str) -> str:
 def deploy(spec: DeploySpec) -> dict[str, Any]:
     """Create (or update) the deployment; returns its id, name and schedule."""
     from prefect.client.schemas.schedules import CronSchedule
-    from prefect.utilities.asyncutils import run_coro_as_sync
 
     check_spec(spec)
-    found_type = run_coro_as_sync(ensure_pool(spec.pool, spec.pool_type))
+    found_type = _run_sync(ensure_pool(spec.pool, spec.pool_type))
     if found_type != spec.pool_type:
         raise ConfigError(f"--pool {spec.pool}: that pool exists with type {found_type!r}, not {spec.pool_type!r}; "
                           "pass --pool-type to match or choose another pool name")
@@ -144,6 +146,13 @@ work pools:
                 gptpipe deploy --pool k8s --pool-type kubernetes --image REGISTRY/gptpipe:TAG
                 prefect worker start --pool k8s --type kubernetes
 
+per-stage containers (execution.mode: containers):
+  each stage of a run is its own flow run of deployment gptpipe-stage/<stage>, so the
+  tokenizer can run on a CPU node and pretraining on 8 GPUs (execution.resources in the recipe):
+                gptpipe deploy --stages --pool gpu-docker --pool-type docker --image REGISTRY/gptpipe:TAG
+                gptpipe run --config configs/tiny.yaml --set execution.mode=containers \
+                    --set artifacts.store=s3://BUCKET/store
+
 The server is the one PREFECT_API_URL names (e.g. after `gptpipe services up`). Runs read
 MLFLOW_TRACKING_URI and S3 settings from the worker's environment, or from --env KEY=VALUE.
 The same deployments, declaratively: prefect.yaml (`prefect deploy --all`).
@@ -171,6 +180,9 @@ def add_deploy_command(sub: Any) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for each run, e.g. MLFLOW_TRACKING_URI=http://… (repeatable)")
     parser.add_argument("--paused", action="store_true", help="create the schedule paused")
+    parser.add_argument("--stages", nargs="?", const="all", default=None, metavar="LIST",
+                        help="instead of the pipeline, deploy the per-stage flow once per stage (gptpipe-stage/<stage>) "
+                             "for recipes with execution.mode=containers; LIST = comma-separated stages (default: all)")
     parser.set_defaults(func=cmd_deploy)
 
 
@@ -183,6 +195,8 @@ def cmd_deploy(args: Any) -> int:
         if not sep or not key:
             raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
+    if args.stages:
+        return deploy_stage_flows(args, env)
     spec = DeploySpec(name=args.name, pool=args.pool, pool_type=args.pool_type, cron=args.cron or None,
                       timezone=args.timezone, config_path=args.config, overrides=args.overrides, force=args.force,
                       image=args.image, env=env, paused=args.paused)
@@ -191,3 +205,35 @@ def cmd_deploy(args: Any) -> int:
     print(f"start a worker: prefect worker start --pool {spec.pool}"
           + ("" if spec.pool_type == "process" else f" --type {spec.pool_type}"))
     return 0
+
+
+def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
+    """``gptpipe deploy --stages``: one deployment per stage, for ``execution.mode: containers``."""
+    import json
+
+    from flows.containers import deploy_stages
+    from stages.config import STAGE_ORDER
+
+    wanted = list(STAGE_ORDER) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
+    if args.pool_type != "process" and not args.image:
+        raise ConfigError(f"--pool-type {args.pool_type}: pass --image with the gptpipe image the worker should start")
+    found_type = _run_sync(ensure_pool(args.pool, args.pool_type))
+    if found_type != args.pool_type:
+        raise ConfigError(f"--pool {args.pool}: that pool exists with type {found_type!r}, not {args.pool_type!r}")
+    try:
+        names = deploy_stages(args.pool, args.image, {**RUN_ENV, **env}, wanted)
+    except Exception as exc:  # noqa: BLE001 - Prefect raises many types; one line for the terminal
+        raise GptpipeError(f"deploy stage flows to pool {args.pool!r}: {str(exc).splitlines()[0]}") from None
+    print(json.dumps({"deployments": names, "pool": args.pool, "image": args.image}, indent=2))
+    print(f"start a worker: prefect worker start --pool {args.pool} --type {args.pool_type}; then run a recipe with "
+          "--set execution.mode=containers")
+    return 0
+
+
+def _run_sync(coro: Any) -> Any:
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    return run_coro_as_sync(coro)

@@ -3,7 +3,8 @@
 The flow only wires: it resolves the recipe, opens the parent run, hands each stage the
 references its inputs produced, registers the exported ONNX graph in the MLflow Model
 Registry, and attaches the report card and links to the flow run as Prefect artifacts.
-All work happens in ``stages/`` through ``flows.stage_task.stage_task``.
+All work happens in ``stages/`` through ``flows.stage_task.stage_task`` — in this process, or
+with ``execution.mode: containers`` in one container per stage (``flows/containers.py``).
 
 The same flow runs embedded (``gptpipe run``) and from a deployment on a work pool
 (``flows/deploy.py``); ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` / an ``s3://`` store
@@ -20,6 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.containers import check_containers_mode, run_stage_in_container
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
 from flows.stage_task import retry_transient, stage_task
 from stages.artifacts import ArtifactRef
@@ -27,7 +29,7 @@ from stages.config import STAGE_ORDER, PipelineConfig, load_config
 from stages.errors import ConfigError
 from stages.runner import stage_inputs
 from stages.storage import describe_store, open_store
-from stages.tracking import MlflowTracker, attach_run, default_tracking_uri, register_onnx, start_run
+from stages.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -89,6 +91,8 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
     forward_stage_logs()
     cfg = load_config(config_path, overrides or [])
     order = check_plan(cfg)
+    if cfg.execution.mode == "containers":
+        check_containers_mode(cfg)
     uri = tracking_uri(cfg) if track else None
     parent = open_parent_run(cfg, uri) if uri else None
     config = cfg.model_dump(mode="json")
@@ -98,10 +102,16 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
         for name in order:
             needs = stage_inputs(name, cfg)
             inputs = {need: results[need]["ref"] for need in needs}
-            labelled = stage_task.with_options(
-                task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"])
-            results[name] = labelled(name, config, inputs, uri, parent.run_id if parent else None, force)
-        report = {"recipe": cfg.name, "stages": results, "tracking_uri": uri,
+            parent_id = parent.run_id if parent else None
+            done = None
+            if cfg.execution.mode == "containers":  # its own flow run, in its own container
+                done = run_stage_in_container(name, config, inputs, uri, parent_id, force)
+            if done is None:  # in this process (local mode, or an output the store already has)
+                labelled = stage_task.with_options(
+                    task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"])
+                done = labelled(name, config, inputs, uri, parent_id, force)
+            results[name] = done
+        report = {"recipe": cfg.name, "stages": results, "tracking_uri": redact_uri(uri) if uri else None,
                   "parent_run_id": parent.run_id if parent else None,
                   "experiment_id": parent.experiment_id if parent else None,
                   "store": describe_store(cfg.artifacts.store), "registered_model": None}

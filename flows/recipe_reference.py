@@ -7,7 +7,7 @@ agree, so the documentation cannot drift from the code.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -33,9 +33,19 @@ def reference_rows(model: type[BaseModel] = PipelineConfig, prefix: str = "") ->
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(reference_rows(annotation, f"{key}."))
-        else:
-            rows.append((key, _default(field), (field.description or "").replace("|", "\\|")))
+            continue
+        rows.append((key, _default(field), (field.description or "").replace("|", "\\|")))
+        value_type = get_args(annotation)[-1] if get_origin(annotation) is dict else None
+        if isinstance(value_type, type) and issubclass(value_type, BaseModel):
+            # A map of sections (e.g. execution.resources.<stage>): document one entry's keys.
+            rows.extend(reference_rows(value_type, f"{key}.<{_placeholder(annotation)}>."))
     return rows
+
+
+def _placeholder(annotation: Any) -> str:
+    """``dict[StageName, X]`` -> 'stage' (a Literal of names), else 'name'."""
+    key_type = get_args(annotation)[0]
+    return "stage" if get_origin(key_type) is Literal else "name"
 
 
 def reference_markdown() -> str:

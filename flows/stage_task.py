@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ HEADLINE = {
 }
 # Stages whose child runs get system metrics (CPU, memory, GPU utilisation).
 TRAINING_STAGES = frozenset({"pretrain", "finetune"})
+
+
+def executor_tags() -> dict[str, str]:
+    """Where the stage ran: the gptpipe image (docker/Dockerfile sets these variables) or a plain process."""
+    revision = os.environ.get("GPTPIPE_GIT_REVISION")
+    if revision is None:
+        return {"gptpipe.executor": "process"}
+    return {"gptpipe.executor": "container", "gptpipe.image_version": os.environ.get("GPTPIPE_VERSION", "unknown"),
+            "gptpipe.image_revision": revision}
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -110,7 +120,8 @@ def stage_task(
     refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
     tracker = None
     if tracking_uri and parent_run_id:
-        tracker = attach_run(tracking_uri, parent_run_id).child(name, tags={"gptpipe.stage": name, "gptpipe.recipe": cfg.name})
+        tags = {"gptpipe.stage": name, "gptpipe.recipe": cfg.name, **executor_tags()}
+        tracker = attach_run(tracking_uri, parent_run_id).child(name, tags=tags)
         tracker.log_params(stage_config(name, cfg))
     started = time.perf_counter()
     ok = False

@@ -289,6 +289,31 @@ STAGE_ORDER = ("tokenizer", "data", "pretrain", "finetune", "evaluate", "export"
 StageName = Literal["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
 
 
+class StageResources(Section):
+    """What one stage's container asks the work pool for (``execution.mode: containers``)."""
+
+    gpus: int = Field(0, ge=0, description="GPUs for the stage's container or pod (nvidia.com/gpu).")
+    cpu: str | None = Field(None, description="CPU request, e.g. '4' (Kubernetes pools; Docker pools ignore it).")
+    memory: str | None = Field(None, description="Memory limit, e.g. '16Gi' (a Kubernetes quantity; given to Docker as '16g').")
+    image: str | None = Field(None, description="Image for this stage instead of the deployment's (e.g. a -cpu build).")
+
+
+class ExecutionConfig(Section):
+    """Where stages run. ``local``: in the pipeline's own process. ``containers``: each stage is a
+    flow run of its own deployment (``gptpipe-stage/<stage>``, made by ``gptpipe deploy --stages``)
+    on a Docker or Kubernetes work pool; outputs travel through the shared artifact store."""
+
+    mode: Literal["local", "containers"] = Field("local", description="'local' (in process) or 'containers'.")
+    resources: dict[StageName, StageResources] = Field(
+        default_factory=dict, description="Per-stage GPU/CPU/memory/image requests (containers mode)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra non-secret environment for stage containers; credentials come from the work pool.",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Give up waiting for one stage's flow run after this.")
+
+
 class PipelineConfig(Section):
     """A whole recipe."""
 
@@ -306,6 +331,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:

@@ -305,7 +305,11 @@ def fingerprint(cfg: CorpusConfig) -> str:
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     if cfg.source == STDLIB:
         digest.update(f"{sys.version}|{stdlib_root()}".encode())
+    s3 = source_kind(cfg.source) == "s3"
     for path in list_files(cfg):
         stat = path.stat()
-        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # An S3 object is named by bucket/key, not by where this machine caches it: a stage
+        # container and the orchestrator must agree on the key of the same objects.
+        name = path.as_posix().split("/objects/", 1)[-1] if s3 else path.as_posix()
+        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

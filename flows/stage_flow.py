@@ -1,0 +1,61 @@
+"""One stage as its own flow: what runs inside a stage container (``execution.mode: containers``).
+
+Prefect sets infrastructure (image, GPUs, memory) per *deployment*, so each stage gets a
+deployment of this flow, named after the stage (``gptpipe-stage/pretrain``). The pipeline flow
+starts them with ``run_deployment`` (``flows/containers.py``); a Docker or Kubernetes worker
+turns each flow run into a container. Inside, the flow calls the very same ``stage_task``
+the in-process pipeline uses — same store, same MLflow child run under the pipeline's parent
+run, same retries — and then leaves a *handoff* record on its flow run: a table artifact with
+the output's reference and summary, which the pipeline reads back through the Prefect API.
+Artifact bytes never pass through Prefect: they are in the shared (S3) store.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow
+
+from flows.prefect_artifacts import forward_stage_logs
+from flows.stage_task import stage_task
+
+HANDOFF_KEY = "gptpipe-stage-output"
+FLOW_NAME = "gptpipe-stage"
+
+
+def handoff_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The stage result as one table row: scalars as they are, nested values as JSON text."""
+    return {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, sort_keys=True)
+            for k, v in result.items()}
+
+
+def read_handoff_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``handoff_row`` for the fields that hold JSON."""
+    out = dict(row)
+    for key in ("ref", "metrics"):
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+@flow(name=FLOW_NAME, flow_run_name="{name}", log_prints=True)
+def stage_flow(
+    name: str,
+    config: dict[str, Any],
+    inputs: dict[str, dict[str, str]],
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run stage ``name`` of the recipe ``config`` on ``inputs`` (artifact references) and hand
+    its output reference back to the pipeline."""
+    from prefect.artifacts import create_table_artifact
+
+    forward_stage_logs()
+    result = stage_task(name, config, inputs, tracking_uri, parent_run_id, force)
+    create_table_artifact(
+        [handoff_row(result)], key=HANDOFF_KEY,
+        description=f"Output of stage {name}: {result['ref']['uri']} (read back by the pipeline flow)",
+    )
+    return result
