@@ -100,7 +100,9 @@ def container_run(engine, services, client_env, tmp_path_factory):
                               cwd=cwd, stdout=worker_log, stderr=subprocess.STDOUT)
     try:
         started = time.monotonic()
-        done = gptpipe(client_env, "run", "--config", str(MICRO), "--set", f"artifacts.store={STORE}",
+        # Its own recipe name: the Model Registry entry (gptpipe-<name>) is not the other tests'.
+        done = gptpipe(client_env, "run", "--config", str(MICRO), "--set", "name=micro-containers",
+                       "--set", f"artifacts.store={STORE}",
                        "--set", "execution.mode=containers", "--set", "execution.resources.pretrain.memory=4g",
                        cwd=cwd, timeout=1500)
         elapsed = time.monotonic() - started
@@ -153,3 +155,6 @@ def test_stage_child_runs_were_logged_from_the_containers(container_run, service
     metrics = {m["key"]: m["value"] for m in by_stage["evaluate"][1]["data"]["metrics"]}
     assert "evaluate.sft_accuracy" in metrics
     assert parent_run["info"]["status"] == "FINISHED"
+    # The pipeline registered the ONNX graph under the export child run the container created.
+    parent_tags = {t["key"]: t["value"] for t in parent_run["data"]["tags"]}
+    assert parent_tags["gptpipe.registered_model"].startswith("gptpipe-micro-containers/")
