@@ -207,6 +207,11 @@ class FinetuneConfig(TrainConfig):
         "on a CPU), reverse, sort, repeat, add (need longer training).",
     )
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
+    replay_fraction: float = Field(
+        0.125, ge=0, lt=1,
+        description="Share of each micro-batch's rows that are pretraining text (the data stage's train split, "
+        "all tokens trained), so fine-tuning does not erase what pretraining learned; 0 = off.",
+    )
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")

@@ -9,6 +9,9 @@ with -100 targets, so no compute is spent on a row per conversation.
 and merges them into the weights at the end (``merge_and_unload``): later stages always get one
 plain checkpoint. The largest logit difference merged vs unmerged is recorded as a metric.
 
+``replay_fraction`` of every batch's rows are windows of pretraining text (``ReplayMix``), so
+the model keeps its language modelling while it learns the chat format.
+
 Outputs: ``model/`` (checkpoint.save_model), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
 """
@@ -26,9 +29,11 @@ import torch
 from torch import nn
 
 from stages import checkpoint
+from stages.batches import RandomWindows
 from stages.chat import IGNORE, ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.config import FinetuneConfig, PipelineConfig
 from stages.errors import ConfigError, DataError
+from stages.shards import TokenShards
 from stages.tasks import check_tasks, make_items
 from stages.tokenizer import Tokenizer
 from stages.tracking import Tracker
@@ -36,6 +41,11 @@ from stages.training import evaluate_loss, resolve_device, train
 
 SECTIONS = ("finetune",)
 INPUTS = ("tokenizer", "pretrain")
+
+
+def inputs_for(cfg: PipelineConfig) -> tuple[str, ...]:
+    """Replay reads the pretraining text too (the data stage's train split)."""
+    return INPUTS + ("data",) if cfg.finetune.replay_fraction > 0 else INPUTS
 
 log = logging.getLogger("gptpipe.finetune")
 
@@ -149,6 +159,37 @@ class PackedBatches:
         return self.x[rows], self.y[rows]
 
 
+class ReplayMix:
+    """Each micro-batch: ``sft`` rows of chat data, then ``replay`` rows of pretraining text.
+
+    Training on nothing but chat data overwrites what pretraining learned (on the tiny recipe the
+    validation loss on code rose from 4.3 to 17.6). Mixing a few rows of the pretraining
+    distribution into every batch — "replay" — keeps it. Replay rows train every token; chat
+    rows only the assistant's. Both halves are pure functions of (step, micro), so resume stays exact.
+    """
+
+    def __init__(self, sft: PackedBatches, replay: RandomWindows):
+        self.sft, self.replay = sft, replay
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sft.get(step, micro)
+        rx, ry = self.replay.get(step, micro)
+        return torch.cat([x, rx]), torch.cat([y, ry])
+
+
+def replay_rows(cfg: FinetuneConfig) -> int:
+    """Rows of pretraining text per micro-batch: the fraction of batch_size, at least one when on."""
+    if cfg.replay_fraction <= 0:
+        return 0
+    rows = max(1, round(cfg.replay_fraction * cfg.batch_size))
+    if rows >= cfg.batch_size:
+        raise ConfigError(
+            f"finetune.replay_fraction={cfg.replay_fraction} leaves no chat rows in a batch of {cfg.batch_size}; "
+            "lower it or raise finetune.batch_size"
+        )
+    return rows
+
+
 def fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``limit`` batches of rows in order: a fixed held-out set for the loss curve."""
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)][:limit]
@@ -218,13 +259,19 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         for record in heldout:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    n_replay = replay_rows(fcfg)
+    batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
+    if n_replay:
+        text = TokenShards(inputs["data"], "train")
+        batches = ReplayMix(batches, RandomWindows(text, block, n_replay, fcfg.seed + 1))
+
     trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
-    log.info("finetune (%s): %d conversations in %d rows, %d trainable parameters",
-             fcfg.method, len(train_rendered), len(x), n_trainable)
+    log.info("finetune (%s): %d conversations in %d rows, %d of %d rows per batch replay pretraining text, "
+             "%d trainable parameters", fcfg.method, len(train_rendered), len(x), n_replay, fcfg.batch_size, n_trainable)
     result = train(
         trainable,
-        PackedBatches(x, y, fcfg.batch_size, fcfg.grad_accum, fcfg.seed),
+        batches,
         fcfg,
         tracker,
         checkpoint_dir=None,  # a fresh scratch dir per run: nothing to resume from
@@ -232,7 +279,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         metric_prefix="finetune/",
     )
 
-    metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable}
+    metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable, "replay_rows": n_replay}
     if fcfg.method == "lora":
         device = resolve_device(fcfg.device)
         model, delta = merge_lora(trainable, hx[:4].to(device))

@@ -11,7 +11,7 @@ from stages import checkpoint
 from stages.chat import IGNORE, ChatTemplate, read_chat_jsonl
 from stages.config import FinetuneConfig
 from stages.errors import ConfigError, DataError
-from stages.finetune import PackedBatches, apply_lora, load_conversations, merge_lora, pack
+from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack, replay_rows
 from stages.model import GPT
 from stages.runner import run_stage
 from stages.tasks import is_heldout
@@ -147,3 +147,30 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
     assert lora.manifest.metrics["trainable_params"] < metrics["trainable_params"]
     merged = checkpoint.load_model(f"{lora.ref.uri}/model")
     assert set(merged.state_dict()) == set(model.state_dict())
+
+
+def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows():
+    from stages.batches import RandomWindows
+    from stages.runner import stage_inputs
+    from stages.shards import TokenShards
+
+    store, refs = micro_upstream()
+    cfg = micro_config()
+    assert replay_rows(cfg.finetune) == 1 and "data" in stage_inputs("finetune", cfg)
+    assert stage_inputs("finetune", micro_config("finetune.replay_fraction=0")) == ("tokenizer", "pretrain")
+    with pytest.raises(ConfigError, match="replay_fraction"):
+        replay_rows(FinetuneConfig(batch_size=2, replay_fraction=0.9))
+
+    text = TokenShards(store.materialize(refs["data"]), "train")
+    chat_x = torch.arange(7 * 64).reshape(7, 64) % 50
+    chat_y = torch.full((7, 64), IGNORE)
+    mix = ReplayMix(PackedBatches(chat_x, chat_y, 7, 1, seed=0), RandomWindows(text, 64, 1, seed=1))
+    x, y = mix.get(step=3, micro=0)
+    assert x.shape == y.shape == (8, 64)
+    assert (y[:7] == IGNORE).all()  # chat rows: only what the template marks is trained
+    assert (y[7] != IGNORE).all() and torch.equal(x[7, 1:], y[7, :-1])  # a text window trains every token
+    assert torch.equal(mix.get(3, 0)[0], x)  # a pure function of (step, micro): resume stays exact
+
+    result = run_stage("finetune", cfg, refs, store)
+    assert result.manifest.metrics["replay_rows"] == 1
+    assert "data" in result.manifest.inputs

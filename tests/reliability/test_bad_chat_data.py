@@ -63,7 +63,9 @@ def test_bad_chat_jsonl_names_file_and_line_and_trains_nothing(case, chat_inputs
     data.write_text(text, encoding="utf-8")
     tokenizer, pretrain = chat_inputs
     store = tmp_path / "store"
+    # No replay: this fixture has no data stage output, and the chat file is what is under test.
     argv = ["finetune", "--set", f"finetune.data={data}", "--set", "finetune.max_steps=2", "--set", "finetune.device=cpu",
+            "--set", "finetune.replay_fraction=0",
             "--input", f"tokenizer={tokenizer.uri}", "--input", f"pretrain={pretrain.uri}", "--out", str(store),
             "--tracking-uri", tracking_uri, "--parent-run-id", parent_run]
     line = error_line(*run_stage_cli(capsys, *argv)[::2])
