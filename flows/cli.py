@@ -24,6 +24,9 @@ def prepare_environment() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptpipe")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # The temporary Prefect server migrates a fresh database on its first start; on 2 busy cores
+    # that took longer than Prefect's default 20 s wait and failed `make run` on a new machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
