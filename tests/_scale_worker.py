@@ -1,12 +1,17 @@
-"""A pretraining run in its own process, for the resume and distributed tests.
+"""A pretraining run in its own process, for the distributed and preemption tests.
 
     python tests/_scale_worker.py --store S --tokenizer T --data D --pretrain '{"max_steps": 20}' \\
-        --metrics metrics.jsonl [--block-at 7 --marker blocked] [--sigterm-at 7]
+        --metrics metrics.jsonl [--sigkill-at N | --sigkill-in-checkpoint N | --sigterm-at N]
 
 Runs stage ``pretrain`` through the real runner and store (as ``python -m stages`` does), with a
-tracker that appends every logged metric to a JSONL file. ``--block-at N`` hangs the process
-right after step N is logged (after writing ``--marker``) so the test can SIGKILL it at a
-known step; ``--sigterm-at N`` sends SIGTERM to itself at step N, as a spot reclaim would.
+tracker that appends every logged metric, with this process's pid, to a JSONL file. The process
+signals *itself*, so the point of interruption is exact and the test needs no timing:
+
+* ``--sigkill-at N``: SIGKILL right after step N is logged (a machine that vanished);
+* ``--sigkill-in-checkpoint N``: SIGKILL halfway through writing the checkpoint of step N,
+  after its weights file is on disk and before its optimizer state is (the worst moment);
+* ``--sigterm-at N``: SIGTERM after step N (a spot reclaim: the trainer checkpoints and exits 2).
+
 Works under torchrun too: every rank runs it, rank 0 alone logs.
 """
 
@@ -17,15 +22,16 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 
-class JsonlTracker:
-    def __init__(self, path: Path, block_at: int | None, marker: Path | None, sigterm_at: int | None):
-        self.path, self.block_at, self.marker, self.sigterm_at = path, block_at, marker, sigterm_at
+class SignallingTracker:
+    """Appends metrics to a JSONL file; signals this process after a chosen training step."""
+
+    def __init__(self, path: Path, kill_at: int | None, term_at: int | None):
+        self.path, self.kill_at, self.term_at = path, kill_at, term_at
 
     def log_params(self, params):
         pass
@@ -33,14 +39,10 @@ class JsonlTracker:
     def log_metrics(self, metrics, step=None):
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"pid": os.getpid(), "step": step, **metrics}) + "\n")
-        if "train_loss" not in metrics:
-            return
-        if step == self.sigterm_at:
+        if "train_loss" in metrics and step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if "train_loss" in metrics and step == self.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        if step == self.block_at:
-            self.marker.write_text(str(step), encoding="utf-8")
-            while True:  # wait here for the test's SIGKILL
-                time.sleep(0.05)
 
     def log_artifact(self, path, artifact_path=None):
         pass
@@ -49,16 +51,28 @@ class JsonlTracker:
         pass
 
 
+def die_inside_checkpoint(step: int) -> None:
+    """SIGKILL when the checkpoint of ``step`` has its weights written but not its optimizer state."""
+    from stages import checkpoint as ckpt
+
+    real_save = torch.save
+    marker = f".tmp-{ckpt.step_dirname(step)}-"
+
+    def save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if Path(path).parent.name.startswith(marker):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--store", required=True)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--data", required=True)
+    for name in ("--store", "--tokenizer", "--data", "--metrics"):
+        parser.add_argument(name, required=True)
     parser.add_argument("--pretrain", default="{}", help="JSON of pretrain fields")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--block-at", type=int, default=None)
-    parser.add_argument("--marker", default=None)
-    parser.add_argument("--sigterm-at", type=int, default=None)
+    for name in ("--sigkill-at", "--sigkill-in-checkpoint", "--sigterm-at"):
+        parser.add_argument(name, type=int, default=None)
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,14 +82,15 @@ def main() -> int:
     from stages.storage import LocalStore, ref_from_path
 
     torch.set_num_threads(1)
+    if args.sigkill_in_checkpoint is not None:
+        die_inside_checkpoint(args.sigkill_in_checkpoint)
     section = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}, "max_steps": 20,
                "batch_size": 8, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2, "log_interval": 1,
                "device": "cpu", "threads": 1}
     section.update(json.loads(args.pretrain))
     cfg = parse_config({"name": "scale-test", "pretrain": section})
     inputs = {"tokenizer": ref_from_path(args.tokenizer), "data": ref_from_path(args.data)}
-    tracker = JsonlTracker(Path(args.metrics), args.block_at, Path(args.marker) if args.marker else None,
-                           args.sigterm_at)
+    tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at)
     try:
         result = run_stage("pretrain", cfg, inputs, LocalStore(args.store), tracker)
     except GptpipeError as exc:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._processes import moto_command, start_process, stop_process
 
 from ._servers import MICRO
 
@@ -21,32 +22,14 @@ HERE = Path(__file__).resolve().parent
 BUCKET = "gptpipe-test"
 
 
-def _start(command: list[str], url: str | None = None) -> subprocess.Popen:
-    from flows.services import wait_healthy
-
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if url is not None:
-        assert wait_healthy(url, 60, proc), f"{command[0]} did not start"
-    else:
-        assert proc.stdout.readline().strip() == b"ready"
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def moto():
     from flows.services import free_port
 
     port = free_port()
-    proc = _start([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                  f"http://127.0.0.1:{port}/")
+    proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", timeout=60)
     yield port
-    _stop(proc)
+    stop_process(proc)
 
 
 @pytest.fixture
@@ -57,7 +40,7 @@ def endpoint(moto, monkeypatch, tmp_path):
     from flows.services import free_port
 
     port = free_port()
-    state = {"proxy": _start([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]), "port": port}
+    state = {"proxy": start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]), "port": port}
     for name, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                         "AWS_MAX_ATTEMPTS": "3", "GPTPIPE_S3_CACHE": str(tmp_path / "cache")}.items():
@@ -68,9 +51,9 @@ def endpoint(moto, monkeypatch, tmp_path):
     if BUCKET not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
         direct.create_bucket(Bucket=BUCKET)
     state["direct"] = direct
-    state["restart"] = lambda: state.update(proxy=_start([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]))
+    state["restart"] = lambda: state.update(proxy=start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]))
     yield state
-    _stop(state["proxy"])
+    stop_process(state["proxy"])
 
 
 def micro(store: str, *extra: str):

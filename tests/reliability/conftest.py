@@ -4,11 +4,11 @@ artifacts, and real servers (moto S3, MLflow) on 127.0.0.1 for the server-backed
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests._processes import moto_command, start_process, stop_process
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -39,29 +39,6 @@ def tiny_inputs(tmp_path_factory):
     from tests._scale_fixtures import make_inputs
 
     return make_inputs(tmp_path_factory.mktemp("inputs"))
-
-
-def start_process(command: list[str], health: str | None = None, env: dict | None = None) -> subprocess.Popen:
-    """A child server; waits for its health URL (or a 'ready' line) before returning."""
-    from flows.services import wait_healthy
-
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env)
-    if health is not None:
-        assert wait_healthy(health, 90, proc), f"{command[0]} did not start: {proc.stdout.read()[-2000:] if proc.poll() is not None else ''}"
-    else:
-        assert proc.stdout.readline().strip() == b"ready"
-    return proc
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
-def moto_command(port: int) -> list[str]:
-    return [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
 
 
 @pytest.fixture(scope="session")

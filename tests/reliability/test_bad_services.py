@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests._processes import moto_command, start_process, stop_process
+
 from ._failure_checks import error_line, finished_outputs, finished_runs, run_gptpipe_cli, run_stage_cli
-from .conftest import MICRO_TOKENIZER, ROOT, direct_s3, moto_command, start_process, stop_process
+from .conftest import MICRO_TOKENIZER, ROOT, direct_s3
 
 
 def _all_objects(port: int) -> list[str]:

@@ -11,7 +11,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,20 @@ import torch
 
 from stages import checkpoint as ckpt
 
-from .conftest import HERE, ROOT, clean_env
+from tests._scale_fixtures import result_of, run_worker
 
-WORKER = HERE / "_preempted_worker.py"
-STEPS, EVERY = 16, 4  # as in _preempted_worker.PRETRAIN
+# Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
+# dropout makes the RNG state part of what a checkpoint has to carry.
+PRETRAIN = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
+            "max_steps": 16, "checkpoint_interval": 4, "keep_checkpoints": 2, "batch_size": 4, "warmup_steps": 2,
+            "eval_interval": 8, "eval_batches": 1, "log_interval": 1, "device": "cpu", "threads": 1,
+            "deterministic": True}
+STEPS, EVERY = PRETRAIN["max_steps"], PRETRAIN["checkpoint_interval"]
 TIMED = {"tokens_per_s", "mfu", "peak_memory_mb"}  # differ between runs by nature; nothing else may
 
 
 def _run(store: Path, inputs, metrics: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(WORKER), "--store", str(store), "--tokenizer", inputs["tokenizer"].uri,
-               "--data", inputs["data"].uri, "--metrics", str(metrics), *extra]
-    return subprocess.run(command, env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def _finished(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(store, inputs, metrics, PRETRAIN, *extra)
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:
@@ -62,7 +59,7 @@ def _published(store: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tiny_inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
-    return _finished(_run(root / "store", tiny_inputs, root / "metrics.jsonl"))
+    return result_of(_run(root / "store", tiny_inputs, root / "metrics.jsonl"))
 
 
 def _plan(seed: int, mode: str) -> tuple[list[str], int, int]:
@@ -99,7 +96,7 @@ def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed,
     assert f"stopped by SIGTERM after step {term_at} of {STEPS}" in stopped.stderr
     assert _checkpoints(store)[0][-1] == term_at and _published(store) == []
 
-    final = _finished(_run(store, tiny_inputs, metrics))
+    final = result_of(_run(store, tiny_inputs, metrics))
     expected, got = _weights(reference["uri"]), _weights(final["uri"])
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected), where

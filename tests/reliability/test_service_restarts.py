@@ -16,7 +16,9 @@ from stages.artifacts import verify
 from stages.runner import run_stage
 from stages.storage import S3Store
 
-from .conftest import ROOT, direct_s3, start_process, stop_process
+from tests._processes import start_process, stop_process
+
+from .conftest import ROOT, direct_s3
 
 pytestmark = pytest.mark.slow
 PROXY = ROOT / "tests" / "integration" / "_tcp_proxy.py"
