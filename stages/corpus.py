@@ -297,7 +297,8 @@ def _empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:
 
 
 def fingerprint(cfg: CorpusConfig) -> str:
-    """A cheap hash of what the source currently holds (paths, sizes, mtimes; interpreter for stdlib).
+    """A cheap hash of what the source currently holds (paths, sizes, mtimes; interpreter for stdlib;
+    object keys, sizes and ETags for s3://).
 
     Stage cache keys hash the config, not the files it points at: a runner can fold this in so an
     edited corpus is not served from a stale artifact.
@@ -305,11 +306,15 @@ def fingerprint(cfg: CorpusConfig) -> str:
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     if cfg.source == STDLIB:
         digest.update(f"{sys.version}|{stdlib_root()}".encode())
-    s3 = source_kind(cfg.source) == "s3"
+    if source_kind(cfg.source) == "s3":
+        # The bucket's own listing (key, size, ETag): nothing is downloaded to fingerprint, and a
+        # stage container and the orchestrator agree whatever their local caches are.
+        from stages.s3 import list_objects
+
+        for item in list_objects(cfg.source, lambda key: _wanted(Path(key), cfg)):
+            digest.update(f"{item['Key']}|{item['Size']}|{item.get('ETag', '')}\n".encode())
+        return digest.hexdigest()[:16]
     for path in list_files(cfg):
         stat = path.stat()
-        # An S3 object is named by bucket/key, not by where this machine caches it: a stage
-        # container and the orchestrator must agree on the key of the same objects.
-        name = path.as_posix().split("/objects/", 1)[-1] if s3 else path.as_posix()
-        digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

@@ -164,28 +164,37 @@ def cache_root() -> Path:
     return Path(base).expanduser().resolve()
 
 
-def sync_objects(uri: str, wanted: Callable[[str], bool], root: Path | None = None) -> list[Path]:
-    """Local copies of the object ``uri`` names, or of every wanted object under that prefix.
-
-    Copies live at ``<root>/objects/<bucket>/<key>`` and are fetched again only when the
-    object's ETag changes. Each copy gets the object's LastModified as its mtime, so a
-    fingerprint of (path, size, mtime) changes exactly when the object does.
-    """
+def list_objects(uri: str, wanted: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """The objects ``uri`` names, sorted by key: the one object it names exactly, or every wanted
+    object under that prefix (S3 listing entries: ``Key``, ``Size``, ``ETag``, ``LastModified``)."""
     bucket, key = split_uri(uri)
-    root = (root or cache_root()) / "objects"
-    s3 = client()
     try:
         listed = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
             listed.extend(page.get("Contents", []))
-        exact = [item for item in listed if item["Key"] == key]
-        if exact:  # the URI names one object: read it whatever its suffix, like a local file
-            chosen = exact
-        else:
-            folder = f"{key}/" if key else ""
-            chosen = [i for i in listed if i["Key"].startswith(folder) and not i["Key"].endswith("/") and wanted(i["Key"])]
+    except s3_errors() as exc:
+        raise as_error(exc, "read the corpus", uri) from None
+    exact = [item for item in listed if item["Key"] == key]
+    if exact:  # the URI names one object: read it whatever its suffix, like a local file
+        return exact
+    folder = f"{key}/" if key else ""
+    chosen = [i for i in listed if i["Key"].startswith(folder) and not i["Key"].endswith("/") and wanted(i["Key"])]
+    return sorted(chosen, key=lambda i: i["Key"])
+
+
+def sync_objects(uri: str, wanted: Callable[[str], bool], root: Path | None = None) -> list[Path]:
+    """Local copies of the objects ``list_objects`` finds.
+
+    Copies live at ``<root>/objects/<bucket>/<key>`` and are fetched again only when the
+    object's ETag changes; each copy gets the object's LastModified as its mtime.
+    """
+    bucket, _ = split_uri(uri)
+    root = (root or cache_root()) / "objects"
+    chosen = list_objects(uri, wanted)
+    s3 = client()
+    try:
         paths = []
-        for item in sorted(chosen, key=lambda i: i["Key"]):
+        for item in chosen:
             local = root / bucket / item["Key"]
             tag = root.parent / "etags" / bucket / (item["Key"] + ".etag")
             etag = item.get("ETag", "").strip('"')

@@ -137,7 +137,7 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
         S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "c").materialize(ref)
 
 
-def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(endpoint):
+def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(endpoint, monkeypatch, tmp_path):
     from stages.config import CorpusConfig
     from stages.corpus import fingerprint, read_corpus
 
@@ -151,6 +151,9 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
     assert corpus.documents == ["first document\n", "second document\n", "third"]
     assert fingerprint(cfg) == fingerprint(cfg)
     before = fingerprint(cfg)
+    # Another machine (a stage container) with its own, empty local cache computes the same key.
+    monkeypatch.setenv("GPTPIPE_S3_CACHE", str(tmp_path / "another-cache"))
+    assert fingerprint(cfg) == before and not (tmp_path / "another-cache").exists(), "fingerprinting downloads nothing"
     direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body="first document, edited\n".encode())
     assert fingerprint(cfg) != before, "an edited object must change the stage's cache key"
     assert read_corpus(CorpusConfig(source=f"s3://{BUCKET}/corpus/a.txt")).documents == ["first document, edited\n"]
