@@ -20,6 +20,7 @@ container: it is reused in-process, which costs a store lookup instead of a cont
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
@@ -39,8 +40,6 @@ STAGE_ENTRYPOINT = "flows.stage_flow:stage_flow"
 def check_containers_mode(cfg: PipelineConfig) -> None:
     """Fail before any stage runs when containers could not work: no shared Prefect server that
     workers poll, or an artifact store the containers cannot see."""
-    import os
-
     from prefect.settings import PREFECT_API_URL
 
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
@@ -189,5 +188,5 @@ def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: lis
         )
         deployment.entrypoint = STAGE_ENTRYPOINT
         deployment.apply(image=image)
-        names.append(f"{FLOW_NAME}/{stage}")
+        names.append(deployment_name(stage))
     return names

@@ -70,8 +70,7 @@ def check_spec(spec: DeploySpec) -> None:
 
     if spec.pool_type not in POOL_TYPES:
         raise ConfigError(f"--pool-type {spec.pool_type!r}: expected one of {', '.join(POOL_TYPES)}")
-    if spec.pool_type != "process" and not spec.image:
-        raise ConfigError(f"--pool-type {spec.pool_type}: pass --image with the gptpipe image the worker should start")
+    require_image(spec.pool_type, spec.image)
     if spec.cron:
         from cronsim import CronSim, CronSimError
 
@@ -82,6 +81,22 @@ def check_spec(spec: DeploySpec) -> None:
     recipe = Path(spec.config_path)
     # A process worker runs from the project directory: relative recipe paths resolve there.
     load_config(recipe if recipe.is_absolute() else PROJECT / recipe, spec.overrides)
+
+
+def require_image(pool_type: str, image: str | None) -> None:
+    """Container pools start an image: it must be named."""
+    if pool_type != "process" and not image:
+        raise ConfigError(f"--pool-type {pool_type}: pass --image with the gptpipe image the worker should start")
+
+
+def pool_of_type(pool: str, pool_type: str) -> None:
+    """Create work pool ``pool`` of ``pool_type`` unless it exists; refuse one of another type."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    found_type = run_coro_as_sync(ensure_pool(pool, pool_type))
+    if found_type != pool_type:
+        raise ConfigError(f"--pool {pool}: that pool exists with type {found_type!r}, not {pool_type!r}; "
+                          "pass --pool-type to match or choose another pool name")
 
 
 async def ensure_pool(name: str, pool_type: str) -> str:
@@ -103,10 +118,7 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
     from prefect.client.schemas.schedules import CronSchedule
 
     check_spec(spec)
-    found_type = _run_sync(ensure_pool(spec.pool, spec.pool_type))
-    if found_type != spec.pool_type:
-        raise ConfigError(f"--pool {spec.pool}: that pool exists with type {found_type!r}, not {spec.pool_type!r}; "
-                          "pass --pool-type to match or choose another pool name")
+    pool_of_type(spec.pool, spec.pool_type)
     schedules = [CronSchedule(cron=spec.cron, timezone=spec.timezone)] if spec.cron else None
     common = dict(
         name=spec.name, work_pool_name=spec.pool, schedules=schedules, parameters=spec.parameters(),
@@ -218,11 +230,8 @@ def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
     unknown = [s for s in wanted if s not in STAGE_ORDER]
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
-    if args.pool_type != "process" and not args.image:
-        raise ConfigError(f"--pool-type {args.pool_type}: pass --image with the gptpipe image the worker should start")
-    found_type = _run_sync(ensure_pool(args.pool, args.pool_type))
-    if found_type != args.pool_type:
-        raise ConfigError(f"--pool {args.pool}: that pool exists with type {found_type!r}, not {args.pool_type!r}")
+    require_image(args.pool_type, args.image)
+    pool_of_type(args.pool, args.pool_type)
     try:
         names = deploy_stages(args.pool, args.image, {**RUN_ENV, **env}, wanted)
     except Exception as exc:  # noqa: BLE001 - Prefect raises many types; one line for the terminal
@@ -231,9 +240,3 @@ def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
     print(f"start a worker: prefect worker start --pool {args.pool} --type {args.pool_type}; then run a recipe with "
           "--set execution.mode=containers")
     return 0
-
-
-def _run_sync(coro: Any) -> Any:
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    return run_coro_as_sync(coro)

@@ -52,11 +52,12 @@ def run(env: dict[str, str], *command: str, timeout: float = 1800) -> subprocess
     return done
 
 
-def torch_spec() -> tuple[str, list[str]]:
-    """(pip requirement, build args) for torch in the test image: the local CPU wheel when there is one."""
+def torch_build_args() -> list[str]:
+    """Build args for torch in the test image: the local CPU wheel (linked into docker/wheels/)
+    when there is one, else the CPU index."""
     wheels = sorted(LOCAL_WHEELS.glob("torch-*+cpu-*.whl")) if LOCAL_WHEELS.is_dir() else []
     if not wheels:
-        return "torch", ["TORCH_VARIANT=cpu"]
+        return ["TORCH_VARIANT=cpu"]
     wheel = wheels[-1]
     target = ROOT / "docker" / "wheels" / wheel.name
     if not target.exists():
@@ -65,16 +66,15 @@ def torch_spec() -> tuple[str, list[str]]:
         except OSError:
             shutil.copy2(wheel, target)
     version = wheel.name.split("-")[1]
-    return f"torch=={version}", ["TORCH_VARIANT=cpu", "TORCH_INDEX_URL=", f"TORCH_SPEC=torch=={version}"]
+    return ["TORCH_VARIANT=cpu", "TORCH_INDEX_URL=", f"TORCH_SPEC=torch=={version}"]
 
 
 def build_image(env: dict[str, str], tag: str, extra_secret_env: dict[str, str] | None = None,
                 pip_conf: Path | None = None) -> str:
     """Base image (cached), then the gptpipe image via docker/build.sh --engine podman."""
     run(env, str(ROOT / "docker" / "local-base.sh"), "--engine", "podman", "--tag", BASE_IMAGE, timeout=900)
-    _, args = torch_spec()
     command = [str(ROOT / "docker" / "build.sh"), "--engine", "podman", "--base-image", BASE_IMAGE, "--tag", tag]
-    for arg in args:
+    for arg in torch_build_args():
         command += ["--build-arg", arg]
     if CA_BUNDLE.is_file():
         command += ["--ca-bundle", str(CA_BUNDLE)]
