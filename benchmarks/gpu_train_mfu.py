@@ -8,7 +8,7 @@ Runs gptpipe's own ``train()`` (so every recipe switch applies: compile, bf16, f
 activation checkpointing) on random tokens — token values do not change the cost — for
 ``--steps`` steps of warm-up (compilation happens here) and then ``--steps`` measured ones, and
 prints the measured window's tokens/s and MFU, the peak it was divided by and where that peak came from
-(the GPU table in ``stages/perf.py``, or a probe for GPUs not in it), and peak memory.
+(the GPU table in ``stages/training/perf.py``, or a probe for GPUs not in it), and peak memory.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.config import load_config  # noqa: E402
-from stages.model import GPT, GPTConfig  # noqa: E402
-from stages.tracking import MemoryTracker  # noqa: E402
-from stages.training import train  # noqa: E402
+from stages.core.config import load_config  # noqa: E402
+from stages.lm.model import GPT, GPTConfig  # noqa: E402
+from stages.core.tracking import MemoryTracker  # noqa: E402
+from stages.training.loop import train  # noqa: E402
 from train_vs_hf_gpt2 import RandomTokens  # noqa: E402  (same folder: sys.path[0] when run as a script)
 
 

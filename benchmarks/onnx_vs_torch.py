@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import export  # noqa: E402
-from stages.config import ExportConfig  # noqa: E402
-from stages.model import GPT, GPTConfig  # noqa: E402
-from stages.onnx_runtime import OnnxGenerator  # noqa: E402
+from stages.core.config import ExportConfig  # noqa: E402
+from stages.lm.model import GPT, GPTConfig  # noqa: E402
+from stages.lm.onnx_runtime import OnnxGenerator  # noqa: E402
 
 TINY = GPTConfig(vocab_size=2048, n_layer=4, n_head=4, n_embd=256, block_size=256)
 

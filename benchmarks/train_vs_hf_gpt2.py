@@ -6,7 +6,7 @@
 Both models are built here from configs (no hub download) with the same width, depth, heads,
 context, batch and vocabulary (the ``tiny`` recipe: d 256, 4 layers, 4 heads, context 256,
 vocab 2048, batch 8), fp32, dropout 0, and run through the *same* step code — gptpipe's own
-``stages.training`` micro-step (forward, fp32 cross-entropy, backward), global-norm clipping and
+``stages.training.loop`` micro-step (forward, fp32 cross-entropy, backward), global-norm clipping and
 an AdamW step — so only the models differ. GPT-2 has learned positions, LayerNorm with biases and
 a 4x GELU MLP; gptpipe has RoPE, RMSNorm and a SwiGLU MLP of 8/3 width; their parameter counts
 come out within 1 % (printed). After warm-up the two alternate step by step (so drift in a
@@ -33,9 +33,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages import perf  # noqa: E402
-from stages.config import TrainConfig  # noqa: E402
-from stages.model import GPT, GPTConfig  # noqa: E402
-from stages.training import _grad_norm, _micro_steps, build_optimizer  # noqa: E402
+from stages.core.config import TrainConfig  # noqa: E402
+from stages.lm.model import GPT, GPTConfig  # noqa: E402
+from stages.training.loop import _grad_norm, _micro_steps, build_optimizer  # noqa: E402
 
 SHAPE = dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=256, block_size=256)
 

@@ -24,11 +24,11 @@ import os
 from typing import Any
 
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
-from stages.artifacts import ArtifactRef
-from stages.config import PipelineConfig, StageResources
-from stages.errors import ConfigError, GptpipeError, TrainingError
+from stages.storage.artifacts import ArtifactRef
+from stages.core.config import PipelineConfig, StageResources
+from stages.core.errors import ConfigError, GptpipeError, TrainingError
 from stages.runner import plan_key
-from stages.storage import open_store
+from stages.storage.stores import open_store
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -178,7 +178,7 @@ def run_stage_in_container(
 def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: list[str] | None = None) -> list[str]:
     """Create (or update) one deployment of ``stage_flow`` per stage on work pool ``pool``."""
     from flows.stage_flow import stage_flow
-    from stages.config import STAGE_ORDER
+    from stages.registry import STAGE_ORDER
 
     names = []
     for stage in stages or STAGE_ORDER:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ConfigError, GptpipeError
+from stages.core.errors import ConfigError, GptpipeError
 
 PROJECT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -66,7 +66,7 @@ class DeploySpec:
 
 def check_spec(spec: DeploySpec) -> None:
     """Fail before touching the server: bad pool type, bad cron, a recipe that does not load."""
-    from stages.config import load_config
+    from stages.core.config import load_config
 
     if spec.pool_type not in POOL_TYPES:
         raise ConfigError(f"--pool-type {spec.pool_type!r}: expected one of {', '.join(POOL_TYPES)}")
@@ -224,7 +224,7 @@ def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
     import json
 
     from flows.containers import deploy_stages
-    from stages.config import STAGE_ORDER
+    from stages.registry import STAGE_ORDER
 
     wanted = list(STAGE_ORDER) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in STAGE_ORDER]

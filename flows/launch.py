@@ -31,30 +31,26 @@ from pathlib import Path
 
 import yaml
 
-from stages.artifacts import ArtifactRef
-from stages.config import PipelineConfig, TrainConfig
-from stages.errors import ArtifactError, ConfigError, GptpipeError
+from stages.storage.artifacts import ArtifactRef
+from stages.core.config import PipelineConfig, TrainConfig
+from stages.core.errors import ArtifactError, ConfigError, GptpipeError
+from stages.registry import STAGES, stage
 from stages.runner import StageResult, plan_key, stage_inputs
-from stages.storage import open_store
-from stages.training import Preempted
+from stages.storage.stores import open_store
+from stages.training.loop import Preempted
 
 log = logging.getLogger("gptpipe.launch")
 ROOT = Path(__file__).resolve().parents[1]
 ERROR_PREFIX = "gptpipe: error: "
 
 
-# Stages whose non-zero ranks leave after training (``distributed.exit_worker``), so that only
-# rank 0 publishes; a stage joins this set once its ``run`` does that.
-TORCHRUN_STAGES = frozenset({"pretrain"})
-
-
 def needs_torchrun(name: str, cfg: PipelineConfig) -> bool:
     """True when stage ``name`` is a training stage whose recipe asks for several processes."""
     section = getattr(cfg, name, None)
     wanted = isinstance(section, TrainConfig) and (section.nproc_per_node > 1 or section.nnodes > 1)
-    if wanted and name not in TORCHRUN_STAGES:
+    if wanted and not stage(name).torchrun:
         raise ConfigError(f"{name}.nproc_per_node / nnodes > 1: stage {name} cannot run under torchrun yet "
-                          f"(only {', '.join(sorted(TORCHRUN_STAGES))}); set them to 1")
+                          f"(only {', '.join(s.name for s in STAGES if s.torchrun)}); set them to 1")
     return wanted
 
 

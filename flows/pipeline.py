@@ -24,12 +24,13 @@ from prefect.cache_policies import NO_CACHE
 from flows.containers import check_containers_mode, run_stage_in_container
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
 from flows.stage_task import retry_transient, stage_task
-from stages.artifacts import ArtifactRef
-from stages.config import STAGE_ORDER, PipelineConfig, load_config
-from stages.errors import ConfigError
+from stages.storage.artifacts import ArtifactRef
+from stages.core.config import PipelineConfig, load_config
+from stages.registry import STAGE_ORDER
+from stages.core.errors import ConfigError
 from stages.runner import stage_inputs
-from stages.storage import describe_store, open_store
-from stages.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
+from stages.storage.stores import describe_store, open_store
+from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
 
 log = logging.getLogger("gptpipe.flow")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.stage_task import HEADLINE
+from stages.registry import BY_NAME
 
 
 def _fmt(value: Any) -> str:
@@ -16,7 +16,7 @@ def _fmt(value: Any) -> str:
 
 
 def _headline(stage: str, metrics: dict[str, Any]) -> str:
-    keys = HEADLINE.get(stage, ())
+    keys = BY_NAME[stage].headline if stage in BY_NAME else ()
     return ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
 
 

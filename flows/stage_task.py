@@ -20,29 +20,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.artifacts import ArtifactRef
-from stages.config import PipelineConfig
-from stages.errors import GptpipeError
+from stages.storage.artifacts import ArtifactRef
+from stages.core.config import PipelineConfig
+from stages.core.errors import GptpipeError
 from flows.launch import needs_torchrun, run_stage_torchrun
 from stages.runner import run_stage, stage_config
-from stages.storage import LocalStore, Store, open_store
-from stages.tracking import MlflowTracker, SystemMetrics, attach_run
+from stages.storage.stores import LocalStore, Store, open_store
+from stages.core.tracking import MlflowTracker, SystemMetrics, attach_run
+from stages.registry import stage
 
 log = logging.getLogger("gptpipe.flow")
-
-# Summary metrics worth a column in the report card, per stage.
-HEADLINE = {
-    "tokenizer": ("vocab_size", "bytes_per_token"),
-    "data": ("train_tokens", "val_tokens"),
-    "pretrain": ("initial_loss", "final_val_loss", "tokens_per_s", "mfu"),
-    "finetune": ("final_loss", "final_val_loss", "lora_merge_max_abs_dlogits", "tokens_per_s"),
-    "evaluate": ("base_accuracy", "sft_accuracy", "base_bpb", "sft_bpb"),
-    "export": ("max_abs_diff", "generation_matches"),
-    "publish": ("graphs", "netron_version"),
-}
-# Stages whose child runs get system metrics (CPU, memory, GPU utilisation).
-TRAINING_STAGES = frozenset({"pretrain", "finetune"})
-
 
 def executor_tags() -> dict[str, str]:
     """Where the stage ran: the gptpipe image (docker/Dockerfile sets these variables) or a plain process."""
@@ -93,7 +80,7 @@ def _log_outputs(tracker: MlflowTracker, name: str, result: Any, store: Store) -
 def _system_metrics(name: str, cfg: PipelineConfig, tracker: MlflowTracker | None) -> Any:
     """``system/*`` metrics around a training stage that has a child run (a reused one logs a single sample)."""
     interval = cfg.tracking.system_metrics_interval_s
-    if tracker is None or name not in TRAINING_STAGES or interval <= 0:
+    if tracker is None or not stage(name).trains or interval <= 0:
         return contextlib.nullcontext()
     return SystemMetrics(tracker, interval)
 

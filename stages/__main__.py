@@ -17,15 +17,16 @@ import logging
 import os
 import sys
 
-from stages.config import load_config
-from stages.errors import GptpipeError
-from stages.runner import STAGE_MODULES, run_stage, stage_config
-from stages.storage import open_store, ref_from_path
+from stages.core.config import load_config
+from stages.core.errors import GptpipeError
+from stages.registry import STAGE_ORDER
+from stages.runner import run_stage, stage_config
+from stages.storage.stores import open_store, ref_from_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages", description="Run one gptpipe stage.")
-    parser.add_argument("stage", choices=sorted(STAGE_MODULES), help="stage to run")
+    parser.add_argument("stage", choices=STAGE_ORDER, help="stage to run")
     parser.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field (repeatable)")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs[name] = ref_from_path(uri)
         tracker = None
         if args.tracking_uri and args.parent_run_id and os.environ.get("RANK", "0") == "0":  # rank 0 logs
-            from stages.tracking import attach_run
+            from stages.core.tracking import attach_run
 
             tracker = attach_run(args.tracking_uri, args.parent_run_id).child(args.stage, {"gptpipe.stage": args.stage})
         try:

@@ -1,4 +1,4 @@
-"""Stage ``data``: corpus -> train/val token shards in the format of ``stages/shards.py``.
+"""Stage ``data``: corpus -> train/val token shards in the format of ``stages/storage/shards.py``.
 
 Documents go to ``train`` or ``val`` by a hash of (seed, document text), so the split does not
 depend on file order and duplicate documents never straddle it. Each document is written as
@@ -25,15 +25,13 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from stages.config import PipelineConfig
-from stages.corpus import read_corpus
-from stages.errors import DataError
-from stages.shards import INDEX, ShardWriter, dtype_for
-from stages.tokenizer import Tokenizer
-from stages.tracking import Tracker
+from stages.core.config import PipelineConfig
+from stages.storage.corpus import read_corpus
+from stages.core.errors import DataError
+from stages.storage.shards import INDEX, ShardWriter, dtype_for
+from stages.lm.tokenizer import Tokenizer
+from stages.core.tracking import Tracker
 
-SECTIONS = ("corpus", "data")
-INPUTS = ("tokenizer",)
 SPLITS = ("train", "val")
 
 _CHUNK_CHARS = 256_000  # text per worker task: big enough to amortize IPC, small enough to balance

@@ -21,30 +21,24 @@ from pathlib import Path
 
 import torch
 
-from stages import checkpoint
-from stages.batches import fixed_windows
-from stages.chat import ChatTemplate, validate_messages
-from stages.config import EvaluateConfig, PipelineConfig
-from stages.errors import ArtifactError
-from stages.generate import generate_greedy_batch
-from stages.model import GPT
-from stages.plots import plot_curves, read_curve
-from stages.shards import TokenShards
-from stages.tasks import exact_match
-from stages.tokenizer import Tokenizer
-from stages.tracking import Tracker
-from stages.training import evaluate_loss, resolve_device
+from stages.training import checkpoint
+from stages.training.batches import fixed_windows
+from stages.lm.chat import ChatTemplate, validate_messages
+from stages.core.config import EvaluateConfig, PipelineConfig
+from stages.core.errors import ArtifactError
+from stages.lm.generate import generate_greedy_batch
+from stages.lm.model import GPT
+from stages.core.plots import plot_curves, read_curve
+from stages.storage.shards import TokenShards
+from stages.lm.tasks import exact_match
+from stages.lm.tokenizer import Tokenizer
+from stages.core.tracking import Tracker
+from stages.training.loop import evaluate_loss, resolve_device
 
-SECTIONS = ("evaluate",)
-INPUTS = ("tokenizer", "data", "pretrain", "finetune")
 
 log = logging.getLogger("gptpipe.evaluate")
 
 MODELS = ("base", "finetuned")
-
-
-def _model_dir(artifact: Path) -> Path:
-    return artifact / "model" if (artifact / "model" / checkpoint.CONFIG).is_file() else artifact
 
 
 def read_heldout(path: Path) -> list[dict]:
@@ -132,7 +126,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     results: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     for name, artifact in (("base", inputs["pretrain"]), ("finetuned", inputs["finetune"])):
-        model = checkpoint.load_model(_model_dir(artifact), device=device)
+        model = checkpoint.load_model(checkpoint.model_directory(artifact), device=device)
         t0 = time.perf_counter()
         metrics = language_metrics(model, val, ecfg)
         t1 = time.perf_counter()

@@ -8,7 +8,7 @@ Outputs (one self-contained directory)::
     model.int8.onnx   dynamic int8 quantization of model.onnx (export.quantize; measured, not gated)
     *.onnx.data       weights beside the graph when the model is over 2 GB (or export.external_data)
     tokenizer/        the tokenizer artifact's files, so the export runs on its own
-    export.json       shapes, tensor names and graph files: what ``stages.onnx_runtime`` reads
+    export.json       shapes, tensor names and graph files: what ``stages.lm.onnx_runtime`` reads
 
 One KV graph serves prefill and decode: a zero-length past is a valid ONNX Runtime input,
 and the model's explicit-mask path equals the causal one when the past is empty. The graph is
@@ -35,34 +35,26 @@ import onnx
 import torch
 from torch import nn
 
-from stages import onnx_runtime as ortgen
-from stages.artifacts import MANIFEST
-from stages.checkpoint import load_model
-from stages.config import ExportConfig, PipelineConfig
-from stages.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
-from stages.errors import ArtifactError, ConfigError, ParityError
-from stages.generate import generate_ids
-from stages.model import GPT
-from stages.tasks import make_items
-from stages.tokenizer import Tokenizer
-from stages.tracking import Tracker
+from stages.lm import onnx_runtime as ortgen
+from stages.storage.artifacts import MANIFEST
+from stages.training.checkpoint import load_model, model_directory
+from stages.core.config import ExportConfig, PipelineConfig
+from stages.lm.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
+from stages.core.errors import ConfigError, ParityError
+from stages.lm.generate import generate_ids
+from stages.lm.model import GPT
+from stages.lm.tasks import make_items
+from stages.lm.tokenizer import Tokenizer
+from stages.core.tracking import Tracker
 
 log = logging.getLogger("gptpipe.export")
 
-SECTIONS = ("export",)
-# INPUTS must be static for the runner: the fine-tuned model is the default source. A recipe
-# with ``export.source: pretrain`` needs the runner to consult ``inputs_for(cfg)`` instead.
-INPUTS = ("tokenizer", "finetune")
 
 PT2_FILE = "model.pt2"
 HELDOUT_FILE = "heldout.jsonl"  # written by stage 'finetune' beside its model
 INT8_FILE = "model.int8.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX protobuf cannot exceed 2 GB: weights go to a side file
 
-
-def inputs_for(cfg: PipelineConfig) -> tuple[str, ...]:
-    """The upstream stages this recipe's export reads (the tokenizer and the chosen model)."""
-    return ("tokenizer", cfg.export.source)
 
 
 class KVGraph(nn.Module):
@@ -76,14 +68,6 @@ class KVGraph(nn.Module):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         logits, presents = self.model.forward_with_cache(input_ids, past)
         return (logits, *(t for layer in presents for t in layer))
-
-
-def model_directory(artifact: Path) -> Path:
-    """The checkpoint inside a pretrain/finetune artifact (``model/``), or the artifact itself."""
-    for candidate in (artifact / "model", artifact):
-        if (candidate / "model.json").is_file():
-            return candidate
-    raise ArtifactError(f"{artifact}: no model.json in it or in model/; pass the output of stage 'pretrain' or 'finetune'")
 
 
 def weight_bytes(model: nn.Module) -> int:

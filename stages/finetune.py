@@ -1,7 +1,7 @@
 """Stage ``finetune``: supervised fine-tuning of the pretrained GPT on chat data.
 
 Only assistant tokens are trained: the chat template's loss mask becomes -100 targets, which
-the one training loop (``stages.training.train``) skips. Conversations are packed whole into
+the one training loop (``stages.training.loop.train``) skips. Conversations are packed whole into
 rows of ``block_size`` + 1 tokens (never split across rows) and the tail of each row is padding
 with -100 targets, so no compute is spent on a row per conversation.
 
@@ -28,28 +28,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages import checkpoint
-from stages.batches import RandomWindows
-from stages.chat import IGNORE, ChatTemplate, Message, Rendered, read_chat_jsonl
-from stages.config import FinetuneConfig, PipelineConfig
-from stages.errors import ConfigError, DataError
-from stages.shards import TokenShards
-from stages.tasks import check_tasks, make_items
-from stages.tokenizer import Tokenizer
-from stages.tracking import Tracker
-from stages.training import evaluate_loss, resolve_device, train
-
-SECTIONS = ("finetune",)
-INPUTS = ("tokenizer", "pretrain")
-
-
-def inputs_for(cfg: PipelineConfig) -> tuple[str, ...]:
-    """Replay reads the pretraining text too (the data stage's train split)."""
-    return INPUTS + ("data",) if cfg.finetune.replay_fraction > 0 else INPUTS
+from stages.training import checkpoint
+from stages.training.batches import RandomWindows
+from stages.lm.chat import IGNORE, ChatTemplate, Message, Rendered, read_chat_jsonl
+from stages.core.config import FinetuneConfig, PipelineConfig
+from stages.core.errors import ConfigError, DataError
+from stages.storage.shards import TokenShards
+from stages.lm.tasks import check_tasks, make_items
+from stages.lm.tokenizer import Tokenizer
+from stages.core.tracking import Tracker
+from stages.training.loop import evaluate_loss, resolve_device, train
 
 log = logging.getLogger("gptpipe.finetune")
 
-MODEL_DIR = "model"
 HELDOUT = "heldout.jsonl"
 
 
@@ -63,7 +54,7 @@ def _fingerprint(messages: list[Message]) -> str:
 def load_conversations(cfg: FinetuneConfig) -> tuple[list[list[Message]], list[dict]]:
     """(training conversations, held-out records ``{"messages": ..., "task"?: ...}``).
 
-    Synthetic data comes from ``stages.tasks``; a JSONL file is split by a seeded shuffle
+    Synthetic data comes from ``stages.lm.tasks``; a JSONL file is split by a seeded shuffle
     unless ``heldout_data`` names its own file. Either way no held-out conversation (by
     content) is left in the training set.
     """
@@ -229,18 +220,13 @@ def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, f
 # --- the stage --------------------------------------------------------------------------------
 
 
-def _pretrained_dir(path: Path) -> Path:
-    """The model directory inside a pretrain artifact (``model/``, or the artifact itself)."""
-    return path / MODEL_DIR if (path / MODEL_DIR / checkpoint.CONFIG).is_file() else path
-
-
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     fcfg = cfg.finetune
     if fcfg.threads:
         torch.set_num_threads(fcfg.threads)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     template = ChatTemplate(tokenizer)
-    model = checkpoint.load_model(_pretrained_dir(inputs["pretrain"]), device="cpu")
+    model = checkpoint.load_model(checkpoint.model_directory(inputs["pretrain"]), device="cpu")
     block = model.cfg.block_size
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise DataError(
@@ -285,7 +271,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         model, delta = merge_lora(trainable, hx[:4].to(device))
         metrics["lora_merge_max_abs_dlogits"] = delta
         tracker.log_metrics({"finetune/lora_merge_max_abs_dlogits": delta})
-    checkpoint.save_model(out / MODEL_DIR, model.to("cpu"))
+    checkpoint.save_model(out / checkpoint.MODEL_DIR, model.to("cpu"))
 
     (out / "curve.json").write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
     data = {

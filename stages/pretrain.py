@@ -26,21 +26,19 @@ from typing import Any
 
 import torch
 
-from stages import checkpoint as ckpt
-from stages import distributed
-from stages.artifacts import CHECKPOINTS
-from stages.batches import RandomWindows, fixed_windows
-from stages.config import PipelineConfig
-from stages.errors import DataError
-from stages.model import GPT, GPTConfig
-from stages.shards import TokenShards
-from stages.tracking import Tracker
-from stages.training import evaluate_loss, train
+from stages.training import checkpoint as ckpt
+from stages.training.checkpoint import MODEL_DIR
+from stages.training import distributed
+from stages.storage.artifacts import CHECKPOINTS
+from stages.training.batches import RandomWindows, fixed_windows
+from stages.core.config import PipelineConfig
+from stages.core.errors import DataError
+from stages.lm.model import GPT, GPTConfig
+from stages.storage.shards import TokenShards
+from stages.core.tracking import Tracker
+from stages.training.loop import evaluate_loss, train
 
-SECTIONS = ("pretrain",)
-INPUTS = ("tokenizer", "data")
 
-MODEL_DIR = "model"
 CURVE = "curve.json"
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 

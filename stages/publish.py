@@ -31,12 +31,10 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from stages.config import PipelineConfig
-from stages.errors import ArtifactError, GptpipeError
-from stages.tracking import Tracker
+from stages.core.config import PipelineConfig
+from stages.core.errors import ArtifactError, GptpipeError
+from stages.core.tracking import Tracker
 
-SECTIONS = ("publish",)
-INPUTS = ("export",)
 
 NETRON_DIR = "netron"
 GRAPHS_DIR = "graphs"

@@ -1,13 +1,9 @@
 """Run one stage under the artifact contract: key it, reuse it, or build it atomically.
 
-Each stage module exposes three names:
-
-* ``SECTIONS`` — the recipe sections it reads (they, and only they, enter its cache key);
-* ``INPUTS`` — the upstream stages whose artifacts it consumes (or ``inputs_for(cfg)`` when the
-  recipe chooses, as export does between the fine-tuned and the base model);
-* ``run(cfg, inputs, out, tracker) -> dict`` — does the work, writing files under ``out``
-  (a fresh directory), reading input artifacts from local directories, and returning
-  summary metrics for the manifest.
+What a stage reads (recipe sections, upstream artifacts) is declared in ``stages.registry``;
+its module exposes ``run(cfg, inputs, out, tracker) -> dict``, which does the work, writing files
+under ``out`` (a fresh directory), reading input artifacts from local directories, and returning
+summary metrics for the manifest.
 
 This module is the one place that turns that into a content-keyed, verified,
 all-or-nothing artifact. The Prefect flow and ``python -m stages`` both call it.
@@ -22,24 +18,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from stages.artifacts import ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
-from stages.config import PipelineConfig
-from stages.errors import ArtifactError
-from stages.storage import Store
-from stages.tracking import MemoryTracker, Tracker
+from stages.storage.artifacts import ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
+from stages.core.config import PipelineConfig
+from stages.core.errors import ArtifactError
+from stages.storage.stores import Store
+from stages.core.tracking import MemoryTracker, Tracker
+from stages.registry import stage
 
 log = logging.getLogger("gptpipe.runner")
-
-STAGE_MODULES = {
-    "tokenizer": "stages.tokenizer",
-    "data": "stages.data",
-    "pretrain": "stages.pretrain",
-    "finetune": "stages.finetune",
-    "evaluate": "stages.evaluate",
-    "export": "stages.export",
-    "publish": "stages.publish",
-}
-
 
 @dataclass
 class StageResult:
@@ -50,25 +36,21 @@ class StageResult:
 
 
 def stage_module(name: str) -> ModuleType:
-    if name not in STAGE_MODULES:
-        raise ArtifactError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name])
+    return importlib.import_module(stage(name).module)
 
 
 def stage_inputs(name: str, cfg: PipelineConfig) -> tuple[str, ...]:
     """Upstream stages this stage reads under ``cfg`` (a stage may choose, e.g. export's source)."""
-    module = stage_module(name)
-    chooser = getattr(module, "inputs_for", None)
-    return tuple(chooser(cfg)) if chooser else tuple(module.INPUTS)
+    return stage(name).inputs_for(cfg)
 
 
 def stage_config(name: str, cfg: PipelineConfig) -> dict[str, Any]:
     """The resolved sections a stage reads, as plain data (what its cache key and params hold)."""
-    module = stage_module(name)
-    config = {section: getattr(cfg, section).model_dump(mode="json") for section in module.SECTIONS}
-    if "corpus" in module.SECTIONS:
+    sections = stage(name).sections
+    config = {section: getattr(cfg, section).model_dump(mode="json") for section in sections}
+    if "corpus" in sections:
         # The corpus files themselves are an input: an edited file must not reuse stale outputs.
-        from stages.corpus import fingerprint
+        from stages.storage.corpus import fingerprint
 
         config["corpus"]["fingerprint"] = fingerprint(cfg.corpus)
     return config
@@ -80,7 +62,7 @@ def _key_parts(
     """What a stage's content key hashes: its config sections, the inputs it reads, its code version."""
     needs = stage_inputs(name, cfg)
     needed = {n: ref for n, ref in inputs.items() if n in needs}
-    return stage_config(name, cfg), needed, code_version(getattr(stage_module(name), "__name__", None))
+    return stage_config(name, cfg), needed, code_version(stage(name).module)
 
 
 def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:

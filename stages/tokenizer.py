@@ -1,4 +1,4 @@
-"""Stage ``tokenizer``: train a SentencePiece model on the corpus, and the ``Tokenizer`` class.
+"""Stage ``tokenizer``: train a SentencePiece model on the corpus (the class is ``stages.lm.tokenizer``).
 
 Source code must survive a round trip byte for byte, so the trainer runs with the
 ``identity`` normalization (no NFKC, no whitespace squeezing), whitespace-only pieces (runs
@@ -7,13 +7,7 @@ input string as one "sentence" and never learns a newline piece on its own, so d
 fed line by line and ``"\\n"`` is a *user-defined symbol*: a reserved piece that always
 encodes as its own single id. Nothing is remapped; ``decode`` gives the newline back as is.
 
-Reserved ids (same in every model)::
-
-    0 <unk>   1 <s> (BOS)   2 </s> (EOS)   3 <pad>
-    4 <|system|>   5 <|user|>   6 <|assistant|>   7 <|end|>   8 "\\n"
-
-BOS/EOS/PAD are control ids: text never produces them. The chat markers are user-defined, so
-the literal string ``<|user|>`` in a chat transcript encodes as exactly one id.
+The reserved ids are listed in ``stages/lm/tokenizer.py``.
 
 Outputs: ``tokenizer.model`` (the SentencePiece proto), ``tokenizer.vocab`` (one ``piece\\tscore``
 per line, pieces JSON-escaped so the newline piece stays on one line) and ``tokenizer.json``
@@ -31,22 +25,27 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sentencepiece as spm
 
-from stages.config import PipelineConfig, TokenizerConfig
-from stages.corpus import read_corpus
-from stages.errors import ArtifactError, DataError
-from stages.tracking import Tracker
+from stages.core.config import PipelineConfig, TokenizerConfig
+from stages.storage.corpus import read_corpus
+from stages.core.errors import DataError
+from stages.core.tracking import Tracker
+from stages.lm.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    FORMAT,
+    INFO_FILE,
+    MODEL_FILE,
+    NEWLINE,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    VOCAB_FILE,
+    Tokenizer,
+)
 
-SECTIONS = ("corpus", "tokenizer")
-INPUTS = ()
 
-SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-NEWLINE = "\n"
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-MODEL_FILE, VOCAB_FILE, INFO_FILE = "tokenizer.model", "tokenizer.vocab", "tokenizer.json"
-FORMAT = "gptpipe-sentencepiece/1"
 # SentencePiece drops training sentences longer than max_sentence_length bytes; long lines
 # are cut into pieces of at most _LINE_CHARS characters (4 bytes each at worst) instead.
 _MAX_SENTENCE_BYTES = 16384
@@ -59,80 +58,6 @@ _TRAINER_SETTINGS = {
     "add_dummy_prefix": False,
     "split_by_whitespace": True,
 }
-
-
-class Tokenizer:
-    """A trained SentencePiece model plus the project's reserved ids."""
-
-    def __init__(self, model_proto: bytes, info: dict[str, Any] | None = None, source: str = "<memory>"):
-        self.model_proto = model_proto
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.info = info or {}
-        self.vocab_size: int = self.processor.get_piece_size()
-        self.unk_id: int = self.processor.unk_id()
-        self.bos_id: int = self.processor.bos_id()
-        self.eos_id: int = self.processor.eos_id()
-        self.pad_id: int = self.processor.pad_id()
-        self.special: dict[str, int] = {tok: self.processor.piece_to_id(tok) for tok in SPECIAL_TOKENS}
-        missing = [tok for tok, i in self.special.items() if self.processor.id_to_piece(i) != tok]
-        if missing or min(self.bos_id, self.eos_id, self.pad_id) < 0:
-            raise ArtifactError(f"{source}: tokenizer lacks reserved tokens {missing or ['bos/eos/pad']}; retrain it with stage 'tokenizer'")
-        self.newline_id: int = self.processor.piece_to_id(NEWLINE)
-        self._hidden = {self.bos_id, self.eos_id, self.pad_id, *self.special.values()}
-        self._byte_lengths: np.ndarray | None = None
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Tokenizer:
-        """Load ``tokenizer.model`` (+ ``tokenizer.json``) from a tokenizer artifact directory."""
-        directory = Path(directory)
-        model = directory / MODEL_FILE
-        if not model.is_file():
-            raise ArtifactError(f"{directory}: no {MODEL_FILE}; pass the output directory of stage 'tokenizer'")
-        info_path = directory / INFO_FILE
-        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-        return cls(model.read_bytes(), info, str(directory))
-
-    # -- encoding -------------------------------------------------------------------------
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.processor.encode(text, add_bos=bos, add_eos=eos)
-
-    def encode_batch(self, texts: Iterable[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        return self.processor.encode(list(texts), add_bos=bos, add_eos=eos)
-
-    def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
-        """Text of ``ids``. BOS/EOS/PAD, the chat markers (unless ``keep_special``) and ids outside
-        the vocabulary (a model may pad its embedding table) are dropped."""
-        hidden = {self.bos_id, self.eos_id, self.pad_id} if keep_special else self._hidden
-        kept = [i for i in (int(x) for x in ids) if 0 <= i < self.vocab_size and i not in hidden]
-        return self.processor.decode(kept)
-
-    def id_to_piece(self, index: int) -> str:
-        return self.processor.id_to_piece(int(index))
-
-    def piece_to_id(self, piece: str) -> int:
-        return self.processor.piece_to_id(piece)
-
-    # -- byte accounting (bits per byte) ---------------------------------------------------
-
-    @property
-    def byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each id contributes to decoded text (0 for control ids and chat markers)."""
-        if self._byte_lengths is None:
-            lengths = np.zeros(self.vocab_size, dtype=np.int64)
-            for i in range(self.vocab_size):
-                if i in self._hidden or self.processor.is_control(i) or self.processor.is_unknown(i):
-                    continue
-                if self.processor.is_byte(i):
-                    lengths[i] = 1
-                else:
-                    lengths[i] = len(self.processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-            self._byte_lengths = lengths
-        return self._byte_lengths
-
-    def token_bytes(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per-id UTF-8 byte counts; ``token_bytes(ids).sum()`` is the byte size of the text."""
-        return self.byte_lengths[np.asarray(ids, dtype=np.int64)]
 
 
 # ------------------------------------------------------------------------------ training

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.config import PipelineConfig, load_config
-from stages.corpus import stdlib_root
+from stages.core.config import PipelineConfig, load_config
+from stages.storage.corpus import stdlib_root
 from stages.runner import StageResult, run_stage
-from stages.storage import LocalStore
+from stages.storage.stores import LocalStore
 
 # Micro settings every test starts from: a tiny vocabulary trained on a few hundred KB.
 MICRO = ["tokenizer.vocab_size=400", "tokenizer.train_bytes=200000", "tokenizer.threads=1", "data.workers=1"]

@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 
-from stages.artifacts import ArtifactRef, Manifest, files_digest, hash_files
-from stages.chat import write_chat_jsonl
-from stages.checkpoint import save_model
-from stages.config import TokenizerConfig, parse_config
-from stages.model import GPT, GPTConfig
-from stages.storage import LocalStore
-from stages.tasks import make_items
-from stages.tokenizer import Tokenizer, train_model, write_artifact
+from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
+from stages.lm.chat import write_chat_jsonl
+from stages.training.checkpoint import save_model
+from stages.core.config import TokenizerConfig, parse_config
+from stages.lm.model import GPT, GPTConfig
+from stages.storage.stores import LocalStore
+from stages.lm.tasks import make_items
+from stages.lm.tokenizer import Tokenizer
+from stages.tokenizer import train_model, write_artifact
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.
 MICRO = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}

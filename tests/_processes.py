@@ -11,7 +11,7 @@ from pathlib import Path
 def start_process(command: list[str], health: str | None = None, env: dict | None = None,
                   timeout: float = 90) -> subprocess.Popen:
     """A child server; waits for its health URL (or a 'ready' line on stdout) before returning."""
-    from flows.services import wait_healthy
+    from flows.cli.services import wait_healthy
 
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env)

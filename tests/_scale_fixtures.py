@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.artifacts import ArtifactRef
-from stages.storage import LocalStore
+from stages.storage.artifacts import ArtifactRef
+from stages.storage.stores import LocalStore
 from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]

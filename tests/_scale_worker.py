@@ -76,10 +76,10 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from stages.config import parse_config
-    from stages.errors import GptpipeError
+    from stages.core.config import parse_config
+    from stages.core.errors import GptpipeError
     from stages.runner import run_stage
-    from stages.storage import LocalStore, ref_from_path
+    from stages.storage.stores import LocalStore, ref_from_path
 
     torch.set_num_threads(1)
     if args.sigkill_in_checkpoint is not None:

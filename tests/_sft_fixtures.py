@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from stages.artifacts import ArtifactRef
-from stages.config import PipelineConfig, load_config
-from stages.model import GPT, GPTConfig
+from stages.storage.artifacts import ArtifactRef
+from stages.core.config import PipelineConfig, load_config
+from stages.lm.model import GPT, GPTConfig
 from stages.runner import run_stage
-from stages.storage import LocalStore
+from stages.storage.stores import LocalStore
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 

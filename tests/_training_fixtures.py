@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.artifacts import ArtifactRef, Manifest, files_digest, hash_files
-from stages.config import TrainConfig
-from stages.model import GPT, GPTConfig
-from stages.shards import INDEX, ShardWriter, dtype_for
-from stages.storage import LocalStore
+from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
+from stages.core.config import TrainConfig
+from stages.lm.model import GPT, GPTConfig
+from stages.storage.shards import INDEX, ShardWriter, dtype_for
+from stages.storage.stores import LocalStore
 
 VOCAB = 500
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from stages import runner
-from stages.artifacts import ArtifactRef, cache_key, read_manifest, verify
-from stages.config import load_config
-from stages.errors import ArtifactError, DataError
-from stages.storage import LocalStore
+from stages.storage.artifacts import ArtifactRef, cache_key, read_manifest, verify
+from stages.core.config import load_config
+from stages.core.errors import ArtifactError, DataError
+from stages.registry import Stage
+from stages.storage.stores import LocalStore
 
 
 def fake_stage(calls: list, fail: bool = False):
@@ -26,14 +27,20 @@ def fake_stage(calls: list, fail: bool = False):
         (out / "sub" / "b.bin").write_bytes(b"\x00\x01")
         return {"answer": 42}
 
-    return types.SimpleNamespace(SECTIONS=("tokenizer",), INPUTS=(), run=run)
+    return types.SimpleNamespace(run=run)
+
+
+def declare(monkeypatch, modules: dict, sections=("tokenizer",), inputs=()) -> None:
+    """Register fake stages (name -> module) with the runner, as ``stages.registry`` declares real ones."""
+    specs = {name: Stage(name, "a test stage", sections, inputs) for name in modules}
+    monkeypatch.setattr(runner, "stage", lambda name: specs[name])
+    monkeypatch.setattr(runner, "stage_module", lambda name: modules[name])
 
 
 @pytest.fixture
 def patched(monkeypatch):
     calls: list = []
-    modules = {"ok": fake_stage(calls), "bad": fake_stage(calls, fail=True)}
-    monkeypatch.setattr(runner, "stage_module", lambda name: modules[name])
+    declare(monkeypatch, {"ok": fake_stage(calls), "bad": fake_stage(calls, fail=True)})
     return calls
 
 
@@ -78,17 +85,51 @@ def test_tampered_artifact_is_refused(tmp_path: Path, patched):
 
 
 def test_missing_input_is_named(tmp_path: Path, monkeypatch):
-    module = types.SimpleNamespace(SECTIONS=(), INPUTS=("tokenizer",), run=lambda *a: {})
-    monkeypatch.setattr(runner, "stage_module", lambda name: module)
+    declare(monkeypatch, {"data": types.SimpleNamespace(run=lambda *a: {})}, sections=(), inputs=("tokenizer",))
     with pytest.raises(ArtifactError, match="needs input artifact.*tokenizer"):
         runner.run_stage("data", load_config(None), {}, LocalStore(tmp_path))
 
 
 def test_code_version_follows_a_stages_own_imports():
-    from stages.artifacts import _local_imports, code_version
+    from stages.storage.artifacts import _local_imports, code_version
 
     root = Path(__file__).resolve().parents[1] / "stages"
-    assert "stages.corpus" in _local_imports(root / "tokenizer.py", "stages")
-    assert "stages.model" not in _local_imports(root / "tokenizer.py", "stages")
+    assert "stages.storage.corpus" in _local_imports(root / "tokenizer.py", "stages")
+    assert "stages.lm.model" not in _local_imports(root / "tokenizer.py", "stages")
     assert code_version("stages.tokenizer") != code_version("stages.pretrain")
     assert code_version("stages.tokenizer") == code_version("stages.tokenizer")
+
+
+def test_keys_cover_only_the_code_that_shapes_an_output(tmp_path: Path, monkeypatch):
+    """Editing the MLflow adapter or a field's description re-keys nothing; editing the model re-keys pretrain."""
+    import shutil
+
+    from stages.storage import artifacts
+    from stages.registry import STAGES
+
+    package = Path(__file__).resolve().parents[1] / "stages"
+    copy = tmp_path / "stages"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    fake_file = copy / "storage" / "artifacts.py"
+    monkeypatch.setattr(artifacts, "__file__", str(fake_file))
+
+    def versions() -> dict[str, str]:
+        return {s.name: artifacts.code_version(s.module) for s in STAGES}
+
+    before = versions()
+    assert len(set(before.values())) == len(before)  # every stage has its own code
+
+    tracking = copy / "core" / "tracking.py"
+    tracking.write_text(tracking.read_text() + "\n\ndef register_onnx_v2():\n    return None\n")
+    config = copy / "core" / "config.py"
+    text = config.read_text()
+    assert 'description="Recipe name, used in run names and tags."' in text
+    config.write_text(text.replace('description="Recipe name, used in run names and tags."', 'description="Renamed."'))
+    assert versions() == before
+
+    model = copy / "lm" / "model.py"
+    model.write_text(model.read_text() + "\n# a change to the model code\nEXTRA = 1\n")
+    after = versions()
+    assert after["pretrain"] != before["pretrain"]
+    assert after["tokenizer"] == before["tokenizer"] and after["data"] == before["data"]
+    assert all(after[name] != before[name] for name in ("finetune", "evaluate", "export"))

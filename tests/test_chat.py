@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from stages.chat import IGNORE, ChatTemplate, read_chat_jsonl, validate_messages, write_chat_jsonl
-from stages.errors import ConfigError, DataError
-from stages.tasks import TASKS, exact_match, is_heldout, make_items, normalize_answer
+from stages.lm.chat import IGNORE, ChatTemplate, read_chat_jsonl, validate_messages, write_chat_jsonl
+from stages.core.errors import ConfigError, DataError
+from stages.lm.tasks import TASKS, exact_match, is_heldout, make_items, normalize_answer
 from tests._sft_fixtures import CharTokenizer
 
 CONVO = [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import PipelineConfig, load_config
-from stages.errors import ConfigError
+from stages.core.config import PipelineConfig, load_config
+from stages.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))

@@ -12,8 +12,8 @@ import pytest
 
 from flows.containers import job_variables
 from flows.stage_flow import handoff_row, read_handoff_row
-from stages.config import parse_config
-from stages.errors import ConfigError
+from stages.core.config import parse_config
+from stages.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from _data_fixtures import UNICODE_DOCS, stdlib_documents, write_corpus
-from stages.config import CorpusConfig, load_config
-from stages.corpus import fingerprint, list_files, read_corpus, stdlib_root
-from stages.errors import ConfigError, DataError
+from stages.core.config import CorpusConfig, load_config
+from stages.storage.corpus import fingerprint, list_files, read_corpus, stdlib_root
+from stages.core.errors import ConfigError, DataError
 
 
 def corpus(source: Path | str, **fields) -> CorpusConfig:

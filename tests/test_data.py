@@ -11,10 +11,10 @@ import pytest
 
 from _data_fixtures import UNICODE_DOCS, micro_config, run, stdlib_documents, write_corpus
 from stages import data
-from stages.corpus import read_corpus
-from stages.errors import DataError
-from stages.shards import TokenShards
-from stages.tokenizer import Tokenizer
+from stages.storage.corpus import read_corpus
+from stages.core.errors import DataError
+from stages.storage.shards import TokenShards
+from stages.lm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from flows.launch import command_line, needs_torchrun, run_stage_torchrun, torchrun_args
-from stages import checkpoint as ckpt
-from stages.batches import RandomWindows, for_rank
-from stages.config import parse_config
-from stages.errors import ConfigError
+from stages.training import checkpoint as ckpt
+from stages.training.batches import RandomWindows, for_rank
+from stages.core.config import parse_config
+from stages.core.errors import ConfigError
 from stages.runner import run_stage
-from stages.shards import TokenShards
-from stages.storage import LocalStore
-from stages.tracking import MemoryTracker
+from stages.storage.shards import TokenShards
+from stages.storage.stores import LocalStore
+from stages.core.tracking import MemoryTracker
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
 
 STEPS = 12

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from stages.chat import ChatTemplate
+from stages.lm.chat import ChatTemplate
 from stages.evaluate import answer_items, score
-from stages.plots import plot_curves, read_curve
+from stages.core.plots import plot_curves, read_curve
 from stages.runner import run_stage
-from stages.shards import TokenShards
-from stages.tracking import MemoryTracker
+from stages.storage.shards import TokenShards
+from stages.core.tracking import MemoryTracker
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
 
 torch.set_num_threads(1)

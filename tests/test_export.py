@@ -16,13 +16,14 @@ from onnx import numpy_helper
 
 from _export_fixtures import export_config, exported, make_model
 from stages import export
-from stages.checkpoint import load_model
-from stages.errors import ConfigError, ParityError
-from stages.generate import generate, generate_ids
-from stages.onnx_runtime import OnnxGenerator
+from stages.training.checkpoint import load_model
+from stages.core.errors import ConfigError, ParityError
+from stages.lm.generate import generate, generate_ids
+from stages.lm.onnx_runtime import OnnxGenerator
+from stages.registry import stage
 from stages.runner import run_stage
-from stages.storage import LocalStore
-from stages.tokenizer import Tokenizer
+from stages.storage.stores import LocalStore
+from stages.lm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def test_onnx_generator_runs_without_torch(good):
     script = (
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"
-        "from stages.onnx_runtime import OnnxGenerator\n"
+        "from stages.lm.onnx_runtime import OnnxGenerator\n"
         f"g = OnnxGenerator({str(good.export_dir)!r}, threads=1)\n"
         "ids = g.generate_ids([5, 6, 7], 4)\n"
         "text = g.generate('Sort: c a b', max_new_tokens=4)\n"
@@ -172,7 +173,7 @@ def test_missing_source_artifact_is_a_config_error(good, tmp_path):
     cfg = export_config(tmp_path, source="pretrain")
     with pytest.raises(ConfigError, match=r"export.source = 'pretrain'.*--input pretrain="):
         export.run(cfg, {"tokenizer": Path(good.inputs["tokenizer"].uri), "finetune": good.model_dir}, tmp_path, None)
-    assert export.inputs_for(cfg) == ("tokenizer", "pretrain")
+    assert stage("export").inputs_for(cfg) == ("tokenizer", "pretrain")
 
 
 def test_export_json_describes_the_graphs(good):

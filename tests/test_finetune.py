@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from stages import checkpoint
-from stages.chat import IGNORE, ChatTemplate, read_chat_jsonl
-from stages.config import FinetuneConfig
-from stages.errors import ConfigError, DataError
+from stages.training import checkpoint
+from stages.lm.chat import IGNORE, ChatTemplate, read_chat_jsonl
+from stages.core.config import FinetuneConfig
+from stages.core.errors import ConfigError, DataError
 from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack, replay_rows
-from stages.model import GPT
+from stages.lm.model import GPT
 from stages.runner import run_stage
-from stages.tasks import is_heldout
-from stages.tracking import MemoryTracker
-from stages.training import train
+from stages.lm.tasks import is_heldout
+from stages.core.tracking import MemoryTracker
+from stages.training.loop import train
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
 
 torch.set_num_threads(1)
@@ -150,9 +150,9 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
 
 
 def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows():
-    from stages.batches import RandomWindows
+    from stages.training.batches import RandomWindows
     from stages.runner import stage_inputs
-    from stages.shards import TokenShards
+    from stages.storage.shards import TokenShards
 
     store, refs = micro_upstream()
     cfg = micro_config()

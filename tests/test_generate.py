@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.generate import generate, generate_greedy_batch, generate_ids
+from stages.lm.generate import generate, generate_greedy_batch, generate_ids
 from tests._sft_fixtures import CharTokenizer, tiny_gpt
 
 torch.set_num_threads(1)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.errors import ArtifactError
-from stages.training import build_optimizer
+from stages.training import checkpoint as ckpt
+from stages.core.errors import ArtifactError
+from stages.training.loop import build_optimizer
 from tests._training_fixtures import VOCAB, micro_config, micro_model
 
 

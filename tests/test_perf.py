@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from stages import perf
-from stages.config import parse_config
-from stages.distributed import PreemptionGuard
-from stages.errors import ConfigError
-from stages.tracking import MemoryTracker
-from stages.training import build_optimizer, train
+from stages.training import perf
+from stages.core.config import parse_config
+from stages.training.distributed import PreemptionGuard
+from stages.core.errors import ConfigError
+from stages.core.tracking import MemoryTracker
+from stages.training.loop import build_optimizer, train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
 CPU = torch.device("cpu")

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.config import parse_config
-from stages.errors import DataError
+from stages.training import checkpoint as ckpt
+from stages.core.config import parse_config
+from stages.core.errors import DataError
 from stages.runner import run_stage
-from stages.storage import LocalStore
-from stages.tracking import MemoryTracker
+from stages.storage.stores import LocalStore
+from stages.core.tracking import MemoryTracker
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards
 
 
@@ -60,9 +60,9 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     assert [s for s, _ in tracker.metrics["val_loss"]] == [0, 10, 20]
 
     # Loaded weights reproduce the recorded final validation loss (same fixed val windows).
-    from stages.batches import fixed_windows
-    from stages.shards import TokenShards
-    from stages.training import evaluate_loss
+    from stages.training.batches import fixed_windows
+    from stages.storage.shards import TokenShards
+    from stages.training.loop import evaluate_loss
 
     val = fixed_windows(TokenShards(inputs["data"].uri, "val"), 32, 8, 2)
     assert evaluate_loss(model, val) == pytest.approx(metrics["final_val_loss"], abs=1e-3)

@@ -13,10 +13,10 @@ import torch
 
 from _export_fixtures import exported
 from stages import publish
-from stages.config import parse_config
-from stages.errors import ArtifactError
+from stages.core.config import parse_config
+from stages.core.errors import ArtifactError
 from stages.runner import run_stage
-from stages.storage import LocalStore
+from stages.storage.stores import LocalStore
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.recipe_reference import reference_markdown
+from flows.cli.recipe_reference import reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

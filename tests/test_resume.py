@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.errors import TrainingError
-from stages.tracking import MemoryTracker
-from stages.training import train
+from stages.training import checkpoint as ckpt
+from stages.core.errors import TrainingError
+from stages.core.tracking import MemoryTracker
+from stages.training.loop import train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from _data_fixtures import HELDOUT_TEXTS, UNICODE_DOCS, micro_config, run, stdlib_documents, write_corpus
-from stages.errors import ArtifactError, DataError
-from stages.tokenizer import SPECIAL_TOKENS, Tokenizer, split_heldout, train_model
+from stages.core.errors import ArtifactError, DataError
+from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
+from stages.tokenizer import split_heldout, train_model
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_corpus_too_small_for_vocab_is_a_helpful_error(tmp_path):
 
 
 def test_vocab_too_small_for_characters_is_a_helpful_error():
-    from stages.config import TokenizerConfig
+    from stages.core.config import TokenizerConfig
 
     many_chars = ["".join(chr(0x4E00 + i) for i in range(500))] * 3
     cfg = TokenizerConfig(vocab_size=300, character_coverage=1.0)

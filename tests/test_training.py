@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.errors import ConfigError, TrainingError
-from stages.tracking import MemoryTracker
-from stages.training import build_optimizer, evaluate_loss, lr_at, resolve_device, train
+from stages.training import checkpoint as ckpt
+from stages.core.errors import ConfigError, TrainingError
+from stages.core.tracking import MemoryTracker
+from stages.training.loop import build_optimizer, evaluate_loss, lr_at, resolve_device, train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
 

@@ -1,6 +1,6 @@
 """Real servers for the integration tests: Prefect, MLflow (SQLite + S3 artifacts) and moto S3.
 
-They are started once per session through ``flows.services`` (the same supervisor
+They are started once per session through ``flows.cli.services`` (the same supervisor
 ``gptpipe services up`` uses) on free 127.0.0.1 ports, under a temporary home, and stopped
 at teardown. ``client_env`` is what a gptpipe process needs to use them.
 """
@@ -14,7 +14,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    from flows import services as svc
+    from flows.cli import services as svc
 
     home = tmp_path_factory.mktemp("services")
     # A short scheduler loop so a new deployment's cron runs appear within seconds.

@@ -24,7 +24,7 @@ BUCKET = "gptpipe-test"
 
 @pytest.fixture(scope="module")
 def moto():
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     port = free_port()
     proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", timeout=60)
@@ -37,7 +37,7 @@ def endpoint(moto, monkeypatch, tmp_path):
     """A killable proxy in front of moto; the environment points gptpipe's S3 client at it."""
     import boto3
 
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     port = free_port()
     state = {"proxy": start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]), "port": port}
@@ -57,7 +57,7 @@ def endpoint(moto, monkeypatch, tmp_path):
 
 
 def micro(store: str, *extra: str):
-    from stages.config import load_config
+    from stages.core.config import load_config
 
     return load_config(MICRO, [f"artifacts.store={store}", *extra])
 
@@ -68,8 +68,8 @@ def keys_under(client, prefix: str) -> list[str]:
 
 def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, tmp_path):
     from stages.runner import plan_key, run_stage
-    from stages.s3 import S3Error
-    from stages.storage import S3Store
+    from stages.storage.s3 import S3Error
+    from stages.storage.stores import S3Store
 
     store_uri = f"s3://{BUCKET}/outage"
     cfg = micro(store_uri, "corpus.max_bytes=120000", "tokenizer.train_bytes=120000")
@@ -109,10 +109,10 @@ def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, t
 
 
 def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_path):
-    from stages.artifacts import Manifest, files_digest, hash_files
-    from stages.errors import ArtifactError
-    from stages.s3 import MULTIPART_CHUNK
-    from stages.storage import S3Store
+    from stages.storage.artifacts import Manifest, files_digest, hash_files
+    from stages.core.errors import ArtifactError
+    from stages.storage.s3 import MULTIPART_CHUNK
+    from stages.storage.stores import S3Store
 
     store = S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "a")
     work = store.scratch("blob", "k1")
@@ -138,8 +138,8 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
 
 
 def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(endpoint, monkeypatch, tmp_path):
-    from stages.config import CorpusConfig
-    from stages.corpus import fingerprint, read_corpus
+    from stages.core.config import CorpusConfig
+    from stages.storage.corpus import fingerprint, read_corpus
 
     direct = endpoint["direct"]
     direct.put_object(Bucket=BUCKET, Key="corpus/b.txt", Body="second document\n".encode())
@@ -160,8 +160,8 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
 
 
 def test_missing_bucket_is_one_clear_line(endpoint):
-    from stages.errors import ArtifactError
-    from stages.storage import S3Store
+    from stages.core.errors import ArtifactError
+    from stages.storage.stores import S3Store
 
     with pytest.raises(ArtifactError, match="bucket does not exist") as failure:
         S3Store("s3://no-such-bucket/x").find("tokenizer", "k")

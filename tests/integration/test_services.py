@@ -27,7 +27,7 @@ def test_status_shows_every_service_healthy_and_env_file_points_at_them(services
 
 
 def test_supervisor_restarts_a_dead_service_and_down_stops_everything(tmp_path):
-    from flows import services as svc
+    from flows.cli import services as svc
 
     layout = svc.up(tmp_path, {"s3": 0}, bucket="restart-test", timeout=60, names=("s3",))
     try:
@@ -58,8 +58,8 @@ def test_supervisor_restarts_a_dead_service_and_down_stops_everything(tmp_path):
 
 def test_only_transient_failures_are_retried():
     from flows.stage_task import retry_transient
-    from stages.errors import ConfigError
-    from stages.s3 import S3Error
+    from stages.core.errors import ConfigError
+    from stages.storage.s3 import S3Error
 
     class Failed:
         def __init__(self, exc):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.artifacts import MANIFEST
+from stages.storage.artifacts import MANIFEST
 
 
 def run_stage_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -29,7 +29,7 @@ def run_stage_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def run_gptpipe_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """``gptpipe ARGV`` in this process (only for commands that fail before Prefect starts)."""
-    from flows.cli import main
+    from flows.cli.main import main
 
     capsys.readouterr()
     code = main(list(argv))
@@ -47,7 +47,7 @@ def error_line(code: int, err: str) -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    from stages.errors import GptpipeError
+    from stages.core.errors import GptpipeError
 
     assert isinstance(exc, GptpipeError), f"{type(exc).__name__} is not the project's error type: {exc}"
     message = str(exc)

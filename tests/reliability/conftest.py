@@ -20,7 +20,7 @@ MICRO_TOKENIZER = ["--set", "tokenizer.vocab_size=400", "--set", "tokenizer.trai
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     """A SQLite MLflow store shared by the suite (creating one costs seconds of migrations)."""
-    from stages.tracking import default_tracking_uri
+    from stages.core.tracking import default_tracking_uri
 
     return default_tracking_uri(tmp_path_factory.mktemp("mlflow"))
 
@@ -28,7 +28,7 @@ def tracking_uri(tmp_path_factory) -> str:
 @pytest.fixture
 def parent_run(tracking_uri, request) -> str:
     """A fresh parent run per test, so its child runs are exactly the ones this test made."""
-    from stages.tracking import start_run
+    from stages.core.tracking import start_run
 
     return start_run(tracking_uri, "reliability", run_name=request.node.name[:200]).run_id
 
@@ -44,7 +44,7 @@ def tiny_inputs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def moto_port():
     """A moto S3 server over HTTP (objects in memory, any credentials accepted)."""
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     port = free_port()
     proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/")
@@ -77,8 +77,8 @@ def s3_env(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory):
     """moto S3 + an MLflow server (artifacts proxied into the bucket), supervised by
-    ``flows.services`` exactly as ``gptpipe services up --only s3,mlflow`` runs them."""
-    from flows import services as svc
+    ``flows.cli.services`` exactly as ``gptpipe services up --only s3,mlflow`` runs them."""
+    from flows.cli import services as svc
 
     home = tmp_path_factory.mktemp("services")
     layout = svc.up(home, {"s3": 0, "mlflow": 0, "prefect": 0}, bucket="gptpipe", timeout=240, names=("s3", "mlflow"))

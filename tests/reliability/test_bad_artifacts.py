@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from stages.storage import LocalStore
+from stages.storage.stores import LocalStore
 from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
 
 from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli

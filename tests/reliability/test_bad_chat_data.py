@@ -19,10 +19,10 @@ GOOD = {"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assi
 def chat_inputs(tmp_path_factory):
     """(tokenizer ref, pretrain ref): a micro tokenizer trained here and an untrained 1-layer GPT."""
     from stages import checkpoint
-    from stages.model import GPT, GPTConfig
+    from stages.lm.model import GPT, GPTConfig
     from stages.runner import run_stage
-    from stages.storage import LocalStore
-    from stages.tokenizer import Tokenizer
+    from stages.storage.stores import LocalStore
+    from stages.lm.tokenizer import Tokenizer
     from tests._data_fixtures import micro_config
     from tests._training_fixtures import fake_artifact
 

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from stages.errors import DataError
-from stages.shards import ShardWriter
+from stages.core.errors import DataError
+from stages.storage.shards import ShardWriter
 from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
 
 from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli
@@ -83,7 +83,7 @@ def _pretrain_argv(store, inputs, *sets: str, tracking_uri: str, parent: str) ->
 
 
 def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_path, capsys, tracking_uri, parent_run):
-    from stages.storage import LocalStore
+    from stages.storage.stores import LocalStore
 
     inputs_store = LocalStore(tmp_path / "inputs")
     stream = repetitive_stream(length=300)
@@ -103,7 +103,7 @@ def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_
 
 def test_vocab_too_big_for_a_forced_uint16_dtype_is_refused_by_writer_and_reader(tmp_path, capsys, tracking_uri,
                                                                                  parent_run):
-    from stages.storage import LocalStore
+    from stages.storage.stores import LocalStore
 
     # The writer: ids above 65535 cannot go into uint16 shards; wrapping them would corrupt the data.
     writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=1000)

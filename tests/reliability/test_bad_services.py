@@ -54,7 +54,7 @@ def moto_with_auth():
     """A moto server that checks credentials after two requests (the health check, the bucket creation)."""
     import os
 
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     port = free_port()
     proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "2"})
@@ -81,7 +81,7 @@ def test_bad_s3_credentials_are_one_line_without_the_secret(moto_with_auth, s3_e
 
 
 def test_unreachable_mlflow_fails_the_stage_before_it_begins(tiny_inputs, tmp_path, capsys, monkeypatch):
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     monkeypatch.setenv("GPTPIPE_TRACKING_CONNECT_TIMEOUT", "1")
     dead = f"http://127.0.0.1:{free_port()}"
@@ -95,7 +95,7 @@ def test_unreachable_mlflow_fails_the_stage_before_it_begins(tiny_inputs, tmp_pa
 
 
 def test_unreachable_mlflow_fails_gptpipe_run_before_prefect_or_any_stage(tmp_path, capsys, monkeypatch):
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     monkeypatch.setenv("GPTPIPE_TRACKING_CONNECT_TIMEOUT", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:canary-password@127.0.0.1:{free_port()}")

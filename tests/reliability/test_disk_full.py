@@ -10,12 +10,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from stages import checkpoint as ckpt
-from stages.config import parse_config
-from stages.errors import ArtifactError
+from stages.training import checkpoint as ckpt
+from stages.core.config import parse_config
+from stages.core.errors import ArtifactError
 from stages.runner import plan_key, run_stage
-from stages.storage import LocalStore
-from stages.tracking import MemoryTracker
+from stages.storage.stores import LocalStore
+from stages.core.tracking import MemoryTracker
 
 from ._failure_checks import one_line
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.artifacts import MANIFEST, Manifest, read_manifest, verify
-from stages.chat import ROLES, read_chat_jsonl, validate_messages, write_chat_jsonl
-from stages.config import PipelineConfig, load_config, parse_config
-from stages.errors import ArtifactError, ConfigError, DataError, GptpipeError
+from stages.storage.artifacts import MANIFEST, Manifest, read_manifest, verify
+from stages.lm.chat import ROLES, read_chat_jsonl, validate_messages, write_chat_jsonl
+from stages.core.config import PipelineConfig, load_config, parse_config
+from stages.core.errors import ArtifactError, ConfigError, DataError, GptpipeError
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

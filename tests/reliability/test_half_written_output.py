@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from stages import tokenizer as tokenizer_stage
-from stages.artifacts import verify
+from stages.storage.artifacts import verify
 from stages.runner import plan_key, run_stage
-from stages.storage import LocalStore
+from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
 
 from .conftest import ROOT, clean_env
@@ -66,7 +66,7 @@ def test_process_dying_mid_write_leaves_only_a_hidden_work_directory(setup, tmp_
         import os
         from stages import tokenizer as stage
         from stages.runner import run_stage
-        from stages.storage import LocalStore
+        from stages.storage.stores import LocalStore
         from tests._data_fixtures import micro_config
 
         def half_then_die(tokenizer, tcfg, out):

@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from stages import checkpoint as ckpt
+from stages.training import checkpoint as ckpt
 
 from tests._scale_fixtures import result_of, run_worker
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import checkpoint as ckpt
-from stages.artifacts import Manifest, files_digest, hash_files, verify
-from stages.errors import ArtifactError
-from stages.storage import LocalStore
+from stages.training import checkpoint as ckpt
+from stages.storage.artifacts import Manifest, files_digest, hash_files, verify
+from stages.core.errors import ArtifactError
+from stages.storage.stores import LocalStore
 
 from ._failure_checks import one_line
 from .conftest import ROOT, clean_env
@@ -31,7 +31,7 @@ from .conftest import ROOT, clean_env
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_inputs, tmp_path_factory):
-    from stages.config import parse_config
+    from stages.core.config import parse_config
     from stages.runner import run_stage
 
     section = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "max_steps": 2, "batch_size": 2,
@@ -65,8 +65,8 @@ class _RunsCode:
 
 
 def test_a_checkpoint_whose_optimizer_state_would_run_code_is_refused_without_running_it(pretrained, tmp_path):
-    from stages.model import GPT
-    from stages.training import build_optimizer
+    from stages.lm.model import GPT
+    from stages.training.loop import build_optimizer
     from tests._training_fixtures import micro_config
 
     hostile = tmp_path / "hostile"
@@ -169,7 +169,7 @@ def test_a_symlink_out_of_an_artifact_is_refused_by_materialize(tmp_path):
 
 
 def test_every_service_command_binds_loopback(tmp_path):
-    from flows.services import START_ORDER, Layout
+    from flows.cli.services import START_ORDER, Layout
 
     layout = Layout(tmp_path)
     for name in START_ORDER:
@@ -180,7 +180,7 @@ def test_every_service_command_binds_loopback(tmp_path):
 
 
 def test_gptpipe_ui_binds_loopback(monkeypatch, tmp_path):
-    from flows import cli
+    from flows.cli import main as cli
 
     seen = {}
     monkeypatch.setattr(os, "execvp", lambda file, args: seen.setdefault("args", args))
@@ -220,7 +220,7 @@ def test_publish_serve_listens_on_loopback_only(tmp_path):
 def test_running_services_listen_on_loopback_only(servers):
     import psutil
 
-    from flows import services as svc
+    from flows.cli import services as svc
 
     for name, info in svc.status(servers.home).items():
         if name == "supervisor":

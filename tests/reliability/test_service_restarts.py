@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.artifacts import verify
+from stages.storage.artifacts import verify
 from stages.runner import run_stage
-from stages.storage import S3Store
+from stages.storage.stores import S3Store
 
 from tests._processes import start_process, stop_process
 
@@ -29,7 +29,7 @@ BUCKET = "restarts"
 def endpoint(moto_port):
     """A TCP proxy standing in for the S3 endpoint: ``outage()`` kills it now and starts it again
     on the same port a second later. moto behind it keeps the objects, like a restarted MinIO."""
-    from flows.services import free_port
+    from flows.cli.services import free_port
 
     port = free_port()
     command = [sys.executable, str(PROXY), str(port), str(moto_port)]
@@ -100,10 +100,10 @@ def test_mlflow_server_restarting_mid_training_loses_no_metric_and_the_run_finis
     import psutil
     from mlflow.tracking import MlflowClient
 
-    from flows import services as svc
-    from stages.config import parse_config
-    from stages.storage import LocalStore
-    from stages.tracking import start_run
+    from flows.cli import services as svc
+    from stages.core.config import parse_config
+    from stages.storage.stores import LocalStore
+    from stages.core.tracking import start_run
 
     # MLflow's client retries refused connections; shorter pauses than its default keep this test short.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -10,7 +10,7 @@ A source is one of
   (text in column ``text_field``), whether named directly or found in a directory.
 
 ``_SOURCE_KINDS`` maps a source to the function that lists its files; the ``s3://`` lister
-copies objects into a local cache first (``stages/s3.py``). Per file, ``_FILE_READERS`` picks
+copies objects into a local cache first (``stages/storage/s3.py``). Per file, ``_FILE_READERS`` picks
 how documents are pulled out of it.
 
 Files are visited in sorted order so the same source always yields the same documents in
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stages.config import CorpusConfig
-from stages.errors import DataError
+from stages.core.config import CorpusConfig
+from stages.core.errors import DataError
 
 STDLIB = "python-stdlib"
 # Directories of the standard library that are not the library itself: the test suite
@@ -112,7 +112,7 @@ def _list_file(cfg: CorpusConfig) -> list[Path]:
 def _list_s3(cfg: CorpusConfig) -> list[Path]:
     """``s3://bucket/key`` (one object) or ``s3://bucket/prefix`` (wanted objects under it), as
     local copies in the S3 cache; ordered by object key like a directory."""
-    from stages.s3 import sync_objects  # boto3 is only needed for s3:// sources
+    from stages.storage.s3 import sync_objects  # boto3 is only needed for s3:// sources
 
     return sync_objects(cfg.source, lambda key: _wanted(Path(key), cfg))
 
@@ -309,7 +309,7 @@ def fingerprint(cfg: CorpusConfig) -> str:
     if source_kind(cfg.source) == "s3":
         # The bucket's own listing (key, size, ETag): nothing is downloaded to fingerprint, and a
         # stage container and the orchestrator agree whatever their local caches are.
-        from stages.s3 import list_objects
+        from stages.storage.s3 import list_objects
 
         for item in list_objects(cfg.source, lambda key: _wanted(Path(key), cfg)):
             digest.update(f"{item['Key']}|{item['Size']}|{item.get('ETag', '')}\n".encode())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.artifacts import read_manifest
-from stages.errors import ArtifactError
+from stages.storage.artifacts import read_manifest
+from stages.core.errors import ArtifactError
 
 
 def newest_artifact(store: Path, stage: str) -> Path:
@@ -28,21 +28,20 @@ def tokenizer_dir_for(model_dir: Path) -> Path:
 def cmd_generate(args: argparse.Namespace) -> int:
     store = Path(args.store)
     if args.onnx is not None:
-        from stages.onnx_runtime import OnnxGenerator
+        from stages.lm.onnx_runtime import OnnxGenerator
 
         export_dir = Path(args.onnx) if args.onnx != "latest" else newest_artifact(store, "export")
         text = OnnxGenerator(export_dir).generate(args.prompt, max_new_tokens=args.max_new_tokens)
         print(text)
         return 0
 
-    from stages.checkpoint import load_model
-    from stages.generate import generate
-    from stages.tokenizer import Tokenizer
+    from stages.training.checkpoint import load_model, model_directory
+    from stages.lm.generate import generate
+    from stages.lm.tokenizer import Tokenizer
 
     model_dir = Path(args.model) if args.model else newest_artifact(store, args.stage)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else tokenizer_dir_for(model_dir)
-    weights = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
-    model = load_model(weights, device="cpu")
+    model = load_model(model_directory(model_dir), device="cpu")
     tokenizer = Tokenizer.load(tokenizer_dir)
     text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

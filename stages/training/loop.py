@@ -28,14 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages import checkpoint as ckpt
-from stages import distributed, perf
-from stages.batches import for_rank
-from stages.config import TrainConfig
-from stages.errors import ConfigError, TrainingError
-from stages.perf import autocast_for as autocast
-from stages.perf import resolve_device
-from stages.tracking import Tracker
+from stages.training import checkpoint as ckpt
+from stages.training import distributed
+from stages.training import perf
+from stages.training.batches import for_rank
+from stages.core.config import TrainConfig
+from stages.core.errors import ConfigError, TrainingError
+from stages.training.perf import autocast_for as autocast
+from stages.training.perf import resolve_device
+from stages.core.tracking import Tracker
 
 IGNORE_INDEX = -100
 

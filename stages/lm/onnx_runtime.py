@@ -2,7 +2,7 @@
 
 An export artifact describes itself in ``export.json`` (model shape, graph files, tensor
 names, tokenizer folder), so ``OnnxGenerator(export_dir)`` needs nothing else. Generation
-follows ``stages.generate.generate_ids`` step for step — cache while the context fits in
+follows ``stages.lm.generate.generate_ids`` step for step — cache while the context fits in
 ``block_size``, recompute the cropped window once it overflows — because the export's parity
 gate requires the two to produce the same token ids.
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from stages.errors import ArtifactError
+from stages.core.errors import ArtifactError
 
 META_FILE = "export.json"
 LOGITS_GRAPH = "model.onnx"
@@ -120,7 +120,7 @@ class OnnxGenerator:
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
         """New token ids after ``prompt_ids`` (a stop id included when hit), greedy.
 
-        Mirrors ``stages.generate.generate_ids`` with ``use_cache=True``: the cache holds every
+        Mirrors ``stages.lm.generate.generate_ids`` with ``use_cache=True``: the cache holds every
         token but the last one; once the context reaches ``block_size`` the cache is dropped and
         each step recomputes the last ``block_size`` tokens (RoPE has no positions beyond).
         """
@@ -150,14 +150,14 @@ class OnnxGenerator:
     def tokenizer(self) -> Any:
         """The tokenizer copied into the export (loaded on first use)."""
         if self._tokenizer is None:
-            from stages.tokenizer import Tokenizer
+            from stages.lm.tokenizer import Tokenizer
 
             self._tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_DIR)
         return self._tokenizer
 
     def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64) -> str:
         """Reply text to a user prompt (or message list) through the project's one chat template."""
-        from stages.chat import ChatTemplate
+        from stages.lm.chat import ChatTemplate
 
         if self._template is None:
             self._template = ChatTemplate(self.tokenizer)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.errors import DataError
-from stages.shards import TokenShards
+from stages.core.errors import DataError
+from stages.storage.shards import TokenShards
 
 
 def require_tokens(shards: TokenShards, block_size: int, field: str = "pretrain.model.block_size") -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.errors import GptpipeError, TrackingError
+from stages.core.errors import GptpipeError, TrackingError
 
 PARAM_LIMIT = 6000  # MLflow's maximum param value length
 # How long to wait for an http(s) tracking server before any work starts. MLflow's own client

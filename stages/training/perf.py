@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from stages.config import TrainConfig
-from stages.errors import ConfigError
+from stages.core.config import TrainConfig
+from stages.core.errors import ConfigError
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks per GPU, FLOP/s, from NVIDIA datasheets.
 # Matched against torch.cuda.get_device_name() in order: specific names before their families.
@@ -141,7 +141,7 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     """
     from torch.utils.checkpoint import checkpoint
 
-    from stages.model import Block
+    from stages.lm.model import Block
 
     count = 0
     for module in model.modules():
@@ -164,7 +164,7 @@ def compile_blocks(model: nn.Module) -> int:
     compile), it composes with FSDP2's per-block sharding, and ``Module.compile`` keeps the
     parameter names, so checkpoints do not grow an ``_orig_mod.`` prefix.
     """
-    from stages.model import Block
+    from stages.lm.model import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:

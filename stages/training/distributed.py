@@ -7,7 +7,7 @@ so the same training code runs unchanged in a plain process, a test, or on 8 GPU
 
 ``parallelize(model, plan, info, parallel)`` applies the run-time transformations in
 torchtitan's order — activation checkpointing, then compile, then data parallelism — outside
-the model file: ``stages/model.py`` never knows how it is being run.
+the model file: ``stages/lm/model.py`` never knows how it is being run.
 
 * ``ddp``: every rank holds the full weights; gradients are averaged in backward.
 * ``fsdp``: FSDP2 ``fully_shard`` per transformer block and on the root, so each rank holds
@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stages.errors import ConfigError
-from stages.perf import PerfPlan, compile_blocks, enable_activation_checkpointing
+from stages.core.errors import ConfigError
+from stages.training.perf import PerfPlan, compile_blocks, enable_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def parallelize(model: nn.Module, plan: PerfPlan, info: DistInfo, parallel: str 
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from stages.model import Block
+        from stages.lm.model import Block
 
         # The block returns its KV cache (views) beside the output; training never uses them,
         # so FSDP2's warning about in-place ops on returned views does not apply.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.errors import DataError
+from stages.core.errors import DataError
 
 log = logging.getLogger("gptpipe.chat")
 

@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.chat import END_TOKEN, Message
-from stages.errors import ConfigError
+from stages.lm.chat import END_TOKEN, Message
+from stages.core.errors import ConfigError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"

@@ -1,4 +1,4 @@
-"""Autoregressive generation for ``stages.model.GPT``: greedy or sampled, with a KV cache.
+"""Autoregressive generation for ``stages.lm.model.GPT``: greedy or sampled, with a KV cache.
 
 ``generate_ids`` is the reference the ONNX export compares against: keep its signature.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from stages.chat import ChatTemplate, ChatTokenizer, Message
-from stages.model import GPT
+from stages.lm.chat import ChatTemplate, ChatTokenizer, Message
+from stages.lm.model import GPT
 
 
 def _pick(

@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from stages.artifacts import CHECKPOINTS, MANIFEST, ArtifactRef, Manifest, read_manifest, verify
-from stages.errors import ArtifactError
+from stages.storage.artifacts import CHECKPOINTS, MANIFEST, ArtifactRef, Manifest, read_manifest, verify
+from stages.core.errors import ArtifactError
 
 
 class Store(Protocol):
@@ -109,7 +109,7 @@ def ref_from_path(path: str | Path) -> ArtifactRef:
 
 def default_s3_cache(uri: str) -> Path:
     """Where an S3 store keeps local copies: ``$GPTPIPE_S3_CACHE`` or ``~/.cache/gptpipe/s3``, per bucket/prefix."""
-    from stages.s3 import cache_root, split_uri
+    from stages.storage.s3 import cache_root, split_uri
 
     bucket, prefix = split_uri(uri)
     return cache_root() / "stores" / bucket / (prefix or "_root")
@@ -146,12 +146,12 @@ class S3Store:
         return f"s3://{self.bucket}/{self._object(stage, key)}"
 
     def _fail(self, exc: BaseException, action: str, where: str) -> ArtifactError:
-        from stages.s3 import as_error
+        from stages.storage.s3 import as_error
 
         return as_error(exc, action, where)
 
     def find(self, stage: str, key: str) -> Manifest | None:
-        from stages.s3 import is_missing, s3_errors
+        from stages.storage.s3 import is_missing, s3_errors
 
         name = self._object(stage, key, MANIFEST)
         try:
@@ -178,7 +178,7 @@ class S3Store:
         self.client.upload_file(str(path), self.bucket, name, Config=s3.transfer_config())
 
     def commit(self, scratch: Path, manifest: Manifest) -> ArtifactRef:
-        from stages.s3 import s3_errors
+        from stages.storage.s3 import s3_errors
 
         for rel in sorted(manifest.files):
             name = self._object(manifest.stage, manifest.key, rel)
@@ -196,7 +196,7 @@ class S3Store:
         return self.ref(manifest)
 
     def _stage_key(self, ref: ArtifactRef) -> tuple[str, str]:
-        from stages.s3 import split_uri
+        from stages.storage.s3 import split_uri
 
         bucket, name = split_uri(ref.uri)
         expected = self._object(ref.stage, "")
@@ -207,7 +207,7 @@ class S3Store:
 
     def materialize(self, ref: ArtifactRef) -> Path:
         """A verified local copy of ``ref``: the cached one if intact, else downloaded afresh."""
-        from stages.s3 import s3_errors
+        from stages.storage.s3 import s3_errors
 
         stage, key = self._stage_key(ref)
         cached = self.cache.find(stage, key)
@@ -252,7 +252,7 @@ class S3Store:
 
     def list_outputs(self, stage: str) -> dict[str, bool]:
         """``{key: complete}`` for every output prefix of ``stage`` (complete = has a manifest)."""
-        from stages.s3 import s3_errors
+        from stages.storage.s3 import s3_errors
 
         found: dict[str, bool] = {}
         base = self._object(stage, "") + "/"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import DataError
+from stages.core.errors import DataError
 
 INDEX = "shards.json"
 

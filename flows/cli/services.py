@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stages.errors import GptpipeError
+from stages.core.errors import GptpipeError
 
 DEFAULT_HOME = "runs/services"
 DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
@@ -268,7 +268,7 @@ def up(home: str | Path = DEFAULT_HOME, ports: dict[str, int] | None = None, buc
                     raise GptpipeError(f"services: port {port} for {name} is already in use; pick another with --{name}-port")
         (home / "logs").mkdir(exist_ok=True)
         log = open(home / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-        command = [sys.executable, "-m", "flows.services", "supervise", "--home", str(home),
+        command = [sys.executable, "-m", "flows.cli.services", "supervise", "--home", str(home),
                    "--bucket", bucket, "--services", ",".join(layout.names),
                    *[f"--{k}-port={v}" for k, v in layout.ports.items()]]
         supervisor = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -325,10 +325,10 @@ def status(home: str | Path = DEFAULT_HOME) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.services supervise --home DIR ...``: the supervisor's own entry point."""
+    """``python -m flows.cli.services supervise --home DIR ...``: the supervisor's own entry point."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m flows.services")
+    parser = argparse.ArgumentParser(prog="python -m flows.cli.services")
     parser.add_argument("action", choices=["supervise"])
     parser.add_argument("--home", required=True)
     parser.add_argument("--bucket", default="gptpipe")

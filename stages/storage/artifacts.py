@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from stages.errors import ArtifactError
+from stages.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 # Inside a stage's work directory: resumable state that survives a failed attempt (see storage.py).
@@ -127,41 +127,65 @@ def files_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Modules that never shape a stage's output and so stay out of every code version: the
+# tracking adapter (where metrics go), the recipe schema (its resolved values are in the key
+# already; its descriptions and error messages are not), the error types, and the stage
+# registry (what it declares enters the key as the sections' values and the inputs' digests).
+NOT_OUTPUT_SHAPING = frozenset({"stages.core.tracking", "stages.core.config", "stages.core.errors", "stages.registry"})
+
+
+def _module_path(root: Path, name: str) -> Path | None:
+    """File of module ``name`` (``stages.lm.model``) under the package ``root``, if it has one."""
+    rel = name.split(".", 1)[1].replace(".", "/") if "." in name else ""
+    for path in (root / f"{rel}.py", root / rel / "__init__.py"):
+        if rel and path.is_file():
+            return path
+    return None
+
+
 def _local_imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` that the file at ``path`` imports (statically, any depth in the file)."""
+    """Modules of ``package`` that the file at ``path`` imports (statically, any depth in the file).
+
+    ``from stages.lm import model`` names the module ``stages.lm.model``; ``from stages.lm.model
+    import GPT`` names ``stages.lm.model`` (``GPT`` is not a module and is dropped later).
+    """
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == package:
-                found |= {f"{package}.{alias.name}" for alias in node.names}
-            elif node.module.startswith(package + "."):
+            if node.module == package or node.module.startswith(package + "."):
                 found.add(node.module)
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith(package + ".")}
     return found
 
 
-def code_version(module: str | None = None) -> str:
-    """Hash of the code a stage runs: its module and every ``stages`` module it imports, transitively.
+def code_modules(module: str) -> list[str]:
+    """``module`` and every ``stages`` module it imports, transitively, that can shape its output."""
+    root = Path(__file__).resolve().parents[1]
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_path(root, name)
+        if name in seen or name in NOT_OUTPUT_SHAPING or path is None:
+            continue
+        seen.add(name)
+        todo.extend(_local_imports(path, root.name))
+    return sorted(seen)
 
-    Editing ``finetune.py`` therefore invalidates fine-tuning and what follows, not the tokenizer.
-    Without ``module``, every file of the package counts.
+
+def code_version(module: str | None = None) -> str:
+    """Hash of the code a stage runs: ``code_modules(module)``, or every file of the package.
+
+    Editing ``finetune.py`` therefore invalidates fine-tuning and what follows, not the tokenizer;
+    editing the MLflow adapter or a config field's description invalidates nothing.
     """
-    root = Path(__file__).resolve().parent
-    package = root.name
+    root = Path(__file__).resolve().parents[1]
     if module is None:
         files = sorted(root.rglob("*.py"))
     else:
-        seen: set[str] = set()
-        todo = [module]
-        while todo:
-            name = todo.pop()
-            path = root / (name.split(".", 1)[1].replace(".", "/") + ".py")
-            if name in seen or not path.is_file():
-                continue
-            seen.add(name)
-            todo.extend(_local_imports(path, package))
-        files = sorted(root / (name.split(".", 1)[1].replace(".", "/") + ".py") for name in seen)
+        files = sorted(_module_path(root, name) for name in code_modules(module))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode())

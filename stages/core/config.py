@@ -15,7 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.errors import ConfigError
+from stages.core.errors import ConfigError
+from stages.registry import STAGE_ORDER, StageName
 
 
 class Section(BaseModel):
@@ -32,7 +33,7 @@ class Section(BaseModel):
 
 
 class CorpusConfig(Section):
-    """Where the pretraining text comes from (read by ``stages/corpus.py``)."""
+    """Where the pretraining text comes from (read by ``stages/storage/corpus.py``)."""
 
     source: str = Field(
         "python-stdlib",
@@ -141,7 +142,7 @@ class TrainConfig(Section):
     seed: int = Field(1337, description="Seed for weights and batch order.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")
-    # --- performance switches (stages/perf.py); 'auto' = what pays off on the device ---
+    # --- performance switches (stages/training/perf.py); 'auto' = what pays off on the device ---
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model: 'auto' = on for CUDA, off on the CPU (no gain there)."
     )
@@ -163,7 +164,7 @@ class TrainConfig(Section):
         0.0, ge=0,
         description="Peak FLOP/s per device for MFU (0 = the GPU table, or a short matmul probe on CPUs/unknown devices).",
     )
-    # --- distributed (stages/distributed.py); launched by torchrun ---
+    # --- distributed (stages/training/distributed.py); launched by torchrun ---
     nproc_per_node: int = Field(
         1, ge=1, description="Processes (GPUs) per node; > 1 makes the flow launch the stage under torchrun."
     )
@@ -203,7 +204,7 @@ class FinetuneConfig(TrainConfig):
     heldout_items: int = Field(300, gt=0, description="Held-out conversations (synthetic or split).")
     tasks: list[str] = Field(
         default_factory=lambda: ["last", "last_plus"],
-        description="Synthetic task mix (see stages/tasks.py): last, last_plus, last_minus (learnable in minutes "
+        description="Synthetic task mix (see stages/lm/tasks.py): last, last_plus, last_minus (learnable in minutes "
         "on a CPU), reverse, sort, repeat, add (need longer training).",
     )
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
@@ -290,8 +291,6 @@ class TrackingConfig(Section):
     )
 
 
-STAGE_ORDER = ("tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish")
-StageName = Literal["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
 
 
 class StageResources(Section):

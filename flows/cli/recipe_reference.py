@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from stages.config import PipelineConfig
+from stages.core.config import PipelineConfig
 
 
 def _default(field: Any) -> str:

@@ -37,15 +37,26 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from stages.errors import ArtifactError
-from stages.model import GPT, GPTConfig
+from stages.core.errors import ArtifactError
+from stages.lm.model import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
+MODEL_DIR = "model"  # where a pretrain or finetune artifact keeps its model
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def model_directory(artifact: str | Path) -> Path:
+    """The model in a pretrain/finetune artifact (its ``model/``), or ``artifact`` itself when it is a
+    bare model directory (as ``gptpipe generate --model DIR`` accepts)."""
+    artifact = Path(artifact)
+    for candidate in (artifact / MODEL_DIR, artifact):
+        if (candidate / CONFIG).is_file():
+            return candidate
+    raise ArtifactError(f"{artifact}: no {CONFIG} in it or in {MODEL_DIR}/; pass the output of stage 'pretrain' or 'finetune'")
 
 
 def step_dirname(step: int) -> str:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from stages.errors import GptpipeError
+from stages.core.errors import GptpipeError
 
 DEFAULT_RECIPE = "configs/tiny.yaml"
 
@@ -36,8 +36,8 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stages.config import load_config
-    from stages.tracking import check_reachable
+    from stages.core.config import load_config
+    from stages.core.tracking import check_reachable
 
     cfg = load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
     if not args.no_track:  # ...and on a tracking server that does not answer (the default SQLite needs none)
@@ -53,10 +53,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from stages.config import load_config
+    from stages.core.config import load_config
 
     if args.reference:
-        from flows.recipe_reference import reference_markdown
+        from flows.cli.recipe_reference import reference_markdown
 
         print(reference_markdown(), end="")
         return 0
@@ -74,7 +74,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from flows.pipeline import tracking_uri
-    from stages.config import load_config
+    from stages.core.config import load_config
 
     uri = tracking_uri(load_config(args.config, args.overrides))
     command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
@@ -84,7 +84,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_services(args: argparse.Namespace) -> int:
-    from flows import services
+    from flows.cli import services
 
     if args.action == "up":
         ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deploy_command(sub)
 
-    from flows.generate_cli import add_generate_command
+    from flows.cli.generate import add_generate_command
 
     add_generate_command(sub)
     return parser

@@ -1,0 +1,1 @@
+"""The language model and what speaks to it: the GPT, its tokenizer, the chat template, generation."""

@@ -1,0 +1,1 @@
+"""How a model is trained: the loop, checkpoints, batches, device/precision choices, distribution."""
