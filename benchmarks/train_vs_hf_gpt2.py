@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import perf  # noqa: E402
+from stages.training import perf  # noqa: E402
 from stages.core.config import TrainConfig  # noqa: E402
 from stages.lm.model import GPT, GPTConfig  # noqa: E402
 from stages.training.loop import _grad_norm, _micro_steps, build_optimizer  # noqa: E402
