@@ -29,7 +29,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: int = UL
     ``scale`` defaults to the largest |expected| (at least 1, so values near zero are not held to
     an absolute precision no computation has).
     """
-    expected = expected.to(actual.dtype)
+    actual, expected = actual.detach(), expected.detach().to(actual.dtype)
     r = rtol_for(actual.dtype, ulps)
     magnitude = float(expected.abs().max()) if expected.numel() else 0.0
     scale = max(magnitude, 1.0) if scale is None else scale
