@@ -26,6 +26,13 @@ def test_a_correct_model_and_a_skewed_reference_are_not_flagged():
     assert all("fine-tuned" not in f for f in found)
 
 
+def test_answers_cut_off_at_max_new_tokens_are_not_a_dominant_answer():
+    # A model that rambles to the token limit on every item has not learned the format either.
+    found = diagnose({"finetuned": Answers([""] * 100, [False] * 100)}, DIGITS, {"finetuned": 0.0}, 16)
+    assert not any("gave" in f for f in found)
+    assert any(f.startswith("the fine-tuned model never stopped on 100% of items") for f in found)
+
+
 def test_answers_that_never_stop_and_a_base_that_already_knows():
     stopped = [False] * 40 + [True] * 60
     found = diagnose({"base": Answers(DIGITS, stopped), "finetuned": Answers(DIGITS, [True] * 100)},

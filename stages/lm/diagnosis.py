@@ -46,12 +46,20 @@ def _quote(text: str, limit: int = 40) -> str:
     return f"'{text}'" if text else "an empty answer"
 
 
-def dominant_answer(answers: list[str], expected: list[str]) -> tuple[str, float, float] | None:
-    """(answer, its share, the top expected answer's share) when one answer dominates, else None."""
+def dominant_answer(answers: list[str], expected: list[str], stopped: list[bool] | None = None
+                    ) -> tuple[str, float, float] | None:
+    """(answer, its share of all items, the top expected answer's share) when one answer dominates.
+
+    Only answers that ended with a stop token count (``stopped``; all when None): text cut off at
+    ``max_new_tokens`` is not an answer the model chose, and a model that never stops has not
+    learned the format either (``diagnose_model`` says so instead).
+    """
     if not answers:
         return None
-    given = Counter(normalize_answer(a) for a in answers)
-    answer, count = given.most_common(1)[0]
+    kept = [a for a, ok in zip(answers, stopped if stopped is not None else [True] * len(answers)) if ok]
+    if not kept:
+        return None
+    answer, count = Counter(normalize_answer(a) for a in kept).most_common(1)[0]
     share = count / len(answers)
     expected_top = Counter(normalize_answer(e) for e in expected).most_common(1)[0][1] / max(len(expected), 1)
     if share >= DOMINANT_SHARE and share >= DOMINANT_OVER_EXPECTED * expected_top:
@@ -63,7 +71,7 @@ def diagnose_model(name: str, answers: Answers, expected: list[str], max_new_tok
     """The findings about one model's answers (``name``: 'base' or 'finetuned')."""
     label = LABELS.get(name, name)
     found = []
-    dominant = dominant_answer(answers.texts, expected)
+    dominant = dominant_answer(answers.texts, expected, answers.stopped)
     if dominant is not None:
         answer, share, expected_top = dominant
         found.append(
