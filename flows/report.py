@@ -41,6 +41,12 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
+def findings(report: dict[str, Any]) -> list[str]:
+    """Each stage's diagnosis sentences (evaluate's: a dominant answer, answers that never stop, ...)."""
+    return [f"{name}: {finding}" for name, result in report["stages"].items()
+            for finding in result["metrics"].get("diagnosis") or ()]
+
+
 def render_report(report: dict[str, Any]) -> str:
     """Plain-text table for the terminal."""
     header = ("stage", "status", "time", "key metrics", "artifact")
@@ -52,6 +58,10 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  --------")
+    diagnosis = findings(report)
+    if diagnosis:
+        lines.append("diagnosis:")
+        lines += [f"  - {finding}" for finding in diagnosis]
     total = sum(r["wall_time_s"] for r in report["stages"].values())
     lines.append(f"pipeline time (stages): {total:.1f}s")
     reused = [n for n, r in report["stages"].items() if r["reused"]]
@@ -76,4 +86,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# gptpipe report card — {report['recipe']}", "", "| stage | status | time | key metrics | artifact |",
              "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | `{e}` |" for a, b, c, d, e in rows(report)]
+    diagnosis = findings(report)
+    if diagnosis:
+        lines += ["", "## Diagnosis", "", *[f"- {finding}" for finding in diagnosis]]
     return "\n".join(lines) + "\n"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
 from stages.core.config import PipelineConfig
 from stages.storage.corpus import read_corpus
 from stages.core.errors import DataError
+from stages.core.progress import progress_bar
 from stages.storage.shards import INDEX, ShardWriter, dtype_for
 from stages.lm.tokenizer import Tokenizer
 from stages.core.tracking import Tracker
@@ -150,7 +150,7 @@ def write_splits(
     dtype = dtype_for(tokenizer.vocab_size)
     index: dict = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "splits": {}}
     encoder = _Encoder(tokenizer, workers, dtype)
-    bar = tqdm(
+    bar = progress_bar(
         total=len(documents), desc="tokenize", unit="doc", file=sys.stderr,
         disable=len(documents) <= _PROGRESS_MIN_DOCS, leave=False,
     )

@@ -5,10 +5,16 @@ For each model:
 * validation loss, perplexity and bits per byte on the data artifact's ``val`` split
   (bpb = loss in nats / ln 2 / bytes per token, so tokenizers of different compression compare);
 * task accuracy: greedy answers to the held-out conversations the finetune stage set aside,
-  scored by exact match after whitespace normalization, cut at the first stop token.
+  scored by exact match after whitespace normalization, cut at the first stop token. Generation
+  is batched and each item leaves its batch at its stop token (``generate_greedy_batch``), so a
+  model that answers and stops costs a few steps per item, not ``max_new_tokens``;
+* the time each model took (loss, generation), and a diagnosis of the answers
+  (``stages.lm.diagnosis``: one dominant answer, answers that never stop, a base model that
+  already knows the task), so a bad score comes with its likely reason.
 
-Outputs: ``report.json`` and ``report.md`` (base vs fine-tuned side by side), ``samples.json``
-(a few prompts with both models' answers) and ``curves.png`` (pretrain and finetune loss curves).
+Outputs: ``report.json`` and ``report.md`` (base vs fine-tuned side by side, the diagnosis),
+``answers.jsonl`` (every item's expected and given answers), ``samples.json`` (a few prompts with
+both models' answers) and ``curves.png`` (pretrain and finetune loss curves).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from stages.training.batches import fixed_windows
 from stages.lm.chat import ChatTemplate, validate_messages
 from stages.core.config import EvaluateConfig, PipelineConfig
 from stages.core.errors import ArtifactError
+from stages.core.progress import progress_bar
+from stages.lm.diagnosis import Answers, diagnose
 from stages.lm.generate import generate_greedy_batch
 from stages.lm.model import GPT
 from stages.core.plots import plot_curves, read_curve
@@ -66,11 +74,23 @@ def language_metrics(model: GPT, shards: TokenShards, cfg: EvaluateConfig) -> di
     }
 
 
-def answer_items(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy answer text per record (prompt = every message before the last assistant turn)."""
+def generate_answers(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int,
+                     desc: str = "generate") -> Answers:
+    """Greedy answers per record (prompt = every message before the last assistant turn), with a
+    progress bar over items, and whether each answer ended with a stop token."""
     prompts = [template.render_prompt(template.split_last_answer(r["messages"])[0]) for r in records]
-    generated = generate_greedy_batch(model, prompts, max_new_tokens, stop_ids=template.stop_ids)
-    return [template.decode_answer(ids) for ids in generated]
+    bar = progress_bar(total=len(prompts), desc=desc, unit="item", leave=False)
+    try:
+        generated = generate_greedy_batch(model, prompts, max_new_tokens, stop_ids=template.stop_ids, on_done=bar.update)
+    finally:
+        bar.close()
+    stops = set(template.stop_ids)
+    return Answers([template.decode_answer(ids) for ids in generated], [bool(ids) and ids[-1] in stops for ids in generated])
+
+
+def answer_items(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answer text per record."""
+    return generate_answers(model, template, records, max_new_tokens).texts
 
 
 def score(records: list[dict], answers: list[str]) -> dict:
@@ -99,13 +119,33 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [f"| {label} | {fmt.format(base[key])} | {fmt.format(tuned[key])} |" for label, key, fmt in rows]
     for task in tuned["per_task"]:
         lines.append(f"| exact match: {task} | {base['per_task'].get(task, 0):.1%} | {tuned['per_task'][task]:.1%} |")
+    lines.append(f"| time: loss + generation (s) | {base['seconds']:.1f} | {tuned['seconds']:.1f} |")
     lines += ["", f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.", ""]
+    lines += ["## Diagnosis", ""]
+    lines += [f"- {finding}" for finding in report["diagnosis"]] or ["- nothing to flag"]
+    lines += [""]
     lines += ["## Samples", ""]
     for sample in report["samples"]:
         lines += [f"- **prompt** `{sample['prompt']}` — expected `{sample['expected']}`",
                   f"  - base: `{sample['base']}`", f"  - fine-tuned: `{sample['finetuned']}`"]
     lines += ["", "![loss curves](curves.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def evaluate_model(name: str, model: GPT, template: ChatTemplate, records: list[dict], val: TokenShards,
+                   ecfg: EvaluateConfig) -> tuple[dict, Answers]:
+    """One model's language metrics, exact match and times; and its answers (for the diagnosis)."""
+    t0 = time.perf_counter()
+    metrics: dict = language_metrics(model, val, ecfg)
+    t1 = time.perf_counter()
+    answers = generate_answers(model, template, records, ecfg.max_new_tokens, desc=f"evaluate {name}")
+    metrics.update(score(records, answers.texts))
+    t2 = time.perf_counter()
+    metrics.update({"seconds_loss": round(t1 - t0, 2), "seconds_generate": round(t2 - t1, 2), "seconds": round(t2 - t0, 2),
+                    "never_stopped": answers.stopped.count(False)})
+    log.info("%s: val loss %.4f, bpb %.4f, exact match %.1f%%, %.1fs (loss %.1fs, generation %.1fs)", name,
+             metrics["val_loss"], metrics["bits_per_byte"], 100 * metrics["accuracy"], t2 - t0, t1 - t0, t2 - t1)
+    return metrics, answers
 
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
@@ -124,18 +164,19 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     records = records[: ecfg.task_items]
 
     results: dict[str, dict] = {}
-    answers: dict[str, list[str]] = {}
+    generated: dict[str, Answers] = {}
     for name, artifact in (("base", inputs["pretrain"]), ("finetuned", inputs["finetune"])):
         model = checkpoint.load_model(checkpoint.model_directory(artifact), device=device)
-        t0 = time.perf_counter()
-        metrics = language_metrics(model, val, ecfg)
-        t1 = time.perf_counter()
-        answers[name] = answer_items(model, template, records, ecfg.max_new_tokens)
-        metrics.update(score(records, answers[name]))
-        metrics["seconds_loss"], metrics["seconds_generate"] = round(t1 - t0, 2), round(time.perf_counter() - t1, 2)
-        results[name] = metrics
-        log.info("%s: val loss %.4f, bpb %.4f, exact match %.1f%%", name, metrics["val_loss"],
-                 metrics["bits_per_byte"], 100 * metrics["accuracy"])
+        results[name], generated[name] = evaluate_model(name, model, template, records, val, ecfg)
+    answers = {name: g.texts for name, g in generated.items()}
+    expected = [r["messages"][-1]["content"] for r in records]
+    findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
+    for finding in findings:
+        log.warning("diagnosis: %s", finding)
+    with open(out / "answers.jsonl", "w", encoding="utf-8") as handle:
+        for i, record in enumerate(records):
+            row = {"expected": expected[i], **{n: {"answer": g.texts[i], "stopped": g.stopped[i]} for n, g in generated.items()}}
+            handle.write(json.dumps({**({"task": record["task"]} if "task" in record else {}), **row}, ensure_ascii=False) + "\n")
 
     samples = [
         {
@@ -154,6 +195,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "bytes_per_token": val.bytes_per_token,
         "base": results["base"],
         "finetuned": results["finetuned"],
+        "diagnosis": findings,
         "samples": samples,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -167,8 +209,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     for prefix, name in (("base", "base"), ("sft", "finetuned")):
         for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy"):
             summary[f"{prefix}_{key}"] = round(results[name][key], 6)
+    summary["base_seconds"], summary["sft_seconds"] = results["base"]["seconds"], results["finetuned"]["seconds"]
     tracker.log_metrics({f"eval/{k}": float(v) for k, v in summary.items()})
-    for name in ("report.md", "report.json", "samples.json", "curves.png"):
+    for name in ("report.md", "report.json", "answers.jsonl", "samples.json", "curves.png"):
         tracker.log_artifact(out / name, "evaluate")
     summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["diagnosis"] = findings  # sentences, not metrics: the report card prints them
     return summary

@@ -61,7 +61,7 @@ STAGES: tuple[Stage, ...] = (
           makes_model=True, trains=True),
     Stage("evaluate", "loss, bits per byte and exact match, base vs fine-tuned", ("evaluate",),
           ("tokenizer", "data", "pretrain", "finetune"),
-          headline=("base_accuracy", "sft_accuracy", "base_bpb", "sft_bpb")),
+          headline=("base_accuracy", "sft_accuracy", "base_bpb", "sft_bpb", "base_seconds", "sft_seconds")),
     Stage("export", "ONNX graphs behind a parity gate against PyTorch", ("export",), ("tokenizer", "finetune"),
           choose_inputs=_export_inputs, headline=("max_abs_diff", "generation_matches")),
     Stage("publish", "Netron viewer bundle and graphs", ("publish",), ("export",),

@@ -22,6 +22,7 @@ from stages.runner import run_stage
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
 from stages.core.tracking import MemoryTracker
+from tests._numeric import approx
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
 
 STEPS = 12
@@ -53,8 +54,8 @@ def _assert_same_curve(curve: list[dict], reference: list[dict]) -> None:
     for key in ("train_loss", "val_loss"):
         ours, theirs = _losses(curve, key), _losses(reference, key)
         assert ours.keys() == theirs.keys(), key
-        worst = max(abs(ours[s] - theirs[s]) for s in ours)
-        assert worst < 1e-5, f"{key}: max |Δ| {worst:.2e}"
+        for s in ours:
+            assert ours[s] == approx(theirs[s]), f"{key} at step {s}: {ours[s]} vs {theirs[s]}"
 
 
 def test_ranks_read_disjoint_slices_that_make_up_the_single_process_batch(inputs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from stages.lm.chat import ChatTemplate
 from stages.evaluate import answer_items, score
 from stages.core.plots import plot_curves, read_curve
 from stages.runner import run_stage
+from stages.lm.diagnosis import DOMINANT_SHARE
+from stages.lm.tasks import normalize_answer
 from stages.storage.shards import TokenShards
 from stages.core.tracking import MemoryTracker
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
@@ -93,3 +96,26 @@ def test_evaluate_stage_through_the_runner():
     logged = {Path(p).name for p, _ in tracker.artifacts}
     assert {"report.md", "report.json", "curves.png"} <= logged
     assert "eval/sft_accuracy" in tracker.metrics
+
+
+def test_report_names_the_dominant_answer_when_fine_tuning_learned_only_the_format():
+    # 40 steps teach the micro model the answer format of `last` (one digit, then <|end|>), far
+    # from enough to read the digit off the prompt: it gives the same digit to most items.
+    store, refs = micro_upstream()
+    cfg = micro_config("finetune.max_steps=40", "finetune.tasks=[last]", "evaluate.task_items=20")
+    refs["finetune"] = run_stage("finetune", cfg, refs, store).ref
+    result = run_stage("evaluate", cfg, refs, store)
+    out = Path(result.ref.uri)
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 20
+    given = Counter(normalize_answer(r["finetuned"]["answer"]) for r in rows if r["finetuned"]["stopped"])
+    answer, count = given.most_common(1)[0]
+    share = count / len(rows)
+    assert share >= DOMINANT_SHARE, f"the premise failed: answers {given}"
+    finding = next(f for f in result.manifest.metrics["diagnosis"] if f.startswith("the fine-tuned model gave"))
+    assert f"'{answer}' to {share:.0%} of items" in finding
+    assert f"- {finding}" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["diagnosis"] == result.manifest.metrics["diagnosis"]
+    # Each model's time is in the report, and generation stopped early for the items that stopped.
+    for prefix in ("base", "sft"):
+        assert result.manifest.metrics[f"{prefix}_seconds"] > 0

@@ -17,6 +17,7 @@ from stages.runner import run_stage
 from stages.lm.tasks import is_heldout
 from stages.core.tracking import MemoryTracker
 from stages.training.loop import train
+from tests._numeric import rtol_for
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
 
 torch.set_num_threads(1)
@@ -100,7 +101,8 @@ def test_lora_merge_matches_unmerged_logits():
     probe = torch.randint(0, 120, (2, 16))
     merged, delta = merge_lora(peft_model, probe)
     assert isinstance(merged, GPT)
-    assert delta <= 1e-4
+    with torch.no_grad():
+        assert delta <= rtol_for(torch.float32) * max(1.0, float(merged(probe).abs().max()))
     assert set(merged.state_dict()) == set(base)  # a plain GPT again: no adapter names
     changed = [k for k in base if not torch.equal(base[k], merged.state_dict()[k])]
     assert any("qkv" in k for k in changed)
@@ -143,7 +145,10 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
     lora_cfg = micro_config("finetune.method=lora", "finetune.lora_r=4")
     lora = run_stage("finetune", lora_cfg, refs, store)
     assert lora.ref.uri != out
-    assert lora.manifest.metrics["lora_merge_max_abs_dlogits"] <= 1e-4
+    merged = checkpoint.load_model(f"{lora.ref.uri}/model").eval()
+    with torch.no_grad():  # the merge error, against the size of the logits it perturbs
+        scale = float(merged(torch.randint(0, merged.cfg.vocab_size, (4, 16))).abs().max())
+    assert lora.manifest.metrics["lora_merge_max_abs_dlogits"] <= rtol_for(torch.float32) * max(1.0, scale)
     assert lora.manifest.metrics["trainable_params"] < metrics["trainable_params"]
     merged = checkpoint.load_model(f"{lora.ref.uri}/model")
     assert set(merged.state_dict()) == set(model.state_dict())

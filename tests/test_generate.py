@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stages.lm.generate import generate, generate_greedy_batch, generate_ids
+from tests._numeric import assert_close
 from tests._sft_fixtures import CharTokenizer, tiny_gpt
 
 torch.set_num_threads(1)
@@ -33,7 +34,7 @@ def test_kv_cache_matches_no_cache_token_for_token(model):
     logits, past = model.forward_with_cache(ids[:, :5])
     for t in range(5, ids.shape[1]):
         step, past = model.forward_with_cache(ids[:, t : t + 1], past)
-        assert torch.allclose(step[0, -1], full[0, t], atol=1e-4)
+        assert_close(step[0, -1], full[0, t], msg=f"position {t}")
 
 
 def test_context_beyond_block_size_is_cropped_identically(model):
@@ -83,3 +84,32 @@ def test_batched_greedy_equals_generate_ids(model):
     # The last prompt (30 tokens + 12 new > block 32) takes the one-by-one path.
     assert batched == [generate_ids(model, p, 12, stop_ids=stops) for p in prompts]
     assert batched[0] == [first]
+
+
+def test_batched_generation_stops_each_item_at_its_stop_token(model, monkeypatch):
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(8)]
+    free = generate_greedy_batch(model, prompts, max_new_tokens=12)  # no stop id: every row runs 12 steps
+    stops = (free[0][2],)  # the first prompt stops within 3 tokens; the others whenever they meet that id
+    rows_per_call: list[int] = []
+    original = model.forward_with_cache
+
+    def counting(idx, past=None):
+        rows_per_call.append(idx.shape[0])  # each call yields one new token per row (the prefill the first)
+        return original(idx, past)
+
+    monkeypatch.setattr(model, "forward_with_cache", counting)
+    batched = generate_greedy_batch(model, prompts, max_new_tokens=12, stop_ids=stops)
+    monkeypatch.undo()
+    assert batched == [generate_ids(model, p, 12, stop_ids=stops) for p in prompts]
+    assert len(batched[0]) == free[0].index(stops[0]) + 1 <= 3 and batched[0][-1] == stops[0]
+    # Every token computed is one that was kept: no row generated past its stop ...
+    assert sum(rows_per_call) == sum(len(r) for r in batched)
+    # ... so the batch did less than max_new_tokens for every item.
+    assert sum(rows_per_call) < 12 * len(prompts)
+
+
+def test_batched_generation_reports_finished_items(model):
+    prompts = [[10, 20, 30], [11, 21, 31], [5, 6], list(range(10, 40))]
+    finished: list[int] = []
+    generate_greedy_batch(model, prompts, max_new_tokens=6, stop_ids=(3,), batch_size=1, on_done=finished.append)
+    assert sum(finished) == len(prompts)

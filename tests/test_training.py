@@ -11,6 +11,7 @@ from stages.training import checkpoint as ckpt
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
 from stages.training.loop import build_optimizer, evaluate_loss, lr_at, resolve_device, train
+from tests._numeric import approx, assert_close
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
 
@@ -129,9 +130,9 @@ def test_grad_accumulation_matches_one_big_batch():
     r1 = train(one, Whole(), micro_config(max_steps=1, warmup_steps=0), MemoryTracker(), progress=False)
     r2 = train(two, Halves(), micro_config(max_steps=1, warmup_steps=0, grad_accum=2, batch_size=4),
                MemoryTracker(), progress=False)
-    assert r1.initial_loss == pytest.approx(r2.initial_loss, rel=1e-5)
+    assert r1.initial_loss == approx(r2.initial_loss)
     for a, b in zip(one.parameters(), two.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert_close(a, b)
     assert r1.tokens == r2.tokens == x.numel()
 
 

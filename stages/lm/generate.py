@@ -11,6 +11,8 @@ and uncached generation agree token for token, at any length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stages.lm.chat import ChatTemplate, ChatTokenizer, Message
@@ -98,19 +100,28 @@ def generate_ids(
 
 @torch.no_grad()
 def generate_greedy_batch(
-    model: GPT, prompts: list[list[int]], max_new_tokens: int, stop_ids=(), batch_size: int = 64
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids=(),
+    batch_size: int = 64,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy ``generate_ids`` for many prompts, same-length prompts sharing one forward pass.
 
-    The model has no padding mask, so only prompts of equal length are batched; each row keeps
-    its tokens up to and including its first stop id, exactly what ``generate_ids`` returns.
-    Groups that would overflow ``block_size`` go through ``generate_ids`` one by one. This is
-    what makes scoring hundreds of held-out items take seconds instead of minutes on a CPU.
+    The model has no padding mask, so only prompts of equal length are batched (exact: no pad
+    token can shift a logit). A row leaves the batch at its first stop id, the step that
+    produced it included: its cache rows are dropped, so no finished item costs another forward
+    step, and the batch ends when its last row stops or after ``max_new_tokens``. Each row gets
+    exactly what ``generate_ids`` returns. Groups that would overflow ``block_size`` go through
+    ``generate_ids`` one by one. ``on_done(n)`` is called as ``n`` more prompts are finished
+    (for a progress bar).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stops = torch.tensor(sorted(set(int(s) for s in stop_ids)) or [-1], device=device)
+    stop_list = sorted(set(int(s) for s in stop_ids))
+    stops = torch.tensor(stop_list or [-1], device=device)
     results: list[list[int]] = [[] for _ in prompts]
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
@@ -122,28 +133,39 @@ def generate_greedy_batch(
             if length + max_new_tokens > model.cfg.block_size:
                 for i in members:
                     results[i] = generate_ids(model, prompts[i], max_new_tokens, stop_ids)
+                    if on_done is not None:
+                        on_done(1)
                 continue
             for start in range(0, len(members), batch_size):
                 rows = members[start : start + batch_size]
-                idx = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
-                logits, past = model.forward_with_cache(idx)
-                done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-                steps: list[torch.Tensor] = []
-                for step in range(max_new_tokens):
-                    token = logits[:, -1].argmax(dim=-1)
-                    steps.append(token)
-                    done |= torch.isin(token, stops)
-                    if bool(done.all()) or step == max_new_tokens - 1:
-                        break
-                    logits, past = model.forward_with_cache(token[:, None], past)
-                generated = torch.stack(steps, dim=1).tolist()
-                stop_set = set(stops.tolist())
-                for i, row in zip(rows, generated):
-                    cut = next((k + 1 for k, tok in enumerate(row) if tok in stop_set), len(row))
-                    results[i] = row[:cut]
+                _greedy_group(model, prompts, rows, max_new_tokens, stops, results, device, on_done)
     finally:
         model.train(was_training)
     return results
+
+
+def _greedy_group(model: GPT, prompts: list[list[int]], rows: list[int], max_new_tokens: int, stops: torch.Tensor,
+                  results: list[list[int]], device: torch.device, on_done: Callable[[int], None] | None) -> None:
+    """Decode one batch of equal-length prompts into ``results``, shrinking the batch as rows stop."""
+    active = list(rows)  # prompt index of each row still in the batch
+    logits, past = model.forward_with_cache(torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device))
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(dim=-1)
+        for i, tok in zip(active, token.tolist()):
+            results[i].append(tok)
+        stopped = torch.isin(token, stops)
+        last = step == max_new_tokens - 1
+        finished = len(active) if last else int(stopped.sum())
+        if finished and on_done is not None:
+            on_done(finished)
+        if last or bool(stopped.all()):
+            return
+        if finished:
+            keep = (~stopped).nonzero().flatten()
+            active = [active[k] for k in keep.tolist()]
+            token = token[keep]
+            past = [(k[keep], v[keep]) for k, v in past]
+        logits, past = model.forward_with_cache(token[:, None], past)
 
 
 def generate(model: GPT, tokenizer: ChatTokenizer, prompt: str | list[Message], **kw) -> str:

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from stages.training import checkpoint as ckpt
 from stages.training import distributed
@@ -34,6 +33,7 @@ from stages.training import perf
 from stages.training.batches import for_rank
 from stages.core.config import TrainConfig
 from stages.core.errors import ConfigError, TrainingError
+from stages.core.progress import progress_bar
 from stages.training.perf import autocast_for as autocast
 from stages.training.perf import resolve_device
 from stages.core.tracking import Tracker
@@ -333,8 +333,8 @@ def _loop(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gr
 
     started = time.perf_counter() - state["seconds"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=metric_prefix.rstrip("/") or "train",
-               file=sys.stderr, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_steps, initial=state["step"], desc=metric_prefix.rstrip("/") or "train", file=sys.stderr,
+                       disable=not progress, mininterval=1.0, dynamic_ncols=True, every=cfg.log_interval)
     try:
         for step in range(state["step"], cfg.max_steps):
             lr = lr_at(step, cfg)

@@ -1,0 +1,61 @@
+"""Progress in files: plain lines at an interval, never carriage-return frames."""
+
+from __future__ import annotations
+
+import io
+
+from stages.core.progress import LineProgress, progress_bar
+from stages.core.tracking import MemoryTracker
+from stages.training.loop import train
+from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
+
+
+def test_a_stream_that_is_not_a_terminal_gets_lines_every_interval(monkeypatch):
+    monkeypatch.delenv("GPTPIPE_PROGRESS", raising=False)
+    out = io.StringIO()
+    bar = progress_bar(total=100, desc="work", file=out, unit="doc")
+    assert isinstance(bar, LineProgress)
+    for _ in range(100):
+        bar.update(1)
+        bar.set_postfix(loss="1.000", refresh=False)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 10  # every 10 % by default, and no extra line at close when the last one was written
+    assert lines[0].startswith("work: 10/100 doc (10%)") and lines[-1].startswith("work: 100/100 doc (100%)")
+    assert "loss=1.000" in lines[-1]
+
+
+def test_an_explicit_interval_and_a_partial_end(monkeypatch):
+    monkeypatch.delenv("GPTPIPE_PROGRESS", raising=False)
+    out = io.StringIO()
+    bar = progress_bar(total=25, desc="steps", file=out, every=10, initial=0)
+    bar.update(3)
+    bar.update(9)  # crosses 10 inside one update
+    bar.update(5)
+    bar.close()
+    bar.close()  # closing twice writes nothing more
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ")[1] for line in lines] == ["12/25", "17/25"]
+
+
+def test_disabled_and_forced_bar(monkeypatch):
+    out = io.StringIO()
+    quiet = progress_bar(total=4, file=out, disable=True)
+    quiet.update(4)
+    quiet.close()
+    assert out.getvalue() == ""
+    monkeypatch.setenv("GPTPIPE_PROGRESS", "bar")
+    assert not isinstance(progress_bar(total=4, file=io.StringIO()), LineProgress)
+
+
+def test_training_progress_in_a_log_has_no_carriage_returns(capsys, monkeypatch):
+    monkeypatch.delenv("GPTPIPE_PROGRESS", raising=False)
+    batches = StreamBatches(repetitive_stream(), 32, 4)
+    train(micro_model(), batches, micro_config(max_steps=10, log_interval=5, eval_interval=5), MemoryTracker(),
+          evaluate=lambda m: {"val_loss": 1.0})
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if line.startswith("train: ")]
+    assert [line.split(" ")[1] for line in steps] == ["5/10", "10/10"]
+    assert "step 5: val_loss 1.0000" in err
