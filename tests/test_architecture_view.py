@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _export_fixtures import exported
 from onnx import numpy_helper
 
-from _export_fixtures import exported
 from stages import export
 from stages.core.errors import ParityError
 from stages.lm import onnx_architecture
@@ -124,3 +124,13 @@ def test_self_contained_page_inlines_structure_without_weights(deep, tmp_path):
     # Nothing the page loads resolves against its own URL: no relative src/href, imports from data: URLs.
     assert not re.search(r'(src|href)="(?!https://|javascript:|#)', page)
     assert "default-src 'none'" in page and "'./" not in page.split('<script type="importmap">')[0]
+
+
+def test_report_card_embeds_the_picture(deep):
+    from flows.prefect_artifacts import full_markdown
+
+    report = {"recipe": "micro", "store": "runs/store", "stages": {},
+              "architecture_svg": str(deep.export_dir / architecture_svg.SVG_FILE)}
+    found = re.search(r"!\[[^\]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", full_markdown(report))
+    assert found and base64.b64decode(found.group(1)).decode().count('data-op="Block"') == N_LAYER
+    assert "data:image" not in full_markdown({**report, "architecture_svg": None})

@@ -8,7 +8,7 @@ Top level (what Netron shows first)::
 Each ``Block`` node is a call of the local function ``gptpipe.Block``; Netron draws it as one
 node with a "show function" button that opens its body: ``RMSNorm(norm_attn) -> Attention(attn)
 -> Add(residual) -> RMSNorm(norm_mlp) -> SwiGLU(mlp) -> Add(residual)``. ``Attention`` opens into
-``Linear(qkv) -> Split -> SplitHeads -> RoPE -> ScaledDotProductAttention -> MergeHeads ->
+``Linear(qkv) -> Split -> SplitHeads -> RoPE -> DotProductAttention -> MergeHeads ->
 Linear(proj)``. Node names follow ``stages.lm.model``'s module tree (``blocks.3`` at the top,
 ``attn`` inside a Block, ``qkv`` inside Attention); a function is one definition shared by its
 call sites, so the full path of a node is its call site's name plus its own (``blocks.3.attn.qkv``).
@@ -146,7 +146,7 @@ def merge_heads(opset: int, width: int) -> onnx.FunctionProto:
 
 
 def scaled_dot_product_attention(opset: int, head_dim: int) -> onnx.FunctionProto:
-    body = _Body("ScaledDotProductAttention")
+    body = _Body("DotProductAttention")
     body.op("Transpose", ["k"], ["k_t"], name="keys_t", perm=[0, 1, 3, 2])
     body.op("MatMul", ["q", "k_t"], ["raw"], name="scores")
     scale = body.const("scale", np.array(1.0 / math.sqrt(head_dim), dtype=np.float32))
@@ -171,7 +171,7 @@ def attention(opset: int, width: int) -> onnx.FunctionProto:
         body.call("SplitHeads", [f"{part}_flat"], [f"{part}_heads"], name=f"heads_{part}")
     body.call("RoPE", ["q_heads", "cos", "sin"], ["q"], name="rope_q")
     body.call("RoPE", ["k_heads", "cos", "sin"], ["k"], name="rope_k")
-    body.call("ScaledDotProductAttention", ["q", "k", "v_heads"], ["heads"], name="sdpa")
+    body.call("DotProductAttention", ["q", "k", "v_heads"], ["heads"], name="sdpa")
     body.call("MergeHeads", ["heads"], ["merged"], name="merge_heads")
     body.call("Linear", ["merged", "proj.weight"], ["y"], name="proj")
     return body.function(["x", "cos", "sin", "qkv.weight", "proj.weight"], ["y"], opset,

@@ -105,6 +105,28 @@ def strip_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def op_types(proto: onnx.ModelProto) -> set[str]:
+    """Every operator type the graph uses, in its main graph, its subgraphs and its functions."""
+    found: set[str] = set()
+    graphs = [proto.graph]
+    for function in proto.functions:
+        found |= {node.op_type for node in function.node}
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            found.add(node.op_type)
+            for attribute in node.attribute:
+                graphs += [attribute.g, *attribute.graphs] if attribute.type in (
+                    onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []
+    return found
+
+
+def operator_metadata(text: str, used: set[str]) -> str:
+    """Netron's onnx-metadata.json (5.6 MB: every operator, with examples) cut to the operators used."""
+    entries = [{k: v for k, v in entry.items() if k != "examples"} for entry in json.loads(text) if entry.get("name") in used]
+    return json.dumps(entries, separators=(",", ":"))
+
+
 def _module_url(source: str) -> str:
     """A module as a data: URL, its relative imports renamed to the import map's bare names."""
     source = re.sub(r"""(from\s+|import\s*\(\s*)(['"])\./([\w-]+)\.js\2""", r"\1\2netron/\3.js\2", source)
@@ -133,7 +155,9 @@ def render_page(netron_root: Path, graph: onnx.ModelProto, file_name: str, title
         raise ArtifactError(f"{netron_root}: netron lacks {', '.join(missing)}; this netron version is not supported "
                             "by the self-contained viewer — pin netron to 9.x or update stages/viewer/netron_page.py")
     imports = {f"netron/{m}.js": _module_url((netron_root / f"{m}.js").read_text(encoding="utf-8")) for m in MODULES}
-    page = {"file": file_name, "assets": {a: (netron_root / a).read_text(encoding="utf-8") for a in ASSETS}}
+    used = op_types(graph)
+    assets = {"onnx-metadata.json": operator_metadata((netron_root / "onnx-metadata.json").read_text(encoding="utf-8"), used)}
+    page = {"file": file_name, "assets": assets}
     encoded = base64.b64encode(graph.SerializeToString()).decode("ascii")
     css = (netron_root / "grapher.css").read_text(encoding="utf-8")
     # JSON inside <script>: "</" must not end the element early.
