@@ -10,6 +10,7 @@ people) can count the blocks in the SVG's text.
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 
 import onnx
@@ -81,10 +82,12 @@ def render_svg(proto: onnx.ModelProto) -> str:
     for op in ("Attention", "SwiGLU"):
         text = _calls(functions.get(op))
         if text:
-            notes.append(f'<text x="330" y="{y}" fill="#333" font-size="11"><tspan font-weight="bold">{op}</tspan>'
-                         f" opens into: {html.escape(text)}</text>")
-            y += 18
-    width, height = 330 + _BOX_W + 380, max(left_end, y) + 20
+            notes.append(f'<text x="330" y="{y}" fill="#333" font-size="11" font-weight="bold">{op} opens into:</text>')
+            for line in textwrap.wrap(text, 70):
+                y += 15
+                notes.append(f'<text x="340" y="{y}" fill="#333" font-size="11">{html.escape(line)}</text>')
+            y += 20
+    width, height = 330 + _BOX_W + 200, max(left_end, y) + 20
     title = f"{graph.name}: {blocks} Block nodes (one per layer)"
     return "\n".join([
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -103,3 +106,9 @@ def write_svg(graph_path: Path, dest: Path) -> Path:
     proto = onnx.load(str(graph_path), load_external_data=False)
     dest.write_text(render_svg(proto), encoding="utf-8")
     return dest
+
+
+if __name__ == "__main__":  # python -m stages.viewer.architecture_svg <export>/architecture.onnx out.svg
+    import sys
+
+    write_svg(Path(sys.argv[1]), Path(sys.argv[2]))
