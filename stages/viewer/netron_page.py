@@ -20,6 +20,7 @@ The same file works opened from disk, from any static server and inside MLflow's
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 from pathlib import Path
@@ -169,7 +170,7 @@ def render_page(netron_root: Path, graph: onnx.ModelProto, file_name: str, title
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <meta name="version" content="0.0.0">
 <meta name="viewport" content="width=device-width, initial-scale=1.0">
-<title>{title}</title>
+<title>{html.escape(title)}</title>
 <style>{css}</style>
 {_head_styles(index_html)}
 <script>{_PRELUDE}</script>
