@@ -29,6 +29,7 @@ from stages.core.config import PipelineConfig, load_config
 from stages.registry import STAGE_ORDER
 from stages.core.errors import ConfigError
 from stages.runner import stage_inputs
+from stages.viewer.architecture_svg import SVG_FILE
 from stages.storage.stores import describe_store, open_store
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
 
@@ -65,6 +66,15 @@ def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
                        artifact_root=artifact_root)
     parent.log_params({"recipe": cfg.name, "stages": ",".join(cfg.stages)})
     return parent
+
+
+def architecture_picture(cfg: PipelineConfig, results: dict[str, dict[str, Any]]) -> str | None:
+    """Local path of the export's architecture.svg (from the store's copy), or None without an export."""
+    if "export" not in results:
+        return None
+    local = open_store(cfg.artifacts.store).materialize(ArtifactRef.from_dict(results["export"]["ref"]))
+    path = local / SVG_FILE
+    return str(path) if path.is_file() else None
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
@@ -120,8 +130,11 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
             registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
             report["registered_model"] = registered
             parent.set_tags({"gptpipe.registered_model": f"{registered['name']}/{registered['version']}"})
+        report["architecture_svg"] = architecture_picture(cfg, results)
         if parent is not None:
             parent.log_text(full_markdown(report), "report_card.md")
+            if report["architecture_svg"]:
+                parent.log_artifact(report["architecture_svg"], "report")
         publish_artifacts(report)
         ok = True
     finally:

@@ -15,6 +15,7 @@ lacks that variable still shows what the stages said.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from pathlib import Path
@@ -65,9 +66,21 @@ def netron_location(report: dict[str, Any]) -> str | None:
     return (Path(uri) / "index.html").resolve().as_uri()
 
 
+def architecture_image(report: dict[str, Any]) -> str | None:
+    """Markdown showing the export's architecture picture inline (a data URI: no file beside the card needed)."""
+    path = report.get("architecture_svg")
+    if not path or not Path(path).is_file():
+        return None
+    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"![model architecture: embedding, Block x N, norm, lm_head](data:image/svg+xml;base64,{encoded})"
+
+
 def full_markdown(report: dict[str, Any]) -> str:
-    """The report card plus the lines only a whole pipeline run knows (registry, links)."""
+    """The report card plus the lines only a whole pipeline run knows (registry, links, the architecture)."""
     lines = [report_markdown(report).rstrip("\n"), ""]
+    image = architecture_image(report)
+    if image:
+        lines += ["**The model** (architecture.onnx's top level, and what one Block holds):", "", image, ""]
     model = report.get("registered_model")
     if model:
         state = "already registered" if model.get("reused") else "registered"

@@ -73,7 +73,7 @@ def _log_outputs(tracker: MlflowTracker, name: str, result: Any, store: Store) -
         return
     small = [p for p in sorted(local.glob("*")) if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "manifest.json"]
     for path in small:
-        if path.suffix in {".json", ".md", ".png", ".vocab", ".model", ".txt", ".jsonl"}:
+        if path.suffix in {".json", ".md", ".png", ".svg", ".vocab", ".model", ".txt", ".jsonl"}:
             tracker.log_artifact(path, "outputs")
 
 

@@ -4,6 +4,9 @@ Outputs (one self-contained directory)::
 
     model.onnx        logits for input ids; batch and sequence axes dynamic
     model_kv.onnx     input ids + past keys/values -> logits + present keys/values
+    architecture.onnx the same logits as model.onnx, drawn as embedding -> Block x N -> norm -> lm_head
+                      (ONNX local functions; stages.lm.onnx_architecture), gated like model.onnx
+    architecture.svg  a static picture of it for the report (stages.viewer.architecture_svg)
     model.pt2         torch.export program of the logits model (export.pt2)
     model.int8.onnx   dynamic int8 quantization of model.onnx (export.quantize; measured, not gated)
     *.onnx.data       weights beside the graph when the model is over 2 GB (or export.external_data)
@@ -35,6 +38,7 @@ import onnx
 import torch
 from torch import nn
 
+from stages.lm import onnx_architecture
 from stages.lm import onnx_runtime as ortgen
 from stages.storage.artifacts import MANIFEST
 from stages.training.checkpoint import load_model, model_directory
@@ -46,6 +50,7 @@ from stages.lm.model import GPT
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.core.tracking import Tracker
+from stages.viewer import architecture_svg
 
 log = logging.getLogger("gptpipe.export")
 
@@ -348,6 +353,41 @@ def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conv
     return {"loss_fp32": round(fp32, 5), "loss_int8": round(int8, 5), "loss_delta": round(int8 - fp32, 5), "tokens": count}
 
 
+# ---------------------------------------------------------------------------- architecture view
+
+
+@torch.no_grad()
+def architecture_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig,
+                        conversations: list[list[Message]]) -> dict:
+    """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
+    gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
+    name = onnx_architecture.ARCHITECTURE_GRAPH
+    blocks = onnx_architecture.block_count(onnx.load(str(out / name), load_external_data=False))
+    if blocks != model.cfg.n_layer:
+        raise ParityError(f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published")
+    rng = np.random.default_rng(cfg.seed)
+    session = ortgen.open_session(out / name, cfg.threads)
+    diffs = {}
+    for batch, length in gate_shapes(cfg.parity_shapes, model.cfg.block_size, rng):
+        ids = rng.integers(0, model.cfg.vocab_size, size=(batch, length), dtype=np.int64)
+        diffs[f"{batch}x{length}"] = _max_diff(session.run(None, {"input_ids": ids}), [model(torch.from_numpy(ids))])
+    failures = [f"{shape}: {diff:.2e}" for shape, diff in diffs.items() if not diff <= cfg.tolerance]
+    if failures:
+        raise ParityError(f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
+                          f"for {'; '.join(failures)} — nothing was published")
+    prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, model.cfg.block_size,
+                             cfg.generation_tokens, cfg.seed)
+    stop_ids = ChatTemplate(tokenizer).stop_ids
+    differ = [number for number, prompt in enumerate(prompts)
+              if onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, model.cfg.block_size, stop_ids)
+              != generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids)]
+    if differ:
+        raise ParityError(f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
+                          f"{differ} of {len(prompts)} — nothing was published")
+    return {"blocks": blocks, "max_abs_diff": max(diffs.values()), "generation_prompts": len(prompts),
+            "generation_matches": len(prompts)}
+
+
 # ---------------------------------------------------------------------------- stage
 
 
@@ -368,15 +408,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     started = time.perf_counter()
     with torch.no_grad(), _quiet_exporter():
         graphs = export_graphs(model, out, ecfg.opset, external, ecfg.pt2)
+    graphs["architecture"] = onnx_architecture.save_architecture(model, out, ecfg.opset, external)  # architecture view
+    architecture_svg.write_svg(out / graphs["architecture"], out / architecture_svg.SVG_FILE)
     export_seconds = time.perf_counter() - started
     write_meta(model, out, graphs, ecfg, external)
-    check_graphs(out, [graphs["logits"], graphs["kv"]])
+    check_graphs(out, [graphs["logits"], graphs["kv"], graphs["architecture"]])
 
     started = time.perf_counter()
     conversations, heldout_source = heldout_conversations(
         inputs[ecfg.source], max(ecfg.heldout_items, ecfg.generation_prompts), ecfg.seed
     )
     metrics = check_parity(model, out, tokenizer, ecfg, conversations)
+    metrics["architecture"] = architecture_parity(model, out, tokenizer, ecfg, conversations)  # architecture view
     metrics["parity_seconds"] = round(time.perf_counter() - started, 3)
 
     if ecfg.quantize:

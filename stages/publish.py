@@ -4,7 +4,9 @@ Bundle layout (open ``index.html`` through any static HTTP server)::
 
     index.html          landing page: one link per graph, opening it in the bundled Netron
     netron/             Netron's static web app, copied from the installed ``netron`` package
-    graphs/             model.onnx, model_kv.onnx, model.pt2, ... (+ .onnx.data side files)
+    graphs/             architecture.onnx, model.onnx, model_kv.onnx, model.pt2, ... (+ .onnx.data side files)
+    standalone/         <graph>.html per ONNX graph: one self-contained file each (Netron + the graph's
+                        structure without weight values), the copy logged to MLflow (stages.viewer.netron_page)
     bundle.json         what is in the bundle (graph files, sizes, Netron version)
 
 Netron's web app opens the model named by its ``?url=`` query parameter, so each link is
@@ -34,6 +36,7 @@ from pathlib import Path
 from stages.core.config import PipelineConfig
 from stages.core.errors import ArtifactError, GptpipeError
 from stages.core.tracking import Tracker
+from stages.viewer import netron_page
 
 
 NETRON_DIR = "netron"
@@ -42,7 +45,10 @@ LANDING = "index.html"
 BUNDLE_FILE = "bundle.json"
 OFFLINE_SCRIPT = "offline.js"
 
+STANDALONE_DIR = "standalone"
+
 DESCRIPTIONS = {
+    "architecture.onnx": "the architecture: embedding, Block x N (open a Block for attention and MLP), norm, lm_head",
     "model.onnx": "logits for input ids (dynamic batch and sequence)",
     "model_kv.onnx": "KV-cache step: input ids + past keys/values -> logits + present keys/values",
     "model.pt2": "torch.export program of the logits model",
@@ -121,12 +127,30 @@ def viewer_link(name: str) -> str:
     return f"{NETRON_DIR}/index.html?url=../{GRAPHS_DIR}/{name}"
 
 
+def _standalone_link(graph: dict) -> str:
+    page = graph.get("standalone")
+    return f'<a href="{html.escape(page)}">one-file viewer</a>' if page else ""
+
+
+def write_standalone(graphs: list[dict], graphs_dir: Path, dest: Path, title: str) -> None:
+    """One self-contained viewer page per ONNX graph (``graph["standalone"]`` = its path in the bundle)."""
+    root, _ = netron_package()
+    dest.mkdir()
+    for graph in graphs:
+        if graph["file"].endswith(".onnx"):  # a .pt2 zip cannot be shown without its weights
+            page = netron_page.write_page(graphs_dir / graph["file"], dest / f"{graph['file']}{netron_page.SUFFIX}",
+                                          root, f"{title}: {graph['file']}")
+            graph["standalone"] = f"{STANDALONE_DIR}/{page.name}"
+            graph["standalone_bytes"] = page.stat().st_size
+
+
 def landing_page(title: str, graphs: list[dict], meta: dict) -> str:
     """A plain HTML page (no scripts, no external assets) listing each graph with its viewer link."""
     rows = "\n".join(
         f'<tr><td><a href="{html.escape(g["link"])}">{html.escape(g["file"])}</a></td>'
         f'<td>{g["bytes"] / 1e6:.2f} MB</td><td>{html.escape(g["description"])}</td>'
-        f'<td><a href="{GRAPHS_DIR}/{html.escape(g["file"])}" download>download</a></td></tr>'
+        f'<td><a href="{GRAPHS_DIR}/{html.escape(g["file"])}" download>download</a></td>'
+        f'<td>{_standalone_link(g)}</td></tr>'
         for g in graphs
     )
     shape = meta.get("model", {})
@@ -139,7 +163,7 @@ tr:nth-child(even){{background:#f3f3f3}}small{{color:#666}}</style></head>
 <body><h1>{html.escape(title)}: exported graphs</h1>
 <p><small>{html.escape(facts)}; ONNX opset {html.escape(str(meta.get("opset", "?")))}.
 Each link opens the graph in the Netron viewer bundled beside this page (no network needed).</small></p>
-<table><tr><th>graph</th><th>size</th><th>what it computes</th><th></th></tr>
+<table><tr><th>graph</th><th>size</th><th>what it computes</th><th></th><th></th></tr>
 {rows}
 </table></body></html>
 """
@@ -154,18 +178,21 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     graphs = collect_graphs(export_dir, cfg.publish.graphs, out / GRAPHS_DIR)
     version = copy_netron(out / NETRON_DIR)
+    write_standalone(graphs, out / GRAPHS_DIR, out / STANDALONE_DIR, cfg.name)
     (out / LANDING).write_text(landing_page(cfg.name, graphs, meta), encoding="utf-8")
     bundle = {"enabled": True, "netron_version": version, "graphs": graphs, "landing": LANDING}
     (out / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n", encoding="utf-8")
     # MLflow gets the landing page and the graphs; the 30 MB viewer stays in the artifact store.
     tracker.log_artifact(out / LANDING, "netron")
     tracker.log_artifact(out / GRAPHS_DIR, "netron/graphs")
+    tracker.log_artifact(out / STANDALONE_DIR, "netron/standalone")  # these open inside the MLflow UI
     return {
         "enabled": True,
         "graphs": len(graphs),
         "graph_bytes": sum(g["bytes"] for g in graphs),
         "netron_version": version,
         "links": {g["file"]: g["link"] for g in graphs},
+        "standalone": {g["file"]: g["standalone"] for g in graphs if "standalone" in g},
     }
 
 

@@ -85,17 +85,19 @@ class Exported:
     vocab_size: int
 
 
-def exported(tmp_path_factory) -> Exported:
+def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     """Export the micro model once per session: every caller shares one store under pytest's
-    base temp dir, so a second caller gets the runner's cached artifact (same content key)."""
+    base temp dir, so a second caller gets the runner's cached artifact (same content key).
+    ``n_layer`` exports a deeper micro model (its own store, no int8) for the architecture view."""
     from stages.runner import run_stage
 
-    root = tmp_path_factory.getbasetemp() / "export-store"
+    root = tmp_path_factory.getbasetemp() / ("export-store" if n_layer is None else f"export-store-{n_layer}")
     store = LocalStore(root)
     tokenizer = make_tokenizer(store)
     vocab_size = Tokenizer.load(tokenizer.uri).vocab_size
-    model = make_model(store, "finetune", vocab_size, heldout=20)
-    cfg = export_config(root, quantize=True)
+    shape = {} if n_layer is None else {"n_layer": n_layer}
+    model = make_model(store, "finetune", vocab_size, heldout=20, **shape)
+    cfg = export_config(root, quantize=n_layer is None)
     inputs = {"tokenizer": tokenizer, "finetune": model}
     result = run_stage("export", cfg, inputs, store)
     return Exported(cfg, inputs, Path(result.ref.uri), result.manifest.metrics, Path(model.uri) / "model", vocab_size)

@@ -163,6 +163,8 @@ def test_external_data_when_forced(good, tmp_path):
         proto = onnx.load(str(out / graph), load_external_data=False)
         assert next(i for i in proto.graph.initializer if head(i)).data_location == onnx.TensorProto.EXTERNAL
         onnx.checker.check_model(str(out / graph), full_check=True)
+    assert sizes["architecture.onnx.data"] >= good.vocab_size * 64 * 4  # the architecture view follows suit
+    assert result.manifest.metrics["architecture"]["generation_matches"] == 2
     assert not (out / "model.pt2").exists()
     assert result.manifest.metrics["generation_matches"] == 2
     assert "model.onnx.data" in result.manifest.files  # hashed like every other file
@@ -178,5 +180,6 @@ def test_missing_source_artifact_is_a_config_error(good, tmp_path):
 
 def test_export_json_describes_the_graphs(good):
     meta = json.loads((good.export_dir / "export.json").read_text())
-    assert meta["graphs"] == {"logits": "model.onnx", "kv": "model_kv.onnx", "pt2": "model.pt2", "int8": "model.int8.onnx"}
+    assert meta["graphs"] == {"logits": "model.onnx", "kv": "model_kv.onnx", "pt2": "model.pt2", "int8": "model.int8.onnx",
+                              "architecture": "architecture.onnx"}
     assert (meta["n_layer"], meta["block_size"], meta["vocab_size"]) == (2, 64, good.vocab_size)

@@ -62,3 +62,29 @@ def test_mlflow_holds_parent_and_child_runs(flow_run):
         assert "manifest.json" in names, run.data.tags["gptpipe.stage"]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "report_card.md" in parent_artifacts
+
+
+def test_report_card_and_runs_show_the_architecture(flow_run):
+    import base64
+    import json
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.prefect_artifacts import full_markdown
+
+    root, report, again = flow_run
+    export_dir = Path(report["stages"]["export"]["ref"]["uri"])
+    n_layer = json.loads((export_dir / "export.json").read_text())["n_layer"]
+    for run in (report, again):  # the reused run shows it too
+        found = re.search(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", full_markdown(run))
+        assert found, "the report card should embed the architecture picture"
+        svg = base64.b64decode(found.group(1)).decode()
+        assert svg.count('data-op="Block"') == n_layer
+    client = MlflowClient(tracking_uri=report["tracking_uri"])
+    card = Path(client.download_artifacts(report["parent_run_id"], "report_card.md", str(root / "dl"))).read_text()
+    assert "data:image/svg+xml;base64," in card
+    assert [a.path for a in client.list_artifacts(report["parent_run_id"], "report")] == ["report/architecture.svg"]
+    publish_run = report["stages"]["publish"]["run_id"]
+    pages = {a.path for a in client.list_artifacts(publish_run, "netron/standalone")}
+    assert "netron/standalone/architecture.onnx.html" in pages and "netron/standalone/model.onnx.html" in pages

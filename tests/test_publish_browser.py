@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -37,9 +38,12 @@ def bundle(tmp_path_factory):
 
 def test_bundle_layout_and_offline_patches(bundle):
     out, metrics = bundle
-    assert metrics["graphs"] == 4 and metrics["netron_version"]
-    for name in ("model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"):
+    assert metrics["graphs"] == 5 and metrics["netron_version"]
+    for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"):
         assert (out / "graphs" / name).is_file()
+    for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.int8.onnx"):  # ONNX graphs only
+        assert metrics["standalone"][name] == f"standalone/{name}.html" and (out / "standalone" / f"{name}.html").is_file()
+    assert "model.pt2" not in metrics["standalone"]
     assert not list((out / "netron").glob("*.py"))  # the web app only, not Netron's Python server
     index = (out / "netron" / "index.html").read_text()
     assert '<meta name="version" content="0.0.0">' in index  # Netron then sends no telemetry
@@ -47,7 +51,8 @@ def test_bundle_layout_and_offline_patches(bundle):
     assert '<script type="text/javascript" src="offline.js"></script>' in index
     landing = (out / "index.html").read_text()
     assert 'href="netron/index.html?url=../graphs/model.onnx"' in landing
-    assert json.loads((out / "bundle.json").read_text())["graphs"][0]["file"] == "model.onnx"
+    assert 'href="standalone/model.onnx.html"' in landing
+    assert json.loads((out / "bundle.json").read_text())["graphs"][0]["file"] == "architecture.onnx"
 
 
 def test_disabled_publish_writes_no_bundle(bundle, tmp_path):
@@ -122,3 +127,102 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
     assert outside == [], f"requests left 127.0.0.1: {outside}"
     assert failures == [] and missing == [] and errors == []
     assert (REPO / "test-artifacts" / "netron_model_onnx.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------- architecture view, 4 layers
+
+N_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def deep_bundle(tmp_path_factory):
+    torch.set_num_threads(1)
+    done = exported(tmp_path_factory, n_layer=N_LAYER)
+    store = LocalStore(done.export_dir.parents[1])
+    result = run_stage("publish", done.cfg, {"export": store.ref(store.find("export", done.export_dir.name))}, store)
+    return Path(result.ref.uri)
+
+
+def _labels(page) -> list[str]:
+    # Netron replaces window.eval, which Playwright's evaluate() needs: read the DOM as HTML.
+    return re.findall(r"<text[^>]*>([^<]+)</text>", page.content())
+
+
+def _open_function(page, op: str) -> None:
+    """Click the 'show function definition' button (ƒ) of the first node of type ``op``."""
+    node = page.locator("g.node", has=page.locator("text", has_text=re.compile(f"^{op}$"))).first
+    node.locator("text", has_text="\u0192").first.click()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_architecture_view_shows_blocks_that_open_into_attention_and_mlp(deep_bundle):
+    from playwright.sync_api import sync_playwright
+
+    server = publish.serve_bundle(deep_bundle, 0)
+    origin = f"http://127.0.0.1:{server.server_address[1]}/"
+    requests: list[str] = []
+    errors: list[str] = []
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 1400})
+            context.on("request", lambda request: requests.append(request.url))
+            page = context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(origin + "netron/index.html?url=../graphs/architecture.onnx")  # no click
+            page.locator("g.node").nth(5).wait_for(timeout=90_000)
+            page.locator("body.default").wait_for(timeout=90_000)
+            top_nodes = page.locator("g.node").count()
+            top = _labels(page)
+            page.screenshot(path=str(artifacts / "netron_architecture.png"))
+            _open_function(page, "Block")
+            page.locator("g.node", has=page.locator("text", has_text=re.compile("^Attention$"))).first.wait_for(timeout=60_000)
+            block = _labels(page)
+            page.screenshot(path=str(artifacts / "netron_architecture_block.png"))
+            _open_function(page, "Attention")
+            page.locator("g.node", has=page.locator("text", has_text=re.compile("^DotProductAttention$"))).first.wait_for(timeout=60_000)
+            attention = _labels(page)
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert top_nodes <= 15, f"{top_nodes} nodes at the top level: {top}"
+    assert top.count("Block") == N_LAYER, top
+    assert {"Embedding", "RotaryTables", "RMSNorm", "Linear", "input_ids", "logits"} <= set(top)
+    assert {"RMSNorm", "Attention", "SwiGLU", "Add"} <= set(block) and "Block" not in block, block
+    assert {"Linear", "RoPE", "DotProductAttention", "SplitHeads", "MergeHeads"} <= set(attention), attention
+    outside = [url for url in requests if not url.startswith(origin)]
+    assert outside == [] and errors == [], (outside, errors)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_one_file_viewer_renders_in_a_sandboxed_blob_iframe(deep_bundle):
+    """The way MLflow's artifact view shows an .html artifact: blob URL, sandbox="allow-scripts"."""
+    from playwright.sync_api import sync_playwright
+
+    html_bytes = (deep_bundle / "standalone" / "architecture.onnx.html").read_bytes()
+    assert len(html_bytes) < 5_000_000  # a few MB: structure and the ONNX parts of Netron only
+    requests: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.on("request", lambda request: requests.append(request.url))
+        page = context.new_page()
+        page.set_content('<html><body><iframe id="viewer" sandbox="allow-scripts" '
+                         'style="width:1200px;height:950px"></iframe></body></html>')
+        # The page's bytes as a blob: URL in a sandboxed iframe, as MLflow's artifact view does it.
+        page.evaluate("(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); "
+                      "document.getElementById('viewer').src = URL.createObjectURL(new Blob([bytes], {type: 'text/html'})); }",
+                      base64.b64encode(html_bytes).decode("ascii"))
+        frame = page.frame_locator("#viewer")
+        frame.locator("g.node").nth(5).wait_for(timeout=90_000)
+        labels = re.findall(r"<text[^>]*>([^<]+)</text>", frame.locator("svg#canvas").inner_html())
+        page.screenshot(path=str(REPO / "test-artifacts" / "netron_standalone_blob_iframe.png"))
+        browser.close()
+    assert labels.count("Block") == N_LAYER, labels
+    outside = [url for url in requests if not url.startswith(("data:", "blob:", "about:"))]
+    assert outside == [], f"the one-file viewer made requests: {outside[:5]}"

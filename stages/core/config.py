@@ -268,7 +268,7 @@ class PublishConfig(Section):
 
     enabled: bool = Field(True, description="Build the Netron bundle.")
     graphs: list[str] = Field(
-        default_factory=lambda: ["model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"],
+        default_factory=lambda: ["architecture.onnx", "model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"],
         description="Export files shown in the bundle (those the export did not write are skipped).",
     )
 

@@ -1,0 +1,1 @@
+"""Views of exported graphs for people: a self-contained Netron page and a static architecture picture."""
