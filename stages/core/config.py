@@ -261,6 +261,10 @@ class ExportConfig(Section):
     )
     heldout_items: int = Field(32, ge=1, description="Held-out chat items scoring the int8 loss change.")
     threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime (0 = their defaults).")
+    hf: bool = Field(
+        True, description="Also write hf/, a Hugging Face LlamaForCausalLM checkpoint (weights, tokenizer, chat "
+        "template), gated like the graphs: logits, greedy ids and tokenization checked with transformers.",
+    )
 
 
 class PublishConfig(Section):
