@@ -48,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise GptpipeError("gptpipe eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.5'") from None
+        raise GptpipeError("gptpipe eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'") from None
     from stages.lm import harness
     from stages.lm.tokenizer import Tokenizer
     from stages.training.checkpoint import load_model, model_directory

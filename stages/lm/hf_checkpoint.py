@@ -179,7 +179,7 @@ def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     stops = [tokenizer.special[END_TOKEN], tokenizer.eos_id]
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id,
-                  "do_sample": False, "max_length": model.cfg.block_size}
+                  "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out
 
