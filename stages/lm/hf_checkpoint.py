@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from stages.core.errors import ConfigError
 from stages.lm.chat import END_TOKEN, ROLE_TOKENS
 from stages.lm.model import GPT
 from stages.lm.tokenizer import MODEL_FILE, Tokenizer
@@ -153,7 +154,7 @@ def check_tokenizer_spec(tokenizer: Tokenizer) -> None:
     """The translation assumes gptpipe's tokenizer settings; anything else would not round-trip."""
     spec = _proto(tokenizer).normalizer_spec
     if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer normalization {spec.name!r} (dummy prefix {spec.add_dummy_prefix}, squeeze "
             f"{spec.remove_extra_whitespaces}) has no exact Hugging Face form; retrain stage 'tokenizer' or set export.hf=false"
         )
