@@ -107,6 +107,23 @@ def score(records: list[dict], answers: list[str]) -> dict:
     }
 
 
+def lm_eval_figures(model: GPT, tokenizer: Tokenizer, val: TokenShards, records: list[dict], cfg: EvaluateConfig,
+                    out: Path) -> dict[str, dict[str, float]]:
+    """``evaluate.lm_eval_tasks`` through lm-evaluation-harness (``stages.lm.harness``, lm-eval imported here).
+
+    The local tasks are written once into ``lm_eval_tasks/``: ``gptpipe_heldout`` from the same
+    held-out items the exact match above scores, ``gptpipe_bpb`` from the validation tokens the
+    bits per byte above reads (as many as ``language_metrics`` can score), decoded to documents.
+    """
+    from stages.lm import harness
+
+    tasks_dir = out / "lm_eval_tasks"
+    if not tasks_dir.is_dir():
+        budget = cfg.val_batches * cfg.batch_size * model.cfg.block_size
+        harness.write_local_tasks(tasks_dir, records, harness.validation_texts(val, tokenizer, budget), cfg.max_new_tokens)
+    return harness.run_tasks(model, tokenizer, cfg.lm_eval_tasks, tasks_dir, batch_size=cfg.batch_size)
+
+
 def write_markdown(report: dict, path: Path) -> None:
     base, tuned = report["base"], report["finetuned"]
     rows = [
@@ -117,6 +134,9 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     lines = ["# Evaluation: base vs fine-tuned", "", "| metric | base | fine-tuned |", "|---|---:|---:|"]
     lines += [f"| {label} | {fmt.format(base[key])} | {fmt.format(tuned[key])} |" for label, key, fmt in rows]
+    for task, figures in tuned.get("lm_eval", {}).items():  # lm-evaluation-harness, beside gptpipe's own
+        for key, value in figures.items():
+            lines.append(f"| lm-eval {task}: {key} | {base['lm_eval'][task][key]:.4f} | {value:.4f} |")
     for task in tuned["per_task"]:
         lines.append(f"| exact match: {task} | {base['per_task'].get(task, 0):.1%} | {tuned['per_task'][task]:.1%} |")
     lines.append(f"| time: loss + generation (s) | {base['seconds']:.1f} | {tuned['seconds']:.1f} |")
@@ -168,6 +188,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     for name, artifact in (("base", inputs["pretrain"]), ("finetuned", inputs["finetune"])):
         model = checkpoint.load_model(checkpoint.model_directory(artifact), device=device)
         results[name], generated[name] = evaluate_model(name, model, template, records, val, ecfg)
+        if ecfg.lm_eval_tasks:  # the harness's figures beside gptpipe's own (stages/lm/harness.py)
+            results[name]["lm_eval"] = lm_eval_figures(model, tokenizer, val, records, ecfg, out)
+            tracker.log_metrics({f"eval/{name}/lm_eval/{task}/{key}": value
+                                 for task, figures in results[name]["lm_eval"].items() for key, value in figures.items()})
     answers = {name: g.texts for name, g in generated.items()}
     expected = [r["messages"][-1]["content"] for r in records]
     findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
@@ -209,6 +233,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     for prefix, name in (("base", "base"), ("sft", "finetuned")):
         for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy"):
             summary[f"{prefix}_{key}"] = round(results[name][key], 6)
+        figures = results[name].get("lm_eval", {})  # the harness's figures beside gptpipe's own
+        if "gptpipe_heldout" in figures:
+            summary[f"{prefix}_lm_eval_exact_match"] = round(figures["gptpipe_heldout"]["exact_match"], 6)
+        if "gptpipe_bpb" in figures:
+            summary[f"{prefix}_lm_eval_bpb"] = round(figures["gptpipe_bpb"]["bits_per_byte"], 6)
     summary["base_seconds"], summary["sft_seconds"] = results["base"]["seconds"], results["finetuned"]["seconds"]
     tracker.log_metrics({f"eval/{k}": float(v) for k, v in summary.items()})
     for name in ("report.md", "report.json", "answers.jsonl", "samples.json", "curves.png"):

@@ -12,6 +12,7 @@ Outputs (one self-contained directory)::
     *.onnx.data       weights beside the graph when the model is over 2 GB (or export.external_data)
     tokenizer/        the tokenizer artifact's files, so the export runs on its own
     export.json       shapes, tensor names and graph files: what ``stages.lm.onnx_runtime`` reads
+    hf/               a Hugging Face LlamaForCausalLM checkpoint with its tokenizer (export.hf; gated too)
 
 One KV graph serves prefill and decode: a zero-length past is a valid ONNX Runtime input,
 and the model's explicit-mask path equals the causal one when the past is empty. The graph is
@@ -39,6 +40,8 @@ import torch
 from torch import nn
 
 from stages.lm import onnx_architecture
+
+from stages.lm import hf_checkpoint
 from stages.lm import onnx_runtime as ortgen
 from stages.storage.artifacts import MANIFEST
 from stages.training.checkpoint import load_model, model_directory
@@ -387,6 +390,20 @@ def architecture_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: Export
     return {"blocks": blocks, "max_abs_diff": max(diffs.values()), "generation_prompts": len(prompts),
             "generation_matches": len(prompts)}
 
+def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]) -> dict:
+    """Write ``hf/`` and check it with transformers on the gate's shapes, prompts and held-out items."""
+    block = model.cfg.block_size
+    started = time.perf_counter()
+    hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / hf_checkpoint.HF_DIR)
+    shapes = gate_shapes(cfg.parity_shapes, block, np.random.default_rng(cfg.seed))
+    prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed)
+    figures, failures = hf_checkpoint.check_checkpoint(model, tokenizer, hf_dir, cfg.tolerance, shapes, prompts,
+                                                       cfg.generation_tokens, conversations, cfg.seed)
+    if failures:
+        raise ParityError(f"export parity gate: the Hugging Face checkpoint ({hf_checkpoint.HF_DIR}/, loaded with "
+                          f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published")
+    return {**figures, "seconds": round(time.perf_counter() - started, 3)}
+
 
 # ---------------------------------------------------------------------------- stage
 
@@ -421,6 +438,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     metrics = check_parity(model, out, tokenizer, ecfg, conversations)
     metrics["architecture"] = architecture_parity(model, out, tokenizer, ecfg, conversations)  # architecture view
     metrics["parity_seconds"] = round(time.perf_counter() - started, 3)
+
+    if ecfg.hf:  # ---- Hugging Face checkpoint, behind its own gate (stages/lm/hf_checkpoint.py)
+        metrics["hf"] = export_hf(model, tokenizer, out, ecfg, conversations)
+        tracker.log_artifact(out / hf_checkpoint.HF_DIR, hf_checkpoint.HF_DIR)
+        tracker.log_metrics({"export.hf_max_abs_diff": metrics["hf"]["max_abs_diff"],
+                             "export.hf_tokenizer_matches": metrics["hf"]["tokenizer_matches"]})
 
     if ecfg.quantize:
         graphs["int8"] = quantize_int8(out, external)

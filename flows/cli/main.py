@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli.generate import add_generate_command
 
     add_generate_command(sub)
+
+    from flows.cli.eval import add_eval_command
+
+    add_eval_command(sub)
     return parser
 
 

@@ -232,6 +232,12 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="Sequences per validation micro-batch (block_size tokens each).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = leave torch's default).")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on both models (needs lm-eval). gptpipe_heldout and "
+        "gptpipe_bpb are local tasks written from the held-out items and validation text; public tasks need "
+        "their datasets reachable.",
+    )
 
 
 class ExportConfig(Section):
@@ -261,6 +267,10 @@ class ExportConfig(Section):
     )
     heldout_items: int = Field(32, ge=1, description="Held-out chat items scoring the int8 loss change.")
     threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime (0 = their defaults).")
+    hf: bool = Field(
+        True, description="Also write hf/, a Hugging Face LlamaForCausalLM checkpoint (weights, tokenizer, chat "
+        "template), gated like the graphs: logits, greedy ids and tokenization checked with transformers.",
+    )
 
 
 class PublishConfig(Section):

@@ -22,6 +22,11 @@ PARAM_LIMIT = 6000  # MLflow's maximum param value length
 # after training; once a run is open, MLflow's retries ride out a server restart.
 CONNECT_WAIT_VARIABLE = "GPTPIPE_TRACKING_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_WAIT_S = 20.0
+# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says "model training"
+# (the value its "Model training" switch writes; an experiment tag older MLflow versions ignore).
+# A user's own choice (the tag already set) is left alone.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class Tracker(Protocol):
@@ -193,9 +198,12 @@ def connect(uri: str, experiment: str, artifact_root: str | Path | None = None) 
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment made before gptpipe tagged it
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, found.experiment_id
         location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        return client, client.create_experiment(experiment, artifact_location=location)
+        return client, client.create_experiment(experiment, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:
         raise GptpipeError(f"MLflow at {redact_uri(uri)}: {str(exc).splitlines()[0]}") from None
 
@@ -327,12 +335,88 @@ def find_version(client: Any, name: str, digest: str) -> Any | None:
     return next((v for v in versions if v.tags.get("gptpipe.digest") == digest), None)
 
 
+# What the served model needs besides mlflow itself: no torch (stages.lm.onnx_runtime runs without it).
+PYFUNC_REQUIREMENTS = ("onnxruntime", "sentencepiece", "numpy")
+# The modules of stages/ that generation with ONNX Runtime imports: shipped in the model's code/ folder.
+PYFUNC_CODE = ("__init__.py", "core/__init__.py", "core/errors.py", "lm/__init__.py", "lm/onnx_runtime.py",
+               "lm/tokenizer.py", "lm/chat.py")
+# The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
+PYFUNC_FILES = ("model.onnx", "model_kv.onnx", "model.onnx.data", "model_kv.onnx.data", "export.json")
+
+
+def _versions(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name}=={version(name)}"
+    except PackageNotFoundError:
+        return name
+
+
+def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
+    """Write an MLflow pyfunc model folder (``MLmodel`` at its root) for an export artifact.
+
+    ``stages/core/mlflow_model.py`` is the model code; the export's graphs, ``export.json`` and
+    tokenizer go to ``artifacts/onnx``; the few ``stages`` modules generation needs go to
+    ``code/stages``; requirements are onnxruntime, sentencepiece and numpy pinned to the
+    versions here (MLflow adds itself). The signature takes ``prompt`` or ``messages`` and the
+    params ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``; the output is the reply text.
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    with warnings.catch_warnings():  # "add type hints to predict": deliberately absent (see mlflow_model)
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+        from stages.core import mlflow_model
+
+    export_dir, path = Path(export_dir), Path(path)
+    package = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="gptpipe-pyfunc-") as scratch:
+        onnx_dir = Path(scratch) / mlflow_model.ARTIFACT
+        onnx_dir.mkdir()
+        for name in PYFUNC_FILES:
+            if (export_dir / name).is_file():
+                shutil.copy2(export_dir / name, onnx_dir / name)
+        if not (onnx_dir / "model_kv.onnx").is_file() or not (export_dir / "tokenizer").is_dir():
+            raise GptpipeError(f"{export_dir}: no model_kv.onnx or tokenizer/ to serve; rerun stage 'export'")
+        shutil.copytree(export_dir / "tokenizer", onnx_dir / "tokenizer")
+        code = Path(scratch) / "code" / "stages"
+        for relative in PYFUNC_CODE:
+            (code / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(package / relative, code / relative)
+        message = Object([Property("role", "string"), Property("content", "string")])
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("string", "prompt", required=False),
+                           ColSpec(Array(message), "messages", required=False)]),
+            outputs=Schema([ColSpec("string")]),
+            params=ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v)
+                                for k, v in mlflow_model.DEFAULT_PARAMS.items()]),
+        )
+        example = (pd.DataFrame({"prompt": ["Reverse: a b c"]}), {"max_new_tokens": 16})
+        with warnings.catch_warnings():  # "add type hints to predict": deliberately absent (see mlflow_model)
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(path), python_model=mlflow_model.__file__, artifacts={mlflow_model.ARTIFACT: str(onnx_dir)},
+                code_paths=[str(code)], signature=signature, input_example=example,
+                pip_requirements=[_versions(name) for name in PYFUNC_REQUIREMENTS],
+            )
+    return path
+
+
 def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, parity: dict[str, Any],
                   digest: str, artifact_uri: str | None = None) -> dict[str, Any]:
     """Register the exported ONNX graph as a version of model ``name`` (once per export digest).
 
-    The graph, the tokenizer it needs and the parity figures are logged to ``tracker``'s run
-    under ``onnx_model/``; the version's source is that folder, and the parity figures, the
+    ``onnx_model/`` in ``tracker``'s run is an MLflow pyfunc model (``save_pyfunc``: the graphs
+    and tokenizer under ``artifacts/onnx``, the generation code, ``MLmodel``) plus
+    ``parity.json``, so ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` and
+    ``mlflow models serve`` work on the version; the version's source is that folder, and the parity figures, the
     export's content digest and its artifact-store location become version tags, so the
     registry entry explains itself. An export already registered (same digest) is not
     registered twice: like a reused stage, its existing version is returned.
@@ -345,17 +429,15 @@ def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, par
         tracker.set_tags({"gptpipe.registered_model": f"{name}/{existing.version}"})
         return {"name": name, "version": str(existing.version), "source": existing.source,
                 "run_id": existing.run_id, "reused": True}
+    import tempfile
+
     export_dir = Path(export_dir)
     graph = export_dir / "model.onnx"
     if not graph.is_file():
         raise GptpipeError(f"{export_dir}: no model.onnx to register; run stage 'export' first")
     client = tracker.client
-    tracker.log_artifact(graph, "onnx_model")
-    for extra in sorted(export_dir.glob("model.onnx.data")) + [export_dir / "export.json"]:
-        if extra.is_file():
-            tracker.log_artifact(extra, "onnx_model")
-    if (export_dir / "tokenizer").is_dir():
-        tracker.log_artifact(export_dir / "tokenizer", "onnx_model/tokenizer")
+    with tempfile.TemporaryDirectory(prefix="gptpipe-register-") as scratch:
+        tracker.log_artifact(save_pyfunc(export_dir, Path(scratch) / "onnx_model"), "onnx_model")
     figures = {k: v for k, v in parity.items() if isinstance(v, (int, float, str, bool))}
     client.log_text(tracker.run_id, json.dumps(figures, indent=2, sort_keys=True), "onnx_model/parity.json")
     tags = {f"parity.{k}": str(v) for k, v in figures.items()}
@@ -364,13 +446,13 @@ def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, par
         tags["gptpipe.artifact"] = artifact_uri
     try:
         try:
-            client.create_registered_model(name, description="ONNX export of a gptpipe GPT (logits graph)")
+            client.create_registered_model(name, description="A gptpipe GPT: ONNX graphs served as an MLflow pyfunc chat model")
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
         source = f"{client.get_run(tracker.run_id).info.artifact_uri}/onnx_model"
         version = client.create_model_version(name, source, run_id=tracker.run_id, tags=tags,
-                                              description="model.onnx + tokenizer + parity.json")
+                                              description="pyfunc chat model over model_kv.onnx + tokenizer; model.onnx; parity.json")
     except MlflowException as exc:
         raise GptpipeError(f"MLflow model registry at {tracker.tracking_uri}: {str(exc).splitlines()[0]}") from None
     tracker.set_tags({"gptpipe.registered_model": f"{name}/{version.version}"})

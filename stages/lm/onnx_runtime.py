@@ -89,6 +89,20 @@ def open_session(path: Path, threads: int = 0, level: str = "all") -> ort.Infere
     return ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
 
 
+def pick_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """Next token from one row of logits: the first maximum when ``temperature <= 0`` (as
+    ``torch.argmax``, which the parity gate relies on), else a sample of softmax(logits / T),
+    limited to the ``top_k`` largest when given (what the served MLflow model offers)."""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < scaled.size:
+        kth = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    return int(rng.choice(scaled.size, p=probs / probs.sum()))
+
+
 class OnnxGenerator:
     """Greedy generation with the KV-cache graph of an export artifact."""
 
@@ -117,8 +131,9 @@ class OnnxGenerator:
         ids = np.asarray(ids, dtype=np.int64)
         return self.step(ids, self.empty_past(ids.shape[0]))[0]
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
-        """New token ids after ``prompt_ids`` (a stop id included when hit), greedy.
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, stop_ids=(), temperature: float = 0.0,
+                     top_k: int | None = None, seed: int | None = None) -> list[int]:
+        """New token ids after ``prompt_ids`` (a stop id included when hit); greedy unless ``temperature > 0``.
 
         Mirrors ``stages.lm.generate.generate_ids`` with ``use_cache=True``: the cache holds every
         token but the last one; once the context reaches ``block_size`` the cache is dropped and
@@ -131,6 +146,7 @@ class OnnxGenerator:
         context = [int(t) for t in prompt_ids]
         new: list[int] = []
         past: list[np.ndarray] | None = None
+        rng = np.random.default_rng(seed)
         for _ in range(max_new_tokens):
             if past is not None and len(context) <= block:
                 logits, past = self.step(np.array([context[-1:]], dtype=np.int64), past)
@@ -139,7 +155,7 @@ class OnnxGenerator:
                 logits, past = self.step(window, self.empty_past())
                 if len(context) >= block:
                     past = None
-            token = int(np.argmax(logits[0, -1]))  # first maximum, as torch.argmax
+            token = pick_token(logits[0, -1], temperature, top_k, rng)
             new.append(token)
             context.append(token)
             if token in stops:
@@ -155,13 +171,15 @@ class OnnxGenerator:
             self._tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_DIR)
         return self._tokenizer
 
-    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64) -> str:
+    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int | None = None) -> str:
         """Reply text to a user prompt (or message list) through the project's one chat template."""
         from stages.lm.chat import ChatTemplate
 
         if self._template is None:
             self._template = ChatTemplate(self.tokenizer)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = self.generate_ids(self._template.render_prompt(messages), max_new_tokens, self._template.stop_ids)
+        ids = self.generate_ids(self._template.render_prompt(messages), max_new_tokens, self._template.stop_ids,
+                                temperature=temperature, top_k=top_k, seed=seed)
         return self._template.decode_answer(ids)
 

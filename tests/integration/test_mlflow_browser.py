@@ -1,5 +1,5 @@
-"""In headless Chromium, the MLflow UI of the test server shows the pipeline run, its child runs
-and a loss chart. Screenshots go to test-artifacts/."""
+"""In headless Chromium, the MLflow UI of the test server opens the experiment on its runs table and
+shows the pipeline run, its child runs and a loss chart. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -68,4 +68,22 @@ def test_mlflow_ui_shows_the_pipeline_run_its_children_and_a_loss_chart(services
     page.locator(".js-plotly-plot .scatterlayer .trace").first.wait_for(timeout=60_000)
     assert page.locator(".js-plotly-plot").count() >= 1
     page.screenshot(path=str(ARTIFACTS / "mlflow_loss_chart.png"), full_page=True)
+    page.close()
+
+
+def test_mlflow_ui_opens_the_experiment_on_its_runs_table(services, server_pipeline, browser):
+    """gptpipe tags the experiment as model training, so MLflow 3 shows runs, not its GenAI overview."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    parent_id = server_pipeline["runs"][0]["parent_run_id"]
+    experiment, _ = child_run_id(services, parent_id, "pretrain")
+    found = http_json(f"{services.mlflow_url}/api/2.0/mlflow/experiments/get?experiment_id={experiment}")
+    tags = {t["key"]: t["value"] for t in found["experiment"].get("tags", [])}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    page = browser.new_page()
+    page.goto(f"{services.mlflow_url}/#/experiments/{experiment}")
+    # The runs table: the pipeline's parent run listed by its name (the recipe), in a grid of runs.
+    page.get_by_text("Run Name", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_role("link", name="micro", exact=True).first.wait_for(timeout=60_000)
+    assert "/runs" in page.url or page.url.rstrip("/").endswith(f"/experiments/{experiment}"), page.url
+    page.screenshot(path=str(ARTIFACTS / "mlflow_experiment_runs.png"), full_page=True)
     page.close()

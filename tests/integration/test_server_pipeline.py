@@ -99,7 +99,8 @@ def test_mlflow_parent_and_children_hold_params_metrics_and_artifacts(services, 
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="gptpipe", Prefix="mlartifacts/")
             for o in page.get("Contents", [])]
     assert any(k.endswith(f"{pretrain['info']['run_id']}/artifacts/manifest.json") for k in keys)
-    assert any(k.endswith("onnx_model/model.onnx") for k in keys)
+    assert any(k.endswith("onnx_model/MLmodel") for k in keys)
+    assert any(k.endswith("onnx_model/artifacts/onnx/model.onnx") for k in keys)
     assert any(k.endswith("report_card.md") for k in keys)
 
 
@@ -113,7 +114,11 @@ def test_exported_onnx_is_a_registered_model_version(services, server_pipeline):
     export_child = children(services, server_pipeline["runs"][0]["parent_run_id"])["export"]
     assert version["run_id"] == export_child["info"]["run_id"]
     files = {f["path"] for f in mlflow(services, "artifacts/list", run_id=version["run_id"], path="onnx_model")["files"]}
-    assert {"onnx_model/model.onnx", "onnx_model/parity.json", "onnx_model/tokenizer"} <= files
+    assert {"onnx_model/MLmodel", "onnx_model/parity.json", "onnx_model/artifacts"} <= files
+    graphs = {f["path"] for f in mlflow(services, "artifacts/list", run_id=version["run_id"],
+                                        path="onnx_model/artifacts/onnx")["files"]}
+    assert {"onnx_model/artifacts/onnx/model.onnx", "onnx_model/artifacts/onnx/model_kv.onnx",
+            "onnx_model/artifacts/onnx/tokenizer"} <= graphs
     for run in server_pipeline["runs"]:
         parent = mlflow(services, "runs/get", run_id=run["parent_run_id"])["run"]
         assert tags(parent)["gptpipe.registered_model"] == f"gptpipe-micro/{version['version']}"

@@ -1,0 +1,245 @@
+"""EleutherAI's lm-evaluation-harness on a gptpipe GPT: an adapter, local tasks, and a runner.
+
+``harness_model(model, tokenizer)`` is an ``lm_eval.api.model.TemplateLM`` over gptpipe's own
+PyTorch model and SentencePiece tokenizer (no transformers), so any harness task runs on a
+gptpipe checkpoint:
+
+* ``loglikelihood`` / ``loglikelihood_rolling``: right-padded batches (the model is causal, so
+  padding after a sequence never changes the positions before it); rolling windows of
+  ``block_size`` with the harness's own windowing, each document preceded by EOS — the
+  separator the data stage puts between documents;
+* ``generate_until``: greedy, KV cache (``stages.lm.generate.generate_greedy_batch``), stopping
+  at ``<|end|>``/EOS, then cut at the request's ``until`` strings.
+
+``write_local_tasks`` turns held-out items into two tasks the harness reads from local
+YAML + JSONL (``dataset_path: json``): ``gptpipe_heldout`` (generate_until, exact match) and
+``gptpipe_bpb`` (loglikelihood_rolling: bits per byte). Nothing is fetched from a hub: public
+harness tasks need their datasets reachable (or in the local Hugging Face cache).
+
+lm-eval is imported only when a harness function is called: the evaluate stage needs it only
+when ``evaluate.lm_eval_tasks`` is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stages.lm.chat import END_TOKEN, ChatTemplate
+from stages.lm.generate import generate_greedy_batch
+from stages.lm.model import GPT
+from stages.lm.tokenizer import Tokenizer
+
+log = logging.getLogger("gptpipe.harness")
+
+HELDOUT_TASK, BPB_TASK = "gptpipe_heldout", "gptpipe_bpb"
+LOCAL_TASKS = (HELDOUT_TASK, BPB_TASK)
+
+HELDOUT_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until: ["{end}"]
+  max_gen_toks: {max_new_tokens}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
+metadata:
+  version: 1.0
+"""
+
+BPB_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+should_decontaminate: false
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def harness_model(model: GPT, tokenizer: Tokenizer, batch_size: int = 16) -> Any:
+    """An ``lm_eval`` model object for ``model`` (kept in eval mode on its own device)."""
+    return _model_class()(model, tokenizer, batch_size)
+
+
+@functools.cache
+def _model_class() -> type:
+    """The adapter class, defined on first use so that importing this module needs no lm-eval."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class GptpipeLM(TemplateLM):
+        def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16):
+            super().__init__()
+            self.model = model.eval()
+            self.sp = tokenizer
+            self.template = ChatTemplate(tokenizer)
+            self.batch_size = batch_size
+            self.block = model.cfg.block_size
+            self.torch_device = next(model.parameters()).device
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.sp.eos_id
+
+        def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
+            return self.sp.encode(string)
+
+        def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+            return self.sp.decode(tokens)
+
+        @torch.no_grad()
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+            """(sum of log p(continuation | context), greedy?) per request, in request order."""
+            rows = []
+            for _, context, continuation in requests:
+                whole = (list(context) + list(continuation))[-(self.block + 1):]
+                rows.append((whole[:-1], whole[-len(continuation):] if continuation else []))
+            results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+            order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+            for start in range(0, len(order), self.batch_size):
+                members = [i for i in order[start:start + self.batch_size]]
+                width = max(len(rows[i][0]) for i in members)
+                batch = torch.full((len(members), width), self.sp.pad_id, dtype=torch.long)
+                for row, i in enumerate(members):
+                    batch[row, : len(rows[i][0])] = torch.tensor(rows[i][0])
+                log_probs = F.log_softmax(self.model(batch.to(self.torch_device)).float(), dim=-1).cpu()
+                for row, i in enumerate(members):
+                    inputs, targets = rows[i]
+                    if not targets:
+                        continue
+                    picked = log_probs[row, len(inputs) - len(targets): len(inputs)]
+                    wanted = torch.tensor(targets)
+                    total = float(picked.gather(1, wanted[:, None]).sum())
+                    results[i] = (total, bool((picked.argmax(dim=-1) == wanted).all()))
+            return results
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            """Total log-likelihood of each document, every token scored once (after an EOS prefix)."""
+            windows, owners = [], []
+            for number, request in enumerate(requests):
+                tokens = self.tok_encode(request.args[0])
+                for window in get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
+                                                        max_seq_len=self.block, context_len=1):
+                    context, continuation = make_disjoint_window(window)
+                    windows.append((None, context, continuation))
+                    owners.append(number)
+            totals = [0.0] * len(requests)
+            for owner, (loglik, _) in zip(owners, self._loglikelihood_tokens(windows)):
+                totals[owner] += loglik
+            for request, total in zip(requests, totals):
+                self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+            return totals
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            """Greedy continuations, cut at ``<|end|>``/EOS and then at the first ``until`` string."""
+            prompts, untils, limits = [], [], []
+            for request in requests:
+                context, settings = request.args
+                if settings.get("do_sample") or float(settings.get("temperature", 0.0) or 0.0) > 0.0:
+                    log.warning("generate_until: sampling requested; gptpipe's adapter generates greedily")
+                until = settings.get("until") or []
+                untils.append([until] if isinstance(until, str) else list(until))
+                limits.append(int(settings.get("max_gen_toks", 256)))
+                prompts.append(self.tok_encode(context)[-self.block:] or [self.eot_token_id])
+            answers: list[str] = [""] * len(requests)
+            for limit in sorted(set(limits)):
+                members = [i for i, n in enumerate(limits) if n == limit]
+                generated = generate_greedy_batch(self.model, [prompts[i] for i in members], limit,
+                                                  stop_ids=self.template.stop_ids)
+                for i, ids in zip(members, generated):
+                    text = self.template.decode_answer(ids)
+                    for stop in untils[i]:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    answers[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            return answers
+
+    return GptpipeLM
+
+
+def write_local_tasks(directory: Path, records: list[dict], texts: list[str], max_new_tokens: int) -> Path:
+    """Write ``gptpipe_heldout`` (held-out chat items) and ``gptpipe_bpb`` (texts) as harness tasks.
+
+    A held-out item's prompt is the chat template rendered as text (the chat markers are
+    atomic tokens, so the harness's ``tok_encode`` gives exactly ``ChatTemplate.render_prompt``).
+    Returns ``directory``, the ``include_path`` for the harness's task manager.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    heldout = directory / f"{HELDOUT_TASK}.jsonl"
+    with heldout.open("w", encoding="utf-8") as handle:
+        for record in records:
+            messages = record["messages"]
+            prompt = "".join(f"<|{m['role']}|>{m['content']}{END_TOKEN}" for m in messages[:-1]) + "<|assistant|>"
+            handle.write(json.dumps({"prompt": prompt, "answer": messages[-1]["content"]}, ensure_ascii=False) + "\n")
+    bpb = directory / f"{BPB_TASK}.jsonl"
+    with bpb.open("w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    (directory / f"{HELDOUT_TASK}.yaml").write_text(
+        HELDOUT_YAML.format(task=HELDOUT_TASK, data=json.dumps(str(heldout)), end=END_TOKEN,
+                            max_new_tokens=max_new_tokens), encoding="utf-8")
+    (directory / f"{BPB_TASK}.yaml").write_text(BPB_YAML.format(task=BPB_TASK, data=json.dumps(str(bpb))),
+                                               encoding="utf-8")
+    return directory
+
+
+def run_tasks(model: GPT, tokenizer: Tokenizer, tasks: list[str], include_path: Path | None = None,
+              limit: int | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Run harness ``tasks`` on ``model``; ``{task: {metric: value}}`` (the harness's own figures)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    # Indexing the harness's thousands of built-in task files takes minutes on a busy 2-core
+    # machine: skip it when every task asked for is one of ours.
+    only_local = include_path is not None and set(tasks) <= set(LOCAL_TASKS)
+    manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not only_local)
+    output = simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=list(tasks),
+                             task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0)
+    results: dict[str, dict[str, float]] = {}
+    for task, figures in output["results"].items():
+        results[task] = {key.split(",")[0]: float(value) for key, value in figures.items()
+                         if isinstance(value, (int, float)) and key != "sample_len" and "_stderr" not in key}
+    return results
+
+
+def validation_texts(shards: Any, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
+    """The first ``max_tokens`` of a token split decoded back to documents (split at EOS): the
+    text gptpipe's own bits per byte is measured on, for ``gptpipe_bpb``."""
+    ids = [int(t) for t in shards.window(0, min(max_tokens, len(shards)))]
+    texts, start = [], 0
+    for at, token in enumerate([*ids, tokenizer.eos_id]):
+        if token == tokenizer.eos_id:
+            if at > start:
+                texts.append(tokenizer.decode(ids[start:at]))
+            start = at + 1
+    return [text for text in texts if text]

@@ -1,0 +1,283 @@
+"""A gptpipe GPT as a Hugging Face ``LlamaForCausalLM`` checkpoint directory, and its parity check.
+
+The GPT is architecturally a Llama — RoPE on half-split head dimensions (Llama's
+``rotate_half``), RMSNorm, SwiGLU, no biases, tied embeddings — so the translation is exact:
+the fused ``qkv`` matrix splits row-wise into ``q_proj``/``k_proj``/``v_proj`` (heads are
+contiguous rows in both), ``w_gate``/``w_up``/``w_down`` are ``gate_proj``/``up_proj``/
+``down_proj``, and ``rms_norm_eps`` is what ``nn.RMSNorm(eps=None)`` really uses:
+``torch.finfo(float32).eps``.
+
+The tokenizer becomes a ``tokenizers`` JSON that reproduces SentencePiece exactly: no
+normalization but spaces to ``▁`` (identity rules, no dummy prefix, no whitespace squeezing), no
+pre-tokenizer split (SentencePiece's BPE merges over the whole string too), merges ranked by
+piece score, byte fallback, the chat markers and ``"\\n"`` as atomic added tokens (SentencePiece's
+user-defined symbols), ``<s>``/``</s>`` never matched in text (``split_special_tokens``). The chat
+template in ``tokenizer_config.json`` renders exactly what ``stages.lm.chat.ChatTemplate`` does.
+
+Writing needs only torch, safetensors and the tokenizer; ``check_checkpoint`` loads the directory
+with transformers (offline) and is what the export stage's parity gate runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from stages.core.errors import ConfigError
+from stages.lm.chat import END_TOKEN, ROLE_TOKENS
+from stages.lm.model import GPT
+from stages.lm.tokenizer import MODEL_FILE, Tokenizer
+
+HF_DIR = "hf"  # inside the export artifact
+WEIGHTS_FILE = "model.safetensors"
+# The ChatTemplate, as Jinja: <|role|>content<|end|> per message, then <|assistant|> to generate.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}" + END_TOKEN + "{% endfor %}"
+    "{% if add_generation_prompt %}" + ROLE_TOKENS["assistant"] + "{% endif %}"
+)
+# SentencePiece piece types (sentencepiece_model.proto).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def rms_norm_eps(model: GPT) -> float:
+    """The epsilon the model's RMSNorm really adds: its own, or the dtype's machine epsilon when None."""
+    eps = model.norm_out.eps
+    return float(eps) if eps is not None else float(torch.finfo(model.wte.weight.dtype).eps)
+
+
+def llama_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
+    cfg = model.cfg
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": rms_norm_eps(model),
+        # Both spellings: transformers 4.x reads rope_theta, 5.x rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def llama_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """Llama parameter names -> tensors (contiguous fp32 copies; the tied head is stored once)."""
+    width = model.cfg.n_embd
+    weights = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.norm_out.weight}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.qkv.weight.split(width, dim=0)
+        weights.update({
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": block.attn.proj.weight,
+            prefix + "mlp.gate_proj.weight": block.mlp.w_gate.weight, prefix + "mlp.up_proj.weight": block.mlp.w_up.weight,
+            prefix + "mlp.down_proj.weight": block.mlp.w_down.weight,
+            prefix + "input_layernorm.weight": block.norm_attn.weight,
+            prefix + "post_attention_layernorm.weight": block.norm_mlp.weight,
+        })
+    return {name: tensor.detach().to(torch.float32).contiguous().clone() for name, tensor in weights.items()}
+
+
+def _proto(tokenizer: Tokenizer) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.model_proto)
+    return proto
+
+
+def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
+    """A ``tokenizers`` definition giving SentencePiece's ids for any text (see the module docstring)."""
+    proto = _proto(tokenizer)
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    unk = pieces[tokenizer.unk_id][0]
+    added = [
+        {"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": kind in (CONTROL, UNKNOWN)}
+        for i, (piece, _, kind) in enumerate(pieces) if kind in (CONTROL, UNKNOWN, USER_DEFINED)
+    ]
+    byte_fallback = bool(proto.trainer_spec.byte_fallback)
+    if proto.trainer_spec.model_type == 2:  # BPE
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        mergeable = {piece: i for i, (piece, _, kind) in enumerate(pieces) if kind == NORMAL}
+        merges = []
+        for piece, merged_id in mergeable.items():
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in mergeable and right in mergeable:
+                    merges.append((pieces[merged_id][1], merged_id, mergeable[left], left, right))
+        # SentencePiece merges the adjacent pair whose result scores highest (leftmost on ties).
+        merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+        model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": byte_fallback, "ignore_merges": False,
+                 "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]}
+    else:  # unigram
+        model = {"type": "Unigram", "unk_id": tokenizer.unk_id, "byte_fallback": byte_fallback,
+                 "vocab": [[piece, float(score)] for piece, score, _ in pieces]}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": model,
+    }
+
+
+def check_tokenizer_spec(tokenizer: Tokenizer) -> None:
+    """The translation assumes gptpipe's tokenizer settings; anything else would not round-trip."""
+    spec = _proto(tokenizer).normalizer_spec
+    if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
+        raise ConfigError(
+            f"tokenizer normalization {spec.name!r} (dummy prefix {spec.add_dummy_prefix}, squeeze "
+            f"{spec.remove_extra_whitespaces}) has no exact Hugging Face form; retrain stage 'tokenizer' or set export.hf=false"
+        )
+
+
+def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
+    """Write the checkpoint directory ``out``: config, weights, tokenizer files, generation config."""
+    check_tokenizer_spec(tokenizer)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(llama_config(model, tokenizer), indent=2) + "\n", encoding="utf-8")
+    save_file(llama_weights(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer), ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / MODEL_FILE).write_bytes(tokenizer.model_proto)  # what llama.cpp's GGUF converter reads
+    name = tokenizer.processor.id_to_piece
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id),
+        "unk_token": name(tokenizer.unk_id), "pad_token": name(tokenizer.pad_id),
+        "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False, "model_max_length": model.cfg.block_size,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    stops = [tokenizer.special[END_TOKEN], tokenizer.eos_id]
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id,
+                  "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------- parity check
+
+# Text the tokenizer check always covers besides the held-out items: runs of spaces, tabs,
+# blank lines, indentation, accents, scripts and an emoji (byte fallback), digits, chat
+# markers inside text and the literal control-token strings (which must stay plain text).
+PROBE_TEXT = (
+    "def f(x):\n    return  x\t# tab\n\n\n  two leading spaces, trailing   \n"
+    "héllo wörld — naïve café · 日本語 · 🤖 · 1234567890 · <|user|>inline<|end|> · <s> </s> <pad> <unk>"
+)
+
+
+def _relative_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |HF - gptpipe| scaled by max |gptpipe| when that exceeds 1 (as the ONNX gate scales)."""
+    return float((ours.float() - ref.float()).abs().max()) / max(1.0, float(ref.abs().max()))
+
+
+def _ids(encoded: Any) -> list[int]:
+    """transformers 4 returns a list from apply_chat_template(tokenize=True), 5 a BatchEncoding."""
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
+
+
+@torch.no_grad()
+def check_checkpoint(model: GPT, tokenizer: Tokenizer, hf_dir: Path, tolerance: float, shapes: list[tuple[int, int]],
+                     prompts: list[list[int]], new_tokens: int, conversations: list[list[dict[str, str]]],
+                     seed: int = 0) -> tuple[dict[str, Any], list[str]]:
+    """Load ``hf_dir`` with transformers (offline) and compare it with ``model`` and ``tokenizer``.
+
+    Logits within ``tolerance`` on each (batch, length) shape; greedy ``generate`` token-identical
+    to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the
+    new tokens: HF does not crop, gptpipe does); ``encode`` ids identical on every held-out message
+    and ``PROBE_TEXT``, ``decode`` giving the text back, and ``apply_chat_template`` giving
+    ``ChatTemplate.render_prompt``'s ids. Returns (figures, failures); failures name what differs.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask a hub
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lm.chat import ChatTemplate
+    from stages.lm.generate import generate_ids
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).float().eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    failures: list[str] = []
+    generator = torch.Generator().manual_seed(seed)
+    by_shape = {}
+    for batch, length in shapes:
+        ids = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=generator)
+        by_shape[f"{batch}x{length}"] = diff = _relative_diff(hf_model(ids).logits, model(ids))
+        if not diff <= tolerance:  # NaN fails too
+            failures.append(f"logits {batch}x{length}: {diff:.2e} above export.tolerance={tolerance:g}")
+
+    template = ChatTemplate(tokenizer)
+    block = model.cfg.block_size
+    matches = 0
+    for number, prompt in enumerate(prompts):
+        prompt = prompt[-max(1, block - new_tokens):]
+        ref = generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids)
+        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False, eos_token_id=list(template.stop_ids),
+                                pad_token_id=tokenizer.pad_id)
+        ours = [int(t) for t in out[0, len(prompt):]]
+        if ours == ref:
+            matches += 1
+        else:
+            at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+            failures.append(f"greedy prompt {number} ({len(prompt)} ids) diverges at new token {at}")
+
+    texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
+    token_mismatches = [i for i, text in enumerate(texts)
+                        if hf_tokenizer.encode(text, add_special_tokens=False) != tokenizer.encode(text)]
+    decode_mismatches = [i for i, text in enumerate(texts)
+                         if hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) != text]
+    if token_mismatches:
+        failures.append(f"tokenization differs on {len(token_mismatches)}/{len(texts)} held-out texts "
+                        f"(first: {texts[token_mismatches[0]][:40]!r})")
+    if decode_mismatches:
+        failures.append(f"decode differs on {len(decode_mismatches)}/{len(texts)} held-out texts")
+    chats = [messages[:-1] or messages for messages in conversations]
+    chat_mismatches = sum(
+        _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        != template.render_prompt(messages) for messages in chats)
+    if chat_mismatches:
+        failures.append(f"chat template ids differ on {chat_mismatches}/{len(chats)} held-out conversations")
+    figures = {
+        "max_abs_diff": max(by_shape.values()) if by_shape else 0.0,
+        "max_abs_diff_by_shape": by_shape,
+        "generation_prompts": len(prompts),
+        "generation_matches": matches,
+        "tokenizer_texts": len(texts),
+        "tokenizer_chars": sum(len(t) for t in texts),
+        "tokenizer_matches": len(texts) - len(token_mismatches),
+        "chat_template_matches": len(chats) - chat_mismatches,
+    }
+    return figures, failures
