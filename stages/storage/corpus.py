@@ -177,6 +177,7 @@ class Piece:
     size: int  # source bytes this piece covers (for progress and unit sizing)
     start: int = 0
     stop: int | None = None  # None: to the end
+    source_size: int | None = None  # the whole file's size, when known (saves a HEAD per S3 piece)
 
     @property
     def suffix(self) -> str:
@@ -226,7 +227,7 @@ def parquet_row_groups(location: str, size: int | None = None) -> list[int]:
 
 def _text_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
     """A plain text file is one document (read whole: it is one document, cut to max_doc_bytes later)."""
-    with open_binary(piece.location, piece.size) as handle:
+    with open_binary(piece.location, piece.source_size) as handle:
         data = handle.read()
     if not data.strip():
         stats.skipped_empty += 1
@@ -244,7 +245,7 @@ def _text_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iter
 
 def _jsonl_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
     path = piece.location
-    with open_binary(piece.location, piece.size) as handle:
+    with open_binary(piece.location, piece.source_size) as handle:
         if piece.start:
             # Own the lines that start at or after ``start``: finish the line that byte start-1 is on.
             handle.seek(piece.start - 1)
@@ -281,9 +282,9 @@ def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> I
     import pyarrow.parquet as pq  # only needed for Parquet sources; keeps imports light
 
     path = piece.location
-    with open_binary(piece.location, piece.size) as raw:
+    with open_binary(piece.location, piece.source_size) as raw:
         try:
-            handle = pq.ParquetFile(raw)
+            handle = pq.ParquetFile(raw, pre_buffer=False)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
         columns = handle.schema_arrow.names
@@ -296,7 +297,10 @@ def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> I
         if not groups:
             return
         row = sum(handle.metadata.row_group(i).num_rows for i in range(piece.start))
-        for batch in handle.iter_batches(row_groups=groups, columns=[cfg.text_field], batch_size=1024):
+        # One row group per request: pyarrow would otherwise coalesce them all into one read.
+        batches = (b for g in groups
+                   for b in handle.iter_batches(row_groups=[g], columns=[cfg.text_field], batch_size=1024))
+        for batch in batches:
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value is None or value == "":
@@ -370,7 +374,7 @@ def read_pieces(
 
 
 def whole_pieces(sources: Iterable[Source]) -> Iterator[Piece]:
-    return (Piece(source.location, source.size) for source in sources)
+    return (Piece(source.location, source.size, source_size=source.size) for source in sources)
 
 
 def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[str]:

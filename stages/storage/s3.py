@@ -67,7 +67,7 @@ def retry_settings() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _cached_client(endpoint: str | None, region: str | None, attempts: int, mode: str) -> Any:
+def _cached_client(endpoint: str | None, region: str | None, attempts: int, mode: str, pid: int) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -86,7 +86,8 @@ def client() -> Any:
     """A boto3 S3 client for the current environment (cached per endpoint and retry settings)."""
     retries = retry_settings()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return _cached_client(endpoint_url(), region, retries["max_attempts"], retries["mode"])
+    # Per process: a forked worker must not share its parent's pooled connections (replies get crossed).
+    return _cached_client(endpoint_url(), region, retries["max_attempts"], retries["mode"], os.getpid())
 
 
 def transfer_config() -> Any:

@@ -56,7 +56,8 @@ class Unit:
 def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
     """A source as pieces of at most about ``unit_bytes``: only JSONL and Parquet can be split."""
     if source.suffix == ".jsonl" and source.size > unit_bytes:
-        return [Piece(source.location, min(unit_bytes, source.size - at), at, min(at + unit_bytes, source.size))
+        return [Piece(source.location, min(unit_bytes, source.size - at), at, min(at + unit_bytes, source.size),
+                      source.size)
                 for at in range(0, source.size, unit_bytes)]
     if source.suffix == ".parquet" and source.size > unit_bytes:
         groups = parquet_row_groups(source.location, source.size)
@@ -66,10 +67,10 @@ def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
             acc += group_bytes
             if acc >= unit_bytes * total / max(source.size, 1) or i == len(groups) - 1:
                 # Sizes are in uncompressed bytes; scale back to file bytes for progress.
-                pieces.append(Piece(source.location, max(1, source.size * acc // total), first, i + 1))
+                pieces.append(Piece(source.location, max(1, source.size * acc // total), first, i + 1, source.size))
                 first, acc = i + 1, 0
-        return pieces or [Piece(source.location, source.size)]
-    return [Piece(source.location, source.size)]
+        return pieces or [Piece(source.location, source.size, source_size=source.size)]
+    return [Piece(source.location, source.size, source_size=source.size)]
 
 
 def plan_units(cfg: CorpusConfig, unit_bytes: int, sources: list[Source] | None = None) -> list[Unit]:
