@@ -38,7 +38,7 @@ class CorpusConfig(Section):
     source: str = Field(
         "python-stdlib",
         description="'python-stdlib' (the interpreter's own library .py sources), a file, a directory, "
-        "a glob, or a .jsonl/.parquet file. Files are read in sorted order.",
+        "a glob, a .jsonl/.parquet file, or s3://bucket/prefix (streamed). Files are read in sorted order.",
     )
     text_field: str = Field("text", description="Field holding the text in JSONL/Parquet records.")
     extensions: list[str] = Field(
