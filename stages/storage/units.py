@@ -95,6 +95,9 @@ def apply_cap(units: list[Unit], cfg: CorpusConfig) -> list[Unit]:
     """The units ``corpus.max_bytes`` keeps, the last one carrying the bytes left for it."""
     if cfg.max_bytes is None:
         return units
+    pieces = [piece for unit in units for piece in unit.pieces]
+    if all(piece.suffix != ".parquet" for piece in pieces) and sum(piece.size for piece in pieces) < cfg.max_bytes:
+        return units  # text never grows when read (Parquet can: it is compressed), so the cap cannot be reached
     used = 0
     for i, unit in enumerate(units):
         stats = CorpusStats()
