@@ -106,8 +106,8 @@ class DataConfig(Section):
     seed: int = Field(1234, description="Seed of the deterministic train/val document split.")
     unit_bytes: int = Field(
         4_000_000, ge=1000,
-        description="Source bytes per work unit (files, JSONL byte ranges or Parquet row groups); each unit is "
-        "tokenized, written and resumed on its own. The output does not depend on workers or executor.",
+        description="Source bytes per work unit (files, JSONL byte ranges or Parquet row groups; smaller for a "
+        "corpus under 32 units); each is tokenized, written and resumed on its own. Output never depends on workers.",
     )
     executor: Literal["processes", "dask"] = Field(
         "processes", description="Where units run: a local process pool, or a Dask cluster (data.dask_scheduler)."

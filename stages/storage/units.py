@@ -73,9 +73,27 @@ def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
     return [Piece(source.location, source.size, source_size=source.size)]
 
 
+# A small corpus still gets this many units (of at least _MIN_UNIT_BYTES) so all workers have work.
+MIN_UNITS = 32
+_MIN_UNIT_BYTES = 256 * 1024
+
+
+def unit_size(cfg: CorpusConfig, unit_bytes: int, sources: list[Source]) -> int:
+    """``unit_bytes``, or less for a corpus too small to make ``MIN_UNITS`` units of it.
+
+    Depends on the listing and the recipe only (never on the worker count), so the plan, and
+    with it the output, stays the same wherever the stage runs.
+    """
+    total = sum(source.size for source in sources)
+    if cfg.max_bytes is not None:
+        total = min(total, cfg.max_bytes)
+    return max(1, min(unit_bytes, max(_MIN_UNIT_BYTES, -(-total // MIN_UNITS))))
+
+
 def plan_units(cfg: CorpusConfig, unit_bytes: int, sources: list[Source] | None = None) -> list[Unit]:
-    """Consecutive pieces grouped until each unit holds at least ``unit_bytes`` (the last may hold less)."""
+    """Consecutive pieces grouped until each unit holds at least ``unit_size`` (the last may hold less)."""
     sources = list_sources(cfg) if sources is None else sources
+    unit_bytes = unit_size(cfg, unit_bytes, sources)
     units: list[Unit] = []
     group: list[Piece] = []
     size = 0
