@@ -45,7 +45,13 @@ from stages.storage.corpus import CorpusStats, empty_message, list_sources, read
 from stages.storage.executors import resolve_workers, run_tasks, start_method
 from stages.storage.rss import PeakRSS
 from stages.storage.shards import INDEX, ShardWriter, dtype_for
-from stages.storage.units import Unit, UnitDirectory, apply_cap, plan_units, unit_signature
+from stages.storage.units import (
+    Unit,
+    UnitDirectory,
+    apply_cap,
+    plan_units,
+    unit_signature,
+)
 
 log = logging.getLogger("gptpipe.data")
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
-import sys
 import json
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,8 +31,6 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from stages.core.config import PipelineConfig, TokenizerConfig
-from stages.storage.corpus import CorpusStats, iter_documents, list_sources
-from stages.storage.rss import PeakRSS
 from stages.core.errors import DataError
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import (
@@ -48,7 +46,8 @@ from stages.lm.tokenizer import (
     VOCAB_FILE,
     Tokenizer,
 )
-
+from stages.storage.corpus import CorpusStats, iter_documents, list_sources
+from stages.storage.rss import PeakRSS
 
 # SentencePiece drops training sentences longer than max_sentence_length bytes; long lines
 # are cut into pieces of at most _LINE_CHARS characters (4 bytes each at worst) instead.

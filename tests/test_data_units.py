@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from _data_fixtures import MICRO, micro_config, run, stdlib_lines, synthetic_corpus
+
 from stages import data
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.corpus import read_corpus

@@ -115,14 +115,13 @@ def is_missing(exc: BaseException) -> bool:
 
 def as_error(exc: BaseException, action: str, uri: str) -> S3Error:
     """Turn a boto3/botocore exception into one clear line (``action`` e.g. 'upload')."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import (
         ConnectionClosedError,
         EndpointConnectionError,
         NoCredentialsError,
         ReadTimeoutError,
     )
-
-    from boto3.exceptions import Boto3Error
 
     # boto3 wraps botocore's error (S3UploadFailedError, RetriesExceededError): look inside.
     cause = exc

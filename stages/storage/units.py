@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.config import CorpusConfig
-from stages.storage.corpus import CorpusStats, Piece, Source, list_sources, parquet_row_groups, read_pieces
+from stages.storage.corpus import (
+    CorpusStats,
+    Piece,
+    Source,
+    list_sources,
+    parquet_row_groups,
+    read_pieces,
+)
 
 
 @dataclass(frozen=True)
