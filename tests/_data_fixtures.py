@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.core.config import PipelineConfig, load_config
-from stages.storage.corpus import stdlib_root
 from stages.runner import StageResult, run_stage
+from stages.storage.corpus import stdlib_root
 from stages.storage.stores import LocalStore
 
 # Micro settings every test starts from: a tiny vocabulary trained on a few hundred KB.
