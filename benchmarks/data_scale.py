@@ -131,13 +131,55 @@ def plain_encode_limit(model: str, corpus: Path, processes: int, sample_bytes: i
     return sum(size for size, _ in results) / 1e6 / max(seconds for _, seconds in results)
 
 
+def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5) -> dict:
+    """One process each, alternating A/B rounds over the same files so a shared machine's load
+    hits both alike: the data stage's unit path (read, split, encode, write shards) against bare
+    ``encode`` of the same text already in memory. Returns median seconds and the throughput ratio."""
+    import statistics
+    import tempfile
+
+    import sentencepiece as spm
+
+    from stages.core.config import CorpusConfig
+    from stages.data import process_unit
+    from stages.storage.corpus import Piece
+    from stages.storage.units import Unit
+
+    chosen = sorted(corpus.glob("*.txt"))[:files]
+    unit = Unit(0, tuple(Piece(str(f), f.stat().st_size, source_size=f.stat().st_size) for f in chosen))
+    proto = Path(model).read_bytes()
+    processor = spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
+    settings = {"seed": 1234, "val_fraction": 0.05, "shard_tokens": 50_000_000, "dtype": "uint16",
+                "eos_id": processor.eos_id(), "tokenizer": "bench", "corpus": {}}
+    docs = [f.read_text(encoding="utf-8") for f in chosen]
+    stage_s, plain_s = [], []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as work:
+            started = time.perf_counter()
+            process_unit(unit, CorpusConfig(source=str(corpus)), settings, proto, work)
+            stage_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for at in range(0, len(docs), 64):
+            processor.encode(docs[at : at + 64])
+        plain_s.append(time.perf_counter() - started)
+    stage, plain = statistics.median(stage_s), statistics.median(plain_s)
+    return {"interleaved_mb": round(unit.size / 1e6, 1), "unit_path_s": round(stage, 3), "plain_encode_s": round(plain, 3),
+            "ratio_interleaved": round(plain / stage, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="corpus sizes in MB")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gptpipe-data-scale"))
     parser.add_argument("--workers", type=int, default=0, help="data.workers (0 = all cores)")
     parser.add_argument("--parquet", action="store_true", help="also run the data stage on the corpus as one Parquet file")
+    parser.add_argument("--interleaved-only", type=Path, metavar="TOKENIZER_MODEL",
+                        help="only the interleaved A/B ratio, with this tokenizer.model, on the first --sizes corpus")
     args = parser.parse_args()
+    if args.interleaved_only:
+        corpus = make_corpus(args.workdir / f"corpus-{args.sizes[0]}mb", args.sizes[0] * 1_000_000, seed=args.sizes[0])
+        print(json.dumps(interleaved_ratio(str(args.interleaved_only), corpus)))
+        return
     workers = args.workers or all_cores()
     sets = ["tokenizer.vocab_size=2048", "tokenizer.threads=2", f"data.workers={workers}"]
     rows = []
@@ -166,6 +208,7 @@ def main() -> None:
             "ratio_end_to_end": round(source_mb / data["seconds"] / limit, 3),
             "ratio_stage": round(metrics["mb_per_second"] / limit, 3),
         }
+        row.update(interleaved_ratio(model, corpus))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.parquet:
