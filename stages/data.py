@@ -63,13 +63,15 @@ _PROGRESS_MIN_DOCS = 2000  # below this a progress bar is noise
 _worker_processor: spm.SentencePieceProcessor | None = None
 
 
+def _too_few_message(count: int) -> str:
+    return (f"the corpus has {count} document(s); a train/val split needs at least 2 — "
+            "add documents to corpus.source (each file or JSONL record is one document)")
+
+
 def split_documents(documents: Sequence[str], val_fraction: float, seed: int) -> dict[str, list[int]]:
     """Indices of the documents in each split; both splits hold at least one document."""
     if len(documents) < 2:
-        raise DataError(
-            f"the corpus has {len(documents)} document(s); a train/val split needs at least 2 — "
-            "add documents to corpus.source (each file or JSONL record is one document)"
-        )
+        raise DataError(_too_few_message(len(documents)))
     key = seed.to_bytes(8, "little", signed=True)
     scores = [
         int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=8, key=key).digest(), "little") / 2**64
@@ -367,7 +369,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         if stats.documents == 0:
             raise DataError(empty_message(cfg.corpus, len(sources), stats))
         if stats.documents < 2:
-            split_documents([""] * stats.documents, cfg.data.val_fraction, cfg.data.seed)  # raises the usual error
+            raise DataError(_too_few_message(stats.documents))
         redo = _fallback(ordered)
         if redo is not None:
             index, extra = redo
