@@ -183,37 +183,6 @@ def list_objects(uri: str, wanted: Callable[[str], bool]) -> list[dict[str, Any]
     return sorted(chosen, key=lambda i: i["Key"])
 
 
-def sync_objects(uri: str, wanted: Callable[[str], bool], root: Path | None = None) -> list[Path]:
-    """Local copies of the objects ``list_objects`` finds.
-
-    Copies live at ``<root>/objects/<bucket>/<key>`` and are fetched again only when the
-    object's ETag changes; each copy gets the object's LastModified as its mtime.
-    """
-    bucket, _ = split_uri(uri)
-    root = (root or cache_root()) / "objects"
-    chosen = list_objects(uri, wanted)
-    s3 = client()
-    try:
-        paths = []
-        for item in chosen:
-            local = root / bucket / item["Key"]
-            tag = root.parent / "etags" / bucket / (item["Key"] + ".etag")
-            etag = item.get("ETag", "").strip('"')
-            if not (local.is_file() and tag.is_file() and tag.read_text() == etag):
-                local.parent.mkdir(parents=True, exist_ok=True)
-                partial = local.with_name(local.name + ".part")
-                s3.download_file(bucket, item["Key"], str(partial), Config=transfer_config())
-                partial.replace(local)
-                tag.parent.mkdir(parents=True, exist_ok=True)
-                tag.write_text(etag)
-            stamp = item["LastModified"].timestamp()
-            os.utime(local, (stamp, stamp))
-            paths.append(local)
-        return paths
-    except s3_errors() as exc:
-        raise as_error(exc, "read the corpus", uri) from None
-
-
 # ------------------------------------------------------------------ streamed reads of corpus objects
 
 READ_BLOCK = 4 * 1024 * 1024  # bytes per ranged GET when reading an object as a stream
