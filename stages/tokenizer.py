@@ -17,9 +17,11 @@ per line, pieces JSON-escaped so the newline piece stays on one line) and ``toke
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 import sentencepiece as spm
 
 from stages.core.config import PipelineConfig, TokenizerConfig
-from stages.storage.corpus import read_corpus
+from stages.core.progress import progress_bar
 from stages.core.errors import DataError
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import (
@@ -44,12 +46,16 @@ from stages.lm.tokenizer import (
     VOCAB_FILE,
     Tokenizer,
 )
-
+from stages.storage.corpus import CorpusStats, iter_documents, list_sources
+from stages.storage.rss import PeakRSS
 
 # SentencePiece drops training sentences longer than max_sentence_length bytes; long lines
 # are cut into pieces of at most _LINE_CHARS characters (4 bytes each at worst) instead.
 _MAX_SENTENCE_BYTES = 16384
 _LINE_CHARS = 4000
+# Compression is measured on at most this much held-out text (an even sample of it, by hash).
+_HELDOUT_BYTES = 4_000_000
+_PROGRESS_MIN_BYTES = 32 * 2**20
 
 _TRAINER_SETTINGS = {
     "normalization_rule_name": "identity",
@@ -98,6 +104,95 @@ def sample_for_training(documents: Sequence[str], budget: int) -> list[str]:
         chosen.append(documents[i])
         used += size
     return chosen
+
+
+class HashSample:
+    """The documents with the smallest hashes whose sizes fit in ``budget`` bytes, kept while streaming.
+
+    Equal to ``sample_for_training`` on the whole list (the longest prefix of the hash order that
+    fits), in memory bounded by the budget: a max-heap holds the chosen prefix; a document that
+    pushes it over the budget evicts the largest hashes, and nothing hashing above an evicted
+    document can ever enter again (a prefix that did not fit before cannot fit now).
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.heap: list[tuple[float, int, str, int]] = []  # (-score, -ordinal, text, size)
+        self.used = 0
+        self.limit: tuple[float, int] | None = None  # (score, ordinal) of the first eviction
+        self.first: tuple[float, int, str] | None = None  # smallest-hash document, cut to the budget
+
+    def offer(self, text: str, score: float, ordinal: int, size: int) -> None:
+        if self.first is None or (score, ordinal) < self.first[:2]:
+            cut = text if size <= self.budget else text.encode("utf-8")[: self.budget].decode("utf-8", errors="ignore")
+            self.first = (score, ordinal, cut)
+        if self.limit is not None and (score, ordinal) > self.limit:
+            return
+        heapq.heappush(self.heap, (-score, -ordinal, text, size))
+        self.used += size
+        while self.used > self.budget:
+            negative, neg_ordinal, _, popped = heapq.heappop(self.heap)
+            self.used -= popped
+            self.limit = min(self.limit or (2.0, 0), (-negative, -neg_ordinal))
+
+    def documents(self) -> list[str]:
+        """The sample in hash order (as ``sample_for_training`` returns it)."""
+        if not self.heap:
+            return [self.first[2]] if self.first else []
+        return [text for _, _, text, _ in sorted(self.heap, key=lambda item: (-item[0], -item[1]))]
+
+
+def stream_sample(cfg: PipelineConfig) -> tuple[list[str], list[str], CorpusStats]:
+    """(training sample, held-out documents, stats) in one streaming pass over the whole corpus.
+
+    Held-out membership is ``split_heldout``'s content hash; the training sample is
+    ``sample_for_training``'s hash order over the rest, so it is spread evenly over the corpus
+    however large. Only the sample and ``_HELDOUT_BYTES`` of held-out text are held in memory.
+    A corpus so small that the hash holds out none (or all) of it gets a second pass with
+    ``split_heldout``'s fallback applied.
+    """
+    fraction = cfg.tokenizer.heldout_fraction
+    force_held = force_train = None
+    while True:
+        stats = CorpusStats(source=cfg.corpus.source)
+        train, held = HashSample(cfg.tokenizer.train_bytes), HashSample(_HELDOUT_BYTES)
+        held_count = 0
+        lowest = highest = None  # (heldout score, ordinal)
+        total = sum(source.size for source in list_sources(cfg.corpus))
+        bar = progress_bar(total=total, desc="tokenizer sample", unit="B", unit_scale=True, unit_divisor=1024,
+                         file=sys.stderr, disable=total < _PROGRESS_MIN_BYTES, leave=False)
+        for ordinal, doc in enumerate(iter_documents(cfg.corpus, stats)):
+            size = len(doc.encode("utf-8"))
+            bar.update(size)
+            held_score = _unit_hash(doc, "heldout") if fraction > 0 else 1.0
+            lowest = (held_score, ordinal) if lowest is None or held_score < lowest[0] else lowest
+            highest = (held_score, ordinal) if highest is None or held_score > highest[0] else highest
+            is_held = held_score < fraction
+            if ordinal == force_held:
+                is_held = True
+            elif ordinal == force_train:
+                is_held = False
+            if is_held:
+                held_count += 1
+                held.offer(doc, held_score, ordinal, size)
+            else:
+                train.offer(doc, _unit_hash(doc, "train-sample"), ordinal, size)
+        bar.close()
+        documents = stats.documents
+        if fraction <= 0 or force_held is not None or force_train is not None:
+            break
+        if documents < 2:  # one document: nothing is held out
+            if not held_count:
+                break
+            force_train = 0
+        elif held_count == 0:
+            force_held = lowest[1]
+        elif held_count == documents:
+            force_train = highest[1]
+        else:
+            break
+    heldout = held.documents() if held.heap else []
+    return train.documents(), heldout, stats
 
 
 def training_sentences(documents: Iterable[str]) -> Iterator[str]:
@@ -195,30 +290,35 @@ def compression(tokenizer: Tokenizer, documents: Sequence[str]) -> dict[str, Any
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     started = time.perf_counter()
-    corpus = read_corpus(cfg.corpus)
-    if corpus.stats.documents < 1:
-        raise DataError(f"corpus.source={cfg.corpus.source!r}: no documents to train a tokenizer on")
-    train, heldout = split_heldout(corpus.documents, cfg.tokenizer.heldout_fraction)
-    sample = sample_for_training(train, cfg.tokenizer.train_bytes)
-    read_seconds = time.perf_counter() - started
+    with PeakRSS() as peak:
+        sample, heldout, stats = stream_sample(cfg)
+        read_seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
-    tokenizer = Tokenizer(train_model(sample, cfg.tokenizer))
-    train_seconds = time.perf_counter() - started
-    write_artifact(tokenizer, cfg.tokenizer, out)
+        started = time.perf_counter()
+        tokenizer = Tokenizer(train_model(sample, cfg.tokenizer))
+        train_seconds = time.perf_counter() - started
+        write_artifact(tokenizer, cfg.tokenizer, out)
 
-    # With no held-out documents, compression is measured on (a slice of) the training text.
-    evaluated = heldout or sample_for_training(sample, 500_000)
+        # With no held-out documents, compression is measured on (a slice of) the training text.
+        evaluated = heldout or sample_for_training(sample, 500_000)
+        measured = compression(tokenizer, evaluated)
+    sample_bytes = sum(len(d.encode("utf-8")) for d in sample)
     metrics = {
         "vocab_size": tokenizer.vocab_size,
         "model_type": cfg.tokenizer.model_type,
         "train_seconds": round(train_seconds, 3),
         "read_seconds": round(read_seconds, 3),
         "train_documents": len(sample),
-        "train_bytes": sum(len(d.encode("utf-8")) for d in sample),
+        "train_bytes": sample_bytes,
         "heldout_documents": len(heldout),
         "compression_measured_on": "heldout" if heldout else "train",
-        **compression(tokenizer, evaluated),
-        **corpus.stats.as_metrics(),
+        # The sample against what was streamed: how much of the whole corpus the tokenizer saw.
+        "seen_documents": stats.documents,
+        "seen_bytes": stats.bytes,
+        "sampled_fraction": round(sample_bytes / max(stats.bytes, 1), 4),
+        "read_mb_per_second": round(stats.bytes / 1e6 / max(read_seconds, 1e-9), 3),
+        "peak_rss_mb": peak.megabytes,
+        **measured,
+        **stats.as_metrics(),
     }
     return metrics  # the runner records these in the manifest; flows log them to MLflow

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.core.config import PipelineConfig, load_config
-from stages.storage.corpus import stdlib_root
 from stages.runner import StageResult, run_stage
+from stages.storage.corpus import stdlib_root
 from stages.storage.stores import LocalStore
 
 # Micro settings every test starts from: a tiny vocabulary trained on a few hundred KB.
@@ -64,3 +64,32 @@ def micro_config(*overrides: str) -> PipelineConfig:
 
 def run(stage: str, cfg: PipelineConfig, store_root: Path, inputs: dict | None = None) -> StageResult:
     return run_stage(stage, cfg, inputs or {}, LocalStore(store_root))
+
+
+def stdlib_lines() -> list[str]:
+    """Non-blank lines of the standard library's top-level modules (deterministic, offline)."""
+    lines: list[str] = []
+    for path in sorted(stdlib_root().glob("*.py")):
+        lines.extend(line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+    return lines
+
+
+def synthetic_corpus(directory: Path, total_bytes: int, file_bytes: int, seed: int = 0) -> Path:
+    """``total_bytes`` of shuffled standard-library lines as files of about ``file_bytes`` each:
+    a corpus of any size, made on the spot, the same for the same arguments."""
+    import random
+
+    rng = random.Random(seed)
+    lines = stdlib_lines()
+    directory.mkdir(parents=True, exist_ok=True)
+    written, number = 0, 0
+    while written < total_bytes:
+        chunk, size = [], 0
+        while size < min(file_bytes, total_bytes - written):
+            line = lines[rng.randrange(len(lines))] + "\n"
+            chunk.append(line)
+            size += len(line.encode("utf-8"))
+        (directory / f"part_{number:05d}.txt").write_text("".join(chunk), encoding="utf-8", newline="")
+        written += size
+        number += 1
+    return directory

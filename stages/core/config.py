@@ -38,15 +38,17 @@ class CorpusConfig(Section):
     source: str = Field(
         "python-stdlib",
         description="'python-stdlib' (the interpreter's own library .py sources), a file, a directory, "
-        "a glob, or a .jsonl/.parquet file. Files are read in sorted order.",
+        "a glob, a .jsonl/.parquet file, or s3://bucket/prefix (streamed). Files are read in sorted order.",
     )
     text_field: str = Field("text", description="Field holding the text in JSONL/Parquet records.")
     extensions: list[str] = Field(
         default_factory=lambda: [".txt", ".md", ".py", ".rst", ".jsonl", ".parquet"],
         description="File suffixes read when the source is a directory or glob (.jsonl/.parquet are read as records).",
     )
-    max_bytes: int = Field(
-        8_000_000, gt=0, description="Stop reading after this many bytes of text (keeps demo runs small)."
+    max_bytes: int | None = Field(
+        None, gt=0,
+        description="Optional cap: stop after this many bytes of text, in source order (null = the whole source; "
+        "the demo recipes set one to stay small).",
     )
     max_doc_bytes: int = Field(
         200_000, gt=0, description="Documents longer than this are truncated to this many bytes."
@@ -82,7 +84,8 @@ class TokenizerConfig(Section):
     split_digits: bool = Field(True, description="Every digit is its own token.")
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0, description="Share of characters covered by pieces.")
     train_bytes: int = Field(
-        4_000_000, gt=0, description="At most this many bytes of the corpus are used to train the tokenizer."
+        4_000_000, gt=0,
+        description="Bytes of text the tokenizer trains on: an even sample (by content hash) of the whole corpus.",
     )
     heldout_fraction: float = Field(
         0.02, ge=0.0, lt=0.5, description="Share of documents held out to measure compression (0 = measure on training text)."
@@ -97,8 +100,21 @@ class DataConfig(Section):
     shard_tokens: int = Field(
         50_000_000, gt=0, description="Maximum tokens per shard file (uint16/uint32 memmap)."
     )
-    workers: int = Field(2, ge=1, description="Processes used to tokenize documents (1 = in the stage's own process).")
+    workers: int = Field(
+        0, ge=0, description="Processes tokenizing work units (0 = all cores, 1 = in the stage's own process)."
+    )
     seed: int = Field(1234, description="Seed of the deterministic train/val document split.")
+    unit_bytes: int = Field(
+        4_000_000, ge=1000,
+        description="Source bytes per work unit (files, JSONL byte ranges or Parquet row groups; smaller for a "
+        "corpus under 32 units); each is tokenized, written and resumed on its own. Output never depends on workers.",
+    )
+    executor: Literal["processes", "dask"] = Field(
+        "processes", description="Where units run: a local process pool, or a Dask cluster (data.dask_scheduler)."
+    )
+    dask_scheduler: str | None = Field(
+        None, description="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: DASK_SCHEDULER_ADDRESS)."
+    )
 
 
 class ModelConfig(Section):

@@ -9,9 +9,11 @@ A source is one of
 * ``.jsonl`` files (one JSON object per line, text in ``text_field``) and ``.parquet`` files
   (text in column ``text_field``), whether named directly or found in a directory.
 
-``_SOURCE_KINDS`` maps a source to the function that lists its files; the ``s3://`` lister
-copies objects into a local cache first (``stages/storage/s3.py``). Per file, ``_FILE_READERS`` picks
-how documents are pulled out of it.
+``_SOURCE_KINDS`` maps a source to the function that lists its files; ``list_sources`` adds their
+sizes (for ``s3://``, from the bucket listing). Per piece of a file, ``_FILE_READERS`` picks how
+documents are pulled out of it. Everything streams: documents come out of iterators one at a
+time, Parquet one batch of the text column at a time, S3 objects through ranged GETs, so
+memory does not grow with the corpus (``stages/storage/units.py`` cuts sources into pieces).
 
 Files are visited in sorted order so the same source always yields the same documents in
 the same order: the tokenizer and data stages rely on that to be reproducible. Binary
@@ -26,9 +28,10 @@ import json
 import os
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from stages.core.config import CorpusConfig
 from stages.core.errors import DataError
@@ -110,11 +113,8 @@ def _list_file(cfg: CorpusConfig) -> list[Path]:
 
 
 def _list_s3(cfg: CorpusConfig) -> list[Path]:
-    """``s3://bucket/key`` (one object) or ``s3://bucket/prefix`` (wanted objects under it), as
-    local copies in the S3 cache; ordered by object key like a directory."""
-    from stages.storage.s3 import sync_objects  # boto3 is only needed for s3:// sources
-
-    return sync_objects(cfg.source, lambda key: _wanted(Path(key), cfg))
+    """``s3://`` sources are listed by ``list_sources`` and streamed; there are no local files."""
+    return []
 
 
 def _is_glob(source: str) -> bool:
@@ -153,12 +153,82 @@ def list_files(cfg: CorpusConfig) -> list[Path]:
     return _SOURCE_KINDS[source_kind(cfg.source)](cfg)
 
 
-# --------------------------------------------------------------------------- reading files
+# --------------------------------------------------------------------------- sources and pieces
 
 
-def _text_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
-    """A plain text file is one document."""
-    data = path.read_bytes()
+@dataclass(frozen=True)
+class Source:
+    """One file or object of the corpus, as the listing knows it (nothing is read yet)."""
+
+    location: str  # a local path or s3://bucket/key
+    size: int
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.location).suffix.lower()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a source one work unit reads: a whole file, a byte range of a JSONL file
+    (the lines that *start* in ``[start, stop)``) or Parquet row groups ``[start, stop)``."""
+
+    location: str
+    size: int  # source bytes this piece covers (for progress and unit sizing)
+    start: int = 0
+    stop: int | None = None  # None: to the end
+    source_size: int | None = None  # the whole file's size, when known (saves a HEAD per S3 piece)
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.location).suffix.lower()
+
+    @property
+    def first(self) -> bool:
+        """The piece that opens its file: it alone counts the file in the stats."""
+        return self.start == 0
+
+
+def list_sources(cfg: CorpusConfig) -> list[Source]:
+    """The source's files (or objects) with their sizes, in reading order. ``s3://`` objects come
+    from the bucket listing: nothing is downloaded."""
+    if source_kind(cfg.source) == "s3":
+        from stages.storage.s3 import list_objects
+
+        bucket = cfg.source[len("s3://"):].partition("/")[0]
+        return [Source(f"s3://{bucket}/{item['Key']}", int(item["Size"]))
+                for item in list_objects(cfg.source, lambda key: _wanted(Path(key), cfg))]
+    return [Source(str(path), path.stat().st_size) for path in list_files(cfg)]
+
+
+def open_binary(location: str, size: int | None = None) -> BinaryIO:
+    """A local file, or an S3 object streamed with ranged GETs (``stages/storage/s3.py``)."""
+    if location.startswith("s3://"):
+        from stages.storage.s3 import open_object
+
+        return open_object(location, size)
+    return open(location, "rb")
+
+
+def parquet_row_groups(location: str, size: int | None = None) -> list[int]:
+    """Uncompressed bytes of each row group of a Parquet file (its footer only is read)."""
+    import pyarrow.parquet as pq
+
+    with open_binary(location, size) as handle:
+        try:
+            meta = pq.ParquetFile(handle).metadata
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"{location}: not a readable Parquet file ({exc})") from None
+        return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+
+
+# --------------------------------------------------------------------------- reading pieces
+
+
+def _text_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    """A plain text file is one document (read whole: it is one document, cut to max_doc_bytes later)."""
+    with open_binary(piece.location, piece.source_size) as handle:
+        data = handle.read()
     if not data.strip():
         stats.skipped_empty += 1
         return
@@ -173,71 +243,90 @@ def _text_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterat
     yield text
 
 
-def _jsonl_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+def _jsonl_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    path = piece.location
+    with open_binary(piece.location, piece.source_size) as handle:
+        if piece.start:
+            # Own the lines that start at or after ``start``: finish the line that byte start-1 is on.
+            handle.seek(piece.start - 1)
+            handle.readline()
+        number = 0
+        while piece.stop is None or handle.tell() < piece.stop:
+            raw = handle.readline()
+            if not raw:
+                break
+            number += 1
             if not raw.strip():
                 continue
+            where = f"{path}:{number}" if not piece.start else f"{path}:{number} (counting from byte {piece.start})"
             try:
                 record = json.loads(raw)
             except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int too long, nesting too deep
-                raise DataError(f"{path}:{number}: not a valid JSON line ({exc}); fix or remove that line") from None
+                raise DataError(f"{where}: not a valid JSON line ({exc}); fix or remove that line") from None
             if not isinstance(record, dict) or cfg.text_field not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(
-                    f"{path}:{number}: no field {cfg.text_field!r} (found {keys}); set corpus.text_field to the text field"
+                    f"{where}: no field {cfg.text_field!r} (found {keys}); set corpus.text_field to the text field"
                 )
             text = record[cfg.text_field]
             if text is None or text == "":
                 stats.skipped_empty += 1
                 continue
             if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{number}: field {cfg.text_field!r} holds {type(text).__name__}, expected a string"
-                )
+                raise DataError(f"{where}: field {cfg.text_field!r} holds {type(text).__name__}, expected a string")
             yield text
 
 
-def _parquet_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+    """Row group by row group, only the text column: memory holds one batch, not the file."""
     import pyarrow.parquet as pq  # only needed for Parquet sources; keeps imports light
 
-    try:
-        handle = pq.ParquetFile(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    columns = handle.schema_arrow.names
-    if cfg.text_field not in columns:
-        raise DataError(
-            f"{path}: no column {cfg.text_field!r} (columns: {columns}); set corpus.text_field to the text column"
-        )
-    row = 0
-    for batch in handle.iter_batches(columns=[cfg.text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is None or value == "":
-                stats.skipped_empty += 1
-                continue
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    stats.skipped_non_utf8 += 1
+    path = piece.location
+    with open_binary(piece.location, piece.source_size) as raw:
+        try:
+            handle = pq.ParquetFile(raw, pre_buffer=False)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        columns = handle.schema_arrow.names
+        if cfg.text_field not in columns:
+            raise DataError(
+                f"{path}: no column {cfg.text_field!r} (columns: {columns}); set corpus.text_field to the text column"
+            )
+        stop = handle.metadata.num_row_groups if piece.stop is None else piece.stop
+        groups = list(range(piece.start, stop))
+        if not groups:
+            return
+        row = sum(handle.metadata.row_group(i).num_rows for i in range(piece.start))
+        # One row group per request: pyarrow would otherwise coalesce them all into one read.
+        batches = (b for g in groups
+                   for b in handle.iter_batches(row_groups=[g], columns=[cfg.text_field], batch_size=1024))
+        for batch in batches:
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None or value == "":
+                    stats.skipped_empty += 1
                     continue
-            if not isinstance(value, str):
-                raise DataError(
-                    f"{path}: row {row} of column {cfg.text_field!r} holds {type(value).__name__}, expected a string"
-                )
-            yield value
+                if isinstance(value, bytes):
+                    try:
+                        value = value.decode("utf-8")
+                    except UnicodeDecodeError:
+                        stats.skipped_non_utf8 += 1
+                        continue
+                if not isinstance(value, str):
+                    raise DataError(
+                        f"{path}: row {row} of column {cfg.text_field!r} holds {type(value).__name__}, expected a string"
+                    )
+                yield value
 
 
-_FILE_READERS: dict[str, Callable[[Path, CorpusConfig, CorpusStats], Iterator[str]]] = {
+_FILE_READERS: dict[str, Callable[[Piece, CorpusConfig, CorpusStats], Iterator[str]]] = {
     ".jsonl": _jsonl_documents,
     ".parquet": _parquet_documents,
 }
 
 
-def _reader_for(path: Path) -> Callable[[Path, CorpusConfig, CorpusStats], Iterator[str]]:
-    return _FILE_READERS.get(path.suffix.lower(), _text_documents)
+def _reader_for(piece: Piece) -> Callable[[Piece, CorpusConfig, CorpusStats], Iterator[str]]:
+    return _FILE_READERS.get(piece.suffix, _text_documents)
 
 
 def _cut_utf8(text: str, limit: int) -> str:
@@ -245,47 +334,66 @@ def _cut_utf8(text: str, limit: int) -> str:
     return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
-def read_corpus(cfg: CorpusConfig) -> Corpus:
-    """Every document of the source, in a fixed order, capped at ``max_bytes`` of UTF-8 text.
+def read_pieces(
+    pieces: Iterable[Piece], cfg: CorpusConfig, stats: CorpusStats, budget: int | None = None
+) -> Iterator[str]:
+    """The documents of ``pieces`` in order, one at a time, normalized and truncated; with a
+    ``budget`` (bytes of text), reading stops once it is used up, cutting the last document.
 
-    Raises ``DataError`` when nothing usable is left, naming what was scanned and skipped.
+    Every reader of the corpus goes through here, so the tokenizer, the data stage's units and
+    ``read_corpus`` see exactly the same documents.
     """
-    stats = CorpusStats(source=cfg.source)
-    documents: list[str] = []
-    paths = list_files(cfg)
-    for path in paths:
+    used = 0
+    for piece in pieces:
         if stats.capped:
             break
-        stats.scanned += 1
+        stats.scanned += piece.first
         contributed = False
-        for text in _reader_for(path)(path, cfg, stats):
+        for text in _reader_for(piece)(piece, cfg, stats):
             # Windows line ends become '\n' so the same text never tokenizes two ways.
             text = text.replace("\r\n", "\n")
             size = len(text.encode("utf-8"))
             if size > cfg.max_doc_bytes:
                 text, size = _cut_utf8(text, cfg.max_doc_bytes), cfg.max_doc_bytes
                 stats.truncated += 1
-            room = cfg.max_bytes - stats.bytes
-            if size >= room:
-                text = _cut_utf8(text, room)
+            if budget is not None and size >= budget - used:
+                text = _cut_utf8(text, budget - used)
                 size = len(text.encode("utf-8"))
                 stats.capped = True
             if text.strip():
-                documents.append(text)
+                used += size
                 stats.bytes += size
                 stats.documents += 1
                 contributed = True
+                yield text
             elif not stats.capped:
                 stats.skipped_empty += 1  # whitespace only: nothing to learn from
             if stats.capped:
                 break
-        stats.files += contributed
-    if not documents:
-        raise DataError(_empty_message(cfg, len(paths), stats))
-    return Corpus(documents, stats)
+        stats.files += contributed and piece.first
 
 
-def _empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:
+def whole_pieces(sources: Iterable[Source]) -> Iterator[Piece]:
+    return (Piece(source.location, source.size, source_size=source.size) for source in sources)
+
+
+def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Iterator[str]:
+    """Every document of the source in a fixed order, streamed one at a time, capped at
+    ``max_bytes`` when set. Raises ``DataError`` at the end when nothing usable was found."""
+    stats = stats if stats is not None else CorpusStats(source=cfg.source)
+    sources = list_sources(cfg)
+    yield from read_pieces(whole_pieces(sources), cfg, stats, cfg.max_bytes)
+    if not stats.documents:
+        raise DataError(empty_message(cfg, len(sources), stats))
+
+
+def read_corpus(cfg: CorpusConfig) -> Corpus:
+    """All documents in a list: for small corpora and tests. The stages stream (``iter_documents``)."""
+    stats = CorpusStats(source=cfg.source)
+    return Corpus(list(iter_documents(cfg, stats)), stats)
+
+
+def empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:
     if listed == 0:
         where = f"matched no files with extensions {cfg.extensions}" if source_kind(cfg.source) in ("dir", "glob") else "is empty"
         return f"corpus.source={cfg.source!r} {where}; point it at text files or adjust corpus.extensions"

@@ -13,6 +13,7 @@ a credential (botocore messages do not contain secrets; we add only the endpoint
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -66,7 +67,7 @@ def retry_settings() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _cached_client(endpoint: str | None, region: str | None, attempts: int, mode: str) -> Any:
+def _cached_client(endpoint: str | None, region: str | None, attempts: int, mode: str, pid: int) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -85,7 +86,8 @@ def client() -> Any:
     """A boto3 S3 client for the current environment (cached per endpoint and retry settings)."""
     retries = retry_settings()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return _cached_client(endpoint_url(), region, retries["max_attempts"], retries["mode"])
+    # Per process: a forked worker must not share its parent's pooled connections (replies get crossed).
+    return _cached_client(endpoint_url(), region, retries["max_attempts"], retries["mode"], os.getpid())
 
 
 def transfer_config() -> Any:
@@ -113,14 +115,13 @@ def is_missing(exc: BaseException) -> bool:
 
 def as_error(exc: BaseException, action: str, uri: str) -> S3Error:
     """Turn a boto3/botocore exception into one clear line (``action`` e.g. 'upload')."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import (
         ConnectionClosedError,
         EndpointConnectionError,
         NoCredentialsError,
         ReadTimeoutError,
     )
-
-    from boto3.exceptions import Boto3Error
 
     # boto3 wraps botocore's error (S3UploadFailedError, RetriesExceededError): look inside.
     cause = exc
@@ -182,32 +183,110 @@ def list_objects(uri: str, wanted: Callable[[str], bool]) -> list[dict[str, Any]
     return sorted(chosen, key=lambda i: i["Key"])
 
 
-def sync_objects(uri: str, wanted: Callable[[str], bool], root: Path | None = None) -> list[Path]:
-    """Local copies of the objects ``list_objects`` finds.
+# ------------------------------------------------------------------ streamed reads of corpus objects
 
-    Copies live at ``<root>/objects/<bucket>/<key>`` and are fetched again only when the
-    object's ETag changes; each copy gets the object's LastModified as its mtime.
+READ_BLOCK = 4 * 1024 * 1024  # bytes per ranged GET when reading an object as a stream
+
+
+class _RangedObject(io.RawIOBase):
+    """A seekable, read-only view of one S3 object: every read is a ranged GET.
+
+    Corpus objects are read in place through this (wrapped in a ``BufferedReader``), so a
+    100 GB bucket is streamed a few MB at a time, never copied to local disk first; pyarrow
+    reads a Parquet object's footer and only the row groups and column it needs.
     """
-    bucket, _ = split_uri(uri)
-    root = (root or cache_root()) / "objects"
-    chosen = list_objects(uri, wanted)
-    s3 = client()
-    try:
-        paths = []
-        for item in chosen:
-            local = root / bucket / item["Key"]
-            tag = root.parent / "etags" / bucket / (item["Key"] + ".etag")
-            etag = item.get("ETag", "").strip('"')
-            if not (local.is_file() and tag.is_file() and tag.read_text() == etag):
-                local.parent.mkdir(parents=True, exist_ok=True)
-                partial = local.with_name(local.name + ".part")
-                s3.download_file(bucket, item["Key"], str(partial), Config=transfer_config())
-                partial.replace(local)
-                tag.parent.mkdir(parents=True, exist_ok=True)
-                tag.write_text(etag)
-            stamp = item["LastModified"].timestamp()
-            os.utime(local, (stamp, stamp))
-            paths.append(local)
-        return paths
-    except s3_errors() as exc:
-        raise as_error(exc, "read the corpus", uri) from None
+
+    def __init__(self, uri: str, size: int | None = None):
+        super().__init__()
+        self.uri = uri
+        self.bucket, self.key = split_uri(uri)
+        self._s3 = client()
+        if size is None:
+            try:
+                size = int(self._s3.head_object(Bucket=self.bucket, Key=self.key)["ContentLength"])
+            except s3_errors() as exc:
+                raise as_error(exc, "read the corpus", uri) from None
+        self.size = int(size)
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self.position)
+        if want <= 0:
+            return 0
+        end = self.position + want - 1
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.position}-{end}")["Body"]
+            data = body.read()
+        except s3_errors() as exc:
+            raise as_error(exc, "read the corpus", self.uri) from None
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_object(uri: str, size: int | None = None) -> io.BufferedReader:
+    """``s3://bucket/key`` as a buffered binary stream read in ``READ_BLOCK`` ranged GETs."""
+    return io.BufferedReader(_RangedObject(uri, size), buffer_size=READ_BLOCK)
+
+
+class ObjectDirectory:
+    """An ``s3://`` prefix used as a work directory by the data stage's units on remote workers:
+    files go up whole, a unit's result JSON last (its presence marks the unit finished)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = split_uri(self.uri)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put_file(self, path: Path, name: str) -> None:
+        try:
+            client().upload_file(str(path), self.bucket, self._key(name), Config=transfer_config())
+        except s3_errors() as exc:
+            raise as_error(exc, "upload", f"{self.uri}/{name}") from None
+
+    def put_text(self, name: str, text: str) -> None:
+        try:
+            client().put_object(Bucket=self.bucket, Key=self._key(name), Body=text.encode("utf-8"))
+        except s3_errors() as exc:
+            raise as_error(exc, "upload", f"{self.uri}/{name}") from None
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return client().get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read().decode("utf-8")
+        except s3_errors() as exc:
+            if is_missing(exc):
+                return None
+            raise as_error(exc, "read", f"{self.uri}/{name}") from None
+
+    def get_file(self, name: str, target: Path) -> None:
+        try:
+            client().download_file(self.bucket, self._key(name), str(target), Config=transfer_config())
+        except s3_errors() as exc:
+            raise as_error(exc, "download", f"{self.uri}/{name}") from None
+
+    def remove_all(self) -> None:
+        """Delete every object under the prefix (the units, once assembled into the artifact)."""
+        s3 = client()
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        except s3_errors() as exc:
+            raise as_error(exc, "delete", self.uri) from None

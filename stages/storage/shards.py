@@ -4,8 +4,8 @@ Layout of a data artifact::
 
     shards.json          {"dtype": "uint16", "vocab_size": ..., "eos_id": ...,
                           "splits": {"train": {"files": [...], "tokens": N, "documents": D, "bytes": B}, ...}}
-    train_000.bin ...    documents back to back, each followed by the separator (EOS) id
-    val_000.bin ...
+    train_000000_000.bin ...  documents back to back, each followed by the separator (EOS) id;
+    val_000000_000.bin ...    one or more files per work unit and split (<split>_<unit>_<part>), in order
 
 ``bytes`` is the UTF-8 size of the split's text, so bits-per-byte can be computed from a
 token-level loss. Readers memory-map the files: nothing is loaded whole.
@@ -31,8 +31,9 @@ def dtype_for(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Append token arrays to ``<split>_NNN.bin`` files, starting a new file every ``shard_tokens``."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, prefix: str | None = None):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
+        self.prefix = prefix or split  # a work unit's files carry its number: train_000012_000.bin
         self.files: list[str] = []
         self.tokens = 0
         self._in_current = 0
@@ -41,7 +42,7 @@ class ShardWriter:
     def _roll(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        name = f"{self.split}_{len(self.files):03d}.bin"
+        name = f"{self.prefix}_{len(self.files):03d}.bin"
         self.files.append(name)
         self._handle = open(self.out / name, "wb")
         self._in_current = 0
@@ -49,7 +50,7 @@ class ShardWriter:
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
-            shard = self.out / f"{self.split}_{len(self.files):03d}.bin"
+            shard = self.out / f"{self.prefix}_{len(self.files):03d}.bin"
             raise DataError(f"{shard}: token id {int(ids.max())} does not fit shard dtype {self.dtype} "
                             f"(max {np.iinfo(self.dtype).max}); use uint32 shards for this vocabulary")
         ids = ids.astype(self.dtype, copy=False)

@@ -1,0 +1,146 @@
+"""The data stage at scale: work units give the same bytes for any worker count, memory does not
+grow with the corpus, a killed run resumes its finished units, and the tokenizer samples it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _data_fixtures import MICRO, micro_config, run, stdlib_lines, synthetic_corpus
+
+from stages import data
+from stages.lm.tokenizer import Tokenizer
+from stages.storage.corpus import read_corpus
+from stages.storage.shards import TokenShards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ref(tmp_path_factory):
+    store = tmp_path_factory.mktemp("tokenizer-store")
+    return run("tokenizer", micro_config("corpus.max_bytes=200000"), store).ref
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory) -> Path:
+    """Text files, a JSONL file large enough to be cut in byte ranges, a Parquet file of many row groups."""
+    root = synthetic_corpus(tmp_path_factory.mktemp("mixed") / "corpus", 300_000, 15_000, seed=1)
+    lines = stdlib_lines()
+    records = [{"text": "\n".join(lines[i : i + 1 + i % 9]) + "\n"} for i in range(0, 12_000, 7)]
+    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    texts = ["\n".join(lines[i : i + 3 + i % 5]) for i in range(20_000, 26_000, 4)]
+    pq.write_table(pa.table({"text": texts, "n": list(range(len(texts)))}), root / "table.parquet", row_group_size=150)
+    return root
+
+
+def _data(store: Path, corpus: Path, tokenizer_ref, *overrides: str):
+    cfg = micro_config(f"corpus.source={corpus}", "data.unit_bytes=40000", *overrides)
+    return run("data", cfg, store, {"tokenizer": tokenizer_ref})
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.name != "manifest.json"}
+
+
+def test_units_give_the_same_bytes_for_any_worker_count(tmp_path, mixed_corpus, tokenizer_ref):
+    one = _data(tmp_path / "a", mixed_corpus, tokenizer_ref, "data.workers=1")
+    two = _data(tmp_path / "b", mixed_corpus, tokenizer_ref, "data.workers=2")
+    assert one.manifest.metrics["units"] > 8, "the corpus must span many units, JSONL ranges and row groups"
+    assert two.manifest.metrics["workers"] == 2
+    assert _contents(Path(one.ref.uri)) == _contents(Path(two.ref.uri))
+
+    # The streams are those of the whole corpus read front to back and split in memory.
+    tok = Tokenizer.load(tokenizer_ref.uri)
+    documents = read_corpus(micro_config(f"corpus.source={mixed_corpus}").corpus).documents
+    splits = data.split_documents(documents, 0.05, 1234)
+    out = tmp_path / "memory"
+    out.mkdir()
+    data.write_splits(documents, splits, tok, out, workers=1, shard_tokens=10**9)
+    for split in ("train", "val"):
+        got, want = TokenShards(one.ref.uri, split), TokenShards(out, split)
+        assert np.array_equal(got.window(0, len(got)), want.window(0, len(want)))
+        assert (got.documents, got.num_bytes) == (want.documents, want.num_bytes)
+
+
+def _python_peak(store: Path, corpus: Path, tokenizer_ref) -> int:
+    tracemalloc.start()
+    try:
+        _data(store, corpus, tokenizer_ref, "data.workers=1", "data.unit_bytes=200000")
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_ref):
+    small = synthetic_corpus(tmp_path / "small", 1_500_000, 50_000, seed=2)
+    large = synthetic_corpus(tmp_path / "large", 6_000_000, 50_000, seed=3)
+    small_peak = _python_peak(tmp_path / "s", small, tokenizer_ref)
+    large_peak = _python_peak(tmp_path / "l", large, tokenizer_ref)
+    # Four times the text; a reader that kept the corpus (or its tokens) would peak ~4x higher.
+    assert large_peak / small_peak < 1.5, (small_peak, large_peak)
+
+
+def _stage_command(store: Path, corpus: Path, tokenizer_ref) -> list[str]:
+    sets = [*MICRO, f"corpus.source={corpus}", "data.unit_bytes=40000"]
+    return [sys.executable, "-m", "stages", "data", *[a for s in sets for a in ("--set", s)],
+            "--input", f"tokenizer={tokenizer_ref.uri}", "--out", str(store)]
+
+
+def test_a_killed_run_resumes_from_its_finished_units(tmp_path, tokenizer_ref):
+    corpus = synthetic_corpus(tmp_path / "corpus", 8_000_000, 40_000, seed=4)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_stage_command(store, corpus, tokenizer_ref), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finished: list[Path] = []
+    try:
+        deadline = time.monotonic() + 300
+        while len(finished) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            finished = list(store.glob("data/.work-*/checkpoints/units/unit_*.json"))
+            time.sleep(0.02)
+        assert proc.poll() is None, "the stage ended before it could be killed; give it a larger corpus"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not list(store.glob("data/*/manifest.json")), "a killed run must leave nothing marked finished"
+
+    resumed = _data(store, corpus, tokenizer_ref)
+    metrics = resumed.manifest.metrics
+    assert metrics["units_reused"] >= len(finished) and metrics["units_reused"] < metrics["units"]
+    assert not list(store.glob("data/.work-*")), "the work directory is gone once the artifact is published"
+    uninterrupted = _data(tmp_path / "clean", corpus, tokenizer_ref)
+    assert uninterrupted.manifest.metrics["units_reused"] == 0
+    assert _contents(Path(resumed.ref.uri)) == _contents(Path(uninterrupted.ref.uri))
+
+
+def test_tokenizer_samples_the_whole_corpus(tmp_path):
+    """First half English prose, second half Cyrillic: a sample of the first files would miss the second."""
+    english = ("the quick brown fox jumps over the lazy dog while the river runs past the old mill " * 40).strip()
+    russian = ("съешь же ещё этих мягких французских булок да выпей чаю пока солнце светит над рекой " * 40).strip()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(200):
+        text = english if i < 100 else russian
+        (corpus / f"doc_{i:04d}.txt").write_text(f"{i} {text}\n", encoding="utf-8")
+    total = sum(p.stat().st_size for p in corpus.iterdir())
+    cfg = micro_config(f"corpus.source={corpus}", f"tokenizer.train_bytes={total // 4}")
+    result = run("tokenizer", cfg, tmp_path / "store")
+    metrics = result.manifest.metrics
+    assert metrics["seen_documents"] == 200 and metrics["seen_bytes"] == metrics["corpus_bytes"]
+    assert metrics["train_bytes"] <= total // 4 and metrics["train_documents"] < 100
+    tok = Tokenizer.load(result.ref.uri)
+    pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    latin = [p for p in pieces if len(p.strip()) >= 3 and p.strip().isascii() and p.strip().isalpha()]
+    cyrillic = [p for p in pieces if len(p.strip()) >= 3 and all("\u0400" <= c <= "\u04ff" for c in p.strip())]
+    assert latin and cyrillic, (latin[:5], cyrillic[:5])
