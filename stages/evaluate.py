@@ -19,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from stages.training import checkpoint
 from stages.training.batches import fixed_windows
@@ -34,6 +33,7 @@ from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.core.tracking import Tracker
 from stages.training.loop import evaluate_loss, resolve_device
+from stages.training.perf import set_threads
 
 
 log = logging.getLogger("gptpipe.evaluate")
@@ -111,8 +111,7 @@ def write_markdown(report: dict, path: Path) -> None:
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     ecfg = cfg.evaluate
     started = time.perf_counter()
-    if ecfg.threads:
-        torch.set_num_threads(ecfg.threads)
+    set_threads(ecfg.threads)
     device = resolve_device(ecfg.device)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     template = ChatTemplate(tokenizer)
