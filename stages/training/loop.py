@@ -1,11 +1,10 @@
 """The one training loop, shared by pretraining and fine-tuning.
 
 ``train`` sets a run up (device, precision, parallelism, optimizer, checkpointer, reporting),
-resumes from the newest checkpoint, and hands over to ``_loop``, which reads top to bottom in
-the order of one optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at
-the end) → the update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint. Each of
-those is a named function below; what a step carries to the next is a ``TrainState``, which is
-also exactly what a checkpoint carries to a resumed run.
+resumes from the newest checkpoint and hands over to ``_loop``, which reads in the order of one
+optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at the end) → the
+update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint, each a named function.
+What a step carries to the next is a ``TrainState`` — exactly what a checkpoint carries on.
 
 What differs between pretraining and fine-tuning stays outside: the caller builds the model,
 passes a ``Batches`` object (``get(step, micro) -> (x, y)``, a pure function of its arguments so
@@ -44,7 +43,7 @@ from stages.training.checkpoint import find_gpt
 from stages.training.checkpointer import Checkpointer
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
 from stages.training.perf import resolve_device
-from stages.training.state import LogWindow, TrainResult, TrainState
+from stages.training.state import Hardware, LogWindow, TrainResult, TrainState, Update
 
 log = logging.getLogger("gptpipe.train")
 
@@ -55,26 +54,6 @@ class Batches(Protocol):
     """Training data as a pure function of (step, micro-step): CPU LongTensors (batch, length)."""
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass(frozen=True)
-class Update:
-    """One optimizer step's outcome, over all ranks."""
-
-    loss: float  # mean loss per scored token
-    tokens: int  # input tokens
-    grad_norm: float
-    seconds: float
-    stop: bool  # some rank received SIGTERM during the step
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """The MFU figures' ingredients: model FLOPs per token and the peak of one device (and its source)."""
-
-    flops_per_token: float
-    peak_flops: float
-    peak_source: str
 
 
 # --- loss -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 ``TrainState`` is the loop's progress — and exactly what a checkpoint's ``trainer.json`` carries
 to a resumed run, so a resumed run logs the same curve and totals as an uninterrupted one.
 ``TrainResult`` is what ``train`` returns; its ``summary()`` is what a stage manifest records.
+``Update`` is one optimizer step's outcome, ``Hardware`` the ingredients of the MFU figures.
 """
 
 from __future__ import annotations
@@ -106,3 +107,23 @@ class TrainState:
             if self.best_val_loss is None or self.final_val_loss < self.best_val_loss:
                 self.best_val_loss = self.final_val_loss
         self.curve.append({"step": step, **results})
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer step's outcome, over all ranks."""
+
+    loss: float  # mean loss per scored token
+    tokens: int  # input tokens
+    grad_norm: float
+    seconds: float
+    stop: bool  # some rank received SIGTERM during the step
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The MFU figures' ingredients: model FLOPs per token and the peak of one device (and its source)."""
+
+    flops_per_token: float
+    peak_flops: float
+    peak_source: str
