@@ -40,7 +40,7 @@ from stages.training.batches import RandomWindows
 from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.core.config import FinetuneConfig, PipelineConfig
 from stages.core.errors import ConfigError, DataError
-from stages.lm.model import IGNORE
+from stages.lm.targets import IGNORE
 from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
 from stages.lm.tasks import check_tasks, make_items

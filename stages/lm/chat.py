@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stages.core.errors import DataError
-from stages.lm.model import IGNORE
+from stages.lm.targets import IGNORE
 
 log = logging.getLogger("gptpipe.chat")
 

@@ -15,10 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A target id the loss skips (torch's default ``ignore_index``): prompt tokens, role markers and
-# padding in fine-tuning rows. The one definition; chat, fine-tuning, training and export use it.
-IGNORE = -100
-
 # One layer's cache: keys and values, each (batch, heads, past_len, head_dim).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 

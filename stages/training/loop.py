@@ -36,7 +36,7 @@ from tqdm import tqdm
 from stages.core.config import TrainConfig
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import Tracker
-from stages.lm.model import IGNORE
+from stages.lm.targets import IGNORE
 from stages.training import distributed, perf
 from stages.training.batches import for_rank
 from stages.training.checkpoint import find_gpt
@@ -156,7 +156,7 @@ class _Run:
     report: _Report
     checkpointer: Checkpointer
     guard: distributed.PreemptionGuard
-    params: list[torch.Tensor] = field(default_factory=list)
+    params: list[torch.Tensor] = field(init=False)  # what the gradient norm is taken over
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -365,9 +365,10 @@ def train(
     with perf.backend_flags(settings), distributed.PreemptionGuard() as guard:
         net = distributed.parallelize(model, settings, info, cfg.parallel)
         optimizer = optimizer or build_optimizer(net, cfg, fused=settings.fused_optimizer)
-        run = _Run(net, optimizer, torch.amp.GradScaler(device.type, enabled=settings.grad_scaler), batches, cfg,
-                   settings, info, device, hardware, evaluate, report,
-                   Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device), guard)
+        run = _Run(net=net, optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=settings.grad_scaler),
+                   batches=batches, cfg=cfg, settings=settings, info=info, device=device, hardware=hardware,
+                   evaluate=evaluate, report=report, guard=guard,
+                   checkpointer=Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device))
         report.params(settings.describe() | {
             "perf.peak_flops": f"{hardware.peak_flops:.4g}", "perf.peak_source": hardware.peak_source,
             "perf.world_size": info.world_size, "perf.flops_per_token": hardware.flops_per_token})
