@@ -32,7 +32,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from types import SimpleNamespace  # noqa: E402
+
 from stages.training import perf  # noqa: E402
+from stages.training.distributed import DistInfo  # noqa: E402
 from stages.core.config import TrainConfig  # noqa: E402
 from stages.lm.model import GPT, GPTConfig  # noqa: E402
 from stages.training.loop import _grad_norm, _micro_steps, build_optimizer  # noqa: E402
@@ -75,21 +78,24 @@ class Runner:
 
     def __init__(self, name: str, model: nn.Module, cfg: TrainConfig, batches: RandomTokens):
         self.name, self.model, self.cfg, self.batches = name, model, cfg, batches
-        self.plan = perf.plan(cfg, torch.device("cpu"))
-        if self.plan.activation_checkpointing:
+        self.settings = perf.runtime_settings(cfg, torch.device("cpu"))
+        if self.settings.activation_checkpointing:
             perf.enable_activation_checkpointing(model)
         self.compile_s = 0.0
-        if self.plan.compile:
+        if self.settings.compile:
             perf.compile_blocks(model) if isinstance(model, GPT) else model.compile()
-        self.optimizer = build_optimizer(model, cfg, fused=self.plan.fused_optimizer)
+        self.optimizer = build_optimizer(model, cfg, fused=self.settings.fused_optimizer)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # What the loop's _micro_steps reads of its run (model, data, precision, one process).
+        self.run = SimpleNamespace(net=model, batches=batches, cfg=cfg, device=torch.device("cpu"),
+                                   settings=self.settings, scaler=self.scaler, info=DistInfo())
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> None:
         started = time.perf_counter()
-        with perf.autocast(self.plan):
-            _micro_steps(self.model, self.batches, 0, 1, torch.device("cpu"), self.plan, self.scaler, 1)
+        with self.settings.autocast():
+            _micro_steps(self.run, 0)
         _grad_norm(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -109,7 +115,7 @@ def alternate(runners: list[Runner], warmup: int, steps: int) -> None:
         started = time.perf_counter()
         for _ in range(warmup):
             runner.step(record=False)
-        if runner.plan.compile:
+        if runner.settings.compile:
             runner.compile_s = time.perf_counter() - started
     for round_ in range(steps):
         for runner in runners if round_ % 2 == 0 else runners[::-1]:

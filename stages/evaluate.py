@@ -25,7 +25,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from stages.training import checkpoint
 from stages.training.batches import fixed_windows
@@ -42,6 +41,7 @@ from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.core.tracking import Tracker
 from stages.training.loop import evaluate_loss, resolve_device
+from stages.training.perf import set_threads
 
 
 log = logging.getLogger("gptpipe.evaluate")
@@ -171,8 +171,7 @@ def evaluate_model(name: str, model: GPT, template: ChatTemplate, records: list[
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     ecfg = cfg.evaluate
     started = time.perf_counter()
-    if ecfg.threads:
-        torch.set_num_threads(ecfg.threads)
+    set_threads(ecfg.threads)
     device = resolve_device(ecfg.device)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     template = ChatTemplate(tokenizer)

@@ -45,6 +45,7 @@ from stages.lm import hf_checkpoint
 from stages.lm import onnx_runtime as ortgen
 from stages.storage.artifacts import MANIFEST
 from stages.training.checkpoint import load_model, model_directory
+from stages.training.perf import set_threads
 from stages.core.config import ExportConfig, PipelineConfig
 from stages.lm.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
 from stages.core.errors import ConfigError, ParityError
@@ -415,8 +416,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
             f"export.source = {ecfg.source!r}: no '{ecfg.source}' input artifact was given; "
             f"pass --input {ecfg.source}=<artifact dir> or set export.source to a stage that ran"
         )
-    if ecfg.threads:
-        torch.set_num_threads(ecfg.threads)
+    set_threads(ecfg.threads)
     model = load_model(model_directory(inputs[ecfg.source]), "cpu").float().eval()
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     copy_tokenizer(inputs["tokenizer"], out)

@@ -14,6 +14,12 @@ the model keeps its language modelling while it learns the chat format.
 
 Outputs: ``model/`` (checkpoint.save_model), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
+
+While it trains, resumable checkpoints go to the work directory's ``checkpoints/``, which the
+store keeps across attempts (as for pretraining): SIGTERM writes one, and a rerun after SIGTERM
+or SIGKILL continues from the newest bit for bit — with LoRA too, since the checkpoint holds the
+peft model (frozen base + adapters) and the adapters' optimizer state. They are deleted once the
+model is written.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +37,22 @@ from torch import nn
 
 from stages.training import checkpoint
 from stages.training.batches import RandomWindows
-from stages.lm.chat import IGNORE, ChatTemplate, Message, Rendered, read_chat_jsonl
+from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.core.config import FinetuneConfig, PipelineConfig
 from stages.core.errors import ConfigError, DataError
+from stages.lm.targets import IGNORE
+from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
 from stages.lm.tasks import check_tasks, make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.core.tracking import Tracker
 from stages.training.loop import evaluate_loss, resolve_device, train
+from stages.training.perf import set_threads
 
 log = logging.getLogger("gptpipe.finetune")
 
 HELDOUT = "heldout.jsonl"
+_WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -203,6 +214,9 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     lora = LoraConfig(
         target_modules=list(cfg.lora_targets), r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout
     )
+    # The adapters' A matrices are drawn from torch's RNG: seed it, so the recipe's seed fixes them
+    # (otherwise they depend on whatever drew random numbers earlier in the process).
+    torch.manual_seed(cfg.seed)
     return get_peft_model(model, lora)
 
 
@@ -222,8 +236,7 @@ def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, f
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     fcfg = cfg.finetune
-    if fcfg.threads:
-        torch.set_num_threads(fcfg.threads)
+    set_threads(fcfg.threads)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     template = ChatTemplate(tokenizer)
     model = checkpoint.load_model(checkpoint.model_directory(inputs["pretrain"]), device="cpu")
@@ -260,9 +273,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         batches,
         fcfg,
         tracker,
-        checkpoint_dir=None,  # a fresh scratch dir per run: nothing to resume from
+        checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": evaluate_loss(m, held_batches)},
         metric_prefix="finetune/",
+        name="finetune",
     )
 
     metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable, "replay_rows": n_replay}
@@ -272,6 +286,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         metrics["lora_merge_max_abs_dlogits"] = delta
         tracker.log_metrics({"finetune/lora_merge_max_abs_dlogits": delta})
     checkpoint.save_model(out / checkpoint.MODEL_DIR, model.to("cpu"))
+    shutil.rmtree(out / _WORK)  # the model is written: the resumable checkpoints have done their job
 
     (out / "curve.json").write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
     data = {

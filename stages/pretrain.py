@@ -37,6 +37,7 @@ from stages.lm.model import GPT, GPTConfig
 from stages.storage.shards import TokenShards
 from stages.core.tracking import Tracker
 from stages.training.loop import evaluate_loss, train
+from stages.training.perf import set_threads
 
 
 CURVE = "curve.json"
@@ -69,8 +70,7 @@ def _global_val_loss(model: torch.nn.Module, batches: list, world: int) -> float
 
 def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
     pcfg = cfg.pretrain
-    if pcfg.threads:
-        torch.set_num_threads(pcfg.threads)
+    set_threads(pcfg.threads)
     train_split = TokenShards(inputs["data"], "train")
     val_split = TokenShards(inputs["data"], "val")
     vocab = train_split.vocab_size
@@ -99,6 +99,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         tracker,
         checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": _global_val_loss(m, val_batches, world)},
+        name="pretrain",
     )
     if not distributed.current().is_main:
         distributed.exit_worker()  # rank 0 wrote the checkpoint; it alone writes and publishes the rest

@@ -1,11 +1,14 @@
-"""A pretraining run in its own process, for the distributed and preemption tests.
+"""A pretraining (or fine-tuning) run in its own process, for the distributed and preemption tests.
 
     python tests/_scale_worker.py --store S --tokenizer T --data D --pretrain '{"max_steps": 20}' \\
         --metrics metrics.jsonl [--sigkill-at N | --sigkill-in-checkpoint N | --sigterm-at N]
+    python tests/_scale_worker.py ... --model P --finetune '{"max_steps": 12}'   # stage finetune
 
 Runs stage ``pretrain`` through the real runner and store (as ``python -m stages`` does), with a
-tracker that appends every logged metric, with this process's pid, to a JSONL file. The process
-signals *itself*, so the point of interruption is exact and the test needs no timing:
+tracker that appends every logged metric, with this process's pid, to a JSONL file. With
+``--finetune`` it runs stage ``finetune`` instead, on the micro recipe (configs/micro.yaml) with
+those finetune fields, from the pretrain artifact ``--model``. The process signals *itself*, so
+the point of interruption is exact and the test needs no timing:
 
 * ``--sigkill-at N``: SIGKILL right after step N is logged (a machine that vanished);
 * ``--sigkill-in-checkpoint N``: SIGKILL halfway through writing the checkpoint of step N,
@@ -39,9 +42,10 @@ class SignallingTracker:
     def log_metrics(self, metrics, step=None):
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"pid": os.getpid(), "step": step, **metrics}) + "\n")
-        if "train_loss" in metrics and step == self.kill_at:
+        trained = any(name.rsplit("/", 1)[-1] == "train_loss" for name in metrics)  # finetune/train_loss too
+        if trained and step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if "train_loss" in metrics and step == self.term_at:
+        if trained and step == self.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def log_artifact(self, path, artifact_path=None):
@@ -71,12 +75,14 @@ def main() -> int:
     for name in ("--store", "--tokenizer", "--data", "--metrics"):
         parser.add_argument(name, required=True)
     parser.add_argument("--pretrain", default="{}", help="JSON of pretrain fields")
+    parser.add_argument("--finetune", default=None, help="JSON of finetune fields: run stage finetune instead")
+    parser.add_argument("--model", default=None, help="the pretrain artifact (with --finetune)")
     for name in ("--sigkill-at", "--sigkill-in-checkpoint", "--sigterm-at"):
         parser.add_argument(name, type=int, default=None)
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from stages.core.config import parse_config
+    from stages.core.config import load_config, parse_config
     from stages.core.errors import GptpipeError
     from stages.runner import run_stage
     from stages.storage.stores import LocalStore, ref_from_path
@@ -88,11 +94,16 @@ def main() -> int:
                "batch_size": 8, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2, "log_interval": 1,
                "device": "cpu", "threads": 1}
     section.update(json.loads(args.pretrain))
-    cfg = parse_config({"name": "scale-test", "pretrain": section})
+    stage, cfg = "pretrain", parse_config({"name": "scale-test", "pretrain": section})
     inputs = {"tokenizer": ref_from_path(args.tokenizer), "data": ref_from_path(args.data)}
+    if args.finetune is not None:
+        fields = [f"finetune.{key}={json.dumps(value)}" for key, value in json.loads(args.finetune).items()]
+        recipe = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
+        stage, cfg = "finetune", load_config(recipe, ["tokenizer.threads=1", "pretrain.threads=1", *fields])
+        inputs["pretrain"] = ref_from_path(args.model)
     tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at)
     try:
-        result = run_stage("pretrain", cfg, inputs, LocalStore(args.store), tracker)
+        result = run_stage(stage, cfg, inputs, LocalStore(args.store), tracker)
     except GptpipeError as exc:
         print(f"gptpipe: error: {exc}", file=sys.stderr)
         return 2

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from stages.training import checkpoint
-from stages.lm.chat import IGNORE, ChatTemplate, read_chat_jsonl
+from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
 from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack, replay_rows
 from stages.lm.model import GPT
+from stages.lm.targets import IGNORE
 from stages.runner import run_stage
 from stages.lm.tasks import is_heldout
 from stages.core.tracking import MemoryTracker

@@ -26,14 +26,14 @@ def _one_thread():
 
 
 def test_auto_on_the_cpu_is_fp32_eager_and_every_switch_is_selectable():
-    plan = perf.plan(micro_config(), CPU)
-    assert (plan.compile, plan.amp_dtype, plan.fused_optimizer, plan.tf32, plan.grad_scaler) == (False, None, False, False, False)
-    chosen = perf.plan(micro_config(compile="on", precision="bf16", fused_optimizer="on", activation_checkpointing=True), CPU)
+    settings = perf.runtime_settings(micro_config(), CPU)
+    assert (settings.compile, settings.amp_dtype, settings.fused_optimizer, settings.tf32, settings.grad_scaler) == (False, None, False, False, False)
+    chosen = perf.runtime_settings(micro_config(compile="on", precision="bf16", fused_optimizer="on", activation_checkpointing=True), CPU)
     assert chosen.compile and chosen.amp_dtype == "bfloat16" and chosen.fused_optimizer and chosen.activation_checkpointing
     assert not chosen.grad_scaler  # bf16 needs no loss scaling
-    assert perf.plan(micro_config(), CPU).describe()["perf.compile"] == "False"
+    assert perf.runtime_settings(micro_config(), CPU).describe()["perf.compile"] == "False"
     with pytest.raises(ConfigError, match="precision = 'fp16'.*CUDA"):
-        perf.plan(micro_config(precision="fp16"), CPU)
+        perf.runtime_settings(micro_config(precision="fp16"), CPU)
     with pytest.raises(ConfigError, match=r"pretrain.compile = 'yes'"):
         parse_config({"pretrain": {"compile": "yes"}})
 

@@ -1,4 +1,5 @@
-"""A NaN loss stops training with a clear error and keeps the last good checkpoint.
+"""A NaN loss stops training with a clear error and keeps the last good checkpoint; a resumed run
+says where it resumed from.
 
 The SIGKILL / SIGTERM resume tests moved to tests/reliability/test_preemption.py, which kills
 real child processes at seeded random points (between steps and inside a checkpoint write).
@@ -35,3 +36,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     good = micro_model()
     ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), good)
     assert all(bool(torch.isfinite(p.detach()).all()) for p in good.parameters())
+
+
+def test_a_resumed_pretraining_says_so_in_one_line(tmp_path, caplog):
+    from stages.runner import run_stage
+    from stages.storage.stores import LocalStore
+    from tests.test_pretrain import _inputs, _recipe
+
+    class CrashAfter(MemoryTracker):
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+            if "train_loss" in metrics and step == 6:
+                raise RuntimeError("the machine went away")
+
+    store = LocalStore(tmp_path / "store")
+    stream = repetitive_stream(length=3000)
+    inputs, recipe = _inputs(store, stream[:2500], stream[2500:]), _recipe(max_steps=8, checkpoint_interval=4, log_interval=2)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_stage("pretrain", recipe, inputs, store, CrashAfter())
+    work = next((tmp_path / "store" / "pretrain").glob(".work-*/checkpoints"))
+    assert [s for s, _ in ckpt.list_checkpoints(work)] == [4]
+
+    with caplog.at_level("INFO", logger="gptpipe.train"):
+        result = run_stage("pretrain", recipe, inputs, store, MemoryTracker())
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert resumed == [f"pretrain: resuming from step 4, checkpoint {work / ckpt.step_dirname(4)}"]
+    assert result.manifest.metrics["steps"] == 8

@@ -103,8 +103,11 @@ class LineProgress:
         self.close()
 
 
+Progress = tqdm | LineProgress  # what progress_bar returns
+
+
 def progress_bar(total: int | None = None, desc: str = "", *, file: TextIO | None = None, every: int | None = None,
-                 **kwargs: Any) -> tqdm | LineProgress:
+                 **kwargs: Any) -> Progress:
     """A tqdm bar on a terminal, else a ``LineProgress`` writing a line every ``every`` items.
 
     ``kwargs`` are tqdm's (``initial``, ``unit``, ``disable``, ``leave``, ``mininterval``, ...);

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stages.core.errors import DataError
+from stages.lm.targets import IGNORE
 
 log = logging.getLogger("gptpipe.chat")
 
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
-IGNORE = -100  # target value cross-entropy skips (torch's default ignore_index)
 
 Message = dict[str, str]
 

@@ -230,7 +230,7 @@ def load_checkpoint(
     trainer = directory / TRAINER
     if not trainer.is_file():
         raise ArtifactError(f"{trainer}: missing; {directory} is not a resumable checkpoint (delete it to start over)")
-    sharded = _is_fsdp(model)
+    sharded = is_fsdp(model)
     device = next(model.parameters()).device
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -264,7 +264,9 @@ def load_checkpoint(
 # --- FSDP2: gather full state on rank 0, scatter it back on load -------------------------------
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` is FSDP2-sharded (its parameters are DTensors). Here rather than in
+    ``distributed`` so that reading a checkpoint (evaluate, export) needs no training modules."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed support
@@ -320,7 +322,7 @@ def gather_full_state(
     Collective under FSDP2: every rank must call it; rank 0 gets the result, the others None.
     Without FSDP it is free: the module itself and ``optimizer.state_dict()``.
     """
-    if not _is_fsdp(model):
+    if not is_fsdp(model):
         return model, optimizer.state_dict()
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (

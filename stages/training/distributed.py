@@ -5,7 +5,7 @@ torchrun (never a home-made launcher) starts one process per device and sets ``R
 on CPUs) and pins each process to its GPU. Without those variables everything here is a no-op,
 so the same training code runs unchanged in a plain process, a test, or on 8 GPUs.
 
-``parallelize(model, plan, info, parallel)`` applies the run-time transformations in
+``parallelize(model, settings, info, parallel)`` applies the run-time transformations in
 torchtitan's order — activation checkpointing, then compile, then data parallelism — outside
 the model file: ``stages/lm/model.py`` never knows how it is being run.
 
@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from stages.core.errors import ConfigError
-from stages.training.perf import PerfPlan, compile_blocks, enable_activation_checkpointing
+from stages.training.checkpoint import is_fsdp
+from stages.training.perf import RuntimeSettings, compile_blocks, enable_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,6 @@ class SilentTracker:
 # --- model wrapping -----------------------------------------------------------------------------
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module whose parameter names the checkpoint uses (DDP adds a ``module.`` level)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -158,16 +153,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def parallelize(model: nn.Module, plan: PerfPlan, info: DistInfo, parallel: str = "ddp") -> nn.Module:
+def parallelize(model: nn.Module, settings: RuntimeSettings, info: DistInfo, parallel: str = "ddp") -> nn.Module:
     """Activation checkpointing → compile → DDP or FSDP2; returns the module to train.
 
     ``model`` must already be on this rank's device. With FSDP2 the module itself becomes the
     sharded one (its parameters turn into DTensors); with DDP a wrapper is returned and the
     module keeps its plain parameters.
     """
-    if plan.activation_checkpointing:
+    if settings.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if plan.compile:
+    if settings.compile:
         compile_blocks(model)
     if not info.enabled:
         return model
@@ -180,7 +175,7 @@ def parallelize(model: nn.Module, plan: PerfPlan, info: DistInfo, parallel: str 
         # The block returns its KV cache (views) beside the output; training never uses them,
         # so FSDP2's warning about in-place ops on returned views does not apply.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        mesh = init_device_mesh(torch.device(plan.device).type, (info.world_size,))
+        mesh = init_device_mesh(torch.device(settings.device).type, (info.world_size,))
         for module in list(model.modules()):
             if isinstance(module, Block):
                 fully_shard(module, mesh=mesh)
@@ -190,7 +185,7 @@ def parallelize(model: nn.Module, plan: PerfPlan, info: DistInfo, parallel: str 
         raise ConfigError(f"parallel = {parallel!r}: use 'ddp' or 'fsdp'")
     from torch.nn.parallel import DistributedDataParallel
 
-    device = torch.device(plan.device)
+    device = torch.device(settings.device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -1,6 +1,6 @@
 """Performance switches and the model-FLOPs-utilisation (MFU) report.
 
-``plan(cfg, device)`` turns the recipe's ``compile`` / ``precision`` / ``fused_optimizer`` /
+``runtime_settings(cfg, device)`` turns the recipe's ``compile`` / ``precision`` / ``fused_optimizer`` /
 ``tf32`` / ``activation_checkpointing`` / ``deterministic`` fields into concrete choices for one
 device: 'auto' means what pays off there — on CUDA compile, bf16 autocast (fp16 with a grad
 scaler on GPUs without bf16), fused AdamW and TF32; on the CPU plain fp32 eager, because bf16
@@ -58,7 +58,7 @@ _PROBE_CACHE: dict[tuple[str, int, str], float] = {}
 
 
 @dataclass(frozen=True)
-class PerfPlan:
+class RuntimeSettings:
     """Concrete performance choices for one device (what 'auto' resolved to)."""
 
     device: str
@@ -73,12 +73,29 @@ class PerfPlan:
     def describe(self) -> dict[str, str]:
         return {f"perf.{k}": str(v) for k, v in asdict(self).items()}
 
+    @property
+    def precision(self) -> str:
+        """The recipe's name for the autocast dtype: 'fp32', 'bf16' or 'fp16'."""
+        return {None: "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.amp_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The training forward pass's precision context, as the recipe chose it (no-op for fp32)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=getattr(torch, self.amp_dtype))
+
 
 def _on_off(value: str, auto: bool) -> bool:
     return auto if value == "auto" else value == "on"
 
 
-def plan(cfg: TrainConfig, device: torch.device) -> PerfPlan:
+def set_threads(threads: int) -> None:
+    """torch's CPU thread count for this process, as a recipe's ``threads`` field asks (0 = torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def runtime_settings(cfg: TrainConfig, device: torch.device) -> RuntimeSettings:
     """Resolve the recipe's switches for ``device``; an impossible choice is a ConfigError."""
     cuda = device.type == "cuda"
     precision = cfg.precision
@@ -89,7 +106,7 @@ def plan(cfg: TrainConfig, device: torch.device) -> PerfPlan:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"precision = 'bf16': {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
     amp = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[precision]
-    return PerfPlan(
+    return RuntimeSettings(
         device=str(device),
         compile=_on_off(cfg.compile, auto=cuda),
         amp_dtype=amp,
@@ -101,35 +118,28 @@ def plan(cfg: TrainConfig, device: torch.device) -> PerfPlan:
     )
 
 
-def autocast(plan: PerfPlan) -> contextlib.AbstractContextManager:
-    """The forward pass's precision context (no-op for fp32)."""
-    if plan.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(plan.device).type, dtype=getattr(torch, plan.amp_dtype))
-
-
 @contextlib.contextmanager
-def backend_flags(plan: PerfPlan):
+def backend_flags(settings: RuntimeSettings):
     """TF32, the flash SDPA path and deterministic mode for the duration of a training run.
 
     Deterministic mode is process-global in torch, so the previous setting is restored on exit
     (a test or a second stage in the same process must not inherit it).
     """
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if plan.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = plan.tf32
-        torch.backends.cudnn.allow_tf32 = plan.tf32
+    if settings.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
         torch.backends.cuda.enable_flash_sdp(True)  # the default today; explicit so nobody turns it off
         torch.backends.cuda.enable_mem_efficient_sdp(True)
-        if plan.deterministic:
+        if settings.deterministic:
             # cuBLAS reads this when it creates its handle; harmless if already set.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if plan.deterministic:
+    if settings.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        if plan.deterministic and not was_deterministic:
+        if settings.deterministic and not was_deterministic:
             torch.use_deterministic_algorithms(False)
 
 
@@ -193,9 +203,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA GPUs that have it; plain fp32 on the CPU, where bf16 autocast is
-    ~20x slower. Inside training the recipe's own precision is already active and is kept."""
+def scoring_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision for scoring a model outside the recipe's training settings (``evaluate_loss``):
+    bf16 autocast on CUDA GPUs that have it; plain fp32 on the CPU, where bf16 autocast is ~20x
+    slower. Inside training ``RuntimeSettings.autocast()`` is already active and is kept."""
     if device.type == "cuda" and not torch.is_autocast_enabled("cuda") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

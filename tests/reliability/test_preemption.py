@@ -1,6 +1,7 @@
 """Preemption at random points: SIGKILL (between steps, or halfway through a checkpoint write),
 then SIGTERM on the resumed run, then a rerun to the end — the final weights and curve equal an
 uninterrupted run's, bit for bit. Three seeds choose the points; each process is a real child.
+Fine-tuning (full and LoRA) goes through the same kills and must end the same way.
 
 These tests replace the single-point SIGKILL/SIGTERM tests formerly in tests/test_resume.py.
 """
@@ -43,17 +44,17 @@ def _curve(uri: str) -> list[dict]:
     return [{k: v for k, v in p.items() if k not in TIMED} for p in json.loads((Path(uri) / "curve.json").read_text())]
 
 
-def _checkpoints(store: Path) -> tuple[list[int], list[str]]:
+def _checkpoints(store: Path, stage: str = "pretrain") -> tuple[list[int], list[str]]:
     """(complete checkpoint steps, names of half-written leftovers) in the stage's work directory."""
-    work = list((store / "pretrain").glob(".work-*/checkpoints"))
+    work = list((store / stage).glob(".work-*/checkpoints"))
     if not work:
         return [], []
     leftovers = sorted(p.name for p in work[0].iterdir() if p.name.startswith(".tmp-"))
     return [step for step, _ in ckpt.list_checkpoints(work[0])], leftovers
 
 
-def _published(store: Path) -> list[str]:
-    return [p.name for p in (store / "pretrain").glob("[!.]*")] if (store / "pretrain").is_dir() else []
+def _published(store: Path, stage: str = "pretrain") -> list[str]:
+    return [p.name for p in (store / stage).glob("[!.]*")] if (store / stage).is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,52 @@ def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed,
             by_pid.setdefault(point["pid"], []).append(point["step"])
     runs = list(by_pid.values())
     assert runs[1] == list(range(resume_from + 1, term_at + 1)) and runs[2] == list(range(term_at + 1, STEPS + 1)), where
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+
+# The micro recipe's fine-tuning, shortened, with a checkpoint every 4 of 12 steps; LoRA dropout
+# makes the RNG state part of what its checkpoints must carry.
+FINETUNE = {"max_steps": 12, "checkpoint_interval": 4, "keep_checkpoints": 2, "log_interval": 1, "eval_interval": 6,
+            "eval_batches": 1, "train_items": 60, "heldout_items": 8, "device": "cpu", "threads": 1,
+            "deterministic": True}
+METHODS = {"full": {}, "lora": {"method": "lora", "lora_r": 4, "lora_dropout": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def sft_inputs():
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe (built once per session)."""
+    from tests._sft_fixtures import micro_upstream
+
+    return micro_upstream()[1]
+
+
+def _finetune(store: Path, inputs, metrics: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_worker(store, inputs, metrics, {}, *extra, finetune={**FINETUNE, **METHODS[method]})
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_finetune_killed_between_checkpoints_resumes_to_identical_weights(method, sft_inputs, tmp_path):
+    reference = result_of(_finetune(tmp_path / "reference", sft_inputs, tmp_path / "reference.jsonl", method))
+    store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
+
+    killed = _finetune(store, sft_inputs, metrics, method, "--sigkill-at", "6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert _published(store, "finetune") == [] and _checkpoints(store, "finetune")[0][-1] == 4
+
+    stopped = _finetune(store, sft_inputs, metrics, method, "--sigterm-at", "9")
+    assert stopped.returncode == 2, stopped.stderr[-2000:]
+    work = next((store / "finetune").glob(".work-*/checkpoints"))
+    assert f"finetune: resuming from step 4, checkpoint {work / ckpt.step_dirname(4)}\n" in stopped.stderr
+    assert "stopped by SIGTERM after step 9 of 12" in stopped.stderr
+    assert _checkpoints(store, "finetune")[0][-1] == 9 and _published(store, "finetune") == []
+
+    final = _finetune(store, sft_inputs, metrics, method)
+    assert f"finetune: resuming from step 9, checkpoint {work / ckpt.step_dirname(9)}\n" in final.stderr
+    final = result_of(final)
+    expected, got = _weights(reference["uri"]), _weights(final["uri"])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), method
+    assert _curve(final["uri"]) == _curve(reference["uri"]), "every step once, as uninterrupted"
+    assert final["metrics"]["tokens"] == reference["metrics"]["tokens"]
+    assert not list(Path(final["uri"]).glob("checkpoints")), "the published artifact holds no resumable checkpoints"

@@ -1,0 +1,94 @@
+"""The training run's checkpoints: the one component the loop calls to save, resume and prune.
+
+``checkpoint.py`` is the format (what a checkpoint directory holds, read by every stage);
+this is its use during one run, torchtitan's ``CheckpointManager`` in small:
+
+* ``save(step, state)`` writes ``<root>/step_00000050`` — weights and optimizer (gathered from
+  the shards under FSDP2), every RNG and the caller's trainer state — on rank 0, then prunes to
+  ``keep`` checkpoints; every rank waits until the write is complete;
+* ``resume_latest()`` loads the newest complete checkpoint into the model and optimizer,
+  restores the RNGs and returns what the trainer saved, or None to start from scratch;
+* ``latest()`` names that checkpoint (error messages point at it).
+
+Step numbers live in the directory names; only ``checkpoint.list_checkpoints`` reads them, so no
+caller parses a name. Without a root (``None``) every call is a no-op and nothing is resumable.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.core.errors import TrainingError
+from stages.training import checkpoint as ckpt
+from stages.training import distributed
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint a run continues from: its step, where it is, and the trainer state it saved."""
+
+    step: int
+    path: Path
+    state: dict[str, Any]
+
+
+class Checkpointer:
+    """Resumable checkpoints of ``model`` + ``optimizer`` under ``root`` (None: checkpointing off)."""
+
+    def __init__(self, root: Path | None, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 info: distributed.DistInfo = distributed.DistInfo(), device: torch.device | None = None):
+        self.root = Path(root) if root is not None else None
+        self.keep, self.model, self.optimizer, self.info = keep, model, optimizer, info
+        self.device = device or torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def latest(self) -> tuple[int, Path] | None:
+        """(step, directory) of the newest complete checkpoint, or None."""
+        found = ckpt.list_checkpoints(self.root) if self.root is not None else []
+        return found[-1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path | None:
+        """Write the checkpoint of ``step`` with the trainer's ``state`` (JSON); collective under torchrun."""
+        if self.root is None:
+            return None
+        directory = self.root / ckpt.step_dirname(step)
+        if ckpt.is_fsdp(self.model):
+            weights, optimizer_state = ckpt.gather_full_state(self.model, self.optimizer)  # every rank takes part
+        else:
+            weights, optimizer_state = distributed.unwrap(self.model), None
+        if self.info.is_main:
+            saved = {**state, "rng": ckpt.rng_state(), "world_size": self.info.world_size}
+            ckpt.save_checkpoint(directory, weights, self.optimizer, saved, optimizer_state=optimizer_state)
+            self.prune()
+        distributed.barrier()  # no rank may exit (or be killed by torchrun) while rank 0 writes
+        return directory
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest ``keep`` checkpoints, and leftovers of interrupted writes."""
+        return ckpt.prune_checkpoints(self.root, self.keep) if self.root is not None else []
+
+    def resume_latest(self) -> Resumed | None:
+        """Load the newest checkpoint into the model and optimizer and restore the RNGs; None when there is none."""
+        found = self.latest()
+        if self.info.enabled and not distributed.same_on_all_ranks(-1 if found is None else found[0], self.device):
+            raise TrainingError(f"{self.root}: the ranks see different checkpoints; on several nodes the artifact "
+                                "store must be shared (s3:// or a shared filesystem) so every rank resumes from the same one")
+        if found is None:
+            return None
+        step, path = found
+        state = ckpt.load_checkpoint(path, distributed.unwrap(self.model), self.optimizer)
+        written_by = state.get("world_size", 1)
+        if written_by != self.info.world_size and self.info.is_main:
+            sys.stderr.write(f"warning: {path} was written by {written_by} process(es), this run has "
+                             f"{self.info.world_size}: the global batch changes, so the continuation is not exact\n")
+        ckpt.set_rng_state(state["rng"])
+        return Resumed(step, path, state)
