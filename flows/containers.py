@@ -24,10 +24,10 @@ import os
 from typing import Any
 
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, StageResources
 from stages.core.errors import ConfigError, GptpipeError, TrainingError
-from stages.runner import plan_key
+from stages.runner import find_finished
+from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
 
 log = logging.getLogger("gptpipe.flow")
@@ -129,7 +129,7 @@ async def _handoff(flow_run_id: Any) -> dict[str, Any] | None:
 def _reused_here(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, str]]) -> bool:
     refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
     try:
-        return open_store(cfg.artifacts.store).find(name, plan_key(name, cfg, refs)) is not None
+        return find_finished(name, cfg, refs, open_store(cfg.artifacts.store)) is not None
     except GptpipeError:
         return False  # e.g. a corpus only the container can read: let the container decide
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, TrainConfig
 from stages.core.errors import ArtifactError, ConfigError, GptpipeError
 from stages.registry import STAGES, stage
-from stages.runner import StageResult, plan_key, stage_inputs
+from stages.runner import StageResult, find_finished, stage_inputs, stage_key
+from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
 from stages.training.loop import Preempted
 
@@ -108,11 +108,9 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
                        force: bool = False, env: dict[str, str] | None = None) -> StageResult:
     """Run stage ``name`` under torchrun (or reuse its finished output) and return its result."""
     store = open_store(cfg.artifacts.store)
-    key = plan_key(name, cfg, inputs)
-    existing = None if force else store.find(name, key)
-    if existing is not None:
-        log.info("stage %s: reusing finished output (key %s); torchrun not needed", name, key)
-        return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
+    finished = None if force else find_finished(name, cfg, inputs, store)
+    if finished is not None:  # torchrun not needed
+        return finished
 
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
@@ -138,7 +136,8 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
         reference = json.loads(printed[-1])
     except (IndexError, json.JSONDecodeError):
         raise ArtifactError(f"stage {name} under torchrun printed no artifact reference on stdout") from None
-    manifest = store.find(name, key)
+    key = stage_key(name, cfg, inputs)
+    manifest = store.find(name, key)  # what rank 0 published (not a reuse check: it ran just now)
     if manifest is None:
         raise ArtifactError(f"stage {name} under torchrun reported {reference.get('uri')} but the store holds no "
                             f"output for key {key}; was artifacts.store reachable from every node?")
