@@ -123,7 +123,7 @@ class S3Store:
     """
 
     def __init__(self, uri: str, cache_dir: str | Path | None = None, client=None):
-        from stages import s3
+        from stages.storage import s3
 
         self.bucket, self.prefix = s3.split_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
@@ -132,7 +132,7 @@ class S3Store:
 
     @property
     def client(self):
-        from stages import s3
+        from stages.storage import s3
 
         if self._client is None:
             self._client = s3.client()
@@ -173,7 +173,7 @@ class S3Store:
 
     def upload_file(self, path: Path, name: str) -> None:
         """One object (multipart above ``s3.MULTIPART_THRESHOLD``); a seam for tests that cut the line."""
-        from stages import s3
+        from stages.storage import s3
 
         self.client.upload_file(str(path), self.bucket, name, Config=s3.transfer_config())
 
@@ -246,7 +246,7 @@ class S3Store:
         return final
 
     def download_file(self, name: str, target: Path) -> None:
-        from stages import s3
+        from stages.storage import s3
 
         self.client.download_file(self.bucket, name, str(target), Config=s3.transfer_config())
 
