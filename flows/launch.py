@@ -71,16 +71,19 @@ def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = 
 
 
 def command_line(name: str, cfg: PipelineConfig, config_file: Path, inputs: dict[str, ArtifactRef],
-                 tracking_uri: str | None = None, parent_run_id: str | None = None, force: bool = False,
+                 tracking_uri: str | None = None, run_id: str | None = None, force: bool = False,
                  env: dict[str, str] | None = None) -> list[str]:
-    """The full argv: torchrun + ``-m stages NAME`` with the resolved recipe and input references."""
+    """The full argv: torchrun + ``-m stages NAME`` with the resolved recipe and input references.
+
+    ``run_id`` is the stage's own MLflow run (opened by the caller): rank 0 logs into it.
+    """
     section = getattr(cfg, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(section, name, env),
            "-m", "stages", name, "--config", str(config_file)]
     for need in stage_inputs(name, cfg):
         cmd += ["--input", f"{need}={inputs[need].uri}"]
-    if tracking_uri and parent_run_id:
-        cmd += ["--tracking-uri", tracking_uri, "--parent-run-id", parent_run_id]
+    if tracking_uri and run_id:
+        cmd += ["--tracking-uri", tracking_uri, "--run-id", run_id]
     if force:
         cmd.append("--force")
     return cmd
@@ -104,9 +107,13 @@ def _failure(name: str, returncode: int, tail: collections.deque) -> GptpipeErro
 
 
 def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
-                       tracking_uri: str | None = None, parent_run_id: str | None = None,
+                       tracking_uri: str | None = None, run_id: str | None = None,
                        force: bool = False, env: dict[str, str] | None = None) -> StageResult:
-    """Run stage ``name`` under torchrun (or reuse its finished output) and return its result."""
+    """Run stage ``name`` under torchrun (or reuse its finished output) and return its result.
+
+    With ``tracking_uri`` and ``run_id`` (the stage's MLflow run, which the caller opened and
+    closes), rank 0 logs its curves into that run.
+    """
     store = open_store(cfg.artifacts.store)
     finished = None if force else find_finished(name, cfg, inputs, store)
     if finished is not None:  # torchrun not needed
@@ -117,7 +124,7 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
     with tempfile.TemporaryDirectory(prefix="gptpipe-launch-") as tmp:
         config_file = Path(tmp) / f"{cfg.name}-resolved.yaml"
         config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-        cmd = command_line(name, cfg, config_file, inputs, tracking_uri, parent_run_id, force, child_env)
+        cmd = command_line(name, cfg, config_file, inputs, tracking_uri, run_id, force, child_env)
         log.info("stage %s: launching %s", name, shlex.join(cmd))
         started = time.perf_counter()
         tail: collections.deque = collections.deque(maxlen=200)
