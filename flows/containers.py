@@ -39,16 +39,13 @@ STAGE_ENTRYPOINT = "flows.stage_flow:stage_flow"
 
 def check_containers_mode(cfg: PipelineConfig) -> None:
     """Fail before any stage runs when containers could not work: no shared Prefect server that
-    workers poll, or an artifact store the containers cannot see."""
+    workers poll. (A store the containers cannot see depends only on the recipe: its validation
+    refuses that, in ``stages/core/config.py``.)"""
     from prefect.settings import PREFECT_API_URL
 
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
         raise ConfigError("execution.mode=containers needs a Prefect server that workers poll: set PREFECT_API_URL "
                           "(e.g. `gptpipe services up`, then `source runs/services/env.sh`)")
-    store = cfg.artifacts.store
-    if not store.startswith("s3://") and not store.startswith("/"):
-        raise ConfigError(f"artifacts.store={store!r}: with execution.mode=containers the store must be shared by "
-                          "the containers — an s3:// URI (or an absolute path every container mounts)")
 
 
 def deployment_name(stage: str) -> str:

@@ -33,7 +33,7 @@ import yaml
 
 from stages.core.config import PipelineConfig, TrainConfig
 from stages.core.errors import ArtifactError, ConfigError, GptpipeError
-from stages.registry import STAGES, stage
+from stages.registry import stage
 from stages.runner import StageResult, find_finished, stage_inputs, stage_key
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
@@ -45,13 +45,11 @@ ERROR_PREFIX = "gptpipe: error: "
 
 
 def needs_torchrun(name: str, cfg: PipelineConfig) -> bool:
-    """True when stage ``name`` is a training stage whose recipe asks for several processes."""
+    """True when stage ``name`` asks for several processes. The recipe's validation already
+    refused that for any stage the registry does not mark ``torchrun``, before any stage ran."""
     section = getattr(cfg, name, None)
-    wanted = isinstance(section, TrainConfig) and (section.nproc_per_node > 1 or section.nnodes > 1)
-    if wanted and not stage(name).torchrun:
-        raise ConfigError(f"{name}.nproc_per_node / nnodes > 1: stage {name} cannot run under torchrun yet "
-                          f"(only {', '.join(s.name for s in STAGES if s.torchrun)}); set them to 1")
-    return wanted
+    return (stage(name).torchrun and isinstance(section, TrainConfig)
+            and (section.nproc_per_node > 1 or section.nnodes > 1))
 
 
 def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = None) -> list[str]:

@@ -136,5 +136,5 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
     assert f"data={inputs['data'].uri}" in cmd and "--standalone" not in cmd
     single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
     assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"
-    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):
-        needs_torchrun("finetune", parse_config({"name": "x", "finetune": {"nproc_per_node": 2}}))
+    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):  # refused by the recipe, before any stage
+        parse_config({"name": "x", "finetune": {"nproc_per_node": 2}})
