@@ -25,7 +25,7 @@ from typing import Any
 
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
 from stages.core.config import PipelineConfig, StageResources
-from stages.core.errors import ConfigError, GptpipeError, TrainingError
+from stages.core.errors import ConfigError, ContainerError, GptpipeError
 from stages.runner import find_finished
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
@@ -160,14 +160,14 @@ def run_stage_in_container(
     if state is None or not state.is_completed():
         what = state.name if state is not None else "no state"
         message = (state.message or "").splitlines()[0] if state is not None and state.message else ""
-        raise TrainingError(
+        raise ContainerError(
             f"stage {name}: flow run {flow_run.name!r} ({flow_run.id}) of {deployment} ended {what}"
             + (f": {message}" if message else "") + "; see its logs in the Prefect UI or the worker's output"
         )
     record = run_coro_as_sync(_handoff(flow_run.id))
     if record is None:
-        raise TrainingError(f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
-                            "is the deployment's image built from this version of gptpipe?")
+        raise ContainerError(f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
+                             "is the deployment's image built from this version of gptpipe?")
     record["flow_run_id"] = str(flow_run.id)
     return record
 
