@@ -18,7 +18,7 @@ GOOD = {"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assi
 @pytest.fixture(scope="module")
 def chat_inputs(tmp_path_factory):
     """(tokenizer ref, pretrain ref): a micro tokenizer trained here and an untrained 1-layer GPT."""
-    from stages import checkpoint
+    from stages.training import checkpoint
     from stages.lm.model import GPT, GPTConfig
     from stages.runner import run_stage
     from stages.storage.stores import LocalStore
