@@ -67,7 +67,7 @@ def keys_under(client, prefix: str) -> list[str]:
 
 
 def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, tmp_path):
-    from stages.runner import stage_key, run_stage
+    from stages.runner import run_stage, stage_key
     from stages.storage.s3 import S3Error
     from stages.storage.stores import S3Store
 

@@ -13,7 +13,7 @@ import torch
 from stages.training import checkpoint as ckpt
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
-from stages.runner import stage_key, run_stage
+from stages.runner import run_stage, stage_key
 from stages.storage.stores import LocalStore
 from stages.core.tracking import MemoryTracker
 

@@ -17,7 +17,7 @@ import pytest
 
 from stages import tokenizer as tokenizer_stage
 from stages.storage.artifacts import verify
-from stages.runner import stage_key, run_stage
+from stages.runner import run_stage, stage_key
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
 
