@@ -24,10 +24,10 @@ import os
 from typing import Any
 
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, StageResources
-from stages.core.errors import ConfigError, GptpipeError, TrainingError
-from stages.runner import plan_key
+from stages.core.errors import ConfigError, ContainerError, GptpipeError
+from stages.runner import find_finished
+from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
 
 log = logging.getLogger("gptpipe.flow")
@@ -39,16 +39,13 @@ STAGE_ENTRYPOINT = "flows.stage_flow:stage_flow"
 
 def check_containers_mode(cfg: PipelineConfig) -> None:
     """Fail before any stage runs when containers could not work: no shared Prefect server that
-    workers poll, or an artifact store the containers cannot see."""
+    workers poll. (A store the containers cannot see depends only on the recipe: its validation
+    refuses that, in ``stages/core/config.py``.)"""
     from prefect.settings import PREFECT_API_URL
 
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
         raise ConfigError("execution.mode=containers needs a Prefect server that workers poll: set PREFECT_API_URL "
                           "(e.g. `gptpipe services up`, then `source runs/services/env.sh`)")
-    store = cfg.artifacts.store
-    if not store.startswith("s3://") and not store.startswith("/"):
-        raise ConfigError(f"artifacts.store={store!r}: with execution.mode=containers the store must be shared by "
-                          "the containers — an s3:// URI (or an absolute path every container mounts)")
 
 
 def deployment_name(stage: str) -> str:
@@ -129,7 +126,7 @@ async def _handoff(flow_run_id: Any) -> dict[str, Any] | None:
 def _reused_here(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, str]]) -> bool:
     refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
     try:
-        return open_store(cfg.artifacts.store).find(name, plan_key(name, cfg, refs)) is not None
+        return find_finished(name, cfg, refs, open_store(cfg.artifacts.store)) is not None
     except GptpipeError:
         return False  # e.g. a corpus only the container can read: let the container decide
 
@@ -163,14 +160,14 @@ def run_stage_in_container(
     if state is None or not state.is_completed():
         what = state.name if state is not None else "no state"
         message = (state.message or "").splitlines()[0] if state is not None and state.message else ""
-        raise TrainingError(
+        raise ContainerError(
             f"stage {name}: flow run {flow_run.name!r} ({flow_run.id}) of {deployment} ended {what}"
             + (f": {message}" if message else "") + "; see its logs in the Prefect UI or the worker's output"
         )
     record = run_coro_as_sync(_handoff(flow_run.id))
     if record is None:
-        raise TrainingError(f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
-                            "is the deployment's image built from this version of gptpipe?")
+        raise ContainerError(f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
+                             "is the deployment's image built from this version of gptpipe?")
     record["flow_run_id"] = str(flow_run.id)
     return record
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, TrainConfig
 from stages.core.errors import ArtifactError, ConfigError, GptpipeError
-from stages.registry import STAGES, stage
-from stages.runner import StageResult, plan_key, stage_inputs
+from stages.registry import stage
+from stages.runner import StageResult, find_finished, stage_inputs, stage_key
+from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import open_store
 from stages.training.loop import Preempted
 
@@ -45,13 +45,11 @@ ERROR_PREFIX = "gptpipe: error: "
 
 
 def needs_torchrun(name: str, cfg: PipelineConfig) -> bool:
-    """True when stage ``name`` is a training stage whose recipe asks for several processes."""
+    """True when stage ``name`` asks for several processes. The recipe's validation already
+    refused that for any stage the registry does not mark ``torchrun``, before any stage ran."""
     section = getattr(cfg, name, None)
-    wanted = isinstance(section, TrainConfig) and (section.nproc_per_node > 1 or section.nnodes > 1)
-    if wanted and not stage(name).torchrun:
-        raise ConfigError(f"{name}.nproc_per_node / nnodes > 1: stage {name} cannot run under torchrun yet "
-                          f"(only {', '.join(s.name for s in STAGES if s.torchrun)}); set them to 1")
-    return wanted
+    return (stage(name).torchrun and isinstance(section, TrainConfig)
+            and (section.nproc_per_node > 1 or section.nnodes > 1))
 
 
 def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = None) -> list[str]:
@@ -71,16 +69,19 @@ def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = 
 
 
 def command_line(name: str, cfg: PipelineConfig, config_file: Path, inputs: dict[str, ArtifactRef],
-                 tracking_uri: str | None = None, parent_run_id: str | None = None, force: bool = False,
+                 tracking_uri: str | None = None, run_id: str | None = None, force: bool = False,
                  env: dict[str, str] | None = None) -> list[str]:
-    """The full argv: torchrun + ``-m stages NAME`` with the resolved recipe and input references."""
+    """The full argv: torchrun + ``-m stages NAME`` with the resolved recipe and input references.
+
+    ``run_id`` is the stage's own MLflow run (opened by the caller): rank 0 logs into it.
+    """
     section = getattr(cfg, name)
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(section, name, env),
            "-m", "stages", name, "--config", str(config_file)]
     for need in stage_inputs(name, cfg):
         cmd += ["--input", f"{need}={inputs[need].uri}"]
-    if tracking_uri and parent_run_id:
-        cmd += ["--tracking-uri", tracking_uri, "--parent-run-id", parent_run_id]
+    if tracking_uri and run_id:
+        cmd += ["--tracking-uri", tracking_uri, "--run-id", run_id]
     if force:
         cmd.append("--force")
     return cmd
@@ -104,22 +105,24 @@ def _failure(name: str, returncode: int, tail: collections.deque) -> GptpipeErro
 
 
 def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
-                       tracking_uri: str | None = None, parent_run_id: str | None = None,
+                       tracking_uri: str | None = None, run_id: str | None = None,
                        force: bool = False, env: dict[str, str] | None = None) -> StageResult:
-    """Run stage ``name`` under torchrun (or reuse its finished output) and return its result."""
+    """Run stage ``name`` under torchrun (or reuse its finished output) and return its result.
+
+    With ``tracking_uri`` and ``run_id`` (the stage's MLflow run, which the caller opened and
+    closes), rank 0 logs its curves into that run.
+    """
     store = open_store(cfg.artifacts.store)
-    key = plan_key(name, cfg, inputs)
-    existing = None if force else store.find(name, key)
-    if existing is not None:
-        log.info("stage %s: reusing finished output (key %s); torchrun not needed", name, key)
-        return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
+    finished = None if force else find_finished(name, cfg, inputs, store)
+    if finished is not None:  # torchrun not needed
+        return finished
 
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory(prefix="gptpipe-launch-") as tmp:
         config_file = Path(tmp) / f"{cfg.name}-resolved.yaml"
         config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-        cmd = command_line(name, cfg, config_file, inputs, tracking_uri, parent_run_id, force, child_env)
+        cmd = command_line(name, cfg, config_file, inputs, tracking_uri, run_id, force, child_env)
         log.info("stage %s: launching %s", name, shlex.join(cmd))
         started = time.perf_counter()
         tail: collections.deque = collections.deque(maxlen=200)
@@ -138,7 +141,8 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
         reference = json.loads(printed[-1])
     except (IndexError, json.JSONDecodeError):
         raise ArtifactError(f"stage {name} under torchrun printed no artifact reference on stdout") from None
-    manifest = store.find(name, key)
+    key = stage_key(name, cfg, inputs)
+    manifest = store.find(name, key)  # what rank 0 published (not a reuse check: it ran just now)
     if manifest is None:
         raise ArtifactError(f"stage {name} under torchrun reported {reference.get('uri')} but the store holds no "
                             f"output for key {key}; was artifacts.store reachable from every node?")

@@ -24,14 +24,13 @@ from prefect.cache_policies import NO_CACHE
 from flows.containers import check_containers_mode, run_stage_in_container
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
 from flows.stage_task import retry_transient, stage_task
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, load_config
-from stages.registry import STAGE_ORDER
-from stages.core.errors import ConfigError
-from stages.runner import stage_inputs
 from stages.viewer.architecture_svg import SVG_FILE
-from stages.storage.stores import describe_store, open_store
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
+from stages.registry import STAGE_ORDER
+from stages.runner import stage_inputs
+from stages.storage.artifacts import ArtifactRef
+from stages.storage.stores import describe_store, open_store
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -48,16 +47,9 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or default_tracking_uri(runs_dir(cfg))
 
 
-def check_plan(cfg: PipelineConfig) -> list[str]:
-    """Stages in pipeline order; each stage's inputs must be produced earlier in the same run."""
-    ordered = [name for name in STAGE_ORDER if name in cfg.stages]
-    produced: set[str] = set()
-    for name in ordered:
-        missing = [need for need in stage_inputs(name, cfg) if need not in produced]
-        if missing:
-            raise ConfigError(f"stages: '{name}' needs {', '.join(missing)} earlier in the list; add it to `stages`")
-        produced.add(name)
-    return ordered
+def ordered_stages(cfg: PipelineConfig) -> list[str]:
+    """The recipe's stages in pipeline order (the recipe's validation made sure each one's inputs are among them)."""
+    return [name for name in STAGE_ORDER if name in cfg.stages]
 
 
 def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
@@ -101,7 +93,7 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
     forward_stage_logs()
     cfg = load_config(config_path, overrides or [])
-    order = check_plan(cfg)
+    order = ordered_stages(cfg)
     if cfg.execution.mode == "containers":
         check_containers_mode(cfg)
     uri = tracking_uri(cfg) if track else None

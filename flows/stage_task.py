@@ -1,7 +1,9 @@
 """The Prefect task that runs one stage, and its MLflow child run.
 
-The task body is thin: open the store, open a child run under the pipeline's parent run
-(by explicit id), call ``stages.runner.run_stage``, log what the stage produced. Only
+The task body is thin: open the store, open the stage's child run under the pipeline's parent
+run (``stages.core.tracking.stage_run``, by explicit id), call ``stages.runner.run_stage`` — or,
+for several processes, ``flows.launch.run_stage_torchrun``, whose rank 0 logs into that same
+child run — and log what the stage produced. Only
 transient failures are retried: a ``GptpipeError`` (bad config, bad data, parity failure)
 would fail the same way again, so it fails at once — unless it says it is transient (an S3
 endpoint that could not be reached after botocore's own retries may be back a minute later).
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,25 +21,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from stages.storage.artifacts import ArtifactRef
+from flows.launch import needs_torchrun, run_stage_torchrun
 from stages.core.config import PipelineConfig
 from stages.core.errors import GptpipeError
-from flows.launch import needs_torchrun, run_stage_torchrun
-from stages.runner import run_stage, stage_config
-from stages.storage.stores import LocalStore, Store, open_store
-from stages.core.tracking import MlflowTracker, SystemMetrics, attach_run
+from stages.core.tracking import MlflowTracker, SystemMetrics, stage_run
 from stages.registry import stage
+from stages.runner import run_stage, stage_config
+from stages.storage.artifacts import ArtifactRef
+from stages.storage.stores import LocalStore, Store, open_store
 
 log = logging.getLogger("gptpipe.flow")
-
-def executor_tags() -> dict[str, str]:
-    """Where the stage ran: the gptpipe image (docker/Dockerfile sets these variables) or a plain process."""
-    revision = os.environ.get("GPTPIPE_GIT_REVISION")
-    if revision is None:
-        return {"gptpipe.executor": "process"}
-    return {"gptpipe.executor": "container", "gptpipe.image_version": os.environ.get("GPTPIPE_VERSION", "unknown"),
-            "gptpipe.image_revision": revision}
-
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what may succeed on a second try: a GptpipeError only when it says ``transient``."""
@@ -105,32 +97,25 @@ def stage_task(
     cfg = PipelineConfig.model_validate(config)
     store = open_store(cfg.artifacts.store)
     refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
-    tracker = None
+    tracking: Any = contextlib.nullcontext()  # yields None: no tracking
     if tracking_uri and parent_run_id:
-        tags = {"gptpipe.stage": name, "gptpipe.recipe": cfg.name, **executor_tags()}
-        tracker = attach_run(tracking_uri, parent_run_id).child(name, tags=tags)
-        tracker.log_params(stage_config(name, cfg))
+        tracking = stage_run(tracking_uri, name, parent_run_id=parent_run_id, tags={"gptpipe.recipe": cfg.name},
+                             params=lambda: stage_config(name, cfg))
     started = time.perf_counter()
-    ok = False
     try:
-        with _system_metrics(name, cfg, tracker):
-            if needs_torchrun(name, cfg):  # several processes: torchrun runs `python -m stages NAME`
-                parent = tracker.run_id if tracker else None
-                result = run_stage_torchrun(name, cfg, refs, tracking_uri, parent, force=force)
-            else:
-                result = run_stage(name, cfg, refs, store, tracker, force=force)
-        ok = True
+        with tracking as tracker:
+            with _system_metrics(name, cfg, tracker):
+                if needs_torchrun(name, cfg):  # several processes: rank 0 logs into this stage's run
+                    run_id = tracker.run_id if tracker else None
+                    result = run_stage_torchrun(name, cfg, refs, tracking_uri, run_id, force=force)
+                else:
+                    result = run_stage(name, cfg, refs, store, tracker, force=force)
+            if tracker is not None:
+                tracker.set_tags({"gptpipe.reused": str(result.reused).lower(), "gptpipe.artifact": result.ref.uri})
+                _log_outputs(tracker, name, result, store)
     except GptpipeError as exc:
         log.error("stage %s failed: %s", name, exc)
         raise
-    finally:
-        if tracker is not None and not ok:
-            tracker.set_tags({"gptpipe.error": "stage failed; see the Prefect/terminal log"})
-            tracker.finish(ok=False)
-    if tracker is not None:
-        tracker.set_tags({"gptpipe.reused": str(result.reused).lower(), "gptpipe.artifact": result.ref.uri})
-        _log_outputs(tracker, name, result, store)
-        tracker.finish(ok=True)
     if result.reused:
         log.info("%s: reused finished output (content key %s) at %s", name, result.manifest.key, result.ref.uri)
     return {

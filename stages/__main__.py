@@ -6,16 +6,20 @@
 
 The output lands in ``<out>/<stage>/<content key>/``; its reference is printed as JSON on
 stdout, so a launcher can hand it to the next stage. With ``--tracking-uri`` and
-``--parent-run-id`` the stage logs to an MLflow child run under that parent.
+``--parent-run-id`` the stage opens (and closes) its MLflow child run under that parent; with
+``--run-id`` instead it logs into that existing stage run, which its caller closes (how
+``flows/launch.py`` runs a stage under torchrun: rank 0 writes into the flow's stage run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from typing import Any
 
 from stages.core.config import load_config
 from stages.core.errors import GptpipeError
@@ -35,8 +39,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="artifact store to write into (default: the recipe's artifacts.store)")
     parser.add_argument("--force", action="store_true", help="recompute even if a finished output exists")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for a child run")
-    parser.add_argument("--parent-run-id", default=None, help="MLflow parent run id (with --tracking-uri)")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--parent-run-id", default=None, help="open a child run under this MLflow run (with --tracking-uri)")
+    run.add_argument("--run-id", default=None,
+                     help="log into this existing MLflow stage run, which the caller closes (with --tracking-uri)")
     return parser.parse_args(argv)
+
+
+def tracking(args: argparse.Namespace, cfg: Any) -> Any:
+    """The stage's MLflow run as a context manager (``None`` inside when untracked); rank 0 alone logs."""
+    if not args.tracking_uri or not (args.parent_run_id or args.run_id) or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    from stages.core.tracking import stage_run
+
+    if args.run_id:
+        return stage_run(args.tracking_uri, args.stage, run_id=args.run_id)
+    return stage_run(args.tracking_uri, args.stage, parent_run_id=args.parent_run_id,
+                     tags={"gptpipe.recipe": cfg.name}, params=lambda: stage_config(args.stage, cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,21 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not uri:
                 raise GptpipeError(f"--input {item!r}: expected NAME=URI, e.g. tokenizer=runs/store/tokenizer/<key>")
             inputs[name] = ref_from_path(uri)
-        tracker = None
-        if args.tracking_uri and args.parent_run_id and os.environ.get("RANK", "0") == "0":  # rank 0 logs
-            from stages.core.tracking import attach_run
-
-            tracker = attach_run(args.tracking_uri, args.parent_run_id).child(args.stage, {"gptpipe.stage": args.stage})
-        try:
-            if tracker is not None:  # inside the try: a source that cannot be read must not leave a RUNNING run
-                tracker.log_params(stage_config(args.stage, cfg))
+        with tracking(args, cfg) as tracker:
             result = run_stage(args.stage, cfg, inputs, open_store(cfg.artifacts.store), tracker, force=args.force)
-        except BaseException:
-            if tracker is not None:
-                tracker.finish(ok=False)
-            raise
-        if tracker is not None:
-            tracker.finish(ok=True)
     except GptpipeError as exc:
         print(f"gptpipe: error: {exc}", file=sys.stderr)
         return 2

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from stages.storage.artifacts import ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
 from stages.core.config import PipelineConfig
 from stages.core.errors import ArtifactError
-from stages.storage.stores import Store
 from stages.core.tracking import MemoryTracker, Tracker
 from stages.registry import stage
+from stages.storage.artifacts import ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
+from stages.storage.stores import Store
 
 log = logging.getLogger("gptpipe.runner")
 
@@ -61,12 +61,33 @@ def _key_parts(
 ) -> tuple[dict[str, Any], dict[str, ArtifactRef], str]:
     """What a stage's content key hashes: its config sections, the inputs it reads, its code version."""
     needs = stage_inputs(name, cfg)
+    missing = [need for need in needs if need not in inputs]
+    if missing:
+        raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
     needed = {n: ref for n, ref in inputs.items() if n in needs}
     return stage_config(name, cfg), needed, code_version(stage(name).module)
 
 
-def plan_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
+def stage_key(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef]) -> str:
+    """The content key of stage ``name``'s output for this recipe and these input artifacts."""
     return cache_key(name, *_key_parts(name, cfg, inputs))
+
+
+def find_finished(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef], store: Store) -> StageResult | None:
+    """The finished output the store already holds for this stage's content key, or None.
+
+    The one reuse check: ``run_stage``, the torchrun launcher and containers mode all ask this
+    before doing any work, so "same key, reuse it" means the same thing however a stage runs.
+    """
+    return _finished(name, stage_key(name, cfg, inputs), store)
+
+
+def _finished(name: str, key: str, store: Store) -> StageResult | None:
+    existing = store.find(name, key)
+    if existing is None:
+        return None
+    log.info("stage %s: reusing finished output %s (key %s)", name, store.ref(existing).uri, key)
+    return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
 
 
 def run_stage(
@@ -79,19 +100,14 @@ def run_stage(
 ) -> StageResult:
     """Reuse the finished output for this content key, or build it and publish it atomically."""
     module = stage_module(name)
-    needs = stage_inputs(name, cfg)
-    missing = [need for need in needs if need not in inputs]
-    if missing:
-        raise ArtifactError(f"stage '{name}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
-    tracker = tracker or MemoryTracker()
     config, needed, version = _key_parts(name, cfg, inputs)
     key = cache_key(name, config, needed, version)
+    finished = None if force else _finished(name, key, store)  # the key's parts are needed below too
+    if finished is not None:
+        return finished
 
-    existing = None if force else store.find(name, key)
-    if existing is not None:
-        log.info("stage %s: reusing finished output %s (key %s)", name, store.ref(existing).uri, key)
-        return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
-
+    tracker = tracker or MemoryTracker()
+    needs = stage_inputs(name, cfg)
     local_inputs = {need: store.materialize(inputs[need]) for need in needs}
     scratch = store.scratch(name, key)
     started = time.perf_counter()

@@ -73,7 +73,7 @@ def test_failed_stage_leaves_nothing_reusable(tmp_path: Path, patched):
     with pytest.raises(DataError):
         runner.run_stage("bad", load_config(None), {}, store)
     assert list((tmp_path / "bad").iterdir()) == []  # the scratch directory is gone
-    assert store.find("bad", runner.plan_key("bad", load_config(None), {})) is None
+    assert store.find("bad", runner.stage_key("bad", load_config(None), {})) is None
 
 
 def test_tampered_artifact_is_refused(tmp_path: Path, patched):

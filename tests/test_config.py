@@ -74,3 +74,34 @@ def test_override_without_equals_is_explained():
 def test_missing_recipe_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="recipe not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["finetune.nproc_per_node=2"], "finetune.nproc_per_node = 2"),  # only pretrain may run under torchrun
+        (["finetune.nnodes=2"], "finetune.nnodes = 2"),
+        (["stages=[tokenizer, pretrain]"], "stages: 'pretrain' needs data"),
+        (["stages=[tokenizer, data, pretrain, export]", "export.source=finetune"], "stages: 'export' needs finetune"),
+        (["finetune.replay_fraction=0.95"], "finetune.replay_fraction = 0.95"),
+        (["finetune.tasks=[last, nope]"], "finetune.tasks = ['last', 'nope']"),
+        (["finetune.method=lora", "finetune.lora_targets=[]"], "finetune.lora_targets = []"),
+        (["pretrain.device=tpu"], "pretrain.device = 'tpu'"),
+        (["evaluate.device=cuda:x"], "evaluate.device = 'cuda:x'"),
+        (["execution.mode=containers"], "artifacts.store='runs/store'"),  # a store the containers cannot see
+    ],
+)
+def test_constraints_across_fields_fail_when_the_recipe_loads(overrides: list[str], field: str):
+    """What depends only on the recipe is refused by the config, before any stage could start."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert field in message and "\n" not in message, message
+    assert "Value error" not in message and "{" not in message, message  # no pydantic wording, no section dump
+
+
+def test_what_the_registry_allows_still_loads():
+    cfg = load_config(None, ["pretrain.nproc_per_node=2", "pretrain.nnodes=2", "stages=[tokenizer, data, pretrain, export]",
+                             "export.source=pretrain", "finetune.data=chats.jsonl", "finetune.tasks=[]",
+                             "evaluate.device=cuda:1", "execution.mode=containers", "artifacts.store=s3://bucket/store"])
+    assert cfg.pretrain.nproc_per_node == 2 and cfg.stages[-1] == "export"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe(**execution):
-    return parse_config({"execution": {"mode": "containers", **execution}})
+    return parse_config({"artifacts": {"store": "s3://bucket/store"}, "execution": {"mode": "containers", **execution}})
 
 
 def test_docker_pool_gets_a_gpu_device_request_docker_py_accepts():
@@ -69,8 +69,8 @@ def test_containers_mode_fails_fast_without_a_server_or_a_shared_store(monkeypat
     from flows.containers import check_containers_mode
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    with pytest.raises(ConfigError, match="artifacts.store='runs/store'.*s3://"):
-        check_containers_mode(recipe())
+    with pytest.raises(ConfigError, match="artifacts.store='runs/store'.*s3://"):  # the recipe alone says so
+        parse_config({"execution": {"mode": "containers"}})
     check_containers_mode(parse_config({"artifacts": {"store": "s3://bucket/store"}, "execution": {"mode": "containers"}}))
     monkeypatch.delenv("PREFECT_API_URL")
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -78,3 +78,28 @@ def test_containers_mode_fails_fast_without_a_server_or_a_shared_store(monkeypat
     with temporary_settings({PREFECT_API_URL: None}):
         with pytest.raises(ConfigError, match="PREFECT_API_URL"):
             check_containers_mode(parse_config({"artifacts": {"store": "s3://b/s"}, "execution": {"mode": "containers"}}))
+
+
+@pytest.mark.slow
+def test_a_stage_container_that_never_finishes_is_a_container_error(prefect_harness, tmp_path):
+    """A stage's flow run that does not complete (here: no worker ever picks it up) fails the
+    pipeline with the project's ContainerError in one line, not as a training failure."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from flows.containers import deploy_stages, run_stage_in_container
+    from stages.core.errors import ContainerError
+
+    async def make_pool() -> None:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="no-worker", type="process"))
+
+    run_coro_as_sync(make_pool())
+    deploy_stages("no-worker", None, {}, ["tokenizer"])
+    cfg = parse_config({"artifacts": {"store": str(tmp_path / "store")},
+                        "execution": {"mode": "containers", "timeout_s": 1}})
+    with pytest.raises(ContainerError) as err:
+        run_stage_in_container("tokenizer", cfg.model_dump(mode="json"), {}, None, None)
+    message = str(err.value)
+    assert "stage tokenizer" in message and "gptpipe-stage/tokenizer" in message and "\n" not in message, message

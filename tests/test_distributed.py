@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from flows.launch import command_line, needs_torchrun, run_stage_torchrun, torchrun_args
-from stages.training import checkpoint as ckpt
-from stages.training.batches import RandomWindows, for_rank
 from stages.core.config import parse_config
 from stages.core.errors import ConfigError
+from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
-from stages.core.tracking import MemoryTracker
 from tests._numeric import approx
+from stages.training import checkpoint as ckpt
+from stages.training.batches import RandomWindows, for_rank
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
 
 STEPS = 12
@@ -89,21 +89,41 @@ def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, refe
     assert len(published) == 1  # one artifact, written by rank 0
 
 
-def test_fsdp2_through_the_flow_launcher_matches_one_process(inputs, reference_curve, tmp_path, monkeypatch):
+def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_stage_run(
+        inputs, reference_curve, tmp_path, monkeypatch):
+    """The flow's stage task launches torchrun; rank 0's curve lands in the stage's own child run."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.stage_task import stage_task
+    from stages.core.tracking import start_run
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = parse_config({"name": "dist-test", "artifacts": {"store": str(tmp_path / "store")},
                         "pretrain": {**BASE, "batch_size": 4, "nproc_per_node": 2, "parallel": "fsdp",
                                      "checkpoint_interval": 6}})
     assert needs_torchrun("pretrain", cfg) and not needs_torchrun("data", cfg)
-    result = run_stage_torchrun("pretrain", cfg, inputs)
-    assert not result.reused and result.manifest.metrics["world_size"] == 2
-    curve = json.loads((Path(result.ref.uri) / "curve.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_run(uri, "dist-test", "dist-test", artifact_root=tmp_path / "mlartifacts")
+    done = stage_task.fn("pretrain", cfg.model_dump(mode="json"), {k: v.to_dict() for k, v in inputs.items()},
+                         uri, parent.run_id)
+    assert not done["reused"] and done["metrics"]["world_size"] == 2
+    out = Path(done["ref"]["uri"])
+    curve = json.loads((out / "curve.json").read_text())
     _assert_same_curve(curve, reference_curve)
-    model = ckpt.load_model(Path(result.ref.uri) / "model")  # gathered from the shards: a plain model
-    assert model.num_params(non_embedding=False) == result.manifest.metrics["params"]
-    assert np.isfinite(result.manifest.metrics["final_val_loss"])
+    model = ckpt.load_model(out / "model")  # gathered from the shards: a plain model
+    assert model.num_params(non_embedding=False) == done["metrics"]["params"]
+    assert np.isfinite(done["metrics"]["final_val_loss"])
     again = run_stage_torchrun("pretrain", cfg, inputs)  # the same content key: reused, nothing launched
-    assert again.reused and again.ref == result.ref
+    assert again.reused and again.ref.to_dict() == done["ref"]
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(done["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["gptpipe.stage"] == "pretrain"
+    assert run.info.status == "FINISHED"
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(logged) == list(range(1, STEPS + 1)), "rank 0 must log its curve into the stage's run"
+    nested = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert nested == [], "no run nested under the stage's run"
 
 
 def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tmp_path):
@@ -117,5 +137,5 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
     assert f"data={inputs['data'].uri}" in cmd and "--standalone" not in cmd
     single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
     assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"
-    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):
-        needs_torchrun("finetune", parse_config({"name": "x", "finetune": {"nproc_per_node": 2}}))
+    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):  # refused by the recipe, before any stage
+        parse_config({"name": "x", "finetune": {"nproc_per_node": 2}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.core.errors import ConfigError
-from stages.registry import STAGE_ORDER, StageName
+from stages.registry import BY_NAME, STAGE_ORDER, STAGES, StageName
+
+DEVICE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")  # what stages.training.perf.resolve_device accepts
+
+
+def _device_name(value: str) -> str:
+    if not DEVICE.fullmatch(value):
+        raise ValueError("not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return value
 
 
 class Section(BaseModel):
@@ -191,6 +200,8 @@ class TrainConfig(Section):
         "ddp", description="With several processes: 'ddp' (replicated weights) or 'fsdp' (FSDP2 fully_shard)."
     )
 
+    _device = field_validator("device")(_device_name)
+
 
 class PretrainConfig(TrainConfig):
     """GPT pretraining from scratch on the token shards."""
@@ -237,6 +248,11 @@ class FinetuneConfig(TrainConfig):
         description="Names of nn.Linear modules that receive LoRA adapters.",
     )
 
+    @property
+    def replay_rows(self) -> int:
+        """Rows of pretraining text per micro-batch: the fraction of batch_size, at least one when on."""
+        return max(1, round(self.replay_fraction * self.batch_size)) if self.replay_fraction > 0 else 0
+
 
 class EvaluateConfig(Section):
     """Held-out evaluation of the base and fine-tuned models."""
@@ -254,6 +270,8 @@ class EvaluateConfig(Section):
         "gptpipe_bpb are local tasks written from the held-out items and validation text; public tasks need "
         "their datasets reachable.",
     )
+
+    _device = field_validator("device")(_device_name)
 
 
 class ExportConfig(Section):
@@ -363,6 +381,63 @@ class PipelineConfig(Section):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
+    @model_validator(mode="after")
+    def _runnable(self) -> PipelineConfig:
+        """Constraints between sections, checked here so a recipe that cannot run fails before any stage.
+
+        What depends on the machine (GPUs, devices), the environment (PREFECT_API_URL, a
+        rendezvous endpoint) or the data is checked where it is known, by the code that needs it.
+        """
+        problems = [*self._launch_problems(), *self._stage_list_problems(), *self._finetune_problems()]
+        if self.execution.mode == "containers":
+            store = self.artifacts.store
+            if not store.startswith("s3://") and not store.startswith("/"):
+                problems.append(f"artifacts.store={store!r}: with execution.mode=containers the store must be shared "
+                                "by the containers — an s3:// URI (or an absolute path every container mounts)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _launch_problems(self) -> list[str]:
+        """Several processes only for stages the registry marks ``torchrun``."""
+        allowed = ", ".join(s.name for s in STAGES if s.torchrun)
+        problems = []
+        for declared in STAGES:
+            section = getattr(self, declared.name, None)
+            if not isinstance(section, TrainConfig) or declared.torchrun:
+                continue
+            for field in ("nproc_per_node", "nnodes"):
+                if getattr(section, field) > 1:
+                    problems.append(f"{declared.name}.{field} = {getattr(section, field)}: stage {declared.name} cannot "
+                                    f"run as several processes (only {allowed} can); set it to 1")
+        return problems
+
+    def _stage_list_problems(self) -> list[str]:
+        """Each listed stage's inputs are produced by stages listed too (the pipeline runs them in order)."""
+        problems = []
+        for name in self.stages:
+            missing = [need for need in BY_NAME[name].inputs_for(self) if need not in self.stages]
+            if missing:
+                problems.append(f"stages: '{name}' needs {', '.join(missing)} earlier in the list; add it to `stages`")
+        return problems
+
+    def _finetune_problems(self) -> list[str]:
+        ft = self.finetune
+        problems = []
+        if ft.replay_rows >= ft.batch_size:
+            problems.append(f"finetune.replay_fraction = {ft.replay_fraction} leaves no chat rows in a batch of "
+                            f"{ft.batch_size}; lower it or raise finetune.batch_size")
+        if ft.method == "lora" and not ft.lora_targets:
+            problems.append("finetune.lora_targets = []: LoRA needs at least one layer name, e.g. ['qkv', 'proj']")
+        if ft.data == "synthetic":
+            from stages.lm.tasks import check_tasks  # the task names live with the tasks
+
+            try:
+                check_tasks(ft.tasks)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems
+
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
@@ -413,7 +488,10 @@ def _describe(error: dict, source: str) -> str:
         hint = f"did you mean '{_printable('.'.join([*map(str, error['loc'][:-1]), close[0]]))}'? " if close else "check the spelling; "
         return f"{source}: unknown key '{field}' ({hint}see the recipe reference in README.md)"
     value = error.get("input")
-    return f"{source}: {field} = {value!r}: {_printable(error['msg'])}"
+    message = error["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+    if isinstance(value, dict):  # a check across fields: its message names them (the input is a whole section)
+        return f"{source}: {_printable(message if field == '<root>' else f'{field}: {message}')}"
+    return f"{source}: {field} = {value!r}: {_printable(message)}"
 
 
 def parse_config(tree: dict[str, Any], source: str = "<config>") -> PipelineConfig:

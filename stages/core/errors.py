@@ -38,5 +38,9 @@ class TrainingError(GptpipeError):
     """Training cannot continue (for example the loss became NaN)."""
 
 
+class ContainerError(GptpipeError):
+    """A stage sent to its own container (a flow run of its deployment) did not finish or hand back its output."""
+
+
 class ParityError(GptpipeError):
     """An exported graph disagrees with the PyTorch model beyond the allowed tolerance."""

@@ -7,10 +7,12 @@ thread-local "active run", which breaks under Prefect's thread-pool task runner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -218,9 +220,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | N
 
 def attach_run(uri: str, run_id: str) -> MlflowTracker:
     """Re-open an existing run by id (a stage in another process logging under the pipeline's run)."""
-    from mlflow.tracking import MlflowClient
-
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
@@ -229,6 +230,53 @@ def attach_run(uri: str, run_id: str) -> MlflowTracker:
     except MlflowException as exc:
         raise GptpipeError(f"MLflow at {redact_uri(uri)}: run {run_id!r}: {str(exc).splitlines()[0]}") from None
     return MlflowTracker(client, run_id, run.info.experiment_id)
+
+
+def executor_tags() -> dict[str, str]:
+    """Where the stage ran: the gptpipe image (docker/Dockerfile sets these variables) or a plain process."""
+    revision = os.environ.get("GPTPIPE_GIT_REVISION")
+    if revision is None:
+        return {"gptpipe.executor": "process"}
+    return {"gptpipe.executor": "container", "gptpipe.image_version": os.environ.get("GPTPIPE_VERSION", "unknown"),
+            "gptpipe.image_revision": revision}
+
+
+@contextlib.contextmanager
+def stage_run(
+    uri: str,
+    stage: str,
+    *,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    params: Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[MlflowTracker]:
+    """The MLflow run of one stage, for the length of the ``with`` block: the one run lifecycle.
+
+    With ``parent_run_id`` the stage's child run is opened under the pipeline's run, tagged and
+    given ``params()`` (inside the guard: a source that cannot be read marks it FAILED rather than
+    leaving it RUNNING), and closed when the block ends: FINISHED, or FAILED with a
+    ``gptpipe.error`` tag when it raises. With ``run_id`` the block logs into a stage run that
+    another process opened and will close — the flow task that launched ``torchrun`` — so rank 0
+    writes its curves into the stage's own run, not a run nested under it.
+    """
+    if (parent_run_id is None) == (run_id is None):
+        raise ValueError("stage_run: pass exactly one of parent_run_id (open a child run) and run_id (attach)")
+    if run_id is not None:
+        yield attach_run(uri, run_id)  # its opener sets its status
+        return
+    tracker = attach_run(uri, parent_run_id).child(stage, {"gptpipe.stage": stage, **executor_tags(), **(tags or {})})
+    try:
+        if params is not None:
+            tracker.log_params(params())
+        yield tracker
+    except BaseException:
+        with contextlib.suppress(Exception):  # an unreachable server must not hide the stage's own error
+            tracker.set_tags({"gptpipe.error": "stage failed; see the Prefect/terminal log"})
+        with contextlib.suppress(Exception):
+            tracker.finish(ok=False)
+        raise
+    tracker.finish(ok=True)
 
 
 # --------------------------------------------------------------------------- system metrics

@@ -70,3 +70,17 @@ def test_negative_zero_and_nan_numbers_name_field_and_value(override, shown, cap
 def test_an_override_yaml_cannot_read_is_named(capsys, tmp_path):
     line = _refuse(capsys, tmp_path, "--config", MICRO, "--set", "name=2001-13-45")
     assert "--set 'name=2001-13-45'" in line and "month must be in 1..12" in line
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("finetune.nproc_per_node=2", "finetune.nproc_per_node = 2"),  # only pretrain may run under torchrun
+        ("finetune.replay_fraction=0.95", "finetune.replay_fraction = 0.95"),
+        ("stages=[tokenizer, pretrain]", "stages: 'pretrain' needs data"),
+    ],
+)
+def test_a_recipe_no_stage_could_run_is_refused_before_the_first_stage(override, shown, capsys, tmp_path):
+    """Constraints across fields are the recipe's too: refused at load, not after pretraining ran."""
+    line = _refuse(capsys, tmp_path, "--config", MICRO, "--set", override)
+    assert shown in line, line

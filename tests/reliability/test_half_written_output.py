@@ -17,7 +17,7 @@ import pytest
 
 from stages import tokenizer as tokenizer_stage
 from stages.storage.artifacts import verify
-from stages.runner import plan_key, run_stage
+from stages.runner import run_stage, stage_key
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
 
@@ -32,7 +32,7 @@ def setup(tmp_path):
 
 
 def _assert_rerun_builds_afresh(cfg, store: LocalStore) -> None:
-    key = plan_key("tokenizer", cfg, {})
+    key = stage_key("tokenizer", cfg, {})
     assert store.find("tokenizer", key) is None
     assert not (store.root / "tokenizer" / key).exists()
     result = run_stage("tokenizer", cfg, {}, store)
