@@ -350,7 +350,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
             results[result["unit"]] = result
             tokens_done += sum(s["tokens"] for s in result["splits"].values())
             bar.update(result["source_bytes"])
-            bar.set_postfix(tokens_per_s=f"{tokens_done / max(bar.format_dict['elapsed'], 1e-9):,.0f}", refresh=False)
+            bar.set_postfix(tokens_per_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
 
         def tasks(chosen: list[Unit], extra: dict) -> list[tuple]:
             return [(unit, cfg.corpus, {**settings, **extra}, tokenizer.model_proto, work.location) for unit in chosen]
