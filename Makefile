@@ -14,11 +14,12 @@ STAMP      := $(VENV)/.gptpipe-installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test install clean help services services-down stack-up stack-down
+.PHONY: run test lint install clean help services services-down stack-up stack-down
 
 help:
 	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
 	@echo "make test   - run the test suite"
+	@echo "make lint   - ruff check + ruff format --check (configured in pyproject.toml)"
 	@echo "make services / services-down - local Prefect + MLflow + S3 servers (see README)"
 	@echo "make clean  - remove runs/ and Prefect state (keeps .venv)"
 
@@ -36,6 +37,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 services: $(STAMP)   ## Prefect server + MLflow server + S3 endpoint on 127.0.0.1 (no Docker needed)
 	$(BIN)/gptpipe services up

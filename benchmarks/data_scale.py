@@ -89,9 +89,17 @@ def make_parquet(corpus: Path, target: Path, row_group_files: int = 64) -> Path:
 
 def run_stage(stage: str, source: Path, store: Path, sets: list[str], inputs: list[str]) -> dict:
     """One stage in its own process; peak RSS of its process tree sampled from here."""
-    command = [sys.executable, "-m", "stages", stage, "--force", "--out", str(store),
-               *[a for s in [f"corpus.source={source}", *sets] for a in ("--set", s)],
-               *[a for i in inputs for a in ("--input", i)]]
+    command = [
+        sys.executable,
+        "-m",
+        "stages",
+        stage,
+        "--force",
+        "--out",
+        str(store),
+        *[a for s in [f"corpus.source={source}", *sets] for a in ("--set", s)],
+        *[a for i in inputs for a in ("--input", i)],
+    ]
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     with PeakRSS(interval_s=0.1, pid=proc.pid) as peak:
@@ -149,8 +157,15 @@ def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5
     unit = Unit(0, tuple(Piece(str(f), f.stat().st_size, source_size=f.stat().st_size) for f in chosen))
     proto = Path(model).read_bytes()
     processor = spm.SentencePieceProcessor(model_proto=proto, num_threads=1)
-    settings = {"seed": 1234, "val_fraction": 0.05, "shard_tokens": 50_000_000, "dtype": "uint16",
-                "eos_id": processor.eos_id(), "tokenizer": "bench", "corpus": {}}
+    settings = {
+        "seed": 1234,
+        "val_fraction": 0.05,
+        "shard_tokens": 50_000_000,
+        "dtype": "uint16",
+        "eos_id": processor.eos_id(),
+        "tokenizer": "bench",
+        "corpus": {},
+    }
     docs = [f.read_text(encoding="utf-8") for f in chosen]
     stage_s, plain_s = [], []
     for _ in range(rounds):
@@ -163,8 +178,12 @@ def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5
             processor.encode(docs[at : at + 64])
         plain_s.append(time.perf_counter() - started)
     stage, plain = statistics.median(stage_s), statistics.median(plain_s)
-    return {"interleaved_mb": round(unit.size / 1e6, 1), "unit_path_s": round(stage, 3), "plain_encode_s": round(plain, 3),
-            "ratio_interleaved": round(plain / stage, 3)}
+    return {
+        "interleaved_mb": round(unit.size / 1e6, 1),
+        "unit_path_s": round(stage, 3),
+        "plain_encode_s": round(plain, 3),
+        "ratio_interleaved": round(plain / stage, 3),
+    }
 
 
 def main() -> None:
@@ -172,9 +191,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="corpus sizes in MB")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gptpipe-data-scale"))
     parser.add_argument("--workers", type=int, default=0, help="data.workers (0 = all cores)")
-    parser.add_argument("--parquet", action="store_true", help="also run the data stage on the corpus as one Parquet file")
-    parser.add_argument("--interleaved-only", type=Path, metavar="TOKENIZER_MODEL",
-                        help="only the interleaved A/B ratio, with this tokenizer.model, on the first --sizes corpus")
+    parser.add_argument(
+        "--parquet", action="store_true", help="also run the data stage on the corpus as one Parquet file"
+    )
+    parser.add_argument(
+        "--interleaved-only",
+        type=Path,
+        metavar="TOKENIZER_MODEL",
+        help="only the interleaved A/B ratio, with this tokenizer.model, on the first --sizes corpus",
+    )
     args = parser.parse_args()
     if args.interleaved_only:
         corpus = make_corpus(args.workdir / f"corpus-{args.sizes[0]}mb", args.sizes[0] * 1_000_000, seed=args.sizes[0])
@@ -196,7 +221,10 @@ def main() -> None:
         metrics = data["result"]["metrics"]
         source_mb = metrics["source_bytes"] / 1e6
         row = {
-            "size_mb": size, "format": "files", "workers": workers, "units": metrics["units"],
+            "size_mb": size,
+            "format": "files",
+            "workers": workers,
+            "units": metrics["units"],
             "tokenizer_peak_rss_mb": round(tokenizer["peak_rss_mb"], 1),
             "tokenizer_mb_per_s": round(source_mb / tokenizer["seconds"], 2),
             "tokenizer_sampled_fraction": tokenizer["result"]["metrics"]["sampled_fraction"],
@@ -215,18 +243,28 @@ def main() -> None:
             table = make_parquet(corpus, args.workdir / f"corpus-{size}mb.parquet")
             pdata = run_stage("data", table, store, sets, [f"tokenizer={tokenizer['result']['uri']}"])
             pm = pdata["result"]["metrics"]
-            prow = {"size_mb": size, "format": "parquet", "units": pm["units"],
-                    "data_peak_rss_mb": round(pdata["peak_rss_mb"], 1),
-                    "data_mb_per_s_end_to_end": round(table.stat().st_size / 1e6 / pdata["seconds"], 2),
-                    "train_tokens_equal_files_run": pm["train_tokens"] == metrics["train_tokens"]}
+            prow = {
+                "size_mb": size,
+                "format": "parquet",
+                "units": pm["units"],
+                "data_peak_rss_mb": round(pdata["peak_rss_mb"], 1),
+                "data_mb_per_s_end_to_end": round(table.stat().st_size / 1e6 / pdata["seconds"], 2),
+                "train_tokens_equal_files_run": pm["train_tokens"] == metrics["train_tokens"],
+            }
             print(json.dumps(prow), flush=True)
     if len(rows) > 1:
         small, large = rows[0], rows[-1]
-        print(json.dumps({
-            "peak_rss_growth_data": round(large["data_peak_rss_mb"] / small["data_peak_rss_mb"], 3),
-            "peak_rss_growth_tokenizer": round(large["tokenizer_peak_rss_mb"] / small["tokenizer_peak_rss_mb"], 3),
-            "sizes_mb": [small["size_mb"], large["size_mb"]],
-        }))
+        print(
+            json.dumps(
+                {
+                    "peak_rss_growth_data": round(large["data_peak_rss_mb"] / small["data_peak_rss_mb"], 3),
+                    "peak_rss_growth_tokenizer": round(
+                        large["tokenizer_peak_rss_mb"] / small["tokenizer_peak_rss_mb"], 3
+                    ),
+                    "sizes_mb": [small["size_mb"], large["size_mb"]],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

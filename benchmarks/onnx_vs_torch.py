@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import export  # noqa: E402
-from stages.core.config import ExportConfig  # noqa: E402
-from stages.lm.model import GPT, GPTConfig  # noqa: E402
-from stages.lm.onnx_runtime import OnnxGenerator  # noqa: E402
+from stages import export
+from stages.core.config import ExportConfig
+from stages.lm.model import GPT, GPTConfig
+from stages.lm.onnx_runtime import OnnxGenerator
 
 TINY = GPTConfig(vocab_size=2048, n_layer=4, n_head=4, n_embd=256, block_size=256)
 
@@ -130,16 +130,21 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append((prefill, step))
 
     base_step = statistics.median(s for _, s in results["torch eager + KV"])
-    print(f"\nshape d{TINY.n_embd} L{TINY.n_layer} H{TINY.n_head} block {TINY.block_size} vocab {TINY.vocab_size}; "
-          f"prompt {args.prompt}, {args.new_tokens} new tokens, torch threads {args.threads}, "
-          f"median of {args.repeats}\n")
+    print(
+        f"\nshape d{TINY.n_embd} L{TINY.n_layer} H{TINY.n_head} block {TINY.block_size} vocab {TINY.vocab_size}; "
+        f"prompt {args.prompt}, {args.new_tokens} new tokens, torch threads {args.threads}, "
+        f"median of {args.repeats}\n"
+    )
     print(f"{'variant':44s} {'prefill ms':>10s} {'ms/token':>9s} {'speed-up':>9s}")
     for name, values in results.items():
         prefill = statistics.median(p for p, _ in values)
         step = statistics.median(s for _, s in values)
         print(f"{name:44s} {prefill * 1e3:10.2f} {step * 1e3:9.3f} {base_step / step:8.2f}x")
+
     def best(prefix: str) -> tuple[str, float]:
-        name = min((n for n in results if n.startswith(prefix)), key=lambda n: statistics.median(s for _, s in results[n]))
+        name = min(
+            (n for n in results if n.startswith(prefix)), key=lambda n: statistics.median(s for _, s in results[n])
+        )
         return name, statistics.median(s for _, s in results[name])
 
     ort_name, ort_step = best("ORT")
@@ -148,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     same_ratio = base_step / statistics.median(s for _, s in results[same])
     ratio = torch_step / ort_step
     print(f"\nsame threads ({args.threads}): {same} is {same_ratio:.2f}x torch eager per generated token")
-    print(f"best vs best: {ort_name} is {ratio:.2f}x {torch_name} "
-          f"({'meets' if min(ratio, same_ratio) >= 1.5 else 'misses'} the 1.5x goal)")
+    print(
+        f"best vs best: {ort_name} is {ratio:.2f}x {torch_name} "
+        f"({'meets' if min(ratio, same_ratio) >= 1.5 else 'misses'} the 1.5x goal)"
+    )
     return 0
 
 

@@ -60,16 +60,19 @@ def probe_child() -> dict:
         optimizer.zero_grad()
     with torch.no_grad():
         logits = model(ids).numpy()
-    return {"capability": torch.backends.cpu.get_cpu_capability(),
-            "logits_sha256": hashlib.sha256(logits.tobytes()).hexdigest()[:16]}
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "logits_sha256": hashlib.sha256(logits.tobytes()).hexdigest()[:16],
+    }
 
 
 def probe(kernels: list[str]) -> dict[str, dict]:
     out = {}
     for name in kernels:
         env = {**os.environ, **KERNELS[name], "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, __file__, "--probe-child"], env=env, cwd=ROOT, capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--probe-child"], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -93,7 +96,11 @@ def run_child(config: str, overrides: list[str], store: str) -> dict:
     for name in STAGES:
         result = run_stage(name, cfg, refs, opened)
         refs[name] = result.ref
-        out["stages"][name] = {"seconds": result.wall_time_s, "reused": result.reused, "metrics": result.manifest.metrics}
+        out["stages"][name] = {
+            "seconds": result.wall_time_s,
+            "reused": result.reused,
+            "metrics": result.manifest.metrics,
+        }
     out["seconds"] = time.perf_counter() - started
     return out
 
@@ -114,11 +121,16 @@ def one(config: str, overrides: list[str], seed: int, kernels: str, root: Path) 
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8").strip().splitlines()[-5:]
-        raise SystemExit(f"seed {seed}, kernels {kernels}: the run failed (exit {proc.returncode}), see {log}:\n"
-                         + "\n".join(tail))
+        raise SystemExit(
+            f"seed {seed}, kernels {kernels}: the run failed (exit {proc.returncode}), see {log}:\n" + "\n".join(tail)
+        )
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     stages = data["stages"]
-    evaluation, finetune, pretrain = stages["evaluate"]["metrics"], stages["finetune"]["metrics"], stages["pretrain"]["metrics"]
+    evaluation, finetune, pretrain = (
+        stages["evaluate"]["metrics"],
+        stages["finetune"]["metrics"],
+        stages["pretrain"]["metrics"],
+    )
     return {
         "seed": seed,
         "kernels": kernels,
@@ -135,19 +147,25 @@ def one(config: str, overrides: list[str], seed: int, kernels: str, root: Path) 
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'seed':>6} {'kernels':<8} {'cpu':<7} {'exact match':>11} {'base':>6} {'pretrain val':>12} " \
-           f"{'finetune val':>12} {'time':>8}"
+    head = (
+        f"{'seed':>6} {'kernels':<8} {'cpu':<7} {'exact match':>11} {'base':>6} {'pretrain val':>12} "
+        f"{'finetune val':>12} {'time':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         reused = f"  (reused: {', '.join(r['reused'])})" if r["reused"] else ""
-        lines.append(f"{r['seed']:>6} {r['kernels']:<8} {r['capability']:<7} {r['exact_match']:>11.1%} "
-                     f"{r['base_exact_match']:>6.1%} {r['pretrain_val_loss']:>12.4f} {r['finetune_val_loss']:>12.4f} "
-                     f"{r['seconds']:>7.1f}s{reused}")
+        lines.append(
+            f"{r['seed']:>6} {r['kernels']:<8} {r['capability']:<7} {r['exact_match']:>11.1%} "
+            f"{r['base_exact_match']:>6.1%} {r['pretrain_val_loss']:>12.4f} {r['finetune_val_loss']:>12.4f} "
+            f"{r['seconds']:>7.1f}s{reused}"
+        )
     lines.append("-" * len(head))
     for label, pick in (("min", min), ("median", statistics.median), ("max", max)):
-        lines.append(f"{label:>15} {'':<7} {pick(r['exact_match'] for r in rows):>11.1%} {'':>6} "
-                     f"{pick(r['pretrain_val_loss'] for r in rows):>12.4f} {pick(r['finetune_val_loss'] for r in rows):>12.4f} "
-                     f"{pick(r['seconds'] for r in rows):>7.1f}s")
+        lines.append(
+            f"{label:>15} {'':<7} {pick(r['exact_match'] for r in rows):>11.1%} {'':>6} "
+            f"{pick(r['pretrain_val_loss'] for r in rows):>12.4f} {pick(r['finetune_val_loss'] for r in rows):>12.4f} "
+            f"{pick(r['seconds'] for r in rows):>7.1f}s"
+        )
     good = sum(r["exact_match"] >= GOAL for r in rows)
     lines.append(f"runs at >= {GOAL:.0%} exact match: {good} of {len(rows)}")
     return "\n".join(lines)
@@ -156,9 +174,17 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="recipe YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override for every run (repeatable)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="pretrain.seed = finetune.seed values")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for every run (repeatable)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1337, 1, 2], help="pretrain.seed = finetune.seed values"
+    )
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--root", default=None, help="directory of the per-run stores (default: a fresh temporary one)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -179,8 +205,11 @@ def main() -> int:
         print(f"kernel probe {name:<8} capability {found['capability']:<8} logits sha256 {found['logits_sha256']}")
     hashes = {p["logits_sha256"] for p in probes.values()}
     if len(probes) > 1:
-        print("  -> the kernel settings compute " + ("the same bits on this CPU" if len(hashes) == 1 else
-              "different bits on this CPU: two kernel families"), flush=True)
+        print(
+            "  -> the kernel settings compute "
+            + ("the same bits on this CPU" if len(hashes) == 1 else "different bits on this CPU: two kernel families"),
+            flush=True,
+        )
     if args.probe:
         return 0
 
@@ -191,8 +220,11 @@ def main() -> int:
         for kernels in args.kernels:
             row = one(args.config, args.overrides, seed, kernels, root)
             rows.append(row)
-            print(f"  seed {seed} {kernels}: exact match {row['exact_match']:.1%}, finetune val loss "
-                  f"{row['finetune_val_loss']:.4f}, {row['seconds']:.1f}s {row['stage_seconds']}", flush=True)
+            print(
+                f"  seed {seed} {kernels}: exact match {row['exact_match']:.1%}, finetune val loss "
+                f"{row['finetune_val_loss']:.4f}, {row['seconds']:.1f}s {row['stage_seconds']}",
+                flush=True,
+            )
     print()
     print(table(rows))
     if args.json:

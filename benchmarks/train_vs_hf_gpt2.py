@@ -32,13 +32,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from types import SimpleNamespace  # noqa: E402
+from types import SimpleNamespace
 
-from stages.training import perf  # noqa: E402
-from stages.training.distributed import DistInfo  # noqa: E402
-from stages.core.config import TrainConfig  # noqa: E402
-from stages.lm.model import GPT, GPTConfig  # noqa: E402
-from stages.training.loop import _grad_norm, _micro_steps, build_optimizer  # noqa: E402
+from stages.core.config import TrainConfig
+from stages.lm.model import GPT, GPTConfig
+from stages.training import perf
+from stages.training.distributed import DistInfo
+from stages.training.loop import _grad_norm, _micro_steps, build_optimizer
 
 SHAPE = dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=256, block_size=256)
 
@@ -50,10 +50,20 @@ class HFLogits(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
-                            n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, tie_word_embeddings=True, use_cache=False,
-                            bos_token_id=None, eos_token_id=None)
+        config = GPT2Config(
+            vocab_size=shape["vocab_size"],
+            n_positions=shape["block_size"],
+            n_embd=shape["n_embd"],
+            n_layer=shape["n_layer"],
+            n_head=shape["n_head"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            use_cache=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         config._attn_implementation = attn
         self.hf = GPT2LMHeadModel(config)
 
@@ -88,8 +98,15 @@ class Runner:
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # What the loop's _micro_steps reads of its run (model, data, precision, one process).
-        self.run = SimpleNamespace(net=model, batches=batches, cfg=cfg, device=torch.device("cpu"),
-                                   settings=self.settings, scaler=self.scaler, info=DistInfo())
+        self.run = SimpleNamespace(
+            net=model,
+            batches=batches,
+            cfg=cfg,
+            device=torch.device("cpu"),
+            settings=self.settings,
+            scaler=self.scaler,
+            info=DistInfo(),
+        )
         self.times: list[float] = []
 
     def step(self, record: bool = True) -> None:
@@ -142,29 +159,41 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=15, help="measured steps per model (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--switches", nargs="*", default=["fused", "ac", "compile"],
-                        choices=["fused", "ac", "compile", "bf16", "hf-compile"],
-                        help="table 2 rows; bf16 is ~20x slower on most CPUs, so off by default")
+    parser.add_argument(
+        "--switches",
+        nargs="*",
+        default=["fused", "ac", "compile"],
+        choices=["fused", "ac", "compile", "bf16", "hf-compile"],
+        help="table 2 rows; bf16 is ~20x slower on most CPUs, so off by default",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokens = args.batch * SHAPE["block_size"]
     batches = RandomTokens(SHAPE["vocab_size"], args.batch, SHAPE["block_size"])
-    base = TrainConfig(device="cpu", batch_size=args.batch, lr=3e-4, compile="off", precision="fp32",
-                       fused_optimizer="off")
+    base = TrainConfig(
+        device="cpu", batch_size=args.batch, lr=3e-4, compile="off", precision="fp32", fused_optimizer="off"
+    )
 
     ours = Runner("gptpipe GPT", gptpipe(base), base, batches)
     theirs = Runner("HF GPT2LMHeadModel", HFLogits(SHAPE, "sdpa"), base, batches)
     n_ours, n_theirs = params(ours.model), params(theirs.model)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {SHAPE['block_size']} tokens, "
-          f"d {SHAPE['n_embd']}, {SHAPE['n_layer']} layers, {SHAPE['n_head']} heads, vocab {SHAPE['vocab_size']}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {SHAPE['block_size']} tokens, "
+        f"d {SHAPE['n_embd']}, {SHAPE['n_layer']} layers, {SHAPE['n_head']} heads, vocab {SHAPE['vocab_size']}"
+    )
     print(f"parameters: gptpipe {n_ours:,}  HF GPT-2 {n_theirs:,}  (difference {100 * (n_ours / n_theirs - 1):+.2f} %)")
     alternate([ours, theirs], args.warmup, args.steps)
     a, b = ours.tokens_per_s(tokens), theirs.tokens_per_s(tokens)
     print("\n| model | params | tokens/s (median) |\n|---|---:|---:|")
-    print(f"| gptpipe GPT (fp32 eager) | {n_ours:,} | {a:,.0f} |\n| HF GPT2LMHeadModel (fp32 eager, sdpa) | {n_theirs:,} | {b:,.0f} |")
-    print(f"\ngptpipe / HF = {a / b:.2f}x (ratio of medians); paired per-round median {paired_ratio(ours, theirs):.2f}x; "
-          f"best steps {min(theirs.times) / min(ours.times):.2f}x; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"| gptpipe GPT (fp32 eager) | {n_ours:,} | {a:,.0f} |\n| HF GPT2LMHeadModel (fp32 eager, sdpa) | {n_theirs:,} | {b:,.0f} |"
+    )
+    print(
+        f"\ngptpipe / HF = {a / b:.2f}x (ratio of medians); paired per-round median {paired_ratio(ours, theirs):.2f}x; "
+        f"best steps {min(theirs.times) / min(ours.times):.2f}x; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     if args.switches:  # each row printed when measured: compile rows take minutes on a small CPU
         print("\n| switch (CPU) | without, tokens/s | with, tokens/s | speed-up | pays off here? |")
@@ -174,8 +203,12 @@ def main() -> None:
             other = Runner("HF + compile", HFLogits(SHAPE, "sdpa"), base.model_copy(update={"compile": "on"}), batches)
             reference = Runner("HF eager", HFLogits(SHAPE, "sdpa"), base, batches)
         else:
-            change = {"fused": {"fused_optimizer": "on"}, "ac": {"activation_checkpointing": True},
-                      "compile": {"compile": "on"}, "bf16": {"precision": "bf16"}}[switch]
+            change = {
+                "fused": {"fused_optimizer": "on"},
+                "ac": {"activation_checkpointing": True},
+                "compile": {"compile": "on"},
+                "bf16": {"precision": "bf16"},
+            }[switch]
             cfg = base.model_copy(update=change)
             other = Runner(f"gptpipe + {switch}", gptpipe(cfg), cfg, batches)
             reference = Runner("gptpipe eager", gptpipe(base), base, batches)

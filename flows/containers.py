@@ -44,8 +44,10 @@ def check_containers_mode(cfg: PipelineConfig) -> None:
     from prefect.settings import PREFECT_API_URL
 
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
-        raise ConfigError("execution.mode=containers needs a Prefect server that workers poll: set PREFECT_API_URL "
-                          "(e.g. `gptpipe services up`, then `source runs/services/env.sh`)")
+        raise ConfigError(
+            "execution.mode=containers needs a Prefect server that workers poll: set PREFECT_API_URL "
+            "(e.g. `gptpipe services up`, then `source runs/services/env.sh`)"
+        )
 
 
 def deployment_name(stage: str) -> str:
@@ -132,8 +134,12 @@ def _reused_here(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, str
 
 
 def run_stage_in_container(
-    name: str, config: dict[str, Any], inputs: dict[str, dict[str, str]],
-    tracking_uri: str | None, parent_run_id: str | None, force: bool = False,
+    name: str,
+    config: dict[str, Any],
+    inputs: dict[str, dict[str, str]],
+    tracking_uri: str | None,
+    parent_run_id: str | None,
+    force: bool = False,
 ) -> dict[str, Any] | None:
     """Run stage ``name`` as a flow run of its deployment and return its handoff record.
 
@@ -151,9 +157,17 @@ def run_stage_in_container(
     log.info("stage %s: starting a flow run of deployment %s (%s pool)", name, deployment, pool_type)
     flow_run = run_deployment(
         deployment,
-        parameters={"name": name, "config": config, "inputs": inputs, "tracking_uri": tracking_uri,
-                    "parent_run_id": parent_run_id, "force": force},
-        job_variables=variables, timeout=cfg.execution.timeout_s, as_subflow=True,
+        parameters={
+            "name": name,
+            "config": config,
+            "inputs": inputs,
+            "tracking_uri": tracking_uri,
+            "parent_run_id": parent_run_id,
+            "force": force,
+        },
+        job_variables=variables,
+        timeout=cfg.execution.timeout_s,
+        as_subflow=True,
         tags=[f"stage:{name}", f"recipe:{cfg.name}"],
     )
     state = flow_run.state
@@ -162,12 +176,15 @@ def run_stage_in_container(
         message = (state.message or "").splitlines()[0] if state is not None and state.message else ""
         raise ContainerError(
             f"stage {name}: flow run {flow_run.name!r} ({flow_run.id}) of {deployment} ended {what}"
-            + (f": {message}" if message else "") + "; see its logs in the Prefect UI or the worker's output"
+            + (f": {message}" if message else "")
+            + "; see its logs in the Prefect UI or the worker's output"
         )
     record = run_coro_as_sync(_handoff(flow_run.id))
     if record is None:
-        raise ContainerError(f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
-                             "is the deployment's image built from this version of gptpipe?")
+        raise ContainerError(
+            f"stage {name}: flow run {flow_run.id} completed without its {HANDOFF_KEY!r} artifact; "
+            "is the deployment's image built from this version of gptpipe?"
+        )
     record["flow_run_id"] = str(flow_run.id)
     return record
 
@@ -180,8 +197,11 @@ def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: lis
     names = []
     for stage in stages or STAGE_ORDER:
         deployment = stage_flow.to_deployment(
-            name=stage, work_pool_name=pool, job_variables={"env": env, **({"image": image} if image else {})},
-            tags=["gptpipe", f"stage:{stage}"], description=f"gptpipe stage {stage}: one container per flow run",
+            name=stage,
+            work_pool_name=pool,
+            job_variables={"env": env, **({"image": image} if image else {})},
+            tags=["gptpipe", f"stage:{stage}"],
+            description=f"gptpipe stage {stage}: one container per flow run",
         )
         deployment.entrypoint = STAGE_ENTRYPOINT
         deployment.apply(image=image)

@@ -33,8 +33,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 POOL_TYPES = ("process", "docker", "kubernetes")
 # Stage loggers reach the Prefect run logs in runs a worker starts, whatever its own environment.
-RUN_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "gptpipe", "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
-           "GIT_PYTHON_REFRESH": "quiet"}
+RUN_ENV = {
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "gptpipe",
+    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
 
 
 @dataclass
@@ -95,8 +98,10 @@ def pool_of_type(pool: str, pool_type: str) -> None:
 
     found_type = run_coro_as_sync(ensure_pool(pool, pool_type))
     if found_type != pool_type:
-        raise ConfigError(f"--pool {pool}: that pool exists with type {found_type!r}, not {pool_type!r}; "
-                          "pass --pool-type to match or choose another pool name")
+        raise ConfigError(
+            f"--pool {pool}: that pool exists with type {found_type!r}, not {pool_type!r}; "
+            "pass --pool-type to match or choose another pool name"
+        )
 
 
 async def ensure_pool(name: str, pool_type: str) -> str:
@@ -121,9 +126,16 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
     pool_of_type(spec.pool, spec.pool_type)
     schedules = [CronSchedule(cron=spec.cron, timezone=spec.timezone)] if spec.cron else None
     common = dict(
-        name=spec.name, work_pool_name=spec.pool, schedules=schedules, parameters=spec.parameters(),
-        job_variables=spec.job_variables(), paused=spec.paused, tags=["gptpipe", *spec.tags],
-        description=f"gptpipe pipeline, recipe {spec.config_path}", print_next_steps=False, ignore_warnings=True,
+        name=spec.name,
+        work_pool_name=spec.pool,
+        schedules=schedules,
+        parameters=spec.parameters(),
+        job_variables=spec.job_variables(),
+        paused=spec.paused,
+        tags=["gptpipe", *spec.tags],
+        description=f"gptpipe pipeline, recipe {spec.config_path}",
+        print_next_steps=False,
+        ignore_warnings=True,
     )
     try:
         if spec.pool_type == "process":
@@ -137,10 +149,16 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
             deployment_id = pipeline.deploy(image=spec.image, build=False, push=False, **common)
     except GptpipeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - Prefect raises many types; one line for the terminal
+    except Exception as exc:
         raise GptpipeError(f"deploy {spec.name!r} to pool {spec.pool!r}: {str(exc).splitlines()[0]}") from None
-    return {"id": str(deployment_id), "name": f"gptpipe/{spec.name}", "pool": spec.pool, "cron": spec.cron,
-            "timezone": spec.timezone, "parameters": spec.parameters()}
+    return {
+        "id": str(deployment_id),
+        "name": f"gptpipe/{spec.name}",
+        "pool": spec.pool,
+        "cron": spec.cron,
+        "timezone": spec.timezone,
+        "parameters": spec.parameters(),
+    }
 
 
 HELP_EPILOG = """\
@@ -175,26 +193,49 @@ def add_deploy_command(sub: Any) -> None:
     import argparse
 
     parser = sub.add_parser(
-        "deploy", help="create a scheduled Prefect deployment of the pipeline on a work pool",
+        "deploy",
+        help="create a scheduled Prefect deployment of the pipeline on a work pool",
         description="Create (or update) a Prefect deployment of the gptpipe flow with a cron schedule.",
-        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--name", default=DeploySpec.name, help="deployment name (default: %(default)s)")
     parser.add_argument("--pool", default=DeploySpec.pool, help="work pool, created if missing (default: %(default)s)")
-    parser.add_argument("--pool-type", default="process", choices=POOL_TYPES, help="type of a new pool (default: process)")
-    parser.add_argument("--cron", default=DeploySpec.cron, help='cron schedule (default: "%(default)s"); "" = no schedule')
+    parser.add_argument(
+        "--pool-type", default="process", choices=POOL_TYPES, help="type of a new pool (default: process)"
+    )
+    parser.add_argument(
+        "--cron", default=DeploySpec.cron, help='cron schedule (default: "%(default)s"); "" = no schedule'
+    )
     parser.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default: UTC)")
     parser.add_argument("--config", "-c", default=DeploySpec.config_path, help="recipe YAML, relative to the project")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override passed to every run (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override passed to every run (repeatable)",
+    )
     parser.add_argument("--force", action="store_true", help="runs recompute every stage")
     parser.add_argument("--image", default=None, help="container image for docker/kubernetes pools")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for each run, e.g. MLFLOW_TRACKING_URI=http://… (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for each run, e.g. MLFLOW_TRACKING_URI=http://… (repeatable)",
+    )
     parser.add_argument("--paused", action="store_true", help="create the schedule paused")
-    parser.add_argument("--stages", nargs="?", const="all", default=None, metavar="LIST",
-                        help="instead of the pipeline, deploy the per-stage flow once per stage (gptpipe-stage/<stage>) "
-                             "for recipes with execution.mode=containers; LIST = comma-separated stages (default: all)")
+    parser.add_argument(
+        "--stages",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="LIST",
+        help="instead of the pipeline, deploy the per-stage flow once per stage (gptpipe-stage/<stage>) "
+        "for recipes with execution.mode=containers; LIST = comma-separated stages (default: all)",
+    )
     parser.set_defaults(func=cmd_deploy)
 
 
@@ -209,13 +250,25 @@ def cmd_deploy(args: Any) -> int:
         env[key] = value
     if args.stages:
         return deploy_stage_flows(args, env)
-    spec = DeploySpec(name=args.name, pool=args.pool, pool_type=args.pool_type, cron=args.cron or None,
-                      timezone=args.timezone, config_path=args.config, overrides=args.overrides, force=args.force,
-                      image=args.image, env=env, paused=args.paused)
+    spec = DeploySpec(
+        name=args.name,
+        pool=args.pool,
+        pool_type=args.pool_type,
+        cron=args.cron or None,
+        timezone=args.timezone,
+        config_path=args.config,
+        overrides=args.overrides,
+        force=args.force,
+        image=args.image,
+        env=env,
+        paused=args.paused,
+    )
     result = deploy(spec)
     print(json.dumps(result, indent=2))
-    print(f"start a worker: prefect worker start --pool {spec.pool}"
-          + ("" if spec.pool_type == "process" else f" --type {spec.pool_type}"))
+    print(
+        f"start a worker: prefect worker start --pool {spec.pool}"
+        + ("" if spec.pool_type == "process" else f" --type {spec.pool_type}")
+    )
     return 0
 
 
@@ -234,9 +287,11 @@ def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
     pool_of_type(args.pool, args.pool_type)
     try:
         names = deploy_stages(args.pool, args.image, {**RUN_ENV, **env}, wanted)
-    except Exception as exc:  # noqa: BLE001 - Prefect raises many types; one line for the terminal
+    except Exception as exc:
         raise GptpipeError(f"deploy stage flows to pool {args.pool!r}: {str(exc).splitlines()[0]}") from None
     print(json.dumps({"deployments": names, "pool": args.pool, "image": args.image}, indent=2))
-    print(f"start a worker: prefect worker start --pool {args.pool} --type {args.pool_type}; then run a recipe with "
-          "--set execution.mode=containers")
+    print(
+        f"start a worker: prefect worker start --pool {args.pool} --type {args.pool_type}; then run a recipe with "
+        "--set execution.mode=containers"
+    )
     return 0

@@ -48,8 +48,9 @@ def needs_torchrun(name: str, cfg: PipelineConfig) -> bool:
     """True when stage ``name`` asks for several processes. The recipe's validation already
     refused that for any stage the registry does not mark ``torchrun``, before any stage ran."""
     section = getattr(cfg, name, None)
-    return (stage(name).torchrun and isinstance(section, TrainConfig)
-            and (section.nproc_per_node > 1 or section.nnodes > 1))
+    return (
+        stage(name).torchrun and isinstance(section, TrainConfig) and (section.nproc_per_node > 1 or section.nnodes > 1)
+    )
 
 
 def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = None) -> list[str]:
@@ -64,20 +65,41 @@ def torchrun_args(section: TrainConfig, name: str, env: dict[str, str] | None = 
             f"{name}.nnodes = {section.nnodes}: set GPTPIPE_RDZV_ENDPOINT=host:port (a node every node can reach) "
             "and run the same command on every node"
         )
-    return [*args, f"--nnodes={section.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-            f"--rdzv_id={env.get('GPTPIPE_RDZV_ID', 'gptpipe-' + name)}"]
+    return [
+        *args,
+        f"--nnodes={section.nnodes}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={endpoint}",
+        f"--rdzv_id={env.get('GPTPIPE_RDZV_ID', 'gptpipe-' + name)}",
+    ]
 
 
-def command_line(name: str, cfg: PipelineConfig, config_file: Path, inputs: dict[str, ArtifactRef],
-                 tracking_uri: str | None = None, run_id: str | None = None, force: bool = False,
-                 env: dict[str, str] | None = None) -> list[str]:
+def command_line(
+    name: str,
+    cfg: PipelineConfig,
+    config_file: Path,
+    inputs: dict[str, ArtifactRef],
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    force: bool = False,
+    env: dict[str, str] | None = None,
+) -> list[str]:
     """The full argv: torchrun + ``-m stages NAME`` with the resolved recipe and input references.
 
     ``run_id`` is the stage's own MLflow run (opened by the caller): rank 0 logs into it.
     """
     section = getattr(cfg, name)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(section, name, env),
-           "-m", "stages", name, "--config", str(config_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args(section, name, env),
+        "-m",
+        "stages",
+        name,
+        "--config",
+        str(config_file),
+    ]
     for need in stage_inputs(name, cfg):
         cmd += ["--input", f"{need}={inputs[need].uri}"]
     if tracking_uri and run_id:
@@ -104,9 +126,15 @@ def _failure(name: str, returncode: int, tail: collections.deque) -> GptpipeErro
     return GptpipeError(f"stage {name} under torchrun exited with status {returncode}; see the worker log above")
 
 
-def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, ArtifactRef],
-                       tracking_uri: str | None = None, run_id: str | None = None,
-                       force: bool = False, env: dict[str, str] | None = None) -> StageResult:
+def run_stage_torchrun(
+    name: str,
+    cfg: PipelineConfig,
+    inputs: dict[str, ArtifactRef],
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    force: bool = False,
+    env: dict[str, str] | None = None,
+) -> StageResult:
     """Run stage ``name`` under torchrun (or reuse its finished output) and return its result.
 
     With ``tracking_uri`` and ``run_id`` (the stage's MLflow run, which the caller opened and
@@ -126,8 +154,7 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
         log.info("stage %s: launching %s", name, shlex.join(cmd))
         started = time.perf_counter()
         tail: collections.deque = collections.deque(maxlen=200)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
-                                cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env, cwd=ROOT)
         reader = threading.Thread(target=_tee, args=(proc.stderr, sys.stderr, tail), daemon=True)
         reader.start()
         stdout = proc.stdout.read()
@@ -144,7 +171,10 @@ def run_stage_torchrun(name: str, cfg: PipelineConfig, inputs: dict[str, Artifac
     key = stage_key(name, cfg, inputs)
     manifest = store.find(name, key)  # what rank 0 published (not a reuse check: it ran just now)
     if manifest is None:
-        raise ArtifactError(f"stage {name} under torchrun reported {reference.get('uri')} but the store holds no "
-                            f"output for key {key}; was artifacts.store reachable from every node?")
-    return StageResult(store.ref(manifest), manifest, reused=bool(reference.get("reused")),
-                       wall_time_s=time.perf_counter() - started)
+        raise ArtifactError(
+            f"stage {name} under torchrun reported {reference.get('uri')} but the store holds no "
+            f"output for key {key}; was artifacts.store reachable from every node?"
+        )
+    return StageResult(
+        store.ref(manifest), manifest, reused=bool(reference.get("reused")), wall_time_s=time.perf_counter() - started
+    )

@@ -25,12 +25,12 @@ from flows.containers import check_containers_mode, run_stage_in_container
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
 from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
-from stages.viewer.architecture_svg import SVG_FILE
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
 from stages.registry import STAGE_ORDER
 from stages.runner import stage_inputs
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import describe_store, open_store
+from stages.viewer.architecture_svg import SVG_FILE
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -54,8 +54,13 @@ def ordered_stages(cfg: PipelineConfig) -> list[str]:
 
 def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
     artifact_root = runs_dir(cfg) / "mlartifacts" if uri.startswith("sqlite:") else None
-    parent = start_run(uri, cfg.tracking.experiment, run_name=f"{cfg.name}", tags={"gptpipe.recipe": cfg.name},
-                       artifact_root=artifact_root)
+    parent = start_run(
+        uri,
+        cfg.tracking.experiment,
+        run_name=f"{cfg.name}",
+        tags={"gptpipe.recipe": cfg.name},
+        artifact_root=artifact_root,
+    )
     parent.log_params({"recipe": cfg.name, "stages": ",".join(cfg.stages)})
     return parent
 
@@ -73,8 +78,9 @@ def registered_model_name(cfg: PipelineConfig) -> str:
     return cfg.tracking.registered_model or f"gptpipe-{cfg.name}"
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@task(
+    name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE
+)
 def register_model(config: dict[str, Any], export: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
     """Register the export stage's ``model.onnx`` (with tokenizer and parity figures) under its child run."""
     cfg = PipelineConfig.model_validate(config)
@@ -82,14 +88,22 @@ def register_model(config: dict[str, Any], export: dict[str, Any], tracking_uri:
     local = open_store(cfg.artifacts.store).materialize(ref)
     tracker = attach_run(tracking_uri, export["run_id"])
     model = register_onnx(tracker, registered_model_name(cfg), local, export["metrics"], ref.digest, ref.uri)
-    log.info("model registry: %s version %s (%s)", model["name"], model["version"],
-             "existing version, same export" if model["reused"] else "new version")
+    log.info(
+        "model registry: %s version %s (%s)",
+        model["name"],
+        model["version"],
+        "existing version, same export" if model["reused"] else "new version",
+    )
     return model
 
 
 @flow(name="gptpipe")
-def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str] | None = None,
-             force: bool = False, track: bool = True) -> dict[str, Any]:
+def pipeline(
+    config_path: str | None = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    force: bool = False,
+    track: bool = True,
+) -> dict[str, Any]:
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
     forward_stage_logs()
     cfg = load_config(config_path, overrides or [])
@@ -111,13 +125,19 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
                 done = run_stage_in_container(name, config, inputs, uri, parent_id, force)
             if done is None:  # in this process (local mode, or an output the store already has)
                 labelled = stage_task.with_options(
-                    task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"])
+                    task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"]
+                )
                 done = labelled(name, config, inputs, uri, parent_id, force)
             results[name] = done
-        report = {"recipe": cfg.name, "stages": results, "tracking_uri": redact_uri(uri) if uri else None,
-                  "parent_run_id": parent.run_id if parent else None,
-                  "experiment_id": parent.experiment_id if parent else None,
-                  "store": describe_store(cfg.artifacts.store), "registered_model": None}
+        report = {
+            "recipe": cfg.name,
+            "stages": results,
+            "tracking_uri": redact_uri(uri) if uri else None,
+            "parent_run_id": parent.run_id if parent else None,
+            "experiment_id": parent.experiment_id if parent else None,
+            "store": describe_store(cfg.artifacts.store),
+            "registered_model": None,
+        }
         if parent is not None and "export" in results and results["export"].get("run_id"):
             registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
             report["registered_model"] = registered
@@ -133,5 +153,7 @@ def pipeline(config_path: str | None = "configs/tiny.yaml", overrides: list[str]
         if parent is not None:
             parent.finish(ok)
     reused = [name for name, result in results.items() if result["reused"]]
-    get_run_logger().info("pipeline finished: %d stages, reused by content key: %s", len(results), ", ".join(reused) or "none")
+    get_run_logger().info(
+        "pipeline finished: %d stages, reused by content key: %s", len(results), ", ".join(reused) or "none"
+    )
     return report

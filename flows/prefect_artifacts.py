@@ -106,16 +106,25 @@ def publish_artifacts(report: dict[str, Any]) -> list[str]:
 
     recipe = slug(report["recipe"])
     keys = [f"gptpipe-report-{recipe}"]
-    create_markdown_artifact(markdown=full_markdown(report), key=keys[0],
-                             description=f"gptpipe report card, recipe {report['recipe']}")
+    create_markdown_artifact(
+        markdown=full_markdown(report), key=keys[0], description=f"gptpipe report card, recipe {report['recipe']}"
+    )
     run_url = mlflow_run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
     if run_url:
         keys.append(f"gptpipe-mlflow-{recipe}")
-        create_link_artifact(link=run_url, link_text=f"MLflow run {report['parent_run_id']}", key=keys[-1],
-                             description="MLflow parent run of this pipeline run (child runs per stage)")
+        create_link_artifact(
+            link=run_url,
+            link_text=f"MLflow run {report['parent_run_id']}",
+            key=keys[-1],
+            description="MLflow parent run of this pipeline run (child runs per stage)",
+        )
     netron = netron_location(report)
     if netron:
         keys.append(f"gptpipe-netron-{recipe}")
-        create_link_artifact(link=netron, link_text="Netron bundle (index.html)", key=keys[-1],
-                             description="Serve with: python -m stages.publish serve <bundle dir>")
+        create_link_artifact(
+            link=netron,
+            link_text="Netron bundle (index.html)",
+            key=keys[-1],
+            description="Serve with: python -m stages.publish serve <bundle dir>",
+        )
     return keys

@@ -43,8 +43,11 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 def findings(report: dict[str, Any]) -> list[str]:
     """Each stage's diagnosis sentences (evaluate's: a dominant answer, answers that never stop, ...)."""
-    return [f"{name}: {finding}" for name, result in report["stages"].items()
-            for finding in result["metrics"].get("diagnosis") or ()]
+    return [
+        f"{name}: {finding}"
+        for name, result in report["stages"].items()
+        for finding in result["metrics"].get("diagnosis") or ()
+    ]
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -83,8 +86,12 @@ def render_report(report: dict[str, Any]) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The same table as Markdown, attached to the MLflow parent run."""
-    lines = [f"# gptpipe report card — {report['recipe']}", "", "| stage | status | time | key metrics | artifact |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# gptpipe report card — {report['recipe']}",
+        "",
+        "| stage | status | time | key metrics | artifact |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} | {d} | `{e}` |" for a, b, c, d, e in rows(report)]
     diagnosis = findings(report)
     if diagnosis:

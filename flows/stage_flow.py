@@ -26,8 +26,10 @@ FLOW_NAME = "gptpipe-stage"
 
 def handoff_row(result: dict[str, Any]) -> dict[str, Any]:
     """The stage result as one table row: scalars as they are, nested values as JSON text."""
-    return {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, sort_keys=True)
-            for k, v in result.items()}
+    return {
+        k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v, sort_keys=True)
+        for k, v in result.items()
+    }
 
 
 def read_handoff_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +57,8 @@ def stage_flow(
     forward_stage_logs()
     result = stage_task(name, config, inputs, tracking_uri, parent_run_id, force)
     create_table_artifact(
-        [handoff_row(result)], key=HANDOFF_KEY,
+        [handoff_row(result)],
+        key=HANDOFF_KEY,
         description=f"Output of stage {name}: {result['ref']['uri']} (read back by the pipeline flow)",
     )
     return result

@@ -32,13 +32,14 @@ from stages.storage.stores import LocalStore, Store, open_store
 
 log = logging.getLogger("gptpipe.flow")
 
+
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what may succeed on a second try: a GptpipeError only when it says ``transient``."""
     try:
         state.result()
     except GptpipeError as exc:
         return bool(getattr(exc, "transient", False))
-    except Exception:  # noqa: BLE001 - anything else may be transient (I/O, network)
+    except Exception:
         return True
     return False
 
@@ -63,7 +64,9 @@ def _log_outputs(tracker: MlflowTracker, name: str, result: Any, store: Store) -
     local = _local_copy(store, result)
     if local is None:  # reused from S3 and not cached here: the manifest says what it holds
         return
-    small = [p for p in sorted(local.glob("*")) if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "manifest.json"]
+    small = [
+        p for p in sorted(local.glob("*")) if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "manifest.json"
+    ]
     for path in small:
         if path.suffix in {".json", ".md", ".png", ".svg", ".vocab", ".model", ".txt", ".jsonl"}:
             tracker.log_artifact(path, "outputs")
@@ -99,8 +102,13 @@ def stage_task(
     refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
     tracking: Any = contextlib.nullcontext()  # yields None: no tracking
     if tracking_uri and parent_run_id:
-        tracking = stage_run(tracking_uri, name, parent_run_id=parent_run_id, tags={"gptpipe.recipe": cfg.name},
-                             params=lambda: stage_config(name, cfg))
+        tracking = stage_run(
+            tracking_uri,
+            name,
+            parent_run_id=parent_run_id,
+            tags={"gptpipe.recipe": cfg.name},
+            params=lambda: stage_config(name, cfg),
+        )
     started = time.perf_counter()
     try:
         with tracking as tracker:

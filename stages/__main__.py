@@ -32,17 +32,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages", description="Run one gptpipe stage.")
     parser.add_argument("stage", choices=STAGE_ORDER, help="stage to run")
     parser.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field (repeatable)")
-    parser.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=URI",
-                        help="an upstream artifact, e.g. tokenizer=runs/store/tokenizer/<key> (repeatable)")
-    parser.add_argument("--out", default=None, help="artifact store to write into (default: the recipe's artifacts.store)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field (repeatable)",
+    )
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        help="an upstream artifact, e.g. tokenizer=runs/store/tokenizer/<key> (repeatable)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="artifact store to write into (default: the recipe's artifacts.store)"
+    )
     parser.add_argument("--force", action="store_true", help="recompute even if a finished output exists")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for a child run")
     run = parser.add_mutually_exclusive_group()
-    run.add_argument("--parent-run-id", default=None, help="open a child run under this MLflow run (with --tracking-uri)")
-    run.add_argument("--run-id", default=None,
-                     help="log into this existing MLflow stage run, which the caller closes (with --tracking-uri)")
+    run.add_argument(
+        "--parent-run-id", default=None, help="open a child run under this MLflow run (with --tracking-uri)"
+    )
+    run.add_argument(
+        "--run-id",
+        default=None,
+        help="log into this existing MLflow stage run, which the caller closes (with --tracking-uri)",
+    )
     return parser.parse_args(argv)
 
 
@@ -54,8 +73,13 @@ def tracking(args: argparse.Namespace, cfg: Any) -> Any:
 
     if args.run_id:
         return stage_run(args.tracking_uri, args.stage, run_id=args.run_id)
-    return stage_run(args.tracking_uri, args.stage, parent_run_id=args.parent_run_id,
-                     tags={"gptpipe.recipe": cfg.name}, params=lambda: stage_config(args.stage, cfg))
+    return stage_run(
+        args.tracking_uri,
+        args.stage,
+        parent_run_id=args.parent_run_id,
+        tags={"gptpipe.recipe": cfg.name},
+        params=lambda: stage_config(args.stage, cfg),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

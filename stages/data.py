@@ -64,8 +64,10 @@ _worker_processor: spm.SentencePieceProcessor | None = None
 
 
 def _too_few_message(count: int) -> str:
-    return (f"the corpus has {count} document(s); a train/val split needs at least 2 — "
-            "add documents to corpus.source (each file or JSONL record is one document)")
+    return (
+        f"the corpus has {count} document(s); a train/val split needs at least 2 — "
+        "add documents to corpus.source (each file or JSONL record is one document)"
+    )
 
 
 def split_documents(documents: Sequence[str], val_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -163,16 +165,25 @@ class _Encoder:
 
 
 def write_splits(
-    documents: Sequence[str], splits: dict[str, list[int]], tokenizer: Tokenizer, out: Path,
-    workers: int, shard_tokens: int, chunk_chars: int = _CHUNK_CHARS,
+    documents: Sequence[str],
+    splits: dict[str, list[int]],
+    tokenizer: Tokenizer,
+    out: Path,
+    workers: int,
+    shard_tokens: int,
+    chunk_chars: int = _CHUNK_CHARS,
 ) -> dict:
     """Tokenize every split into shard files under ``out``; return the ``shards.json`` index."""
     dtype = dtype_for(tokenizer.vocab_size)
     index: dict = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "splits": {}}
     encoder = _Encoder(tokenizer, workers, dtype)
     bar = progress_bar(
-        total=len(documents), desc="tokenize", unit="doc", file=sys.stderr,
-        disable=len(documents) <= _PROGRESS_MIN_DOCS, leave=False,
+        total=len(documents),
+        desc="tokenize",
+        unit="doc",
+        file=sys.stderr,
+        disable=len(documents) <= _PROGRESS_MIN_DOCS,
+        leave=False,
     )
     try:
         for split in SPLITS:
@@ -240,8 +251,9 @@ def process_unit(unit: Unit, corpus: CorpusConfig, settings: dict, model_proto: 
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
     try:
-        writers = {s: ShardWriter(scratch, s, dtype, settings["shard_tokens"], prefix=f"{s}_{unit.index:06d}")
-                   for s in SPLITS}
+        writers = {
+            s: ShardWriter(scratch, s, dtype, settings["shard_tokens"], prefix=f"{s}_{unit.index:06d}") for s in SPLITS
+        }
         pending: dict[str, list[str]] = {s: [] for s in SPLITS}
         pending_chars = dict.fromkeys(SPLITS, 0)
         counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
@@ -334,15 +346,26 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         plan_seconds = time.perf_counter() - started
         work = UnitDirectory(_work_location(cfg, out))
         settings = {
-            "seed": cfg.data.seed, "val_fraction": cfg.data.val_fraction, "shard_tokens": cfg.data.shard_tokens,
-            "dtype": dtype_for(tokenizer.vocab_size).name, "eos_id": tokenizer.eos_id,
+            "seed": cfg.data.seed,
+            "val_fraction": cfg.data.val_fraction,
+            "shard_tokens": cfg.data.shard_tokens,
+            "dtype": dtype_for(tokenizer.vocab_size).name,
+            "eos_id": tokenizer.eos_id,
             "tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest()[:16],
             "corpus": cfg.corpus.model_dump(mode="json"),
         }
         results: dict[int, dict] = {}
         total_bytes = sum(unit.size for unit in units)
-        bar = progress_bar(total=total_bytes, desc="data", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                         disable=total_bytes < _PROGRESS_MIN_BYTES, leave=False)
+        bar = progress_bar(
+            total=total_bytes,
+            desc="data",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=total_bytes < _PROGRESS_MIN_BYTES,
+            leave=False,
+        )
         tokens_done = 0
 
         def finished(result: dict) -> None:
@@ -350,15 +373,23 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
             results[result["unit"]] = result
             tokens_done += sum(s["tokens"] for s in result["splits"].values())
             bar.update(result["source_bytes"])
-            bar.set_postfix(tokens_per_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
+            bar.set_postfix(
+                tokens_per_s=f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False
+            )
 
         def tasks(chosen: list[Unit], extra: dict) -> list[tuple]:
             return [(unit, cfg.corpus, {**settings, **extra}, tokenizer.model_proto, work.location) for unit in chosen]
 
         started = time.perf_counter()
         try:
-            run_tasks(process_unit, tasks(units, {}), finished, executor=cfg.data.executor, workers=workers,
-                      scheduler=cfg.data.dask_scheduler)
+            run_tasks(
+                process_unit,
+                tasks(units, {}),
+                finished,
+                executor=cfg.data.executor,
+                workers=workers,
+                scheduler=cfg.data.dask_scheduler,
+            )
         finally:
             bar.close()
         reused = sum(bool(r.get("reused")) for r in results.values())
@@ -411,8 +442,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
 
 def _assemble(results: list[dict], work: UnitDirectory, out: Path, tokenizer: Tokenizer) -> dict:
     """Unit files into the artifact, in unit order, and ``shards.json`` listing them."""
-    index: dict = {"dtype": dtype_for(tokenizer.vocab_size).name, "vocab_size": tokenizer.vocab_size,
-                   "eos_id": tokenizer.eos_id, "splits": {}}
+    index: dict = {
+        "dtype": dtype_for(tokenizer.vocab_size).name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "splits": {},
+    }
     for split in SPLITS:
         files: list[str] = []
         for result in results:

@@ -25,24 +25,22 @@ import math
 import time
 from pathlib import Path
 
-
-from stages.training import checkpoint
-from stages.training.batches import fixed_windows
-from stages.lm.chat import ChatTemplate, validate_messages
 from stages.core.config import EvaluateConfig, PipelineConfig
 from stages.core.errors import ArtifactError
+from stages.core.plots import plot_curves, read_curve
 from stages.core.progress import progress_bar
+from stages.core.tracking import Tracker
+from stages.lm.chat import ChatTemplate, validate_messages
 from stages.lm.diagnosis import Answers, diagnose
 from stages.lm.generate import generate_greedy_batch
 from stages.lm.model import GPT
-from stages.core.plots import plot_curves, read_curve
-from stages.storage.shards import TokenShards
 from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
-from stages.core.tracking import Tracker
+from stages.storage.shards import TokenShards
+from stages.training import checkpoint
+from stages.training.batches import fixed_windows
 from stages.training.loop import evaluate_loss, resolve_device
 from stages.training.perf import set_threads
-
 
 log = logging.getLogger("gptpipe.evaluate")
 
@@ -74,18 +72,23 @@ def language_metrics(model: GPT, shards: TokenShards, cfg: EvaluateConfig) -> di
     }
 
 
-def generate_answers(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int,
-                     desc: str = "generate") -> Answers:
+def generate_answers(
+    model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int, desc: str = "generate"
+) -> Answers:
     """Greedy answers per record (prompt = every message before the last assistant turn), with a
     progress bar over items, and whether each answer ended with a stop token."""
     prompts = [template.render_prompt(template.split_last_answer(r["messages"])[0]) for r in records]
     bar = progress_bar(total=len(prompts), desc=desc, unit="item", leave=False)
     try:
-        generated = generate_greedy_batch(model, prompts, max_new_tokens, stop_ids=template.stop_ids, on_done=bar.update)
+        generated = generate_greedy_batch(
+            model, prompts, max_new_tokens, stop_ids=template.stop_ids, on_done=bar.update
+        )
     finally:
         bar.close()
     stops = set(template.stop_ids)
-    return Answers([template.decode_answer(ids) for ids in generated], [bool(ids) and ids[-1] in stops for ids in generated])
+    return Answers(
+        [template.decode_answer(ids) for ids in generated], [bool(ids) and ids[-1] in stops for ids in generated]
+    )
 
 
 def answer_items(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int) -> list[str]:
@@ -107,8 +110,9 @@ def score(records: list[dict], answers: list[str]) -> dict:
     }
 
 
-def lm_eval_figures(model: GPT, tokenizer: Tokenizer, val: TokenShards, records: list[dict], cfg: EvaluateConfig,
-                    out: Path) -> dict[str, dict[str, float]]:
+def lm_eval_figures(
+    model: GPT, tokenizer: Tokenizer, val: TokenShards, records: list[dict], cfg: EvaluateConfig, out: Path
+) -> dict[str, dict[str, float]]:
     """``evaluate.lm_eval_tasks`` through lm-evaluation-harness (``stages.lm.harness``, lm-eval imported here).
 
     The local tasks are written once into ``lm_eval_tasks/``: ``gptpipe_heldout`` from the same
@@ -120,7 +124,9 @@ def lm_eval_figures(model: GPT, tokenizer: Tokenizer, val: TokenShards, records:
     tasks_dir = out / "lm_eval_tasks"
     if not tasks_dir.is_dir():
         budget = cfg.val_batches * cfg.batch_size * model.cfg.block_size
-        harness.write_local_tasks(tasks_dir, records, harness.validation_texts(val, tokenizer, budget), cfg.max_new_tokens)
+        harness.write_local_tasks(
+            tasks_dir, records, harness.validation_texts(val, tokenizer, budget), cfg.max_new_tokens
+        )
     return harness.run_tasks(model, tokenizer, cfg.lm_eval_tasks, tasks_dir, batch_size=cfg.batch_size)
 
 
@@ -140,20 +146,28 @@ def write_markdown(report: dict, path: Path) -> None:
     for task in tuned["per_task"]:
         lines.append(f"| exact match: {task} | {base['per_task'].get(task, 0):.1%} | {tuned['per_task'][task]:.1%} |")
     lines.append(f"| time: loss + generation (s) | {base['seconds']:.1f} | {tuned['seconds']:.1f} |")
-    lines += ["", f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.", ""]
+    lines += [
+        "",
+        f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.",
+        "",
+    ]
     lines += ["## Diagnosis", ""]
     lines += [f"- {finding}" for finding in report["diagnosis"]] or ["- nothing to flag"]
     lines += [""]
     lines += ["## Samples", ""]
     for sample in report["samples"]:
-        lines += [f"- **prompt** `{sample['prompt']}` — expected `{sample['expected']}`",
-                  f"  - base: `{sample['base']}`", f"  - fine-tuned: `{sample['finetuned']}`"]
+        lines += [
+            f"- **prompt** `{sample['prompt']}` — expected `{sample['expected']}`",
+            f"  - base: `{sample['base']}`",
+            f"  - fine-tuned: `{sample['finetuned']}`",
+        ]
     lines += ["", "![loss curves](curves.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def evaluate_model(name: str, model: GPT, template: ChatTemplate, records: list[dict], val: TokenShards,
-                   ecfg: EvaluateConfig) -> tuple[dict, Answers]:
+def evaluate_model(
+    name: str, model: GPT, template: ChatTemplate, records: list[dict], val: TokenShards, ecfg: EvaluateConfig
+) -> tuple[dict, Answers]:
     """One model's language metrics, exact match and times; and its answers (for the diagnosis)."""
     t0 = time.perf_counter()
     metrics: dict = language_metrics(model, val, ecfg)
@@ -161,10 +175,24 @@ def evaluate_model(name: str, model: GPT, template: ChatTemplate, records: list[
     answers = generate_answers(model, template, records, ecfg.max_new_tokens, desc=f"evaluate {name}")
     metrics.update(score(records, answers.texts))
     t2 = time.perf_counter()
-    metrics.update({"seconds_loss": round(t1 - t0, 2), "seconds_generate": round(t2 - t1, 2), "seconds": round(t2 - t0, 2),
-                    "never_stopped": answers.stopped.count(False)})
-    log.info("%s: val loss %.4f, bpb %.4f, exact match %.1f%%, %.1fs (loss %.1fs, generation %.1fs)", name,
-             metrics["val_loss"], metrics["bits_per_byte"], 100 * metrics["accuracy"], t2 - t0, t1 - t0, t2 - t1)
+    metrics.update(
+        {
+            "seconds_loss": round(t1 - t0, 2),
+            "seconds_generate": round(t2 - t1, 2),
+            "seconds": round(t2 - t0, 2),
+            "never_stopped": answers.stopped.count(False),
+        }
+    )
+    log.info(
+        "%s: val loss %.4f, bpb %.4f, exact match %.1f%%, %.1fs (loss %.1fs, generation %.1fs)",
+        name,
+        metrics["val_loss"],
+        metrics["bits_per_byte"],
+        100 * metrics["accuracy"],
+        t2 - t0,
+        t1 - t0,
+        t2 - t1,
+    )
     return metrics, answers
 
 
@@ -178,8 +206,11 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     val = TokenShards(inputs["data"], "val")
     records = read_heldout(inputs["finetune"] / "heldout.jsonl")
     if len(records) < ecfg.task_items:
-        log.warning("only %d held-out items available (evaluate.task_items = %d); scoring all of them",
-                    len(records), ecfg.task_items)
+        log.warning(
+            "only %d held-out items available (evaluate.task_items = %d); scoring all of them",
+            len(records),
+            ecfg.task_items,
+        )
     records = records[: ecfg.task_items]
 
     results: dict[str, dict] = {}
@@ -189,8 +220,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         results[name], generated[name] = evaluate_model(name, model, template, records, val, ecfg)
         if ecfg.lm_eval_tasks:  # the harness's figures beside gptpipe's own (stages/lm/harness.py)
             results[name]["lm_eval"] = lm_eval_figures(model, tokenizer, val, records, ecfg, out)
-            tracker.log_metrics({f"eval/{name}/lm_eval/{task}/{key}": value
-                                 for task, figures in results[name]["lm_eval"].items() for key, value in figures.items()})
+            tracker.log_metrics(
+                {
+                    f"eval/{name}/lm_eval/{task}/{key}": value
+                    for task, figures in results[name]["lm_eval"].items()
+                    for key, value in figures.items()
+                }
+            )
     answers = {name: g.texts for name, g in generated.items()}
     expected = [r["messages"][-1]["content"] for r in records]
     findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
@@ -198,8 +234,13 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         log.warning("diagnosis: %s", finding)
     with open(out / "answers.jsonl", "w", encoding="utf-8") as handle:
         for i, record in enumerate(records):
-            row = {"expected": expected[i], **{n: {"answer": g.texts[i], "stopped": g.stopped[i]} for n, g in generated.items()}}
-            handle.write(json.dumps({**({"task": record["task"]} if "task" in record else {}), **row}, ensure_ascii=False) + "\n")
+            row = {
+                "expected": expected[i],
+                **{n: {"answer": g.texts[i], "stopped": g.stopped[i]} for n, g in generated.items()},
+            }
+            handle.write(
+                json.dumps({**({"task": record["task"]} if "task" in record else {}), **row}, ensure_ascii=False) + "\n"
+            )
 
     samples = [
         {
@@ -224,7 +265,10 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     write_markdown(report, out / "report.md")
     plot_curves(
-        {"pretrain": read_curve(inputs["pretrain"] / "curve.json"), "finetune": read_curve(inputs["finetune"] / "curve.json")},
+        {
+            "pretrain": read_curve(inputs["pretrain"] / "curve.json"),
+            "finetune": read_curve(inputs["finetune"] / "curve.json"),
+        },
         out / "curves.png",
     )
 

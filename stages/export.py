@@ -39,21 +39,19 @@ import onnx
 import torch
 from torch import nn
 
-from stages.lm import onnx_architecture
-
-from stages.lm import hf_checkpoint
-from stages.lm import onnx_runtime as ortgen
-from stages.storage.artifacts import MANIFEST
-from stages.training.checkpoint import load_model, model_directory
-from stages.training.perf import set_threads
 from stages.core.config import ExportConfig, PipelineConfig
-from stages.lm.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
 from stages.core.errors import ConfigError, ParityError
+from stages.core.tracking import Tracker
+from stages.lm import hf_checkpoint, onnx_architecture
+from stages.lm import onnx_runtime as ortgen
+from stages.lm.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
-from stages.core.tracking import Tracker
+from stages.storage.artifacts import MANIFEST
+from stages.training.checkpoint import load_model, model_directory
+from stages.training.perf import set_threads
 from stages.viewer import architecture_svg
 
 log = logging.getLogger("gptpipe.export")
@@ -63,7 +61,6 @@ PT2_FILE = "model.pt2"
 HELDOUT_FILE = "heldout.jsonl"  # written by stage 'finetune' beside its model
 INT8_FILE = "model.int8.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX protobuf cannot exceed 2 GB: weights go to a side file
-
 
 
 class KVGraph(nn.Module):
@@ -103,7 +100,12 @@ def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) 
         torch.export.save(program, str(out / PT2_FILE))
         graphs["pt2"] = PT2_FILE
     onnx_program = torch.onnx.export(
-        program, (ids,), dynamo=True, opset_version=opset, input_names=["input_ids"], output_names=["logits"],
+        program,
+        (ids,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["input_ids"],
+        output_names=["logits"],
         verbose=False,
     )
     # Exporting a traced program keeps torch's symbol names (s27...): name the axes for Netron.
@@ -115,8 +117,14 @@ def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) 
     past = [torch.zeros(2, cfg.n_head, 3, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     shapes = {"input_ids": {0: batch, 1: seq}, "past_flat": tuple({0: batch, 2: past_dim} for _ in past)}
     onnx_program = torch.onnx.export(
-        KVGraph(model).eval(), (ids, *past), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-        input_names=kv_in, output_names=kv_out, verbose=False,
+        KVGraph(model).eval(),
+        (ids, *past),
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=shapes,
+        input_names=kv_in,
+        output_names=kv_out,
+        verbose=False,
     )
     onnx_program.save(str(out / ortgen.KV_GRAPH), external_data=external)
     return graphs
@@ -147,7 +155,9 @@ def check_graphs(out: Path, names: list[str]) -> None:
             onnx.checker.check_model(str(out / name), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ParityError(f"export parity gate: onnx.checker rejects {name}: {first} — nothing was published") from None
+            raise ParityError(
+                f"export parity gate: onnx.checker rejects {name}: {first} — nothing was published"
+            ) from None
 
 
 def quantize_int8(out: Path, external: bool) -> str:
@@ -177,17 +187,31 @@ def write_meta(model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig,
     kv_in, kv_out = ortgen.kv_names(model.cfg.n_layer)
     shape = model.cfg
     meta = {
-        "n_layer": shape.n_layer, "n_head": shape.n_head, "head_dim": shape.head_dim,
-        "block_size": shape.block_size, "vocab_size": shape.vocab_size, "model": shape.to_dict(),
-        "graphs": graphs, "logits_input": "input_ids", "kv_inputs": kv_in, "kv_outputs": kv_out,
-        "source": cfg.source, "opset": cfg.opset, "external_data": external, "tokenizer": ortgen.TOKENIZER_DIR,
+        "n_layer": shape.n_layer,
+        "n_head": shape.n_head,
+        "head_dim": shape.head_dim,
+        "block_size": shape.block_size,
+        "vocab_size": shape.vocab_size,
+        "model": shape.to_dict(),
+        "graphs": graphs,
+        "logits_input": "input_ids",
+        "kv_inputs": kv_in,
+        "kv_outputs": kv_out,
+        "source": cfg.source,
+        "opset": cfg.opset,
+        "external_data": external,
+        "tokenizer": ortgen.TOKENIZER_DIR,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ortgen.ort.__version__},
     }
     (out / ortgen.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def file_sizes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.suffix in (".onnx", ".pt2", ".data")}
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.suffix in (".onnx", ".pt2", ".data")
+    }
 
 
 # ---------------------------------------------------------------------------- parity gate
@@ -208,10 +232,7 @@ def _max_diff(ours: list[np.ndarray], ref: list[torch.Tensor]) -> float:
     relative beyond, so it still catches a changed weight (errors of 1e-2 and up) without
     failing a faithful export on rounding.
     """
-    return max(
-        float(np.max(np.abs(a - b.numpy()))) / max(1.0, float(b.abs().max()))
-        for a, b in zip(ours, ref)
-    )
+    return max(float(np.max(np.abs(a - b.numpy()))) / max(1.0, float(b.abs().max())) for a, b in zip(ours, ref))
 
 
 @torch.no_grad()
@@ -247,13 +268,16 @@ def heldout_conversations(model_artifact: Path, count: int, seed: int) -> tuple[
     return [item.messages() for item in make_items(count, "heldout", seed)], "synthetic tasks"
 
 
-def parity_prompts(tokenizer: Tokenizer, conversations: list[list[Message]], count: int, block_size: int,
-                   new_tokens: int, seed: int) -> list[list[int]]:
+def parity_prompts(
+    tokenizer: Tokenizer, conversations: list[list[Message]], count: int, block_size: int, new_tokens: int, seed: int
+) -> list[list[int]]:
     """Held-out chat prompts, plus one random prompt that runs past block_size (the crop path)."""
     template = ChatTemplate(tokenizer)
     chats = conversations[: max(count - 1, 1)]
     # Everything before the last assistant turn, ending with <|assistant|>: what a user would send.
-    prompts = [template.render_prompt(messages[:-1] if len(messages) > 1 else messages)[-block_size:] for messages in chats]
+    prompts = [
+        template.render_prompt(messages[:-1] if len(messages) > 1 else messages)[-block_size:] for messages in chats
+    ]
     if count > 1:
         rng = np.random.default_rng(seed)
         length = max(1, block_size - new_tokens // 2)
@@ -261,7 +285,9 @@ def parity_prompts(tokenizer: Tokenizer, conversations: list[list[Message]], cou
     return prompts
 
 
-def generation_parity(model: GPT, out: Path, prompts: list[list[int]], new_tokens: int, stop_ids, threads: int) -> list[str]:
+def generation_parity(
+    model: GPT, out: Path, prompts: list[list[int]], new_tokens: int, stop_ids, threads: int
+) -> list[str]:
     """Problems (empty when every prompt gives identical greedy ids in PyTorch and ORT+KV)."""
     generator = ortgen.OnnxGenerator(out, threads=threads)
     problems = []
@@ -272,7 +298,9 @@ def generation_parity(model: GPT, out: Path, prompts: list[list[int]], new_token
             at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
             got = ours[at] if at < len(ours) else "end"
             want = ref[at] if at < len(ref) else "end"
-            problems.append(f"prompt {number} ({len(prompt)} ids) diverges at new token {at}: ORT {got}, PyTorch {want}")
+            problems.append(
+                f"prompt {number} ({len(prompt)} ids) diverges at new token {at}: ORT {got}, PyTorch {want}"
+            )
     return problems
 
 
@@ -285,8 +313,9 @@ def pt2_parity(model: GPT, out: Path, rng: np.random.Generator) -> float:
     return float((program.module()(ids) - ref).abs().max()) / max(1.0, float(ref.abs().max()))
 
 
-def check_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig,
-                 conversations: list[list[Message]] | None = None) -> dict:
+def check_parity(
+    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]] | None = None
+) -> dict:
     """Run the gate; raise ParityError naming every failure, else return its numbers."""
     rng = np.random.default_rng(cfg.seed)
     block = model.cfg.block_size
@@ -342,7 +371,10 @@ def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conv
     """Assistant-token loss on held-out chat items: fp32 graph vs its int8 twin (reported, not gated)."""
     template = ChatTemplate(tokenizer)
     meta = ortgen.ExportMeta.read(out)
-    sessions = {name: ortgen.open_session(out / file, cfg.threads) for name, file in (("fp32", ortgen.LOGITS_GRAPH), ("int8", INT8_FILE))}
+    sessions = {
+        name: ortgen.open_session(out / file, cfg.threads)
+        for name, file in (("fp32", ortgen.LOGITS_GRAPH), ("int8", INT8_FILE))
+    }
     totals = {name: 0.0 for name in sessions}
     count = 0
     for messages in conversations[: cfg.heldout_items]:
@@ -354,21 +386,29 @@ def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conv
             totals[name] += loss
         count += n
     fp32, int8 = totals["fp32"] / max(count, 1), totals["int8"] / max(count, 1)
-    return {"loss_fp32": round(fp32, 5), "loss_int8": round(int8, 5), "loss_delta": round(int8 - fp32, 5), "tokens": count}
+    return {
+        "loss_fp32": round(fp32, 5),
+        "loss_int8": round(int8, 5),
+        "loss_delta": round(int8 - fp32, 5),
+        "tokens": count,
+    }
 
 
 # ---------------------------------------------------------------------------- architecture view
 
 
 @torch.no_grad()
-def architecture_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig,
-                        conversations: list[list[Message]]) -> dict:
+def architecture_parity(
+    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
     """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
     gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
     name = onnx_architecture.ARCHITECTURE_GRAPH
     blocks = onnx_architecture.block_count(onnx.load(str(out / name), load_external_data=False))
     if blocks != model.cfg.n_layer:
-        raise ParityError(f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published")
+        raise ParityError(
+            f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published"
+        )
     rng = np.random.default_rng(cfg.seed)
     session = ortgen.open_session(out / name, cfg.threads)
     diffs = {}
@@ -377,32 +417,50 @@ def architecture_parity(model: GPT, out: Path, tokenizer: Tokenizer, cfg: Export
         diffs[f"{batch}x{length}"] = _max_diff(session.run(None, {"input_ids": ids}), [model(torch.from_numpy(ids))])
     failures = [f"{shape}: {diff:.2e}" for shape, diff in diffs.items() if not diff <= cfg.tolerance]
     if failures:
-        raise ParityError(f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
-                          f"for {'; '.join(failures)} — nothing was published")
-    prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, model.cfg.block_size,
-                             cfg.generation_tokens, cfg.seed)
+        raise ParityError(
+            f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
+            f"for {'; '.join(failures)} — nothing was published"
+        )
+    prompts = parity_prompts(
+        tokenizer, conversations, cfg.generation_prompts, model.cfg.block_size, cfg.generation_tokens, cfg.seed
+    )
     stop_ids = ChatTemplate(tokenizer).stop_ids
-    differ = [number for number, prompt in enumerate(prompts)
-              if onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, model.cfg.block_size, stop_ids)
-              != generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids)]
+    differ = [
+        number
+        for number, prompt in enumerate(prompts)
+        if onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, model.cfg.block_size, stop_ids)
+        != generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids)
+    ]
     if differ:
-        raise ParityError(f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
-                          f"{differ} of {len(prompts)} — nothing was published")
-    return {"blocks": blocks, "max_abs_diff": max(diffs.values()), "generation_prompts": len(prompts),
-            "generation_matches": len(prompts)}
+        raise ParityError(
+            f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
+            f"{differ} of {len(prompts)} — nothing was published"
+        )
+    return {
+        "blocks": blocks,
+        "max_abs_diff": max(diffs.values()),
+        "generation_prompts": len(prompts),
+        "generation_matches": len(prompts),
+    }
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]) -> dict:
+
+def export_hf(
+    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
     """Write ``hf/`` and check it with transformers on the gate's shapes, prompts and held-out items."""
     block = model.cfg.block_size
     started = time.perf_counter()
     hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / hf_checkpoint.HF_DIR)
     shapes = gate_shapes(cfg.parity_shapes, block, np.random.default_rng(cfg.seed))
     prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed)
-    figures, failures = hf_checkpoint.check_checkpoint(model, tokenizer, hf_dir, cfg.tolerance, shapes, prompts,
-                                                       cfg.generation_tokens, conversations, cfg.seed)
+    figures, failures = hf_checkpoint.check_checkpoint(
+        model, tokenizer, hf_dir, cfg.tolerance, shapes, prompts, cfg.generation_tokens, conversations, cfg.seed
+    )
     if failures:
-        raise ParityError(f"export parity gate: the Hugging Face checkpoint ({hf_checkpoint.HF_DIR}/, loaded with "
-                          f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published")
+        raise ParityError(
+            f"export parity gate: the Hugging Face checkpoint ({hf_checkpoint.HF_DIR}/, loaded with "
+            f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published"
+        )
     return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -442,8 +500,12 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     if ecfg.hf:  # ---- Hugging Face checkpoint, behind its own gate (stages/lm/hf_checkpoint.py)
         metrics["hf"] = export_hf(model, tokenizer, out, ecfg, conversations)
         tracker.log_artifact(out / hf_checkpoint.HF_DIR, hf_checkpoint.HF_DIR)
-        tracker.log_metrics({"export.hf_max_abs_diff": metrics["hf"]["max_abs_diff"],
-                             "export.hf_tokenizer_matches": metrics["hf"]["tokenizer_matches"]})
+        tracker.log_metrics(
+            {
+                "export.hf_max_abs_diff": metrics["hf"]["max_abs_diff"],
+                "export.hf_tokenizer_matches": metrics["hf"]["tokenizer_matches"],
+            }
+        )
 
     if ecfg.quantize:
         graphs["int8"] = quantize_int8(out, external)
@@ -457,7 +519,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         file_bytes=file_sizes(out),
         parameters=model.num_params(non_embedding=False),
     )
-    tracker.log_metrics({"export.max_abs_diff": metrics["max_abs_diff"], "export.generation_matches": metrics["generation_matches"]})
-    log.info("export: %d graphs, max |dlogits| %.2e, generation %d/%d identical",
-             len(graphs), metrics["max_abs_diff"], metrics["generation_matches"], metrics["generation_prompts"])
+    tracker.log_metrics(
+        {"export.max_abs_diff": metrics["max_abs_diff"], "export.generation_matches": metrics["generation_matches"]}
+    )
+    log.info(
+        "export: %d graphs, max |dlogits| %.2e, generation %d/%d identical",
+        len(graphs),
+        metrics["max_abs_diff"],
+        metrics["generation_matches"],
+        metrics["generation_prompts"],
+    )
     return metrics

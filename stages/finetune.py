@@ -35,17 +35,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.training import checkpoint
-from stages.training.batches import RandomWindows
-from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.core.config import FinetuneConfig, PipelineConfig
 from stages.core.errors import ConfigError, DataError
+from stages.core.tracking import Tracker
+from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.lm.targets import IGNORE
-from stages.storage.artifacts import CHECKPOINTS
-from stages.storage.shards import TokenShards
 from stages.lm.tasks import check_tasks, make_items
 from stages.lm.tokenizer import Tokenizer
-from stages.core.tracking import Tracker
+from stages.storage.artifacts import CHECKPOINTS
+from stages.storage.shards import TokenShards
+from stages.training import checkpoint
+from stages.training.batches import RandomWindows
 from stages.training.loop import evaluate_loss, resolve_device, train
 from stages.training.perf import set_threads
 
@@ -91,11 +91,15 @@ def load_conversations(cfg: FinetuneConfig) -> tuple[list[list[Message]], list[d
     held_keys = {_fingerprint(m) for m in heldout}
     train_set = [m for m in train_set if _fingerprint(m) not in held_keys]
     if not train_set:
-        raise DataError(f"{cfg.data}: every training conversation also appears in the held-out set; nothing to train on")
+        raise DataError(
+            f"{cfg.data}: every training conversation also appears in the held-out set; nothing to train on"
+        )
     return train_set, [{"messages": m} for m in heldout]
 
 
-def render_all(template: ChatTemplate, conversations: list[list[Message]], block_size: int, what: str) -> list[Rendered]:
+def render_all(
+    template: ChatTemplate, conversations: list[list[Message]], block_size: int, what: str
+) -> list[Rendered]:
     """Render conversations; ones longer than a row (block_size + 1 ids) are dropped and counted."""
     rendered, too_long = [], 0
     for messages in conversations:
@@ -105,8 +109,13 @@ def render_all(template: ChatTemplate, conversations: list[list[Message]], block
             continue
         rendered.append(r)
     if too_long:
-        log.warning("%s: dropped %d of %d conversations longer than block_size+1 = %d tokens",
-                    what, too_long, len(conversations), block_size + 1)
+        log.warning(
+            "%s: dropped %d of %d conversations longer than block_size+1 = %d tokens",
+            what,
+            too_long,
+            len(conversations),
+            block_size + 1,
+        )
     if not rendered:
         raise DataError(
             f"{what}: all {len(conversations)} conversations are longer than the model's context "
@@ -192,7 +201,9 @@ def replay_rows(cfg: FinetuneConfig) -> int:
     return rows
 
 
-def fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``limit`` batches of rows in order: a fixed held-out set for the loss curve."""
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)][:limit]
 
@@ -266,8 +277,16 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
 
     trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
-    log.info("finetune (%s): %d conversations in %d rows, %d of %d rows per batch replay pretraining text, "
-             "%d trainable parameters", fcfg.method, len(train_rendered), len(x), n_replay, fcfg.batch_size, n_trainable)
+    log.info(
+        "finetune (%s): %d conversations in %d rows, %d of %d rows per batch replay pretraining text, "
+        "%d trainable parameters",
+        fcfg.method,
+        len(train_rendered),
+        len(x),
+        n_replay,
+        fcfg.batch_size,
+        n_trainable,
+    )
     result = train(
         trainable,
         batches,

@@ -26,19 +26,18 @@ from typing import Any
 
 import torch
 
-from stages.training import checkpoint as ckpt
-from stages.training.checkpoint import MODEL_DIR
-from stages.training import distributed
-from stages.storage.artifacts import CHECKPOINTS
-from stages.training.batches import RandomWindows, fixed_windows
 from stages.core.config import PipelineConfig
 from stages.core.errors import DataError
-from stages.lm.model import GPT, GPTConfig
-from stages.storage.shards import TokenShards
 from stages.core.tracking import Tracker
+from stages.lm.model import GPT, GPTConfig
+from stages.storage.artifacts import CHECKPOINTS
+from stages.storage.shards import TokenShards
+from stages.training import checkpoint as ckpt
+from stages.training import distributed
+from stages.training.batches import RandomWindows, fixed_windows
+from stages.training.checkpoint import MODEL_DIR
 from stages.training.loop import evaluate_loss, train
 from stages.training.perf import set_threads
-
 
 CURVE = "curve.json"
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
@@ -79,18 +78,22 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     rank, world = distributed.from_env().rank, distributed.from_env().world_size
     val_batches = _val_slice(fixed_windows(val_split, block, pcfg.batch_size * world, pcfg.eval_batches), rank, world)
     if train_split.eos_id >= vocab:
-        raise DataError(f"{inputs['data']}/shards.json: eos_id {train_split.eos_id} >= vocab_size {vocab}; rerun the data stage")
+        raise DataError(
+            f"{inputs['data']}/shards.json: eos_id {train_split.eos_id} >= vocab_size {vocab}; rerun the data stage"
+        )
 
     model = build_model(cfg, vocab)
     if distributed.from_env().is_main:  # under torchrun, one report per job
-        tracker.log_params({
-            "model.vocab_size": vocab,
-            "model.n_params": model.num_params(non_embedding=False),
-            "model.n_params_non_embedding": model.num_params(non_embedding=True),
-            "model.flops_per_token": model.flops_per_token(),
-            "data.train_tokens": len(train_split),
-            "data.val_tokens": len(val_split),
-        })
+        tracker.log_params(
+            {
+                "model.vocab_size": vocab,
+                "model.n_params": model.num_params(non_embedding=False),
+                "model.n_params_non_embedding": model.num_params(non_embedding=True),
+                "model.flops_per_token": model.flops_per_token(),
+                "data.train_tokens": len(train_split),
+                "data.val_tokens": len(val_split),
+            }
+        )
 
     result = train(
         model,

@@ -38,7 +38,6 @@ from stages.core.errors import ArtifactError, GptpipeError
 from stages.core.tracking import Tracker
 from stages.viewer import netron_page
 
-
 NETRON_DIR = "netron"
 GRAPHS_DIR = "graphs"
 LANDING = "index.html"
@@ -66,10 +65,14 @@ def netron_package() -> tuple[Path, str]:
     try:
         import netron
     except ImportError:
-        raise ArtifactError("the 'netron' package is not installed; pip install netron (it ships the web viewer)") from None
+        raise ArtifactError(
+            "the 'netron' package is not installed; pip install netron (it ships the web viewer)"
+        ) from None
     root = Path(netron.__file__).resolve().parent
     if not (root / "index.html").is_file():
-        raise ArtifactError(f"{root}: installed netron has no index.html; reinstall netron (pip install --force-reinstall netron)")
+        raise ArtifactError(
+            f"{root}: installed netron has no index.html; reinstall netron (pip install --force-reinstall netron)"
+        )
     return root, getattr(netron, "__version__", "unknown")
 
 
@@ -78,10 +81,14 @@ def offline_index(text: str, source: str) -> str:
     edits = [
         (r'<meta name="version" content="[^"]*">', '<meta name="version" content="0.0.0">'),
         (r'<meta name="date" content="[^"]*">\n?', ""),
-        (r"(<meta http-equiv=\"Content-Security-Policy\" content=\"[^\"]*?)(\">)",
-         r"\1; connect-src 'self' data: blob:\2"),
-        (r'(<script type="text/javascript" src="index.js"></script>)',
-         f'<script type="text/javascript" src="{OFFLINE_SCRIPT}"></script>\n\\1'),
+        (
+            r"(<meta http-equiv=\"Content-Security-Policy\" content=\"[^\"]*?)(\">)",
+            r"\1; connect-src 'self' data: blob:\2",
+        ),
+        (
+            r'(<script type="text/javascript" src="index.js"></script>)',
+            f'<script type="text/javascript" src="{OFFLINE_SCRIPT}"></script>\n\\1',
+        ),
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text, count=1)
@@ -117,7 +124,9 @@ def collect_graphs(export_dir: Path, names: list[str], dest: Path) -> list[dict]
         for side in extra:
             shutil.copy2(side, dest / side.name)
         size = path.stat().st_size + sum(p.stat().st_size for p in extra)
-        graphs.append({"file": name, "bytes": size, "description": DESCRIPTIONS.get(name, ""), "link": viewer_link(name)})
+        graphs.append(
+            {"file": name, "bytes": size, "description": DESCRIPTIONS.get(name, ""), "link": viewer_link(name)}
+        )
     if not graphs:
         raise ArtifactError(f"{export_dir}: none of publish.graphs {names} exist in the export; rerun stage 'export'")
     return graphs
@@ -138,8 +147,12 @@ def write_standalone(graphs: list[dict], graphs_dir: Path, dest: Path, title: st
     dest.mkdir()
     for graph in graphs:
         if graph["file"].endswith(".onnx"):  # a .pt2 zip cannot be shown without its weights
-            page = netron_page.write_page(graphs_dir / graph["file"], dest / f"{graph['file']}{netron_page.SUFFIX}",
-                                          root, f"{title}: {graph['file']}")
+            page = netron_page.write_page(
+                graphs_dir / graph["file"],
+                dest / f"{graph['file']}{netron_page.SUFFIX}",
+                root,
+                f"{title}: {graph['file']}",
+            )
             graph["standalone"] = f"{STANDALONE_DIR}/{page.name}"
             graph["standalone_bytes"] = page.stat().st_size
 
@@ -148,13 +161,15 @@ def landing_page(title: str, graphs: list[dict], meta: dict) -> str:
     """A plain HTML page (no scripts, no external assets) listing each graph with its viewer link."""
     rows = "\n".join(
         f'<tr><td><a href="{html.escape(g["link"])}">{html.escape(g["file"])}</a></td>'
-        f'<td>{g["bytes"] / 1e6:.2f} MB</td><td>{html.escape(g["description"])}</td>'
+        f"<td>{g['bytes'] / 1e6:.2f} MB</td><td>{html.escape(g['description'])}</td>"
         f'<td><a href="{GRAPHS_DIR}/{html.escape(g["file"])}" download>download</a></td>'
-        f'<td>{_standalone_link(g)}</td></tr>'
+        f"<td>{_standalone_link(g)}</td></tr>"
         for g in graphs
     )
     shape = meta.get("model", {})
-    facts = ", ".join(f"{k} {shape[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if k in shape)
+    facts = ", ".join(
+        f"{k} {shape[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if k in shape
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} graphs</title>
 <link rel="icon" type="image/png" href="{NETRON_DIR}/icon.png">
@@ -208,7 +223,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         ".data": "application/octet-stream",
     }
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args) -> None:
         pass
 
 

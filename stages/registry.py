@@ -48,25 +48,67 @@ def _export_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("tokenizer", "SentencePiece model trained on the corpus", ("corpus", "tokenizer"), (),
-          headline=("vocab_size", "bytes_per_token")),
-    Stage("data", "corpus to memory-mapped token shards, train/val split", ("corpus", "data"), ("tokenizer",),
-          headline=("train_tokens", "val_tokens")),
-    Stage("pretrain", "GPT from scratch on the shards", ("pretrain",), ("tokenizer", "data"),
-          headline=("initial_loss", "final_val_loss", "tokens_per_s", "mfu"), makes_model=True,
-          trains=True, torchrun=True),
-    Stage("finetune", "supervised fine-tuning on chat data (full or LoRA)", ("finetune",), ("tokenizer", "pretrain"),
-          choose_inputs=_finetune_inputs,
-          headline=("final_loss", "final_val_loss", "lora_merge_max_abs_dlogits", "tokens_per_s"),
-          makes_model=True, trains=True),
-    Stage("evaluate", "loss, bits per byte and exact match, base vs fine-tuned", ("evaluate",),
-          ("tokenizer", "data", "pretrain", "finetune"),
-          headline=("base_accuracy", "sft_accuracy", "sft_lm_eval_exact_match", "base_bits_per_byte",
-                    "sft_bits_per_byte", "sft_lm_eval_bpb", "base_seconds", "sft_seconds")),
-    Stage("export", "ONNX graphs behind a parity gate against PyTorch", ("export",), ("tokenizer", "finetune"),
-          choose_inputs=_export_inputs, headline=("max_abs_diff", "generation_matches")),
-    Stage("publish", "Netron viewer bundle and graphs", ("publish",), ("export",),
-          headline=("graphs", "netron_version")),
+    Stage(
+        "tokenizer",
+        "SentencePiece model trained on the corpus",
+        ("corpus", "tokenizer"),
+        (),
+        headline=("vocab_size", "bytes_per_token"),
+    ),
+    Stage(
+        "data",
+        "corpus to memory-mapped token shards, train/val split",
+        ("corpus", "data"),
+        ("tokenizer",),
+        headline=("train_tokens", "val_tokens"),
+    ),
+    Stage(
+        "pretrain",
+        "GPT from scratch on the shards",
+        ("pretrain",),
+        ("tokenizer", "data"),
+        headline=("initial_loss", "final_val_loss", "tokens_per_s", "mfu"),
+        makes_model=True,
+        trains=True,
+        torchrun=True,
+    ),
+    Stage(
+        "finetune",
+        "supervised fine-tuning on chat data (full or LoRA)",
+        ("finetune",),
+        ("tokenizer", "pretrain"),
+        choose_inputs=_finetune_inputs,
+        headline=("final_loss", "final_val_loss", "lora_merge_max_abs_dlogits", "tokens_per_s"),
+        makes_model=True,
+        trains=True,
+    ),
+    Stage(
+        "evaluate",
+        "loss, bits per byte and exact match, base vs fine-tuned",
+        ("evaluate",),
+        ("tokenizer", "data", "pretrain", "finetune"),
+        headline=(
+            "base_accuracy",
+            "sft_accuracy",
+            "sft_lm_eval_exact_match",
+            "base_bits_per_byte",
+            "sft_bits_per_byte",
+            "sft_lm_eval_bpb",
+            "base_seconds",
+            "sft_seconds",
+        ),
+    ),
+    Stage(
+        "export",
+        "ONNX graphs behind a parity gate against PyTorch",
+        ("export",),
+        ("tokenizer", "finetune"),
+        choose_inputs=_export_inputs,
+        headline=("max_abs_diff", "generation_matches"),
+    ),
+    Stage(
+        "publish", "Netron viewer bundle and graphs", ("publish",), ("export",), headline=("graphs", "netron_version")
+    ),
 )
 
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
@@ -81,4 +123,3 @@ def stage(name: str) -> Stage:
     if name not in BY_NAME:
         raise ArtifactError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_ORDER)}")
     return BY_NAME[name]
-

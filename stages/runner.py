@@ -27,6 +27,7 @@ from stages.storage.stores import Store
 
 log = logging.getLogger("gptpipe.runner")
 
+
 @dataclass
 class StageResult:
     ref: ArtifactRef

@@ -30,8 +30,8 @@ from typing import Any
 import sentencepiece as spm
 
 from stages.core.config import PipelineConfig, TokenizerConfig
-from stages.core.progress import progress_bar
 from stages.core.errors import DataError
+from stages.core.progress import progress_bar
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import (
     BOS_ID,
@@ -159,8 +159,16 @@ def stream_sample(cfg: PipelineConfig) -> tuple[list[str], list[str], CorpusStat
         held_count = 0
         lowest = highest = None  # (heldout score, ordinal)
         total = sum(source.size for source in list_sources(cfg.corpus))
-        bar = progress_bar(total=total, desc="tokenizer sample", unit="B", unit_scale=True, unit_divisor=1024,
-                         file=sys.stderr, disable=total < _PROGRESS_MIN_BYTES, leave=False)
+        bar = progress_bar(
+            total=total,
+            desc="tokenizer sample",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            disable=total < _PROGRESS_MIN_BYTES,
+            leave=False,
+        )
         for ordinal, doc in enumerate(iter_documents(cfg.corpus, stats)):
             size = len(doc.encode("utf-8"))
             bar.update(size)
@@ -233,7 +241,11 @@ def train_model(documents: Sequence[str], cfg: TokenizerConfig) -> bytes:
             byte_fallback=cfg.byte_fallback,
             split_digits=cfg.split_digits,
             user_defined_symbols=[*SPECIAL_TOKENS, NEWLINE],
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, pad_piece="<pad>",
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            pad_piece="<pad>",
             max_sentence_length=_MAX_SENTENCE_BYTES,
             num_threads=cfg.threads,
             minloglevel=2,  # SentencePiece's INFO log is thousands of lines on stderr

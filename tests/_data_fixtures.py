@@ -21,7 +21,7 @@ UNICODE_DOCS = [
     "Café crème brûlée: déjà vu à la française.\nNaïve façade, coöperate.\n",
     "漢字とかなの混じった文章です。\n中文也可以。\n",
     "Emoji 😀🚀✨ and symbols → ≤ ≥ ∑ π ∞ — “quotes”.\n",
-    "def grüße(name: str) -> str:\n    \"\"\"Say hello.\"\"\"\n\treturn f'Hallo {name} 👋'\n",
+    'def grüße(name: str) -> str:\n    """Say hello."""\n\treturn f\'Hallo {name} 👋\'\n',
 ]
 
 # Text never seen in training: code with tabs, trailing spaces, blank lines and CRs, and

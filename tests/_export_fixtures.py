@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
-from stages.lm.chat import write_chat_jsonl
-from stages.training.checkpoint import save_model
 from stages.core.config import TokenizerConfig, parse_config
+from stages.lm.chat import write_chat_jsonl
 from stages.lm.model import GPT, GPTConfig
-from stages.storage.stores import LocalStore
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
+from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
+from stages.storage.stores import LocalStore
 from stages.tokenizer import train_model, write_artifact
+from stages.training.checkpoint import save_model
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.
 MICRO = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}
@@ -39,8 +39,9 @@ def commit(store: LocalStore, stage: str, key: str, build) -> ArtifactRef:
     scratch = store.scratch(stage, key)
     build(scratch)
     files = hash_files(scratch)
-    manifest = Manifest(stage=stage, key=key, config={}, inputs={}, code_version="test", files=files,
-                        digest=files_digest(files))
+    manifest = Manifest(
+        stage=stage, key=key, config={}, inputs={}, code_version="test", files=files, digest=files_digest(files)
+    )
     return store.commit(scratch, manifest)
 
 

@@ -22,8 +22,9 @@ def rtol_for(dtype: torch.dtype, ulps: int = ULPS) -> float:
     return ulps * torch.finfo(dtype).eps
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ulps: int = ULPS, scale: float | None = None,
-                 msg: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, ulps: int = ULPS, scale: float | None = None, msg: str = ""
+) -> None:
     """``|actual - expected| <= r·|expected| + r·scale`` elementwise, with r = ulps·eps(dtype).
 
     ``scale`` defaults to the largest |expected| (at least 1, so values near zero are not held to

@@ -8,16 +8,19 @@ import sys
 from pathlib import Path
 
 
-def start_process(command: list[str], health: str | None = None, env: dict | None = None,
-                  timeout: float = 90) -> subprocess.Popen:
+def start_process(
+    command: list[str], health: str | None = None, env: dict | None = None, timeout: float = 90
+) -> subprocess.Popen:
     """A child server; waits for its health URL (or a 'ready' line on stdout) before returning."""
     from flows.cli.services import wait_healthy
 
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+    )
     if health is not None:
-        assert wait_healthy(health, timeout, proc), \
+        assert wait_healthy(health, timeout, proc), (
             f"{command[0]} did not start: {proc.stdout.read()[-2000:] if proc.poll() is not None else ''}"
+        )
     else:
         assert proc.stdout.readline().strip() == b"ready"
     return proc

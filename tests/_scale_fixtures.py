@@ -32,23 +32,57 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def worker_args(store: Path, inputs: dict[str, ArtifactRef], metrics: Path, pretrain: dict, *extra: str,
-                finetune: dict | None = None) -> list[str]:
-    args = [str(WORKER), "--store", str(store), "--tokenizer", inputs["tokenizer"].uri, "--data", inputs["data"].uri,
-            "--metrics", str(metrics), "--pretrain", json.dumps(pretrain)]
+def worker_args(
+    store: Path,
+    inputs: dict[str, ArtifactRef],
+    metrics: Path,
+    pretrain: dict,
+    *extra: str,
+    finetune: dict | None = None,
+) -> list[str]:
+    args = [
+        str(WORKER),
+        "--store",
+        str(store),
+        "--tokenizer",
+        inputs["tokenizer"].uri,
+        "--data",
+        inputs["data"].uri,
+        "--metrics",
+        str(metrics),
+        "--pretrain",
+        json.dumps(pretrain),
+    ]
     if finetune is not None:  # stage finetune, from the pretrain artifact in ``inputs``
         args += ["--finetune", json.dumps(finetune), "--model", inputs["pretrain"].uri]
     return args + list(extra)
 
 
-def run_worker(store: Path, inputs, metrics: Path, pretrain: dict, *extra: str, nproc: int = 1,
-               timeout: float = 300, finetune: dict | None = None) -> subprocess.CompletedProcess:
+def run_worker(
+    store: Path,
+    inputs,
+    metrics: Path,
+    pretrain: dict,
+    *extra: str,
+    nproc: int = 1,
+    timeout: float = 300,
+    finetune: dict | None = None,
+) -> subprocess.CompletedProcess:
     """One run to completion; with ``nproc`` > 1 under ``torchrun --standalone``; with ``finetune``
     (its fields) stage finetune on the micro recipe instead of pretrain."""
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + worker_args(store, inputs, metrics, pretrain, *extra, finetune=finetune),
-                          env=worker_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    return subprocess.run(
+        launcher + worker_args(store, inputs, metrics, pretrain, *extra, finetune=finetune),
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def result_of(proc: subprocess.CompletedProcess) -> dict:

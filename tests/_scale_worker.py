@@ -90,9 +90,17 @@ def main() -> int:
     torch.set_num_threads(1)
     if args.sigkill_in_checkpoint is not None:
         die_inside_checkpoint(args.sigkill_in_checkpoint)
-    section = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}, "max_steps": 20,
-               "batch_size": 8, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2, "log_interval": 1,
-               "device": "cpu", "threads": 1}
+    section = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+        "max_steps": 20,
+        "batch_size": 8,
+        "warmup_steps": 2,
+        "eval_interval": 10,
+        "eval_batches": 2,
+        "log_interval": 1,
+        "device": "cpu",
+        "threads": 1,
+    }
     section.update(json.loads(args.pretrain))
     stage, cfg = "pretrain", parse_config({"name": "scale-test", "pretrain": section})
     inputs = {"tokenizer": ref_from_path(args.tokenizer), "data": ref_from_path(args.data)}

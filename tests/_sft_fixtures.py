@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from stages.storage.artifacts import ArtifactRef
 from stages.core.config import PipelineConfig, load_config
 from stages.lm.model import GPT, GPTConfig
 from stages.runner import run_stage
+from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import LocalStore
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")

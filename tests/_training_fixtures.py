@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.core.config import TrainConfig
 from stages.lm.model import GPT, GPTConfig
+from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.storage.shards import INDEX, ShardWriter, dtype_for
 from stages.storage.stores import LocalStore
 
@@ -19,8 +19,17 @@ VOCAB = 500
 
 def micro_config(**overrides) -> TrainConfig:
     """A training config that runs in well under a second per step on one CPU thread."""
-    values = dict(max_steps=30, batch_size=8, lr=3e-3, warmup_steps=3, eval_interval=10, eval_batches=2,
-                  log_interval=5, device="cpu", seed=7)
+    values = dict(
+        max_steps=30,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        eval_interval=10,
+        eval_batches=2,
+        log_interval=5,
+        device="cpu",
+        seed=7,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -58,8 +67,12 @@ def write_shards(directory: Path, splits: dict[str, np.ndarray], vocab: int = VO
         writer = ShardWriter(directory, split, dtype, shard_tokens=max(len(tokens) // 2, 1))  # two files: cross them
         writer.write(tokens)
         writer.close()
-        index["splits"][split] = {"files": writer.files, "tokens": writer.tokens, "documents": 1,
-                                  "bytes": 3 * writer.tokens}
+        index["splits"][split] = {
+            "files": writer.files,
+            "tokens": writer.tokens,
+            "documents": 1,
+            "bytes": 3 * writer.tokens,
+        }
     (directory / INDEX).write_text(json.dumps(index), encoding="utf-8")
     return directory
 
@@ -69,6 +82,13 @@ def fake_artifact(store: LocalStore, stage: str, fill) -> ArtifactRef:
     scratch = store.scratch(stage, "fake")
     fill(scratch)
     files = hash_files(scratch)
-    manifest = Manifest(stage=stage, key=f"fake-{files_digest(files)[:12]}", config={}, inputs={},
-                        code_version="test", files=files, digest=files_digest(files))
+    manifest = Manifest(
+        stage=stage,
+        key=f"fake-{files_digest(files)[:12]}",
+        config={},
+        inputs={},
+        code_version="test",
+        files=files,
+        digest=files_digest(files),
+    )
     return store.commit(scratch, manifest)

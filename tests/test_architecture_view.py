@@ -40,13 +40,33 @@ def test_top_level_reads_as_the_architecture_with_one_block_per_layer(deep):
     assert meta["graphs"]["architecture"] == "architecture.onnx"
     proto = onnx.load(str(deep.export_dir / "architecture.onnx"))
     assert onnx_architecture.block_count(proto) == meta["n_layer"] == N_LAYER
-    assert [n.op_type for n in proto.graph.node] == ["Embedding", "RotaryTables", *["Block"] * N_LAYER, "RMSNorm", "Linear"]
+    assert [n.op_type for n in proto.graph.node] == [
+        "Embedding",
+        "RotaryTables",
+        *["Block"] * N_LAYER,
+        "RMSNorm",
+        "Linear",
+    ]
     assert [n.name for n in proto.graph.node if n.op_type == "Block"] == [f"blocks.{i}" for i in range(N_LAYER)]
     functions = {f.name: f for f in proto.functions}
-    assert [n.name for n in functions["Block"].node] == ["norm_attn", "attn", "residual_attn", "norm_mlp", "mlp", "residual_mlp"]
+    assert [n.name for n in functions["Block"].node] == [
+        "norm_attn",
+        "attn",
+        "residual_attn",
+        "norm_mlp",
+        "mlp",
+        "residual_mlp",
+    ]
     attention = [n.name for n in functions["Attention"].node if n.op_type != "Constant"]
     assert {"qkv", "rope_q", "rope_k", "sdpa", "proj"} <= set(attention)
-    assert [n.name for n in functions["SwiGLU"].node] == ["w_gate", "sigmoid", "silu", "w_up", "gate_times_up", "w_down"]
+    assert [n.name for n in functions["SwiGLU"].node] == [
+        "w_gate",
+        "sigmoid",
+        "silu",
+        "w_up",
+        "gate_times_up",
+        "w_down",
+    ]
     # Parameter names follow the module tree, as in the checkpoint.
     assert "blocks.3.attn.qkv.weight" in {i.name for i in proto.graph.initializer}
 
@@ -118,7 +138,9 @@ def test_self_contained_page_inlines_structure_without_weights(deep, tmp_path):
     graph = re.search(r'<script type="application/octet-stream" id="gptpipe-graph">([^<]+)</script>', page).group(1)
     proto = onnx.ModelProto.FromString(base64.b64decode(graph))
     full = onnx.load(str(deep.export_dir / "architecture.onnx"))
-    assert [(i.name, list(i.dims)) for i in proto.graph.initializer] == [(i.name, list(i.dims)) for i in full.graph.initializer]
+    assert [(i.name, list(i.dims)) for i in proto.graph.initializer] == [
+        (i.name, list(i.dims)) for i in full.graph.initializer
+    ]
     assert all(not i.raw_data and not i.float_data for i in proto.graph.initializer)
     assert onnx_architecture.block_count(proto) == N_LAYER
     # Nothing the page loads resolves against its own URL: no relative src/href, imports from data: URLs.
@@ -129,8 +151,12 @@ def test_self_contained_page_inlines_structure_without_weights(deep, tmp_path):
 def test_report_card_embeds_the_picture(deep):
     from flows.prefect_artifacts import full_markdown
 
-    report = {"recipe": "micro", "store": "runs/store", "stages": {},
-              "architecture_svg": str(deep.export_dir / architecture_svg.SVG_FILE)}
+    report = {
+        "recipe": "micro",
+        "store": "runs/store",
+        "stages": {},
+        "architecture_svg": str(deep.export_dir / architecture_svg.SVG_FILE),
+    }
     found = re.search(r"!\[[^\]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", full_markdown(report))
     assert found and base64.b64decode(found.group(1)).decode().count('data-op="Block"') == N_LAYER
     assert "data:image" not in full_markdown({**report, "architecture_svg": None})

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from stages import runner
-from stages.storage.artifacts import ArtifactRef, cache_key, read_manifest, verify
 from stages.core.config import load_config
 from stages.core.errors import ArtifactError, DataError
 from stages.registry import Stage
+from stages.storage.artifacts import ArtifactRef, cache_key, read_manifest, verify
 from stages.storage.stores import LocalStore
 
 
@@ -104,8 +104,8 @@ def test_keys_cover_only_the_code_that_shapes_an_output(tmp_path: Path, monkeypa
     """Editing the MLflow adapter or a field's description re-keys nothing; editing the model re-keys pretrain."""
     import shutil
 
-    from stages.storage import artifacts
     from stages.registry import STAGES
+    from stages.storage import artifacts
 
     package = Path(__file__).resolve().parents[1] / "stages"
     copy = tmp_path / "stages"

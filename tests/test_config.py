@@ -25,8 +25,10 @@ def test_every_recipe_loads(recipe: Path):
 
 
 def test_override_applies_and_parses_yaml_types():
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["pretrain.max_steps=50", "finetune.method=lora",
-                                                    "pretrain.lr=1e-3", "corpus.extensions=[.txt]"])
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        ["pretrain.max_steps=50", "finetune.method=lora", "pretrain.lr=1e-3", "corpus.extensions=[.txt]"],
+    )
     assert cfg.pretrain.max_steps == 50
     assert cfg.finetune.method == "lora"
     assert cfg.pretrain.lr == pytest.approx(1e-3)
@@ -101,7 +103,18 @@ def test_constraints_across_fields_fail_when_the_recipe_loads(overrides: list[st
 
 
 def test_what_the_registry_allows_still_loads():
-    cfg = load_config(None, ["pretrain.nproc_per_node=2", "pretrain.nnodes=2", "stages=[tokenizer, data, pretrain, export]",
-                             "export.source=pretrain", "finetune.data=chats.jsonl", "finetune.tasks=[]",
-                             "evaluate.device=cuda:1", "execution.mode=containers", "artifacts.store=s3://bucket/store"])
+    cfg = load_config(
+        None,
+        [
+            "pretrain.nproc_per_node=2",
+            "pretrain.nnodes=2",
+            "stages=[tokenizer, data, pretrain, export]",
+            "export.source=pretrain",
+            "finetune.data=chats.jsonl",
+            "finetune.tasks=[]",
+            "evaluate.device=cuda:1",
+            "execution.mode=containers",
+            "artifacts.store=s3://bucket/store",
+        ],
+    )
     assert cfg.pretrain.nproc_per_node == 2 and cfg.stages[-1] == "export"

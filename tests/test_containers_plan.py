@@ -23,7 +23,9 @@ def recipe(**execution):
 
 
 def test_docker_pool_gets_a_gpu_device_request_docker_py_accepts():
-    cfg = recipe(resources={"pretrain": {"gpus": 8, "memory": "200Gi", "image": "reg/gptpipe:1"}}, env={"NCCL_DEBUG": "WARN"})
+    cfg = recipe(
+        resources={"pretrain": {"gpus": 8, "memory": "200Gi", "image": "reg/gptpipe:1"}}, env={"NCCL_DEBUG": "WARN"}
+    )
     variables = job_variables(cfg, "pretrain", "docker")
     assert variables["image"] == "reg/gptpipe:1" and variables["mem_limit"] == "200g"  # Docker's notation
     assert variables["env"] == {"NCCL_DEBUG": "WARN"}
@@ -57,9 +59,15 @@ def test_execution_section_is_validated():
 
 
 def test_handoff_record_round_trips_through_a_table_row():
-    result = {"stage": "data", "ref": {"stage": "data", "uri": "s3://b/store/data/abc", "digest": "f00"},
-              "reused": False, "wall_time_s": 1.5, "metrics": {"train_tokens": 10, "nested": {"a": 1}},
-              "run_id": None, "experiment_id": "1"}
+    result = {
+        "stage": "data",
+        "ref": {"stage": "data", "uri": "s3://b/store/data/abc", "digest": "f00"},
+        "reused": False,
+        "wall_time_s": 1.5,
+        "metrics": {"train_tokens": 10, "nested": {"a": 1}},
+        "run_id": None,
+        "experiment_id": "1",
+    }
     row = handoff_row(result)
     assert all(isinstance(v, (str, int, float, bool)) or v is None for v in row.values())
     assert read_handoff_row(json.loads(json.dumps(row))) == result
@@ -71,13 +79,17 @@ def test_containers_mode_fails_fast_without_a_server_or_a_shared_store(monkeypat
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     with pytest.raises(ConfigError, match="artifacts.store='runs/store'.*s3://"):  # the recipe alone says so
         parse_config({"execution": {"mode": "containers"}})
-    check_containers_mode(parse_config({"artifacts": {"store": "s3://bucket/store"}, "execution": {"mode": "containers"}}))
+    check_containers_mode(
+        parse_config({"artifacts": {"store": "s3://bucket/store"}, "execution": {"mode": "containers"}})
+    )
     monkeypatch.delenv("PREFECT_API_URL")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: None}):
         with pytest.raises(ConfigError, match="PREFECT_API_URL"):
-            check_containers_mode(parse_config({"artifacts": {"store": "s3://b/s"}, "execution": {"mode": "containers"}}))
+            check_containers_mode(
+                parse_config({"artifacts": {"store": "s3://b/s"}, "execution": {"mode": "containers"}})
+            )
 
 
 @pytest.mark.slow
@@ -97,8 +109,9 @@ def test_a_stage_container_that_never_finishes_is_a_container_error(prefect_harn
 
     run_coro_as_sync(make_pool())
     deploy_stages("no-worker", None, {}, ["tokenizer"])
-    cfg = parse_config({"artifacts": {"store": str(tmp_path / "store")},
-                        "execution": {"mode": "containers", "timeout_s": 1}})
+    cfg = parse_config(
+        {"artifacts": {"store": str(tmp_path / "store")}, "execution": {"mode": "containers", "timeout_s": 1}}
+    )
     with pytest.raises(ContainerError) as err:
         run_stage_in_container("tokenizer", cfg.model_dump(mode="json"), {}, None, None)
     message = str(err.value)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from _data_fixtures import UNICODE_DOCS, stdlib_documents, write_corpus
+
 from stages.core.config import CorpusConfig, load_config
-from stages.storage.corpus import fingerprint, list_files, read_corpus, stdlib_root
 from stages.core.errors import ConfigError, DataError
+from stages.storage.corpus import fingerprint, list_files, read_corpus, stdlib_root
 
 
 def corpus(source: Path | str, **fields) -> CorpusConfig:

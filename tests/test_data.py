@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _data_fixtures import UNICODE_DOCS, micro_config, run, stdlib_documents, write_corpus
+
 from stages import data
-from stages.storage.corpus import read_corpus
 from stages.core.errors import DataError
-from stages.storage.shards import TokenShards
 from stages.lm.tokenizer import Tokenizer
+from stages.storage.corpus import read_corpus
+from stages.storage.shards import TokenShards
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +63,15 @@ def test_index_matches_the_documented_format(built):
     assert set(index) == {"dtype", "vocab_size", "eos_id", "splits"}
     assert (index["dtype"], index["vocab_size"], index["eos_id"]) == ("uint16", tok.vocab_size, tok.eos_id)
     assert set(index["splits"]) == {"train", "val"}
-    for split, info in index["splits"].items():
+    for info in index["splits"].values():
         assert set(info) == {"files", "tokens", "documents", "bytes"}
         sizes = [(Path(shards.ref.uri) / name).stat().st_size for name in info["files"]]
         assert sum(sizes) == 2 * info["tokens"]
     metrics = shards.manifest.metrics
-    assert metrics["train_tokens"] == index["splits"]["train"]["tokens"] and metrics["val_tokens"] == index["splits"]["val"]["tokens"]
+    assert (
+        metrics["train_tokens"] == index["splits"]["train"]["tokens"]
+        and metrics["val_tokens"] == index["splits"]["val"]["tokens"]
+    )
     assert metrics["train_documents"] + metrics["val_documents"] == metrics["corpus_documents"]
     assert metrics["dtype"] == "uint16" and metrics["bytes_per_token"] > 1.0
 

@@ -93,16 +93,30 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_ref):
 
 def _stage_command(store: Path, corpus: Path, tokenizer_ref) -> list[str]:
     sets = [*MICRO, f"corpus.source={corpus}", "data.unit_bytes=40000"]
-    return [sys.executable, "-m", "stages", "data", *[a for s in sets for a in ("--set", s)],
-            "--input", f"tokenizer={tokenizer_ref.uri}", "--out", str(store)]
+    return [
+        sys.executable,
+        "-m",
+        "stages",
+        "data",
+        *[a for s in sets for a in ("--set", s)],
+        "--input",
+        f"tokenizer={tokenizer_ref.uri}",
+        "--out",
+        str(store),
+    ]
 
 
 def test_a_killed_run_resumes_from_its_finished_units(tmp_path, tokenizer_ref):
     corpus = synthetic_corpus(tmp_path / "corpus", 8_000_000, 40_000, seed=4)
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(_stage_command(store, corpus, tokenizer_ref), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _stage_command(store, corpus, tokenizer_ref),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     finished: list[Path] = []
     try:
         deadline = time.monotonic() + 300

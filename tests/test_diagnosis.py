@@ -21,8 +21,12 @@ def test_a_correct_model_and_a_skewed_reference_are_not_flagged():
     # Half the items expect "yes": a model answering "yes" to 50 % is not "dominated" by it.
     expected = ["yes"] * 50 + ["no"] * 50
     assert dominant_answer(expected, expected) is None
-    found = diagnose({"base": Answers(["x"] * 100, [True] * 100), "finetuned": Answers(expected, [True] * 100)},
-                     expected, {"base": 0.0, "finetuned": 1.0}, 32)
+    found = diagnose(
+        {"base": Answers(["x"] * 100, [True] * 100), "finetuned": Answers(expected, [True] * 100)},
+        expected,
+        {"base": 0.0, "finetuned": 1.0},
+        32,
+    )
     assert all("fine-tuned" not in f for f in found)
 
 
@@ -35,18 +39,35 @@ def test_answers_cut_off_at_max_new_tokens_are_not_a_dominant_answer():
 
 def test_answers_that_never_stop_and_a_base_that_already_knows():
     stopped = [False] * 40 + [True] * 60
-    found = diagnose({"base": Answers(DIGITS, stopped), "finetuned": Answers(DIGITS, [True] * 100)},
-                     DIGITS, {"base": 0.6, "finetuned": 0.55}, 16)
+    found = diagnose(
+        {"base": Answers(DIGITS, stopped), "finetuned": Answers(DIGITS, [True] * 100)},
+        DIGITS,
+        {"base": 0.6, "finetuned": 0.55},
+        16,
+    )
     assert any(f.startswith("the base model never stopped on 40% of items") and "max_new_tokens=16" in f for f in found)
     assert any(f.startswith("the base model already answers 60% of items correctly") for f in found)
     assert any(f.startswith("fine-tuning did not help: 55%") for f in found)
 
 
 def test_the_report_card_prints_the_findings():
-    report = {"recipe": "micro", "store": "/tmp/s", "stages": {"evaluate": {
-        "reused": False, "wall_time_s": 1.0, "ref": {"uri": "/tmp/s/evaluate/k"},
-        "metrics": {"sft_accuracy": 0.1, "base_seconds": 0.5, "sft_seconds": 0.4,
-                    "diagnosis": ["the fine-tuned model gave '5' to 90% of items"]}}}}
+    report = {
+        "recipe": "micro",
+        "store": "/tmp/s",
+        "stages": {
+            "evaluate": {
+                "reused": False,
+                "wall_time_s": 1.0,
+                "ref": {"uri": "/tmp/s/evaluate/k"},
+                "metrics": {
+                    "sft_accuracy": 0.1,
+                    "base_seconds": 0.5,
+                    "sft_seconds": 0.4,
+                    "diagnosis": ["the fine-tuned model gave '5' to 90% of items"],
+                },
+            }
+        },
+    }
     text = render_report(report)
     assert "base_seconds=0.5" in text and "sft_seconds=0.4" in text
     assert "evaluate: the fine-tuned model gave '5' to 90% of items" in text

@@ -20,15 +20,23 @@ from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
-from tests._numeric import approx
 from stages.training import checkpoint as ckpt
 from stages.training.batches import RandomWindows, for_rank
+from tests._numeric import approx
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
 
 STEPS = 12
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32}
-BASE = {"model": MODEL, "max_steps": STEPS, "warmup_steps": 2, "eval_interval": 6, "eval_batches": 2,
-        "log_interval": 1, "device": "cpu", "threads": 1}
+BASE = {
+    "model": MODEL,
+    "max_steps": STEPS,
+    "warmup_steps": 2,
+    "eval_interval": 6,
+    "eval_batches": 2,
+    "log_interval": 1,
+    "device": "cpu",
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +98,8 @@ def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, refe
 
 
 def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_stage_run(
-        inputs, reference_curve, tmp_path, monkeypatch):
+    inputs, reference_curve, tmp_path, monkeypatch
+):
     """The flow's stage task launches torchrun; rank 0's curve lands in the stage's own child run."""
     from mlflow.tracking import MlflowClient
 
@@ -98,14 +107,19 @@ def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_sta
     from stages.core.tracking import start_run
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = parse_config({"name": "dist-test", "artifacts": {"store": str(tmp_path / "store")},
-                        "pretrain": {**BASE, "batch_size": 4, "nproc_per_node": 2, "parallel": "fsdp",
-                                     "checkpoint_interval": 6}})
+    cfg = parse_config(
+        {
+            "name": "dist-test",
+            "artifacts": {"store": str(tmp_path / "store")},
+            "pretrain": {**BASE, "batch_size": 4, "nproc_per_node": 2, "parallel": "fsdp", "checkpoint_interval": 6},
+        }
+    )
     assert needs_torchrun("pretrain", cfg) and not needs_torchrun("data", cfg)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "dist-test", "dist-test", artifact_root=tmp_path / "mlartifacts")
-    done = stage_task.fn("pretrain", cfg.model_dump(mode="json"), {k: v.to_dict() for k, v in inputs.items()},
-                         uri, parent.run_id)
+    done = stage_task.fn(
+        "pretrain", cfg.model_dump(mode="json"), {k: v.to_dict() for k, v in inputs.items()}, uri, parent.run_id
+    )
     assert not done["reused"] and done["metrics"]["world_size"] == 2
     out = Path(done["ref"]["uri"])
     curve = json.loads((out / "curve.json").read_text())
@@ -133,7 +147,7 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
     cmd = command_line("pretrain", cfg, tmp_path / "r.yaml", inputs, env={"GPTPIPE_RDZV_ENDPOINT": "node0:29400"})
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400"} <= set(cmd)
-    assert cmd[cmd.index("-m", 3):][:3] == ["-m", "stages", "pretrain"]
+    assert cmd[cmd.index("-m", 3) :][:3] == ["-m", "stages", "pretrain"]
     assert f"data={inputs['data'].uri}" in cmd and "--standalone" not in cmd
     single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
     assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"

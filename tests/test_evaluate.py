@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from stages.lm.chat import ChatTemplate
-from stages.evaluate import answer_items, score
 from stages.core.plots import plot_curves, read_curve
-from stages.runner import run_stage
+from stages.core.tracking import MemoryTracker
+from stages.evaluate import answer_items, score
+from stages.lm.chat import ChatTemplate
 from stages.lm.diagnosis import DOMINANT_SHARE
 from stages.lm.tasks import normalize_answer
+from stages.runner import run_stage
 from stages.storage.shards import TokenShards
-from stages.core.tracking import MemoryTracker
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
 
 torch.set_num_threads(1)
@@ -27,8 +27,11 @@ def _record(prompt: str, answer: str, task: str) -> dict:
 
 
 def test_score_normalizes_whitespace_and_cuts_at_stop():
-    records = [_record("Sort: 3 1 2", "1 2 3", "sort"), _record("Reverse: a b", "b a", "reverse"),
-               _record("Sort: 2 1", "1 2", "sort")]
+    records = [
+        _record("Sort: 3 1 2", "1 2 3", "sort"),
+        _record("Reverse: a b", "b a", "reverse"),
+        _record("Sort: 2 1", "1 2", "sort"),
+    ]
     answers = ["  1  2\n3 ", "b a<|end|><|user|>and more", "1 2 2"]
     result = score(records, answers)
     assert result["accuracy"] == 2 / 3

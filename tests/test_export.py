@@ -12,18 +12,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _export_fixtures import export_config, exported, make_model
 from onnx import numpy_helper
 
-from _export_fixtures import export_config, exported, make_model
 from stages import export
-from stages.training.checkpoint import load_model
 from stages.core.errors import ConfigError, ParityError
 from stages.lm.generate import generate, generate_ids
 from stages.lm.onnx_runtime import OnnxGenerator
+from stages.lm.tokenizer import Tokenizer
 from stages.registry import stage
 from stages.runner import run_stage
 from stages.storage.stores import LocalStore
-from stages.lm.tokenizer import Tokenizer
+from stages.training.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,14 @@ def bump_one(array: np.ndarray) -> np.ndarray:
 
 def test_export_writes_graphs_that_pass_the_gate(good):
     out, metrics = good.export_dir, good.metrics
-    for name in ("model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx", "export.json", "tokenizer/tokenizer.model"):
+    for name in (
+        "model.onnx",
+        "model_kv.onnx",
+        "model.pt2",
+        "model.int8.onnx",
+        "export.json",
+        "tokenizer/tokenizer.model",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.data"))  # a small model keeps its weights inline
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
@@ -89,7 +96,9 @@ def test_ort_kv_generation_equals_pytorch_greedy(good):
         ours = generator.generate_ids(prompt, 16, stop_ids=[tokenizer.eos_id])
         assert ours == generate_ids(model, prompt, 16, stop_ids=[tokenizer.eos_id])
         assert len(ours) >= 1
-    assert generator.generate("Reverse: a b c", max_new_tokens=10) == generate(model, tokenizer, "Reverse: a b c", max_new_tokens=10)
+    assert generator.generate("Reverse: a b c", max_new_tokens=10) == generate(
+        model, tokenizer, "Reverse: a b c", max_new_tokens=10
+    )
 
 
 def test_onnx_generator_runs_without_torch(good):
@@ -136,7 +145,12 @@ def _copy_and_break(good_dir: Path, break_graph):
     [
         (1e-4, head, bump_one, r"above export.tolerance=0.0001 for model_kv.onnx 1x1"),  # the logits check fails
         # A loud MLP: logits stay within a huge tolerance (RMSNorm bounds them), greedy ids do not.
-        (1e3, mlp_down, lambda w: w * 1000.0, r"greedy ORT\+KV generation \(model_kv.onnx\) differs from PyTorch for 3/3 prompts"),
+        (
+            1e3,
+            mlp_down,
+            lambda w: w * 1000.0,
+            r"greedy ORT\+KV generation \(model_kv.onnx\) differs from PyTorch for 3/3 prompts",
+        ),
     ],
 )
 def test_runner_publishes_nothing_when_the_gate_fails(good, tmp_path, monkeypatch, tolerance, pick, change, expected):
@@ -180,6 +194,11 @@ def test_missing_source_artifact_is_a_config_error(good, tmp_path):
 
 def test_export_json_describes_the_graphs(good):
     meta = json.loads((good.export_dir / "export.json").read_text())
-    assert meta["graphs"] == {"logits": "model.onnx", "kv": "model_kv.onnx", "pt2": "model.pt2", "int8": "model.int8.onnx",
-                              "architecture": "architecture.onnx"}
+    assert meta["graphs"] == {
+        "logits": "model.onnx",
+        "kv": "model_kv.onnx",
+        "pt2": "model.pt2",
+        "int8": "model.int8.onnx",
+        "architecture": "architecture.onnx",
+    }
     assert (meta["n_layer"], meta["block_size"], meta["vocab_size"]) == (2, 64, good.vocab_size)

@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from stages.training import checkpoint
-from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
+from stages.core.tracking import MemoryTracker
 from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack, replay_rows
+from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
-from stages.runner import run_stage
 from stages.lm.tasks import is_heldout
-from stages.core.tracking import MemoryTracker
+from stages.runner import run_stage
+from stages.training import checkpoint
 from stages.training.loop import train
 from tests._numeric import rtol_for
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
@@ -156,9 +156,9 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
 
 
 def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows():
-    from stages.training.batches import RandomWindows
     from stages.runner import stage_inputs
     from stages.storage.shards import TokenShards
+    from stages.training.batches import RandomWindows
 
     store, refs = micro_upstream()
     cfg = micro_config()

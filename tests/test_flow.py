@@ -21,8 +21,8 @@ def flow_run(prefect_harness, tmp_path_factory, micro_recipe):
 
 
 def test_every_stage_ran_and_left_a_manifest(flow_run):
-    from stages.storage.artifacts import verify
     from stages.core.config import load_config
+    from stages.storage.artifacts import verify
 
     root, report, _ = flow_run
     expected = load_config(Path(__file__).parents[1] / "configs" / "micro.yaml").stages

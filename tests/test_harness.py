@@ -52,8 +52,8 @@ def own_bits_per_byte(model, tokenizer: Tokenizer, texts: list[str]) -> float:
     ids = [t for text in texts for t in [*tokenizer.encode(text), tokenizer.eos_id]]
     block = model.cfg.block_size
     starts = range(0, len(ids) - block - 1, block)
-    x = torch.tensor([ids[s:s + block] for s in starts])
-    y = torch.tensor([ids[s + 1:s + block + 1] for s in starts])
+    x = torch.tensor([ids[s : s + block] for s in starts])
+    y = torch.tensor([ids[s + 1 : s + block + 1] for s in starts])
     loss = evaluate_loss(model, [(x, y)])
     bytes_per_token = float(tokenizer.token_bytes(y.flatten().numpy()).sum()) / y.numel()
     return loss / math.log(2) / bytes_per_token

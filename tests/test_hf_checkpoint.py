@@ -44,14 +44,22 @@ def loaded(good):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_dir = good.export_dir / "hf"
-    return (AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval(),
-            AutoTokenizer.from_pretrained(hf_dir, local_files_only=True))
+    return (
+        AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval(),
+        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True),
+    )
 
 
 def test_checkpoint_files_and_config_say_what_the_model_is(good):
     hf_dir = good.export_dir / "hf"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "tokenizer.model"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "tokenizer.model",
+    ):
         assert (hf_dir / name).is_file(), name
     config = json.loads((hf_dir / "config.json").read_text())
     model = load_model(good.model_dir)
@@ -79,17 +87,28 @@ def test_transformers_logits_and_greedy_ids_match(good, loaded):
         stops = ChatTemplate(Tokenizer.load(good.export_dir / "tokenizer")).stop_ids
         for prompt in ([5, 40, 41, 42, 7, 6], [int(t) for t in torch.randint(9, 300, (30,), generator=generator)]):
             ref = generate_ids(model, prompt, 20, stop_ids=stops)
-            out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                    max_new_tokens=20, do_sample=False, eos_token_id=list(stops), pad_token_id=3)
-            assert out[0, len(prompt):].tolist() == ref
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=list(stops),
+                pad_token_id=3,
+            )
+            assert out[0, len(prompt) :].tolist() == ref
 
 
 def test_tokenization_is_identical_on_held_out_text(good, loaded):
     _, hf_tokenizer = loaded
     tokenizer = Tokenizer.load(good.export_dir / "tokenizer")
     # The tokenizer was trained on chat tasks and stages/*.py; this module's text is not among them.
-    texts = [inspect.getsource(textwrap), inspect.getsource(json.decoder), hf_checkpoint.PROBE_TEXT,
-             "  \t\n\n x", "ünïcødé ✓ 🚀 \u00a0nbsp"]
+    texts = [
+        inspect.getsource(textwrap),
+        inspect.getsource(json.decoder),
+        hf_checkpoint.PROBE_TEXT,
+        "  \t\n\n x",
+        "ünïcødé ✓ 🚀 \u00a0nbsp",
+    ]
     for text in texts:
         ids = tokenizer.encode(text)
         assert hf_tokenizer.encode(text, add_special_tokens=False) == ids
@@ -128,12 +147,16 @@ def _drop_merges(definition):
     return changed
 
 
-@pytest.mark.parametrize("target, breaker, expected", [
-    ("llama_weights", _bump_one_weight, r"Hugging Face checkpoint .* logits 1x1: .* above export.tolerance"),
-    ("tokenizer_json", _drop_merges, r"Hugging Face checkpoint .* tokenization differs on \d+/\d+ held-out texts"),
-])
-def test_a_corrupted_checkpoint_fails_the_gate_and_publishes_nothing(good, tmp_path, monkeypatch, target, breaker,
-                                                                     expected):
+@pytest.mark.parametrize(
+    "target, breaker, expected",
+    [
+        ("llama_weights", _bump_one_weight, r"Hugging Face checkpoint .* logits 1x1: .* above export.tolerance"),
+        ("tokenizer_json", _drop_merges, r"Hugging Face checkpoint .* tokenization differs on \d+/\d+ held-out texts"),
+    ],
+)
+def test_a_corrupted_checkpoint_fails_the_gate_and_publishes_nothing(
+    good, tmp_path, monkeypatch, target, breaker, expected
+):
     monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
     monkeypatch.setattr(hf_checkpoint, target, breaker(getattr(hf_checkpoint, target)))
     store = LocalStore(tmp_path / "store")

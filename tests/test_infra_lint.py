@@ -146,8 +146,8 @@ def test_image_targets_run_as_non_root_and_are_labelled():
         user = _last_user(stages, target)
         assert user and user.split(":")[0] not in {"root", "0"}, f"target {target} runs as {user!r}"
     runtime = "\n".join(stages["runtime"])
-    assert "org.opencontainers.image.version=\"${VERSION}\"" in runtime
-    assert "org.opencontainers.image.revision=\"${GIT_REVISION}\"" in runtime
+    assert 'org.opencontainers.image.version="${VERSION}"' in runtime
+    assert 'org.opencontainers.image.revision="${GIT_REVISION}"' in runtime
     base_default = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
     assert ":" in base_default and not base_default.endswith(":latest"), base_default
     # Secrets come in only as mounts: no ARG/ENV may be named like a credential.
@@ -159,8 +159,20 @@ def test_image_targets_run_as_non_root_and_are_labelled():
 def test_build_script_passes_ca_bundle_as_a_secret_only(tmp_path):
     ca = tmp_path / "proxy-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nnot a real one\n-----END CERTIFICATE-----\n")
-    proc = _run(["bash", str(DOCKER / "build.sh"), "--dry-run", "--engine", "podman", "--cpu",
-                 "--target", "worker", "--ca-bundle", str(ca)])
+    proc = _run(
+        [
+            "bash",
+            str(DOCKER / "build.sh"),
+            "--dry-run",
+            "--engine",
+            "podman",
+            "--cpu",
+            "--target",
+            "worker",
+            "--ca-bundle",
+            str(ca),
+        ]
+    )
     assert proc.returncode == 0, _report(proc)
     cmd = proc.stderr
     assert f"--secret id=ca_bundle,src={ca}" in cmd
@@ -180,8 +192,9 @@ def test_entrypoint_runs_stages_and_passes_programs_through(tmp_path):
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
 
     def entry(*args: str) -> str:
-        proc = subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), *args], env=env,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["sh", str(DOCKER / "entrypoint.sh"), *args], env=env, capture_output=True, text=True, timeout=30
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
@@ -232,8 +245,9 @@ def test_pool_template_renders_a_valid_gpu_job(tmp_path):
     used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
     assert used <= set(variables), used - set(variables)
     values = {name: spec["default"] for name, spec in variables.items() if "default" in spec}
-    values.update(name="pretrain-run", labels={"prefect.io/flow-run-id": "0"}, command="prefect flow-run execute",
-                  gpu_count=8)
+    values.update(
+        name="pretrain-run", labels={"prefect.io/flow-run-id": "0"}, command="prefect flow-run execute", gpu_count=8
+    )
     job = apply_values(template["job_configuration"], values)["job_manifest"]
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -258,8 +272,9 @@ def test_compose_config_passes():
 
 def test_compose_config_fails_on_an_error(tmp_path):
     broken = tmp_path / "compose.yaml"
-    broken.write_text("services:\n  web:\n    image: nginx:1.27\n    depends_on:\n      db:\n"
-                      "        condition: service_healthy\n")  # depends on a service that does not exist
+    broken.write_text(
+        "services:\n  web:\n    image: nginx:1.27\n    depends_on:\n      db:\n        condition: service_healthy\n"
+    )  # depends on a service that does not exist
     proc = compose_config(broken, ENV_EXAMPLE)
     assert proc.returncode != 0, _report(proc)
 
@@ -320,7 +335,7 @@ def credential_findings(path: Path) -> list[str]:
         match = ASSIGNMENT.match(line)
         if match and not PLACEHOLDER.match(match.group(2)):
             findings.append(f"{where}: {match.group(1)} has a literal value")
-        for user, password in URL_CREDENTIALS.findall(line):
+        for _user, password in URL_CREDENTIALS.findall(line):
             if not PLACEHOLDER.match(password):
                 findings.append(f"{where}: a password in a URL")
     return findings
@@ -355,6 +370,8 @@ def test_credential_scan_catches_a_leak(tmp_path):
     found = credential_findings(leak)
     assert len(found) == 4, found
     ok = tmp_path / "ok.env"
-    ok.write_text("POSTGRES_PASSWORD=CHANGE-ME-x\nAWS_SECRET_ACCESS_KEY: ${MINIO_ROOT_PASSWORD:?set}\n"
-                  "url: postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/x\n")
+    ok.write_text(
+        "POSTGRES_PASSWORD=CHANGE-ME-x\nAWS_SECRET_ACCESS_KEY: ${MINIO_ROOT_PASSWORD:?set}\n"
+        "url: postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/x\n"
+    )
     assert credential_findings(ok) == []

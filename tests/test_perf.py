@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from stages.training import perf
 from stages.core.config import parse_config
-from stages.training.distributed import PreemptionGuard
 from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
+from stages.training import perf
+from stages.training.distributed import PreemptionGuard
 from stages.training.loop import build_optimizer, train
 from tests._numeric import approx
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
@@ -27,9 +27,19 @@ def _one_thread():
 
 def test_auto_on_the_cpu_is_fp32_eager_and_every_switch_is_selectable():
     settings = perf.runtime_settings(micro_config(), CPU)
-    assert (settings.compile, settings.amp_dtype, settings.fused_optimizer, settings.tf32, settings.grad_scaler) == (False, None, False, False, False)
-    chosen = perf.runtime_settings(micro_config(compile="on", precision="bf16", fused_optimizer="on", activation_checkpointing=True), CPU)
-    assert chosen.compile and chosen.amp_dtype == "bfloat16" and chosen.fused_optimizer and chosen.activation_checkpointing
+    assert (settings.compile, settings.amp_dtype, settings.fused_optimizer, settings.tf32, settings.grad_scaler) == (
+        False,
+        None,
+        False,
+        False,
+        False,
+    )
+    chosen = perf.runtime_settings(
+        micro_config(compile="on", precision="bf16", fused_optimizer="on", activation_checkpointing=True), CPU
+    )
+    assert (
+        chosen.compile and chosen.amp_dtype == "bfloat16" and chosen.fused_optimizer and chosen.activation_checkpointing
+    )
     assert not chosen.grad_scaler  # bf16 needs no loss scaling
     assert perf.runtime_settings(micro_config(), CPU).describe()["perf.compile"] == "False"
     with pytest.raises(ConfigError, match="precision = 'fp16'.*CUDA"):
@@ -38,16 +48,19 @@ def test_auto_on_the_cpu_is_fp32_eager_and_every_switch_is_selectable():
         parse_config({"pretrain": {"compile": "yes"}})
 
 
-@pytest.mark.parametrize(("name", "pattern", "tflops"), [
-    ("NVIDIA H100 80GB HBM3", "H100", 989),
-    ("NVIDIA H100 PCIe", "H100 PCIE", 756),
-    ("NVIDIA H200", "H200", 989),  # not the H20 it contains
-    ("NVIDIA H20", "H20", 148),
-    ("NVIDIA A100-SXM4-80GB", "A100", 312),
-    ("NVIDIA L4", "L4", 121),
-    ("NVIDIA L40S", "L40S", 362),  # not the L4 it starts with
-    ("NVIDIA A10G", "A10G", 70),
-])
+@pytest.mark.parametrize(
+    ("name", "pattern", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100", 989),
+        ("NVIDIA H100 PCIe", "H100 PCIE", 756),
+        ("NVIDIA H200", "H200", 989),  # not the H20 it contains
+        ("NVIDIA H20", "H20", 148),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312),
+        ("NVIDIA L4", "L4", 121),
+        ("NVIDIA L40S", "L40S", 362),  # not the L4 it starts with
+        ("NVIDIA A10G", "A10G", 70),
+    ],
+)
 def test_gpu_peak_table_matches_the_most_specific_name(name, pattern, tflops):
     peak, matched = perf.table_peak(name)
     assert matched == pattern and peak == tflops * 1e12
@@ -71,8 +84,13 @@ def test_mfu_is_model_flops_over_the_peak_of_all_devices():
 
 def test_training_reports_flops_mfu_memory_and_how_the_peak_was_chosen():
     model, tracker = micro_model(), MemoryTracker()
-    result = train(model, StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=6, log_interval=3, peak_flops=1e10),
-                   tracker, progress=False)
+    result = train(
+        model,
+        StreamBatches(repetitive_stream(), 32, 4),
+        micro_config(max_steps=6, log_interval=3, peak_flops=1e10),
+        tracker,
+        progress=False,
+    )
     assert result.flops_per_token == model.flops_per_token()
     assert result.total_flops == result.flops_per_token * result.tokens
     assert result.mfu == pytest.approx(result.tokens_per_s * result.flops_per_token / 1e10)
@@ -87,8 +105,9 @@ def test_activation_checkpointing_keeps_names_and_gives_the_same_training():
     plain = train(micro_model(dropout=0.1), batches, micro_config(max_steps=4), MemoryTracker(), progress=False)
     model = micro_model(dropout=0.1)
     names = [n for n, _ in model.named_parameters()]
-    recomputed = train(model, batches, micro_config(max_steps=4, activation_checkpointing=True), MemoryTracker(),
-                       progress=False)
+    recomputed = train(
+        model, batches, micro_config(max_steps=4, activation_checkpointing=True), MemoryTracker(), progress=False
+    )
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints stay interchangeable
     assert all(getattr(b, "_gptpipe_ac", False) for b in model.blocks)
     assert recomputed.final_loss == approx(plain.final_loss)  # dropout replayed identically
@@ -121,8 +140,13 @@ def test_fused_adamw_is_selectable_on_the_cpu():
 
 def test_deterministic_mode_is_restored_after_training():
     assert not torch.are_deterministic_algorithms_enabled()
-    train(micro_model(), StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=1, deterministic=True),
-          MemoryTracker(), progress=False)
+    train(
+        micro_model(),
+        StreamBatches(repetitive_stream(), 32, 4),
+        micro_config(max_steps=1, deterministic=True),
+        MemoryTracker(),
+        progress=False,
+    )
     assert not torch.are_deterministic_algorithms_enabled()
 
 

@@ -8,19 +8,27 @@ import math
 import pytest
 import torch
 
-from stages.training import checkpoint as ckpt
 from stages.core.config import parse_config
 from stages.core.errors import DataError
+from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage
 from stages.storage.stores import LocalStore
-from stages.core.tracking import MemoryTracker
+from stages.training import checkpoint as ckpt
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards
 
 
 def _recipe(**pretrain):
-    section = {"model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-               "max_steps": 20, "batch_size": 8, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2,
-               "log_interval": 5, "device": "cpu", "threads": 1}
+    section = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+        "max_steps": 20,
+        "batch_size": 8,
+        "warmup_steps": 2,
+        "eval_interval": 10,
+        "eval_batches": 2,
+        "log_interval": 5,
+        "device": "cpu",
+        "threads": 1,
+    }
     section.update(pretrain)
     return parse_config({"name": "test", "pretrain": section})
 
@@ -49,7 +57,11 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
 
     # Layout: model/ is both a model and a resumable checkpoint; curve.json; nothing else.
     assert sorted(result.manifest.files) == [
-        "curve.json", "model/model.json", "model/model.safetensors", "model/optimizer.pt", "model/trainer.json",
+        "curve.json",
+        "model/model.json",
+        "model/model.safetensors",
+        "model/optimizer.pt",
+        "model/trainer.json",
     ]
     model = ckpt.load_model(out / "model")
     assert model.cfg.vocab_size == VOCAB and model.cfg.block_size == 32
@@ -60,8 +72,8 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     assert [s for s, _ in tracker.metrics["val_loss"]] == [0, 10, 20]
 
     # Loaded weights reproduce the recorded final validation loss (same fixed val windows).
-    from stages.training.batches import fixed_windows
     from stages.storage.shards import TokenShards
+    from stages.training.batches import fixed_windows
     from stages.training.loop import evaluate_loss
 
     val = fixed_windows(TokenShards(inputs["data"].uri, "val"), 32, 8, 2)

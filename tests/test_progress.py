@@ -52,8 +52,13 @@ def test_disabled_and_forced_bar(monkeypatch):
 def test_training_progress_in_a_log_has_no_carriage_returns(capsys, monkeypatch):
     monkeypatch.delenv("GPTPIPE_PROGRESS", raising=False)
     batches = StreamBatches(repetitive_stream(), 32, 4)
-    train(micro_model(), batches, micro_config(max_steps=10, log_interval=5, eval_interval=5), MemoryTracker(),
-          evaluate=lambda m: {"val_loss": 1.0})
+    train(
+        micro_model(),
+        batches,
+        micro_config(max_steps=10, log_interval=5, eval_interval=5),
+        MemoryTracker(),
+        evaluate=lambda m: {"val_loss": 1.0},
+    )
     err = capsys.readouterr().err
     assert "\r" not in err
     steps = [line for line in err.splitlines() if line.startswith("train: ")]

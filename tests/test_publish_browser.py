@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _export_fixtures import exported
+
 from stages import publish
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
@@ -22,8 +22,13 @@ from stages.storage.stores import LocalStore
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 
 
@@ -42,7 +47,9 @@ def test_bundle_layout_and_offline_patches(bundle):
     for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"):
         assert (out / "graphs" / name).is_file()
     for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.int8.onnx"):  # ONNX graphs only
-        assert metrics["standalone"][name] == f"standalone/{name}.html" and (out / "standalone" / f"{name}.html").is_file()
+        assert (
+            metrics["standalone"][name] == f"standalone/{name}.html" and (out / "standalone" / f"{name}.html").is_file()
+        )
     assert "model.pt2" not in metrics["standalone"]
     assert not list((out / "netron").glob("*.py"))  # the web app only, not Netron's Python server
     index = (out / "netron" / "index.html").read_text()
@@ -179,11 +186,15 @@ def test_architecture_view_shows_blocks_that_open_into_attention_and_mlp(deep_bu
             top = _labels(page)
             page.screenshot(path=str(artifacts / "netron_architecture.png"))
             _open_function(page, "Block")
-            page.locator("g.node", has=page.locator("text", has_text=re.compile("^Attention$"))).first.wait_for(timeout=60_000)
+            page.locator("g.node", has=page.locator("text", has_text=re.compile("^Attention$"))).first.wait_for(
+                timeout=60_000
+            )
             block = _labels(page)
             page.screenshot(path=str(artifacts / "netron_architecture_block.png"))
             _open_function(page, "Attention")
-            page.locator("g.node", has=page.locator("text", has_text=re.compile("^DotProductAttention$"))).first.wait_for(timeout=60_000)
+            page.locator(
+                "g.node", has=page.locator("text", has_text=re.compile("^DotProductAttention$"))
+            ).first.wait_for(timeout=60_000)
             attention = _labels(page)
             browser.close()
     finally:
@@ -212,12 +223,16 @@ def test_one_file_viewer_renders_in_a_sandboxed_blob_iframe(deep_bundle):
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
         context.on("request", lambda request: requests.append(request.url))
         page = context.new_page()
-        page.set_content('<html><body><iframe id="viewer" sandbox="allow-scripts" '
-                         'style="width:1200px;height:950px"></iframe></body></html>')
+        page.set_content(
+            '<html><body><iframe id="viewer" sandbox="allow-scripts" '
+            'style="width:1200px;height:950px"></iframe></body></html>'
+        )
         # The page's bytes as a blob: URL in a sandboxed iframe, as MLflow's artifact view does it.
-        page.evaluate("(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); "
-                      "document.getElementById('viewer').src = URL.createObjectURL(new Blob([bytes], {type: 'text/html'})); }",
-                      base64.b64encode(html_bytes).decode("ascii"))
+        page.evaluate(
+            "(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); "
+            "document.getElementById('viewer').src = URL.createObjectURL(new Blob([bytes], {type: 'text/html'})); }",
+            base64.b64encode(html_bytes).decode("ascii"),
+        )
         frame = page.frame_locator("#viewer")
         frame.locator("g.node").nth(5).wait_for(timeout=90_000)
         labels = re.findall(r"<text[^>]*>([^<]+)</text>", frame.locator("svg#canvas").inner_html())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.training import checkpoint as ckpt
 from stages.core.errors import TrainingError
 from stages.core.tracking import MemoryTracker
+from stages.training import checkpoint as ckpt
 from stages.training.loop import train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
@@ -51,7 +51,10 @@ def test_a_resumed_pretraining_says_so_in_one_line(tmp_path, caplog):
 
     store = LocalStore(tmp_path / "store")
     stream = repetitive_stream(length=3000)
-    inputs, recipe = _inputs(store, stream[:2500], stream[2500:]), _recipe(max_steps=8, checkpoint_interval=4, log_interval=2)
+    inputs, recipe = (
+        _inputs(store, stream[:2500], stream[2500:]),
+        _recipe(max_steps=8, checkpoint_interval=4, log_interval=2),
+    )
     with pytest.raises(RuntimeError, match="went away"):
         run_stage("pretrain", recipe, inputs, store, CrashAfter())
     work = next((tmp_path / "store" / "pretrain").glob(".work-*/checkpoints"))

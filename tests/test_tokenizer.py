@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _data_fixtures import HELDOUT_TEXTS, UNICODE_DOCS, micro_config, run, stdlib_documents, write_corpus
+
 from stages.core.errors import ArtifactError, DataError
 from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
 from stages.tokenizer import split_heldout, train_model
@@ -109,7 +109,9 @@ def test_unigram_round_trips(tmp_path):
 def test_corpus_too_small_for_vocab_is_a_helpful_error(tmp_path):
     write_corpus(tmp_path / "c", ["tiny corpus, tiny corpus\n", "just a few words\n"])
     cfg = micro_config(f"corpus.source={tmp_path / 'c'}", "tokenizer.vocab_size=2048")
-    with pytest.raises(DataError, match=r"tokenizer\.vocab_size=2048 is too large .*at most \d+.*set tokenizer\.vocab_size lower"):
+    with pytest.raises(
+        DataError, match=r"tokenizer\.vocab_size=2048 is too large .*at most \d+.*set tokenizer\.vocab_size lower"
+    ):
         run("tokenizer", cfg, tmp_path / "store")
 
 

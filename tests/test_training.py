@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from stages.training import checkpoint as ckpt
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
+from stages.training import checkpoint as ckpt
 from stages.training.loop import build_optimizer, evaluate_loss, lr_at, resolve_device, train
 from tests._numeric import approx, assert_close
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
@@ -29,8 +29,14 @@ def test_loss_falls_on_a_repetitive_stream_and_metrics_are_logged():
     stream = repetitive_stream()
     model, tracker = micro_model(), MemoryTracker()
     val = _val_batches(stream)
-    result = train(model, StreamBatches(stream, 32, 8), micro_config(), tracker,
-                   evaluate=lambda m: {"val_loss": evaluate_loss(m, val)}, progress=False)
+    result = train(
+        model,
+        StreamBatches(stream, 32, 8),
+        micro_config(),
+        tracker,
+        evaluate=lambda m: {"val_loss": evaluate_loss(m, val)},
+        progress=False,
+    )
     assert result.steps == 30 and result.tokens == 30 * 8 * 32
     assert abs(result.initial_loss - math.log(500)) < 0.1 * math.log(500)
     assert result.final_loss < 0.5 * result.initial_loss
@@ -44,8 +50,14 @@ def test_loss_falls_on_a_repetitive_stream_and_metrics_are_logged():
 
 def test_metric_prefix_names_tracker_metrics_only():
     tracker = MemoryTracker()
-    result = train(micro_model(), StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=5), tracker,
-                   metric_prefix="sft/", progress=False)
+    result = train(
+        micro_model(),
+        StreamBatches(repetitive_stream(), 32, 4),
+        micro_config(max_steps=5),
+        tracker,
+        metric_prefix="sft/",
+        progress=False,
+    )
     assert "sft/train_loss" in tracker.metrics and "train_loss" not in tracker.metrics
     assert "train_loss" in result.curve[-1]
 
@@ -98,8 +110,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(tmp_path):
 
     crashed = micro_model(dropout=0.1)
     with pytest.raises(_Interrupt):
-        train(crashed, _StopAt(StreamBatches(stream, 32, 4), 10), cfg, MemoryTracker(), tmp_path / "b",
-              progress=False)
+        train(crashed, _StopAt(StreamBatches(stream, 32, 4), 10), cfg, MemoryTracker(), tmp_path / "b", progress=False)
     assert ckpt.latest_checkpoint(tmp_path / "b").name == ckpt.step_dirname(8)
 
     resumed = micro_model(dropout=0.1, seed=123)  # different init: everything must come from the checkpoint
@@ -128,8 +139,13 @@ def test_grad_accumulation_matches_one_big_batch():
 
     one, two = micro_model(), micro_model()
     r1 = train(one, Whole(), micro_config(max_steps=1, warmup_steps=0), MemoryTracker(), progress=False)
-    r2 = train(two, Halves(), micro_config(max_steps=1, warmup_steps=0, grad_accum=2, batch_size=4),
-               MemoryTracker(), progress=False)
+    r2 = train(
+        two,
+        Halves(),
+        micro_config(max_steps=1, warmup_steps=0, grad_accum=2, batch_size=4),
+        MemoryTracker(),
+        progress=False,
+    )
     assert r1.initial_loss == approx(r2.initial_loss)
     for a, b in zip(one.parameters(), two.parameters()):
         assert_close(a, b)
@@ -152,8 +168,9 @@ def test_nan_loss_raises_training_error_naming_the_step():
     with torch.no_grad():
         model.norm_out.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"step 1: the training loss is nan"):
-        train(model, StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=3), MemoryTracker(),
-              progress=False)
+        train(
+            model, StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=3), MemoryTracker(), progress=False
+        )
 
 
 def test_device_names_are_checked():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.storage.artifacts import read_manifest
 from stages.core.errors import ArtifactError
+from stages.storage.artifacts import read_manifest
 
 
 def newest_artifact(store: Path, stage: str) -> Path:
@@ -35,16 +35,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text)
         return 0
 
-    from stages.training.checkpoint import load_model, model_directory
     from stages.lm.generate import generate
     from stages.lm.tokenizer import Tokenizer
+    from stages.training.checkpoint import load_model, model_directory
 
     model_dir = Path(args.model) if args.model else newest_artifact(store, args.stage)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else tokenizer_dir_for(model_dir)
     model = load_model(model_directory(model_dir), device="cpu")
     tokenizer = Tokenizer.load(tokenizer_dir)
-    text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    text = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print(text)
     return 0
 
@@ -53,11 +61,20 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate a reply from a trained model (chat template applied)")
     gen.add_argument("--prompt", "-p", required=True, help="the user message")
     gen.add_argument("--model", help="pretrain/finetune artifact directory (default: newest in the store)")
-    gen.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"],
-                     help="which stage's newest output to use when --model is not given")
+    gen.add_argument(
+        "--stage",
+        default="finetune",
+        choices=["finetune", "pretrain"],
+        help="which stage's newest output to use when --model is not given",
+    )
     gen.add_argument("--tokenizer", help="tokenizer artifact (default: the one recorded in the model's manifest)")
-    gen.add_argument("--onnx", nargs="?", const="latest", default=None,
-                     help="use ONNX Runtime on an export artifact instead of PyTorch (default: newest export)")
+    gen.add_argument(
+        "--onnx",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="use ONNX Runtime on an export artifact instead of PyTorch (default: newest export)",
+    )
     gen.add_argument("--store", default="runs/store", help="local artifact store (default: runs/store)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -31,8 +31,14 @@ def prepare_environment() -> None:
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set pretrain.max_steps=50 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set pretrain.max_steps=50 (repeatable)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -93,12 +99,18 @@ def cmd_services(args: argparse.Namespace) -> int:
         if unknown:
             raise GptpipeError(f"--only {args.only!r}: unknown service(s) {unknown}; choose from s3, mlflow, prefect")
         layout = services.up(args.home, ports, args.bucket, timeout=args.timeout, names=names)
-        urls = {"prefect": layout.prefect_url, "mlflow": layout.mlflow_url, "s3": f"{layout.s3_url} (bucket {layout.bucket})"}
+        urls = {
+            "prefect": layout.prefect_url,
+            "mlflow": layout.mlflow_url,
+            "s3": f"{layout.s3_url} (bucket {layout.bucket})",
+        }
         for name in layout.names:
             print(f"{name:8} {urls[name]}")
         print(f"logs     {layout.home / 'logs'}")
-        print(f"use them: source {layout.home / 'env.sh'}\n"
-              f"then:     gptpipe run --set artifacts.store=s3://{layout.bucket}/store")
+        print(
+            f"use them: source {layout.home / 'env.sh'}\n"
+            f"then:     gptpipe run --set artifacts.store=s3://{layout.bucket}/store"
+        )
         return 0
     if args.action == "down":
         stopped = services.down(args.home)
@@ -148,11 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     svc = sub.add_parser(
-        "services", help="start/stop local Prefect + MLflow + S3 (moto) servers on 127.0.0.1",
+        "services",
+        help="start/stop local Prefect + MLflow + S3 (moto) servers on 127.0.0.1",
         description="Local shared services without Docker, supervised in the background, data under --home. "
-        "`up` prints what to `source` so gptpipe uses them.")
+        "`up` prints what to `source` so gptpipe uses them.",
+    )
     svc.add_argument("action", choices=["up", "down", "status"])
-    svc.add_argument("--home", default="runs/services", help="directory holding their data and logs (default: %(default)s)")
+    svc.add_argument(
+        "--home", default="runs/services", help="directory holding their data and logs (default: %(default)s)"
+    )
     svc.add_argument("--prefect-port", type=int, default=4200, help="0 = any free port (default: %(default)s)")
     svc.add_argument("--mlflow-port", type=int, default=5000, help="0 = any free port (default: %(default)s)")
     svc.add_argument("--s3-port", type=int, default=9000, help="0 = any free port (default: %(default)s)")

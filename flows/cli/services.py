@@ -82,8 +82,11 @@ class Layout:
         }
 
     def health_url(self, name: str) -> str:
-        return {"s3": f"{self.s3_url}/", "mlflow": f"{self.mlflow_url}/health",
-                "prefect": f"{self.prefect_url}/health"}[name]
+        return {
+            "s3": f"{self.s3_url}/",
+            "mlflow": f"{self.mlflow_url}/health",
+            "prefect": f"{self.prefect_url}/health",
+        }[name]
 
     def command(self, name: str) -> list[str]:
         port = str(self.ports[name])
@@ -91,9 +94,20 @@ class Layout:
             return [_bin("moto_server"), "-H", "127.0.0.1", "-p", port]
         if name == "mlflow":
             db = (self.home / "mlflow" / "mlflow.db").as_posix()
-            return [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", port, "-w", "1",
-                    "--backend-store-uri", f"sqlite:///{db}",
-                    "--artifacts-destination", f"s3://{self.bucket}/mlartifacts"]
+            return [
+                _bin("mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                port,
+                "-w",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{db}",
+                "--artifacts-destination",
+                f"s3://{self.bucket}/mlartifacts",
+            ]
         return [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
 
     def service_env(self, name: str) -> dict[str, str]:
@@ -107,8 +121,13 @@ class Layout:
         return env
 
     def save(self, pids: dict[str, int], supervisor: int) -> None:
-        state = {"ports": self.ports, "bucket": self.bucket, "pids": pids, "supervisor": supervisor,
-                 "services": list(self.names)}
+        state = {
+            "ports": self.ports,
+            "bucket": self.bucket,
+            "pids": pids,
+            "supervisor": supervisor,
+            "services": list(self.names),
+        }
         tmp = self.home / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
         tmp.replace(self.home / "state.json")
@@ -149,7 +168,7 @@ def alive(pid: int | None) -> bool:
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1 only
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except OSError:
         return False
@@ -172,9 +191,13 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None)
 def create_bucket(layout: Layout) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=layout.s3_url, region_name="us-east-1",
-                      aws_access_key_id=LOCAL_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=LOCAL_KEYS["AWS_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=layout.s3_url,
+        region_name="us-east-1",
+        aws_access_key_id=LOCAL_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_KEYS["AWS_SECRET_ACCESS_KEY"],
+    )
     names = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if layout.bucket not in names:
         s3.create_bucket(Bucket=layout.bucket)
@@ -197,9 +220,15 @@ def supervise(layout: Layout, poll: float = 1.0) -> int:
     signal.signal(signal.SIGINT, stop)
 
     def start(name: str) -> None:
-        log = open(layout.home / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        children[name] = subprocess.Popen(layout.command(name), env=layout.service_env(name), stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=layout.home)
+        log = open(layout.home / "logs" / f"{name}.log", "ab")
+        children[name] = subprocess.Popen(
+            layout.command(name),
+            env=layout.service_env(name),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=layout.home,
+        )
         log.close()
         if name == "s3":  # the bucket must exist before MLflow stores artifacts in it
             if wait_healthy(layout.health_url("s3"), 60, children[name]):
@@ -218,8 +247,10 @@ def supervise(layout: Layout, poll: float = 1.0) -> int:
                 print(f"{name} exited {restarts[name]} times; not restarting (see logs/{name}.log)", flush=True)
                 continue
             restarts[name] += 1
-            print(f"{name} exited with {children[name].returncode}; restarting ({restarts[name]}/{MAX_RESTARTS})",
-                  flush=True)
+            print(
+                f"{name} exited with {children[name].returncode}; restarting ({restarts[name]}/{MAX_RESTARTS})",
+                flush=True,
+            )
             start(name)
     for proc in children.values():  # SIGTERM, not SIGINT: a Prefect server may ignore the first SIGINT
         if proc.poll() is None:
@@ -244,9 +275,14 @@ def _layout(home: Path, state: dict) -> Layout:
     return Layout(home, {k: int(v) for k, v in state["ports"].items()}, state["bucket"], names)
 
 
-def up(home: str | Path = DEFAULT_HOME, ports: dict[str, int] | None = None, bucket: str = "gptpipe",
-       timeout: float = 180.0, extra_env: dict[str, str] | None = None,
-       names: tuple[str, ...] = START_ORDER) -> Layout:
+def up(
+    home: str | Path = DEFAULT_HOME,
+    ports: dict[str, int] | None = None,
+    bucket: str = "gptpipe",
+    timeout: float = 180.0,
+    extra_env: dict[str, str] | None = None,
+    names: tuple[str, ...] = START_ORDER,
+) -> Layout:
     """Start the supervisor (unless one runs for ``home``) and wait until every service answers.
 
     A port of 0 picks a free one. Returns the layout (ports, URLs, client environment).
@@ -265,22 +301,42 @@ def up(home: str | Path = DEFAULT_HOME, ports: dict[str, int] | None = None, buc
                 continue
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    raise GptpipeError(f"services: port {port} for {name} is already in use; pick another with --{name}-port")
+                    raise GptpipeError(
+                        f"services: port {port} for {name} is already in use; pick another with --{name}-port"
+                    )
         (home / "logs").mkdir(exist_ok=True)
-        log = open(home / "logs" / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-        command = [sys.executable, "-m", "flows.cli.services", "supervise", "--home", str(home),
-                   "--bucket", bucket, "--services", ",".join(layout.names),
-                   *[f"--{k}-port={v}" for k, v in layout.ports.items()]]
-        supervisor = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env={**os.environ, **(extra_env or {})}, start_new_session=True,
-                                      cwd=Path(__file__).resolve().parents[1])
+        log = open(home / "logs" / "supervisor.log", "ab")
+        command = [
+            sys.executable,
+            "-m",
+            "flows.cli.services",
+            "supervise",
+            "--home",
+            str(home),
+            "--bucket",
+            bucket,
+            "--services",
+            ",".join(layout.names),
+            *[f"--{k}-port={v}" for k, v in layout.ports.items()],
+        ]
+        supervisor = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(extra_env or {})},
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         log.close()
         layout.save({}, supervisor.pid)
     deadline = time.monotonic() + timeout
     for name in layout.names:
         if not wait_healthy(layout.health_url(name), max(1.0, deadline - time.monotonic())):
-            raise GptpipeError(f"services: {name} did not become healthy at {layout.health_url(name)} within "
-                               f"{timeout:.0f}s; see {home / 'logs' / (name + '.log')}")
+            raise GptpipeError(
+                f"services: {name} did not become healthy at {layout.health_url(name)} within "
+                f"{timeout:.0f}s; see {home / 'logs' / (name + '.log')}"
+            )
     while time.monotonic() < deadline:  # the supervisor records pids once each service is set up
         state = load_state(home) or {}
         if all(state.get("pids", {}).get(name) for name in layout.names):
@@ -319,8 +375,13 @@ def status(home: str | Path = DEFAULT_HOME) -> dict[str, dict]:
     report = {"supervisor": {"pid": state.get("supervisor"), "running": alive(state.get("supervisor"))}}
     for name in layout.names:
         pid = state.get("pids", {}).get(name)
-        report[name] = {"port": layout.ports[name], "pid": pid, "running": alive(pid),
-                        "healthy": healthy(layout.health_url(name)), "url": layout.health_url(name)}
+        report[name] = {
+            "port": layout.ports[name],
+            "pid": pid,
+            "running": alive(pid),
+            "healthy": healthy(layout.health_url(name)),
+            "url": layout.health_url(name),
+        }
     return report
 
 

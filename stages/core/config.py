@@ -55,7 +55,8 @@ class CorpusConfig(Section):
         description="File suffixes read when the source is a directory or glob (.jsonl/.parquet are read as records).",
     )
     max_bytes: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Optional cap: stop after this many bytes of text, in source order (null = the whole source; "
         "the demo recipes set one to stay small).",
     )
@@ -86,18 +87,24 @@ class TokenizerConfig(Section):
 
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm.")
     vocab_size: int = Field(
-        2048, ge=300, le=1_000_000,
+        2048,
+        ge=300,
+        le=1_000_000,
         description="Vocabulary size, special tokens included (byte_fallback takes 256 ids, specials 9).",
     )
     byte_fallback: bool = Field(True, description="Encode unknown characters as UTF-8 bytes (costs 256 ids).")
     split_digits: bool = Field(True, description="Every digit is its own token.")
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0, description="Share of characters covered by pieces.")
     train_bytes: int = Field(
-        4_000_000, gt=0,
+        4_000_000,
+        gt=0,
         description="Bytes of text the tokenizer trains on: an even sample (by content hash) of the whole corpus.",
     )
     heldout_fraction: float = Field(
-        0.02, ge=0.0, lt=0.5, description="Share of documents held out to measure compression (0 = measure on training text)."
+        0.02,
+        ge=0.0,
+        lt=0.5,
+        description="Share of documents held out to measure compression (0 = measure on training text).",
     )
     threads: int = Field(2, ge=1, description="SentencePiece trainer threads.")
 
@@ -105,16 +112,17 @@ class TokenizerConfig(Section):
 class DataConfig(Section):
     """Corpus -> token shards (``stages/data.py``)."""
 
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split (at least one).")
-    shard_tokens: int = Field(
-        50_000_000, gt=0, description="Maximum tokens per shard file (uint16/uint32 memmap)."
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of documents in the validation split (at least one)."
     )
+    shard_tokens: int = Field(50_000_000, gt=0, description="Maximum tokens per shard file (uint16/uint32 memmap).")
     workers: int = Field(
         0, ge=0, description="Processes tokenizing work units (0 = all cores, 1 = in the stage's own process)."
     )
     seed: int = Field(1234, description="Seed of the deterministic train/val document split.")
     unit_bytes: int = Field(
-        4_000_000, ge=1000,
+        4_000_000,
+        ge=1000,
         description="Source bytes per work unit (files, JSONL byte ranges or Parquet row groups; smaller for a "
         "corpus under 32 units); each is tokenized, written and resumed on its own. Output never depends on workers.",
     )
@@ -186,7 +194,8 @@ class TrainConfig(Section):
         False, description="torch.use_deterministic_algorithms (bitwise-repeatable runs; slower on GPUs)."
     )
     peak_flops: float = Field(
-        0.0, ge=0,
+        0.0,
+        ge=0,
         description="Peak FLOP/s per device for MFU (0 = the GPU table, or a short matmul probe on CPUs/unknown devices).",
     )
     # --- distributed (stages/training/distributed.py); launched by torchrun ---
@@ -222,10 +231,10 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     eval_interval: int = Field(50, gt=0, description="Steps between held-out loss evaluations.")
     eval_batches: int = Field(4, gt=0, description="Micro-batches of held-out conversations per loss estimate.")
-    method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters merged at the end.")
-    data: str = Field(
-        "synthetic", description="'synthetic' (built-in verifiable tasks) or a chat JSONL file."
+    method: Literal["full", "lora"] = Field(
+        "full", description="Train every weight, or LoRA adapters merged at the end."
     )
+    data: str = Field("synthetic", description="'synthetic' (built-in verifiable tasks) or a chat JSONL file.")
     heldout_data: str | None = Field(None, description="Held-out chat JSONL (defaults to a split of `data`).")
     train_items: int = Field(20_000, gt=0, description="Synthetic training conversations.")
     heldout_items: int = Field(300, gt=0, description="Held-out conversations (synthetic or split).")
@@ -234,9 +243,13 @@ class FinetuneConfig(TrainConfig):
         description="Synthetic task mix (see stages/lm/tasks.py): last, last_plus, last_minus (learnable in minutes "
         "on a CPU), reverse, sort, repeat, add (need longer training).",
     )
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed.")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="Fail if more than this share of JSONL lines is malformed."
+    )
     replay_fraction: float = Field(
-        0.125, ge=0, lt=1,
+        0.125,
+        ge=0,
+        lt=1,
         description="Share of each micro-batch's rows that are pretraining text (the data stage's train split, "
         "all tokens trained), so fine-tuning does not erase what pretraining learned; 0 = off.",
     )
@@ -280,12 +293,15 @@ class ExportConfig(Section):
     source: Literal["finetune", "pretrain"] = Field("finetune", description="Which checkpoint to export.")
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs.")
     tolerance: float = Field(
-        1e-4, gt=0,
+        1e-4,
+        gt=0,
         description="Max |ONNX Runtime - PyTorch| on logits and KV outputs (fp32), divided by the largest "
         "|value| when that exceeds 1.",
     )
     parity_shapes: int = Field(
-        4, ge=1, description="Random (batch, length) shapes checked by the gate; (1, 1) and (2, block_size) always included."
+        4,
+        ge=1,
+        description="Random (batch, length) shapes checked by the gate; (1, 1) and (2, block_size) always included.",
     )
     generation_prompts: int = Field(
         4, ge=1, description="Prompts whose greedy ORT+KV generation must equal PyTorch's token for token."
@@ -302,7 +318,8 @@ class ExportConfig(Section):
     heldout_items: int = Field(32, ge=1, description="Held-out chat items scoring the int8 loss change.")
     threads: int = Field(0, ge=0, description="CPU threads for torch and ONNX Runtime (0 = their defaults).")
     hf: bool = Field(
-        True, description="Also write hf/, a Hugging Face LlamaForCausalLM checkpoint (weights, tokenizer, chat "
+        True,
+        description="Also write hf/, a Hugging Face LlamaForCausalLM checkpoint (weights, tokenizer, chat "
         "template), gated like the graphs: logits, greedy ids and tokenization checked with transformers.",
     )
 
@@ -335,14 +352,14 @@ class TrackingConfig(Section):
     )
 
 
-
-
 class StageResources(Section):
     """What one stage's container asks the work pool for (``execution.mode: containers``)."""
 
     gpus: int = Field(0, ge=0, description="GPUs for the stage's container or pod (nvidia.com/gpu).")
     cpu: str | None = Field(None, description="CPU request, e.g. '4' (Kubernetes pools; Docker pools ignore it).")
-    memory: str | None = Field(None, description="Memory limit, e.g. '16Gi' (a Kubernetes quantity; given to Docker as '16g').")
+    memory: str | None = Field(
+        None, description="Memory limit, e.g. '16Gi' (a Kubernetes quantity; given to Docker as '16g')."
+    )
     image: str | None = Field(None, description="Image for this stage instead of the deployment's (e.g. a -cpu build).")
 
 
@@ -392,8 +409,10 @@ class PipelineConfig(Section):
         if self.execution.mode == "containers":
             store = self.artifacts.store
             if not store.startswith("s3://") and not store.startswith("/"):
-                problems.append(f"artifacts.store={store!r}: with execution.mode=containers the store must be shared "
-                                "by the containers — an s3:// URI (or an absolute path every container mounts)")
+                problems.append(
+                    f"artifacts.store={store!r}: with execution.mode=containers the store must be shared "
+                    "by the containers — an s3:// URI (or an absolute path every container mounts)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -408,8 +427,10 @@ class PipelineConfig(Section):
                 continue
             for field in ("nproc_per_node", "nnodes"):
                 if getattr(section, field) > 1:
-                    problems.append(f"{declared.name}.{field} = {getattr(section, field)}: stage {declared.name} cannot "
-                                    f"run as several processes (only {allowed} can); set it to 1")
+                    problems.append(
+                        f"{declared.name}.{field} = {getattr(section, field)}: stage {declared.name} cannot "
+                        f"run as several processes (only {allowed} can); set it to 1"
+                    )
         return problems
 
     def _stage_list_problems(self) -> list[str]:
@@ -425,8 +446,10 @@ class PipelineConfig(Section):
         ft = self.finetune
         problems = []
         if ft.replay_rows >= ft.batch_size:
-            problems.append(f"finetune.replay_fraction = {ft.replay_fraction} leaves no chat rows in a batch of "
-                            f"{ft.batch_size}; lower it or raise finetune.batch_size")
+            problems.append(
+                f"finetune.replay_fraction = {ft.replay_fraction} leaves no chat rows in a batch of "
+                f"{ft.batch_size}; lower it or raise finetune.batch_size"
+            )
         if ft.method == "lora" and not ft.lora_targets:
             problems.append("finetune.lora_targets = []: LoRA needs at least one layer name, e.g. ['qkv', 'proj']")
         if ft.data == "synthetic":
@@ -485,7 +508,11 @@ def _describe(error: dict, source: str) -> str:
     field = _printable(".".join(str(p) for p in error["loc"])) or "<root>"
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(tuple(error["loc"])), n=1, cutoff=0.6)
-        hint = f"did you mean '{_printable('.'.join([*map(str, error['loc'][:-1]), close[0]]))}'? " if close else "check the spelling; "
+        hint = (
+            f"did you mean '{_printable('.'.join([*map(str, error['loc'][:-1]), close[0]]))}'? "
+            if close
+            else "check the spelling; "
+        )
         return f"{source}: unknown key '{field}' ({hint}see the recipe reference in README.md)"
     value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError

@@ -66,20 +66,22 @@ def _conversation(row: dict[str, Any]) -> str | list[dict[str, str]]:
 class GptpipeChatModel(PythonModel):
     """Chat replies from the export's KV-cache graph, generated exactly as ``gptpipe generate --onnx``."""
 
-    def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's PythonModelContext
+    def load_context(self, context) -> None:
         from stages.lm.onnx_runtime import OnnxGenerator
 
         self.generator = OnnxGenerator(context.artifacts[ARTIFACT])
 
     # No type hints on predict on purpose: MLflow 3 derives a schema from them, which would
     # replace the explicit signature the model is saved with.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         settings = {**DEFAULT_PARAMS, **(params or {})}
         seed = int(settings["seed"])
         return [
             self.generator.generate(
-                _conversation(row), max_new_tokens=int(settings["max_new_tokens"]),
-                temperature=float(settings["temperature"]), top_k=int(settings["top_k"]) or None,
+                _conversation(row),
+                max_new_tokens=int(settings["max_new_tokens"]),
+                temperature=float(settings["temperature"]),
+                top_k=int(settings["top_k"]) or None,
                 seed=None if seed < 0 else seed + number,
             )
             for number, row in enumerate(_rows(model_input))

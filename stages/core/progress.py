@@ -47,8 +47,16 @@ class LineProgress:
     no carriage returns, no redraws, so a log file holds one line per report.
     """
 
-    def __init__(self, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it",
-                 file: TextIO | None = None, disable: bool = False, every: int | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None = None,
+        desc: str = "",
+        initial: int = 0,
+        unit: str = "it",
+        file: TextIO | None = None,
+        disable: bool = False,
+        every: int | None = None,
+    ) -> None:
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
         self.file = file if file is not None else sys.stderr
         self.disable = disable
@@ -106,8 +114,9 @@ class LineProgress:
 Progress = tqdm | LineProgress  # what progress_bar returns
 
 
-def progress_bar(total: int | None = None, desc: str = "", *, file: TextIO | None = None, every: int | None = None,
-                 **kwargs: Any) -> Progress:
+def progress_bar(
+    total: int | None = None, desc: str = "", *, file: TextIO | None = None, every: int | None = None, **kwargs: Any
+) -> Progress:
     """A tqdm bar on a terminal, else a ``LineProgress`` writing a line every ``every`` items.
 
     ``kwargs`` are tqdm's (``initial``, ``unit``, ``disable``, ``leave``, ``mininterval``, ...);
@@ -117,5 +126,12 @@ def progress_bar(total: int | None = None, desc: str = "", *, file: TextIO | Non
     stream = file if file is not None else sys.stderr
     if _is_terminal(stream):
         return tqdm(total=total, desc=desc, file=stream, **kwargs)
-    return LineProgress(total=total, desc=desc, initial=kwargs.get("initial", 0), unit=kwargs.get("unit", "it"),
-                        file=stream, disable=bool(kwargs.get("disable", False)), every=every)
+    return LineProgress(
+        total=total,
+        desc=desc,
+        initial=kwargs.get("initial", 0),
+        unit=kwargs.get("unit", "it"),
+        file=stream,
+        disable=bool(kwargs.get("disable", False)),
+        every=every,
+    )

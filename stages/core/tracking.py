@@ -169,12 +169,14 @@ def check_reachable(uri: str, wait_s: float | None = None) -> None:
         try:
             wait_s = float(os.environ.get(CONNECT_WAIT_VARIABLE, DEFAULT_CONNECT_WAIT_S))
         except ValueError:
-            raise GptpipeError(f"{CONNECT_WAIT_VARIABLE}={os.environ[CONNECT_WAIT_VARIABLE]!r}: expected seconds") from None
+            raise GptpipeError(
+                f"{CONNECT_WAIT_VARIABLE}={os.environ[CONNECT_WAIT_VARIABLE]!r}: expected seconds"
+            ) from None
     deadline = time.monotonic() + wait_s
     pause = 0.25
     while True:
         try:
-            with urllib.request.urlopen(redact_uri(uri).rstrip("/") + "/health", timeout=5):  # noqa: S310 - the user's server
+            with urllib.request.urlopen(redact_uri(uri).rstrip("/") + "/health", timeout=5):
                 return
         except urllib.error.HTTPError:
             return  # it answered
@@ -204,14 +206,20 @@ def connect(uri: str, experiment: str, artifact_root: str | Path | None = None) 
                 client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, found.experiment_id
         location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        return client, client.create_experiment(experiment, artifact_location=location,
-                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client, client.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as exc:
         raise GptpipeError(f"MLflow at {redact_uri(uri)}: {str(exc).splitlines()[0]}") from None
 
 
-def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-              artifact_root: str | Path | None = None) -> MlflowTracker:
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    artifact_root: str | Path | None = None,
+) -> MlflowTracker:
     """Open a top-level run (the pipeline's parent run)."""
     client, experiment_id = connect(uri, experiment, artifact_root)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
@@ -237,8 +245,11 @@ def executor_tags() -> dict[str, str]:
     revision = os.environ.get("GPTPIPE_GIT_REVISION")
     if revision is None:
         return {"gptpipe.executor": "process"}
-    return {"gptpipe.executor": "container", "gptpipe.image_version": os.environ.get("GPTPIPE_VERSION", "unknown"),
-            "gptpipe.image_revision": revision}
+    return {
+        "gptpipe.executor": "container",
+        "gptpipe.image_version": os.environ.get("GPTPIPE_VERSION", "unknown"),
+        "gptpipe.image_revision": revision,
+    }
 
 
 @contextlib.contextmanager
@@ -317,7 +328,7 @@ class SystemMetrics:
     def _log(self) -> None:
         try:
             self.tracker.log_metrics(self.sample(), step=self.step)
-        except Exception:  # noqa: BLE001 - a lost sample must never fail the stage it watches
+        except Exception:
             return
         self.step += 1
 
@@ -350,7 +361,7 @@ def _nvml_handles() -> list[Any]:
 
         pynvml.nvmlInit()
         return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, no device...
+    except Exception:
         return []
 
 
@@ -360,7 +371,7 @@ def _gpu_sample(index: int, handle: Any) -> dict[str, float]:
     try:
         util = pynvml.nvmlDeviceGetUtilizationRates(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    except Exception:  # noqa: BLE001 - a GPU that stops answering is skipped, not fatal
+    except Exception:
         return {}
     return {
         f"system/gpu_{index}_utilization_percentage": float(util.gpu),
@@ -386,8 +397,15 @@ def find_version(client: Any, name: str, digest: str) -> Any | None:
 # What the served model needs besides mlflow itself: no torch (stages.lm.onnx_runtime runs without it).
 PYFUNC_REQUIREMENTS = ("onnxruntime", "sentencepiece", "numpy")
 # The modules of stages/ that generation with ONNX Runtime imports: shipped in the model's code/ folder.
-PYFUNC_CODE = ("__init__.py", "core/__init__.py", "core/errors.py", "lm/__init__.py", "lm/onnx_runtime.py",
-               "lm/tokenizer.py", "lm/chat.py")
+PYFUNC_CODE = (
+    "__init__.py",
+    "core/__init__.py",
+    "core/errors.py",
+    "lm/__init__.py",
+    "lm/onnx_runtime.py",
+    "lm/tokenizer.py",
+    "lm/chat.py",
+)
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
 PYFUNC_FILES = ("model.onnx", "model_kv.onnx", "model.onnx.data", "model_kv.onnx.data", "export.json")
 
@@ -440,25 +458,40 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
             shutil.copy2(package / relative, code / relative)
         message = Object([Property("role", "string"), Property("content", "string")])
         signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "prompt", required=False),
-                           ColSpec(Array(message), "messages", required=False)]),
+            inputs=Schema(
+                [ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
+            ),
             outputs=Schema([ColSpec("string")]),
-            params=ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v)
-                                for k, v in mlflow_model.DEFAULT_PARAMS.items()]),
+            params=ParamSchema(
+                [
+                    ParamSpec(k, "long" if isinstance(v, int) else "double", v)
+                    for k, v in mlflow_model.DEFAULT_PARAMS.items()
+                ]
+            ),
         )
         example = (pd.DataFrame({"prompt": ["Reverse: a b c"]}), {"max_new_tokens": 16})
         with warnings.catch_warnings():  # "add type hints to predict": deliberately absent (see mlflow_model)
             warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
             mlflow.pyfunc.save_model(
-                path=str(path), python_model=mlflow_model.__file__, artifacts={mlflow_model.ARTIFACT: str(onnx_dir)},
-                code_paths=[str(code)], signature=signature, input_example=example,
+                path=str(path),
+                python_model=mlflow_model.__file__,
+                artifacts={mlflow_model.ARTIFACT: str(onnx_dir)},
+                code_paths=[str(code)],
+                signature=signature,
+                input_example=example,
                 pip_requirements=[_versions(name) for name in PYFUNC_REQUIREMENTS],
             )
     return path
 
 
-def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, parity: dict[str, Any],
-                  digest: str, artifact_uri: str | None = None) -> dict[str, Any]:
+def register_onnx(
+    tracker: MlflowTracker,
+    name: str,
+    export_dir: str | Path,
+    parity: dict[str, Any],
+    digest: str,
+    artifact_uri: str | None = None,
+) -> dict[str, Any]:
     """Register the exported ONNX graph as a version of model ``name`` (once per export digest).
 
     ``onnx_model/`` in ``tracker``'s run is an MLflow pyfunc model (``save_pyfunc``: the graphs
@@ -475,8 +508,13 @@ def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, par
     existing = find_version(tracker.client, name, digest)
     if existing is not None:
         tracker.set_tags({"gptpipe.registered_model": f"{name}/{existing.version}"})
-        return {"name": name, "version": str(existing.version), "source": existing.source,
-                "run_id": existing.run_id, "reused": True}
+        return {
+            "name": name,
+            "version": str(existing.version),
+            "source": existing.source,
+            "run_id": existing.run_id,
+            "reused": True,
+        }
     import tempfile
 
     export_dir = Path(export_dir)
@@ -494,13 +532,20 @@ def register_onnx(tracker: MlflowTracker, name: str, export_dir: str | Path, par
         tags["gptpipe.artifact"] = artifact_uri
     try:
         try:
-            client.create_registered_model(name, description="A gptpipe GPT: ONNX graphs served as an MLflow pyfunc chat model")
+            client.create_registered_model(
+                name, description="A gptpipe GPT: ONNX graphs served as an MLflow pyfunc chat model"
+            )
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
                 raise
         source = f"{client.get_run(tracker.run_id).info.artifact_uri}/onnx_model"
-        version = client.create_model_version(name, source, run_id=tracker.run_id, tags=tags,
-                                              description="pyfunc chat model over model_kv.onnx + tokenizer; model.onnx; parity.json")
+        version = client.create_model_version(
+            name,
+            source,
+            run_id=tracker.run_id,
+            tags=tags,
+            description="pyfunc chat model over model_kv.onnx + tokenizer; model.onnx; parity.json",
+        )
     except MlflowException as exc:
         raise GptpipeError(f"MLflow model registry at {tracker.tracking_uri}: {str(exc).splitlines()[0]}") from None
     tracker.set_tags({"gptpipe.registered_model": f"{name}/{version.version}"})

@@ -74,7 +74,9 @@ def validate_messages(record: Any, where: str) -> list[Message]:
     clean: list[Message] = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: message {i} is {type(message).__name__}, expected an object with role and content")
+            raise DataError(
+                f"{where}: message {i} is {type(message).__name__}, expected an object with role and content"
+            )
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DataError(f"{where}: message {i} has role {role!r}; allowed roles: {', '.join(ROLES)}")
@@ -98,7 +100,9 @@ def read_chat_jsonl(path: str | Path, max_bad_fraction: float = 0.0) -> list[lis
         # allows unescaped inside strings (write_chat_jsonl writes them so).
         lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
-        raise DataError(f"{path}: chat data file not found (set finetune.data to a JSONL file or 'synthetic')") from None
+        raise DataError(
+            f"{path}: chat data file not found (set finetune.data to a JSONL file or 'synthetic')"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read chat data: {exc}") from None
     good: list[list[Message]] = []

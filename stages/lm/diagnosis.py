@@ -46,8 +46,9 @@ def _quote(text: str, limit: int = 40) -> str:
     return f"'{text}'" if text else "an empty answer"
 
 
-def dominant_answer(answers: list[str], expected: list[str], stopped: list[bool] | None = None
-                    ) -> tuple[str, float, float] | None:
+def dominant_answer(
+    answers: list[str], expected: list[str], stopped: list[bool] | None = None
+) -> tuple[str, float, float] | None:
     """(answer, its share of all items, the top expected answer's share) when one answer dominates.
 
     Only answers that ended with a stop token count (``stopped``; all when None): text cut off at
@@ -77,22 +78,30 @@ def diagnose_model(name: str, answers: Answers, expected: list[str], max_new_tok
         found.append(
             f"the {label} model gave {_quote(answer)} to {share:.0%} of items (no expected answer covers more than "
             f"{expected_top:.0%}): it learned the answer format, not the task"
-            + (" — train longer or with a higher learning rate, and check that the fine-tuning validation loss "
-               "left its plateau" if name == "finetuned" else "")
+            + (
+                " — train longer or with a higher learning rate, and check that the fine-tuning validation loss "
+                "left its plateau"
+                if name == "finetuned"
+                else ""
+            )
         )
     never = answers.stopped.count(False)
     if answers.stopped and never / len(answers.stopped) >= NEVER_STOPS_SHARE:
         found.append(
             f"the {label} model never stopped on {never / len(answers.stopped):.0%} of items: it ran to "
             f"max_new_tokens={max_new_tokens} without a stop token"
-            + (", so it has not learned to end its turn" if name == "finetuned" else
-               " (a base model has not seen the chat format)")
+            + (
+                ", so it has not learned to end its turn"
+                if name == "finetuned"
+                else " (a base model has not seen the chat format)"
+            )
         )
     return found
 
 
-def diagnose(answers: dict[str, Answers], expected: list[str], accuracy: dict[str, float],
-             max_new_tokens: int) -> list[str]:
+def diagnose(
+    answers: dict[str, Answers], expected: list[str], accuracy: dict[str, float], max_new_tokens: int
+) -> list[str]:
     """Every finding for the base and fine-tuned models, most telling first."""
     found: list[str] = []
     for name in ("finetuned", "base"):
@@ -100,8 +109,10 @@ def diagnose(answers: dict[str, Answers], expected: list[str], accuracy: dict[st
             found += diagnose_model(name, answers[name], expected, max_new_tokens)
     base, tuned = accuracy.get("base"), accuracy.get("finetuned")
     if base is not None and base >= BASE_ALREADY_SHARE:
-        found.append(f"the base model already answers {base:.0%} of items correctly: the held-out task may be in "
-                     "the pretraining text, or too easy to show what fine-tuning adds")
+        found.append(
+            f"the base model already answers {base:.0%} of items correctly: the held-out task may be in "
+            "the pretraining text, or too easy to show what fine-tuning adds"
+        )
     if base is not None and tuned is not None and tuned <= base and len(expected) > 0:
         found.append(f"fine-tuning did not help: {tuned:.0%} exact match fine-tuned vs {base:.0%} base")
     return found

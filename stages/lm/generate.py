@@ -144,8 +144,16 @@ def generate_greedy_batch(
     return results
 
 
-def _greedy_group(model: GPT, prompts: list[list[int]], rows: list[int], max_new_tokens: int, stops: torch.Tensor,
-                  results: list[list[int]], device: torch.device, on_done: Callable[[int], None] | None) -> None:
+def _greedy_group(
+    model: GPT,
+    prompts: list[list[int]],
+    rows: list[int],
+    max_new_tokens: int,
+    stops: torch.Tensor,
+    results: list[list[int]],
+    device: torch.device,
+    on_done: Callable[[int], None] | None,
+) -> None:
     """Decode one batch of equal-length prompts into ``results``, shrinking the batch as rows stop."""
     active = list(rows)  # prompt index of each row still in the batch
     logits, past = model.forward_with_cache(torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device))

@@ -117,16 +117,18 @@ def _model_class() -> type:
             return self.sp.decode(tokens)
 
         @torch.no_grad()
-        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        def _loglikelihood_tokens(
+            self, requests: list, disable_tqdm: bool = False, **kwargs: Any
+        ) -> list[tuple[float, bool]]:
             """(sum of log p(continuation | context), greedy?) per request, in request order."""
             rows = []
             for _, context, continuation in requests:
-                whole = (list(context) + list(continuation))[-(self.block + 1):]
-                rows.append((whole[:-1], whole[-len(continuation):] if continuation else []))
+                whole = (list(context) + list(continuation))[-(self.block + 1) :]
+                rows.append((whole[:-1], whole[-len(continuation) :] if continuation else []))
             results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
             for start in range(0, len(order), self.batch_size):
-                members = [i for i in order[start:start + self.batch_size]]
+                members = [i for i in order[start : start + self.batch_size]]
                 width = max(len(rows[i][0]) for i in members)
                 batch = torch.full((len(members), width), self.sp.pad_id, dtype=torch.long)
                 for row, i in enumerate(members):
@@ -136,7 +138,7 @@ def _model_class() -> type:
                     inputs, targets = rows[i]
                     if not targets:
                         continue
-                    picked = log_probs[row, len(inputs) - len(targets): len(inputs)]
+                    picked = log_probs[row, len(inputs) - len(targets) : len(inputs)]
                     wanted = torch.tensor(targets)
                     total = float(picked.gather(1, wanted[:, None]).sum())
                     results[i] = (total, bool((picked.argmax(dim=-1) == wanted).all()))
@@ -147,8 +149,9 @@ def _model_class() -> type:
             windows, owners = [], []
             for number, request in enumerate(requests):
                 tokens = self.tok_encode(request.args[0])
-                for window in get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
-                                                        max_seq_len=self.block, context_len=1):
+                for window in get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.block, context_len=1
+                ):
                     context, continuation = make_disjoint_window(window)
                     windows.append((None, context, continuation))
                     owners.append(number)
@@ -169,12 +172,13 @@ def _model_class() -> type:
                 until = settings.get("until") or []
                 untils.append([until] if isinstance(until, str) else list(until))
                 limits.append(int(settings.get("max_gen_toks", 256)))
-                prompts.append(self.tok_encode(context)[-self.block:] or [self.eot_token_id])
+                prompts.append(self.tok_encode(context)[-self.block :] or [self.eot_token_id])
             answers: list[str] = [""] * len(requests)
             for limit in sorted(set(limits)):
                 members = [i for i, n in enumerate(limits) if n == limit]
-                generated = generate_greedy_batch(self.model, [prompts[i] for i in members], limit,
-                                                  stop_ids=self.template.stop_ids)
+                generated = generate_greedy_batch(
+                    self.model, [prompts[i] for i in members], limit, stop_ids=self.template.stop_ids
+                )
                 for i, ids in zip(members, generated):
                     text = self.template.decode_answer(ids)
                     for stop in untils[i]:
@@ -206,15 +210,25 @@ def write_local_tasks(directory: Path, records: list[dict], texts: list[str], ma
         for text in texts:
             handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     (directory / f"{HELDOUT_TASK}.yaml").write_text(
-        HELDOUT_YAML.format(task=HELDOUT_TASK, data=json.dumps(str(heldout)), end=END_TOKEN,
-                            max_new_tokens=max_new_tokens), encoding="utf-8")
-    (directory / f"{BPB_TASK}.yaml").write_text(BPB_YAML.format(task=BPB_TASK, data=json.dumps(str(bpb))),
-                                               encoding="utf-8")
+        HELDOUT_YAML.format(
+            task=HELDOUT_TASK, data=json.dumps(str(heldout)), end=END_TOKEN, max_new_tokens=max_new_tokens
+        ),
+        encoding="utf-8",
+    )
+    (directory / f"{BPB_TASK}.yaml").write_text(
+        BPB_YAML.format(task=BPB_TASK, data=json.dumps(str(bpb))), encoding="utf-8"
+    )
     return directory
 
 
-def run_tasks(model: GPT, tokenizer: Tokenizer, tasks: list[str], include_path: Path | None = None,
-              limit: int | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:
+def run_tasks(
+    model: GPT,
+    tokenizer: Tokenizer,
+    tasks: list[str],
+    include_path: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, dict[str, float]]:
     """Run harness ``tasks`` on ``model``; ``{task: {metric: value}}`` (the harness's own figures)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -223,12 +237,21 @@ def run_tasks(model: GPT, tokenizer: Tokenizer, tasks: list[str], include_path: 
     # machine: skip it when every task asked for is one of ours.
     only_local = include_path is not None and set(tasks) <= set(LOCAL_TASKS)
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not only_local)
-    output = simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=list(tasks),
-                             task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0)
+    output = simple_evaluate(
+        model=harness_model(model, tokenizer, batch_size),
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     results: dict[str, dict[str, float]] = {}
     for task, figures in output["results"].items():
-        results[task] = {key.split(",")[0]: float(value) for key, value in figures.items()
-                         if isinstance(value, (int, float)) and key != "sample_len" and "_stderr" not in key}
+        results[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in figures.items()
+            if isinstance(value, (int, float)) and key != "sample_len" and "_stderr" not in key
+        }
     return results
 
 

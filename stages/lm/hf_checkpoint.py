@@ -86,14 +86,19 @@ def llama_weights(model: GPT) -> dict[str, torch.Tensor]:
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.split(width, dim=0)
-        weights.update({
-            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
-            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": block.attn.proj.weight,
-            prefix + "mlp.gate_proj.weight": block.mlp.w_gate.weight, prefix + "mlp.up_proj.weight": block.mlp.w_up.weight,
-            prefix + "mlp.down_proj.weight": block.mlp.w_down.weight,
-            prefix + "input_layernorm.weight": block.norm_attn.weight,
-            prefix + "post_attention_layernorm.weight": block.norm_mlp.weight,
-        })
+        weights.update(
+            {
+                prefix + "self_attn.q_proj.weight": q,
+                prefix + "self_attn.k_proj.weight": k,
+                prefix + "self_attn.v_proj.weight": v,
+                prefix + "self_attn.o_proj.weight": block.attn.proj.weight,
+                prefix + "mlp.gate_proj.weight": block.mlp.w_gate.weight,
+                prefix + "mlp.up_proj.weight": block.mlp.w_up.weight,
+                prefix + "mlp.down_proj.weight": block.mlp.w_down.weight,
+                prefix + "input_layernorm.weight": block.norm_attn.weight,
+                prefix + "post_attention_layernorm.weight": block.norm_mlp.weight,
+            }
+        )
     return {name: tensor.detach().to(torch.float32).contiguous().clone() for name, tensor in weights.items()}
 
 
@@ -111,9 +116,17 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     unk = pieces[tokenizer.unk_id][0]
     added = [
-        {"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": kind in (CONTROL, UNKNOWN)}
-        for i, (piece, _, kind) in enumerate(pieces) if kind in (CONTROL, UNKNOWN, USER_DEFINED)
+        {
+            "id": i,
+            "content": piece,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind in (CONTROL, UNKNOWN),
+        }
+        for i, (piece, _, kind) in enumerate(pieces)
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED)
     ]
     byte_fallback = bool(proto.trainer_spec.byte_fallback)
     if proto.trainer_spec.model_type == 2:  # BPE
@@ -127,12 +140,25 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
                     merges.append((pieces[merged_id][1], merged_id, mergeable[left], left, right))
         # SentencePiece merges the adjacent pair whose result scores highest (leftmost on ties).
         merges.sort(key=lambda m: (-m[0], m[1], m[2]))
-        model = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": byte_fallback, "ignore_merges": False,
-                 "vocab": vocab, "merges": [[left, right] for *_, left, right in merges]}
+        model = {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": byte_fallback,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for *_, left, right in merges],
+        }
     else:  # unigram
-        model = {"type": "Unigram", "unk_id": tokenizer.unk_id, "byte_fallback": byte_fallback,
-                 "vocab": [[piece, float(score)] for piece, score, _ in pieces]}
+        model = {
+            "type": "Unigram",
+            "unk_id": tokenizer.unk_id,
+            "byte_fallback": byte_fallback,
+            "vocab": [[piece, float(score)] for piece, score, _ in pieces],
+        }
     return {
         "version": "1.0",
         "truncation": None,
@@ -141,11 +167,14 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
         "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
         "pre_tokenizer": None,
         "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-        ]},
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ],
+        },
         "model": model,
     }
 
@@ -166,21 +195,32 @@ def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(llama_config(model, tokenizer), indent=2) + "\n", encoding="utf-8")
     save_file(llama_weights(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer), ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer.json").write_text(
+        json.dumps(tokenizer_json(tokenizer), ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out / MODEL_FILE).write_bytes(tokenizer.model_proto)  # what llama.cpp's GGUF converter reads
     name = tokenizer.processor.id_to_piece
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_id),
-        "unk_token": name(tokenizer.unk_id), "pad_token": name(tokenizer.pad_id),
-        "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
-        "clean_up_tokenization_spaces": False, "model_max_length": model.cfg.block_size,
+        "bos_token": name(tokenizer.bos_id),
+        "eos_token": name(tokenizer.eos_id),
+        "unk_token": name(tokenizer.unk_id),
+        "pad_token": name(tokenizer.pad_id),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model.cfg.block_size,
         "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     stops = [tokenizer.special[END_TOKEN], tokenizer.eos_id]
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": tokenizer.pad_id,
-                  "do_sample": False}
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops,
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": False,
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -208,9 +248,17 @@ def _ids(encoded: Any) -> list[int]:
 
 
 @torch.no_grad()
-def check_checkpoint(model: GPT, tokenizer: Tokenizer, hf_dir: Path, tolerance: float, shapes: list[tuple[int, int]],
-                     prompts: list[list[int]], new_tokens: int, conversations: list[list[dict[str, str]]],
-                     seed: int = 0) -> tuple[dict[str, Any], list[str]]:
+def check_checkpoint(
+    model: GPT,
+    tokenizer: Tokenizer,
+    hf_dir: Path,
+    tolerance: float,
+    shapes: list[tuple[int, int]],
+    prompts: list[list[int]],
+    new_tokens: int,
+    conversations: list[list[dict[str, str]]],
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[str]]:
     """Load ``hf_dir`` with transformers (offline) and compare it with ``model`` and ``tokenizer``.
 
     Logits within ``tolerance`` on each (batch, length) shape; greedy ``generate`` token-identical
@@ -242,12 +290,17 @@ def check_checkpoint(model: GPT, tokenizer: Tokenizer, hf_dir: Path, tolerance: 
     block = model.cfg.block_size
     matches = 0
     for number, prompt in enumerate(prompts):
-        prompt = prompt[-max(1, block - new_tokens):]
+        prompt = prompt[-max(1, block - new_tokens) :]
         ref = generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids)
-        out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                max_new_tokens=new_tokens, do_sample=False, eos_token_id=list(template.stop_ids),
-                                pad_token_id=tokenizer.pad_id)
-        ours = [int(t) for t in out[0, len(prompt):]]
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=list(template.stop_ids),
+            pad_token_id=tokenizer.pad_id,
+        )
+        ours = [int(t) for t in out[0, len(prompt) :]]
         if ours == ref:
             matches += 1
         else:
@@ -255,19 +308,29 @@ def check_checkpoint(model: GPT, tokenizer: Tokenizer, hf_dir: Path, tolerance: 
             failures.append(f"greedy prompt {number} ({len(prompt)} ids) diverges at new token {at}")
 
     texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
-    token_mismatches = [i for i, text in enumerate(texts)
-                        if hf_tokenizer.encode(text, add_special_tokens=False) != tokenizer.encode(text)]
-    decode_mismatches = [i for i, text in enumerate(texts)
-                         if hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) != text]
+    token_mismatches = [
+        i
+        for i, text in enumerate(texts)
+        if hf_tokenizer.encode(text, add_special_tokens=False) != tokenizer.encode(text)
+    ]
+    decode_mismatches = [
+        i
+        for i, text in enumerate(texts)
+        if hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) != text
+    ]
     if token_mismatches:
-        failures.append(f"tokenization differs on {len(token_mismatches)}/{len(texts)} held-out texts "
-                        f"(first: {texts[token_mismatches[0]][:40]!r})")
+        failures.append(
+            f"tokenization differs on {len(token_mismatches)}/{len(texts)} held-out texts "
+            f"(first: {texts[token_mismatches[0]][:40]!r})"
+        )
     if decode_mismatches:
         failures.append(f"decode differs on {len(decode_mismatches)}/{len(texts)} held-out texts")
     chats = [messages[:-1] or messages for messages in conversations]
     chat_mismatches = sum(
         _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        != template.render_prompt(messages) for messages in chats)
+        != template.render_prompt(messages)
+        for messages in chats
+    )
     if chat_mismatches:
         failures.append(f"chat template ids differ on {chat_mismatches}/{len(chats)} held-out conversations")
     figures = {

@@ -45,8 +45,15 @@ ARCHITECTURE_GRAPH = "architecture.onnx"
 DOMAIN = "gptpipe"
 
 # Inputs of gptpipe.Block after (x, cos, sin), in order: the parameter names inside a Block.
-BLOCK_WEIGHTS = ("norm_attn.weight", "attn.qkv.weight", "attn.proj.weight", "norm_mlp.weight",
-                 "mlp.w_gate.weight", "mlp.w_up.weight", "mlp.w_down.weight")
+BLOCK_WEIGHTS = (
+    "norm_attn.weight",
+    "attn.qkv.weight",
+    "attn.proj.weight",
+    "norm_mlp.weight",
+    "mlp.w_gate.weight",
+    "mlp.w_up.weight",
+    "mlp.w_down.weight",
+)
 
 
 class _Body:
@@ -61,8 +68,9 @@ class _Body:
         self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
         return name
 
-    def op(self, op_type: str, inputs: list[str], outputs: list[str], name: str | None = None,
-           domain: str = "", **attrs) -> list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], outputs: list[str], name: str | None = None, domain: str = "", **attrs
+    ) -> list[str]:
         self._count += 1
         node_name = name or f"{op_type.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, domain=domain, **attrs))
@@ -113,8 +121,12 @@ def rotary_tables(opset: int) -> onnx.FunctionProto:
     zero, axis = body.const("zero", _ints(0)), body.const("axis", _ints(0))
     body.op("Slice", ["cos_table", zero, "length", axis], ["cos"], name="cos")
     body.op("Slice", ["sin_table", zero, "length", axis], ["sin"], name="sin")
-    return body.function(["input_ids", "cos_table", "sin_table"], ["cos", "sin"], opset,
-                         "RoPE cos/sin for positions 0..seq-1, cut from the precomputed block_size tables")
+    return body.function(
+        ["input_ids", "cos_table", "sin_table"],
+        ["cos", "sin"],
+        opset,
+        "RoPE cos/sin for positions 0..seq-1, cut from the precomputed block_size tables",
+    )
 
 
 def rope(opset: int, head_dim: int) -> onnx.FunctionProto:
@@ -128,7 +140,9 @@ def rope(opset: int, head_dim: int) -> onnx.FunctionProto:
     body.op("Sub", ["x1_cos", "x2_sin"], ["first"], name="rotate_first")
     body.op("Add", ["x1_sin", "x2_cos"], ["second"], name="rotate_second")
     body.op("Concat", ["first", "second"], ["y"], name="concat", axis=-1)
-    return body.function(["x", "cos", "sin"], ["y"], opset, "rotary position embedding of (batch, heads, seq, head_dim)")
+    return body.function(
+        ["x", "cos", "sin"], ["y"], opset, "rotary position embedding of (batch, heads, seq, head_dim)"
+    )
 
 
 def split_heads(opset: int, n_head: int, head_dim: int) -> onnx.FunctionProto:
@@ -153,7 +167,13 @@ def scaled_dot_product_attention(opset: int, head_dim: int) -> onnx.FunctionProt
     body.op("Mul", ["raw", scale], ["scores"], name="scale")
     body.op("Shape", ["q"], ["length"], name="length", start=2, end=3)
     body.op("Concat", ["length", "length"], ["square"], name="mask_shape", axis=0)
-    body.op("ConstantOfShape", ["square"], ["ones"], name="ones", value=helper.make_tensor("one", TensorProto.BOOL, [1], [True]))
+    body.op(
+        "ConstantOfShape",
+        ["square"],
+        ["ones"],
+        name="ones",
+        value=helper.make_tensor("one", TensorProto.BOOL, [1], [True]),
+    )
     body.op("Trilu", ["ones"], ["causal"], name="causal_mask", upper=0)
     minus_inf = body.const("minus_inf", np.array(-np.inf, dtype=np.float32))
     body.op("Where", ["causal", "scores", minus_inf], ["masked"], name="mask")
@@ -165,8 +185,13 @@ def scaled_dot_product_attention(opset: int, head_dim: int) -> onnx.FunctionProt
 def attention(opset: int, width: int) -> onnx.FunctionProto:
     body = _Body("Attention")
     body.call("Linear", ["x", "qkv.weight"], ["qkv"], name="qkv")
-    body.op("Split", ["qkv", body.const("widths", _ints(width, width, width))], ["q_flat", "k_flat", "v_flat"],
-            name="split_qkv", axis=2)
+    body.op(
+        "Split",
+        ["qkv", body.const("widths", _ints(width, width, width))],
+        ["q_flat", "k_flat", "v_flat"],
+        name="split_qkv",
+        axis=2,
+    )
     for part in ("q", "k", "v"):
         body.call("SplitHeads", [f"{part}_flat"], [f"{part}_heads"], name=f"heads_{part}")
     body.call("RoPE", ["q_heads", "cos", "sin"], ["q"], name="rope_q")
@@ -174,8 +199,12 @@ def attention(opset: int, width: int) -> onnx.FunctionProto:
     body.call("DotProductAttention", ["q", "k", "v_heads"], ["heads"], name="sdpa")
     body.call("MergeHeads", ["heads"], ["merged"], name="merge_heads")
     body.call("Linear", ["merged", "proj.weight"], ["y"], name="proj")
-    return body.function(["x", "cos", "sin", "qkv.weight", "proj.weight"], ["y"], opset,
-                         "causal multi-head self-attention with RoPE (stages.lm.model.Attention)")
+    return body.function(
+        ["x", "cos", "sin", "qkv.weight", "proj.weight"],
+        ["y"],
+        opset,
+        "causal multi-head self-attention with RoPE (stages.lm.model.Attention)",
+    )
 
 
 def swiglu(opset: int) -> onnx.FunctionProto:
@@ -186,8 +215,12 @@ def swiglu(opset: int) -> onnx.FunctionProto:
     body.call("Linear", ["x", "w_up.weight"], ["up"], name="w_up")
     body.op("Mul", ["gate_silu", "up"], ["hidden"], name="gate_times_up")
     body.call("Linear", ["hidden", "w_down.weight"], ["y"], name="w_down")
-    return body.function(["x", "w_gate.weight", "w_up.weight", "w_down.weight"], ["y"], opset,
-                         "SwiGLU MLP: w_down(silu(w_gate x) * w_up x) (stages.lm.model.SwiGLU)")
+    return body.function(
+        ["x", "w_gate.weight", "w_up.weight", "w_down.weight"],
+        ["y"],
+        opset,
+        "SwiGLU MLP: w_down(silu(w_gate x) * w_up x) (stages.lm.model.SwiGLU)",
+    )
 
 
 def block(opset: int) -> onnx.FunctionProto:
@@ -199,8 +232,12 @@ def block(opset: int) -> onnx.FunctionProto:
     body.call("RMSNorm", ["x_attn", norm_mlp], ["h_mlp"], name="norm_mlp")
     body.call("SwiGLU", ["h_mlp", gate, up, down], ["mlp_out"], name="mlp")
     body.op("Add", ["x_attn", "mlp_out"], ["y"], name="residual_mlp")
-    return body.function(["x", "cos", "sin", *BLOCK_WEIGHTS], ["y"], opset,
-                         "pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))")
+    return body.function(
+        ["x", "cos", "sin", *BLOCK_WEIGHTS],
+        ["y"],
+        opset,
+        "pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))",
+    )
 
 
 def _norm_eps(model: GPT) -> float:
@@ -212,10 +249,12 @@ def build_architecture(model: GPT, opset: int) -> onnx.ModelProto:
     """The architecture-view ModelProto of ``model`` (fp32 weights as initializers)."""
     cfg = model.cfg
     state = {name: tensor.detach().float().cpu().numpy() for name, tensor in model.state_dict().items()}
-    initializers = [numpy_helper.from_array(state["wte.weight"], "wte.weight"),
-                    numpy_helper.from_array(model.rope_cos.float().cpu().numpy(), "rope_cos"),
-                    numpy_helper.from_array(model.rope_sin.float().cpu().numpy(), "rope_sin"),
-                    numpy_helper.from_array(state["norm_out.weight"], "norm_out.weight")]
+    initializers = [
+        numpy_helper.from_array(state["wte.weight"], "wte.weight"),
+        numpy_helper.from_array(model.rope_cos.float().cpu().numpy(), "rope_cos"),
+        numpy_helper.from_array(model.rope_sin.float().cpu().numpy(), "rope_sin"),
+        numpy_helper.from_array(state["norm_out.weight"], "norm_out.weight"),
+    ]
     top = _Body("main")
     top.call("Embedding", ["input_ids", "wte.weight"], ["embedded"], name="wte")
     top.call("RotaryTables", ["input_ids", "rope_cos", "rope_sin"], ["cos", "sin"], name="rope")
@@ -228,18 +267,29 @@ def build_architecture(model: GPT, opset: int) -> onnx.ModelProto:
     top.call("RMSNorm", [x, "norm_out.weight"], ["normed"], name="norm_out")
     top.call("Linear", ["normed", "wte.weight"], ["logits"], name="lm_head")  # tied to the embedding
     functions = [
-        embedding(opset), rotary_tables(opset), linear(opset), rms_norm(opset, _norm_eps(model)),
-        rope(opset, cfg.head_dim), split_heads(opset, cfg.n_head, cfg.head_dim), merge_heads(opset, cfg.n_embd),
-        scaled_dot_product_attention(opset, cfg.head_dim), attention(opset, cfg.n_embd), swiglu(opset), block(opset),
+        embedding(opset),
+        rotary_tables(opset),
+        linear(opset),
+        rms_norm(opset, _norm_eps(model)),
+        rope(opset, cfg.head_dim),
+        split_heads(opset, cfg.n_head, cfg.head_dim),
+        merge_heads(opset, cfg.n_embd),
+        scaled_dot_product_attention(opset, cfg.head_dim),
+        attention(opset, cfg.n_embd),
+        swiglu(opset),
+        block(opset),
     ]
     graph = helper.make_graph(
-        top.nodes, "gpt_architecture",
+        top.nodes,
+        "gpt_architecture",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])],
         initializer=initializers,
     )
     proto = helper.make_model(
-        graph, functions=functions, producer_name="gptpipe",
+        graph,
+        functions=functions,
+        producer_name="gptpipe",
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
         doc_string=f"GPT {cfg.n_layer} layers x {cfg.n_head} heads x {cfg.n_embd} wide; vocab {cfg.vocab_size}",
     )
@@ -257,8 +307,12 @@ def save_architecture(model: GPT, out: Path, opset: int, external: bool) -> str:
     proto = build_architecture(model, opset)
     if block_count(proto) != model.cfg.n_layer:  # the view must show the model it claims to be
         raise ParityError(f"{ARCHITECTURE_GRAPH}: {block_count(proto)} Block nodes for n_layer={model.cfg.n_layer}")
-    onnx.save_model(proto, str(out / ARCHITECTURE_GRAPH), save_as_external_data=external,
-                    location=f"{ARCHITECTURE_GRAPH}.data" if external else None)
+    onnx.save_model(
+        proto,
+        str(out / ARCHITECTURE_GRAPH),
+        save_as_external_data=external,
+        location=f"{ARCHITECTURE_GRAPH}.data" if external else None,
+    )
     return ARCHITECTURE_GRAPH
 
 

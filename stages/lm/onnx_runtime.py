@@ -48,7 +48,9 @@ class ExportMeta:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**{name: data[name] for name in cls.__dataclass_fields__})
         except FileNotFoundError:
-            raise ArtifactError(f"{path}: missing; {export_dir} is not an export artifact (run stage 'export')") from None
+            raise ArtifactError(
+                f"{path}: missing; {export_dir} is not an export artifact (run stage 'export')"
+            ) from None
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{path}: unreadable export description ({exc!r}); rerun stage 'export'") from None
 
@@ -131,8 +133,15 @@ class OnnxGenerator:
         ids = np.asarray(ids, dtype=np.int64)
         return self.step(ids, self.empty_past(ids.shape[0]))[0]
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, stop_ids=(), temperature: float = 0.0,
-                     top_k: int | None = None, seed: int | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stop_ids=(),
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[int]:
         """New token ids after ``prompt_ids`` (a stop id included when hit); greedy unless ``temperature > 0``.
 
         Mirrors ``stages.lm.generate.generate_ids`` with ``use_cache=True``: the cache holds every
@@ -171,15 +180,26 @@ class OnnxGenerator:
             self._tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_DIR)
         return self._tokenizer
 
-    def generate(self, prompt: str | list[dict[str, str]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int | None = None) -> str:
+    def generate(
+        self,
+        prompt: str | list[dict[str, str]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> str:
         """Reply text to a user prompt (or message list) through the project's one chat template."""
         from stages.lm.chat import ChatTemplate
 
         if self._template is None:
             self._template = ChatTemplate(self.tokenizer)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = self.generate_ids(self._template.render_prompt(messages), max_new_tokens, self._template.stop_ids,
-                                temperature=temperature, top_k=top_k, seed=seed)
+        ids = self.generate_ids(
+            self._template.render_prompt(messages),
+            max_new_tokens,
+            self._template.stop_ids,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
         return self._template.decode_answer(ids)
-

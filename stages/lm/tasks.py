@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stages.lm.chat import END_TOKEN, Message
 from stages.core.errors import ConfigError
+from stages.lm.chat import END_TOKEN, Message
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
@@ -116,9 +116,7 @@ def check_tasks(names: list[str] | tuple[str, ...], field: str = "finetune.tasks
         raise ConfigError(f"{field} = {list(names)!r}: choose one or more of {', '.join(TASKS)}")
 
 
-def make_items(
-    count: int, split: str, seed: int, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS
-) -> list[TaskItem]:
+def make_items(count: int, split: str, seed: int, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS) -> list[TaskItem]:
     """``count`` items of the ``split`` ("train" or "heldout"), tasks in round-robin order.
 
     Held-out items are unique (each one scored counts once); training items may repeat.

@@ -44,7 +44,9 @@ class Tokenizer:
         self.special: dict[str, int] = {tok: self.processor.piece_to_id(tok) for tok in SPECIAL_TOKENS}
         missing = [tok for tok, i in self.special.items() if self.processor.id_to_piece(i) != tok]
         if missing or min(self.bos_id, self.eos_id, self.pad_id) < 0:
-            raise ArtifactError(f"{source}: tokenizer lacks reserved tokens {missing or ['bos/eos/pad']}; retrain it with stage 'tokenizer'")
+            raise ArtifactError(
+                f"{source}: tokenizer lacks reserved tokens {missing or ['bos/eos/pad']}; retrain it with stage 'tokenizer'"
+            )
         self.newline_id: int = self.processor.piece_to_id(NEWLINE)
         self._hidden = {self.bos_id, self.eos_id, self.pad_id, *self.special.values()}
         self._byte_lengths: np.ndarray | None = None

@@ -64,7 +64,9 @@ class Manifest:
         except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long to parse
             raise ArtifactError(f"{source}: not a valid gptpipe manifest ({_first_line(exc)})") from None
         if not isinstance(data, dict):
-            raise ArtifactError(f"{source}: not a valid gptpipe manifest (expected a JSON object, got {type(data).__name__})")
+            raise ArtifactError(
+                f"{source}: not a valid gptpipe manifest (expected a JSON object, got {type(data).__name__})"
+            )
         _check_shape(data, source)
         try:
             manifest = cls(**data)
@@ -77,14 +79,26 @@ class Manifest:
 
 # Types of the manifest keys every reader relies on; a file that breaks them is refused whole,
 # so no reader meets a list where it expects a mapping deep inside a stage.
-_SHAPE = {"stage": str, "key": str, "code_version": str, "digest": str, "config": dict, "inputs": dict,
-          "files": dict, "metrics": dict, "created_at": (int, float), "wall_time_s": (int, float)}
+_SHAPE = {
+    "stage": str,
+    "key": str,
+    "code_version": str,
+    "digest": str,
+    "config": dict,
+    "inputs": dict,
+    "files": dict,
+    "metrics": dict,
+    "created_at": (int, float),
+    "wall_time_s": (int, float),
+}
 
 
 def _check_shape(data: dict[str, Any], source: str) -> None:
     for name, kind in _SHAPE.items():
         if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
-            raise ArtifactError(f"{source}: field {name!r} holds {type(data[name]).__name__}; not a valid gptpipe manifest")
+            raise ArtifactError(
+                f"{source}: field {name!r} holds {type(data[name]).__name__}; not a valid gptpipe manifest"
+            )
     for rel, sha in data.get("files", {}).items():
         if not isinstance(sha, str):
             raise ArtifactError(f"{source}: files[{rel!r}] holds {type(sha).__name__}, expected a sha256 string")
@@ -225,7 +239,9 @@ def verify(directory: Path, manifest: Manifest | None = None) -> Manifest:
         if not path.resolve().is_relative_to(root):  # a symlink (file or folder) pointing out of it
             raise ArtifactError(f"{path}: a link out of the artifact (to {path.resolve()}); refusing to read it")
         if not path.is_file():
-            raise ArtifactError(f"{directory}: file {rel} listed in the manifest is missing; rerun stage '{manifest.stage}'")
+            raise ArtifactError(
+                f"{directory}: file {rel} listed in the manifest is missing; rerun stage '{manifest.stage}'"
+            )
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(

@@ -79,7 +79,9 @@ def stdlib_root() -> Path:
 def _list_stdlib(cfg: CorpusConfig) -> list[Path]:
     root = stdlib_root()
     if not root.is_dir():
-        raise DataError(f"corpus.source={STDLIB!r}: the standard library is not at {root}; point corpus.source at your own text")
+        raise DataError(
+            f"corpus.source={STDLIB!r}: the standard library is not at {root}; point corpus.source at your own text"
+        )
     found = []
     # os.walk lets us prune skipped directories (site-packages can be far larger than the stdlib).
     for folder, dirs, names in os.walk(root):
@@ -195,9 +197,11 @@ def list_sources(cfg: CorpusConfig) -> list[Source]:
     if source_kind(cfg.source) == "s3":
         from stages.storage.s3 import list_objects
 
-        bucket = cfg.source[len("s3://"):].partition("/")[0]
-        return [Source(f"s3://{bucket}/{item['Key']}", int(item["Size"]))
-                for item in list_objects(cfg.source, lambda key: _wanted(Path(key), cfg))]
+        bucket = cfg.source[len("s3://") :].partition("/")[0]
+        return [
+            Source(f"s3://{bucket}/{item['Key']}", int(item["Size"]))
+            for item in list_objects(cfg.source, lambda key: _wanted(Path(key), cfg))
+        ]
     return [Source(str(path), path.stat().st_size) for path in list_files(cfg)]
 
 
@@ -217,7 +221,7 @@ def parquet_row_groups(location: str, size: int | None = None) -> list[int]:
     with open_binary(location, size) as handle:
         try:
             meta = pq.ParquetFile(handle).metadata
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        except Exception as exc:
             raise DataError(f"{location}: not a readable Parquet file ({exc})") from None
         return [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
 
@@ -285,7 +289,7 @@ def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> I
     with open_binary(piece.location, piece.source_size) as raw:
         try:
             handle = pq.ParquetFile(raw, pre_buffer=False)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        except Exception as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
         columns = handle.schema_arrow.names
         if cfg.text_field not in columns:
@@ -298,8 +302,9 @@ def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> I
             return
         row = sum(handle.metadata.row_group(i).num_rows for i in range(piece.start))
         # One row group per request: pyarrow would otherwise coalesce them all into one read.
-        batches = (b for g in groups
-                   for b in handle.iter_batches(row_groups=[g], columns=[cfg.text_field], batch_size=1024))
+        batches = (
+            b for g in groups for b in handle.iter_batches(row_groups=[g], columns=[cfg.text_field], batch_size=1024)
+        )
         for batch in batches:
             for value in batch.column(0).to_pylist():
                 row += 1
@@ -395,7 +400,11 @@ def read_corpus(cfg: CorpusConfig) -> Corpus:
 
 def empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:
     if listed == 0:
-        where = f"matched no files with extensions {cfg.extensions}" if source_kind(cfg.source) in ("dir", "glob") else "is empty"
+        where = (
+            f"matched no files with extensions {cfg.extensions}"
+            if source_kind(cfg.source) in ("dir", "glob")
+            else "is empty"
+        )
         return f"corpus.source={cfg.source!r} {where}; point it at text files or adjust corpus.extensions"
     return (
         f"corpus.source={cfg.source!r}: no usable documents in {stats.scanned} file(s) "

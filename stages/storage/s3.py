@@ -45,7 +45,7 @@ def split_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; the key part has no leading/trailing slash."""
     if not uri.startswith("s3://"):
         raise ArtifactError(f"{uri!r}: not an s3:// URI (expected s3://bucket/prefix)")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise ArtifactError(f"{uri!r}: no bucket name (expected s3://bucket/prefix)")
     return bucket, key.strip("/")
@@ -129,7 +129,9 @@ def as_error(exc: BaseException, action: str, uri: str) -> S3Error:
         cause = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__ or exc
     attempts = retry_settings()["max_attempts"]
     if isinstance(cause, NoCredentialsError):
-        return S3Error(f"{uri}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+        return S3Error(
+            f"{uri}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        )
     if isinstance(cause, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectionError)) or (
         "Could not connect" in str(exc) or "Connection was closed" in str(exc)
     ):

@@ -51,8 +51,10 @@ class ShardWriter:
         ids = np.asarray(ids)
         if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
             shard = self.out / f"{self.prefix}_{len(self.files):03d}.bin"
-            raise DataError(f"{shard}: token id {int(ids.max())} does not fit shard dtype {self.dtype} "
-                            f"(max {np.iinfo(self.dtype).max}); use uint32 shards for this vocabulary")
+            raise DataError(
+                f"{shard}: token id {int(ids.max())} does not fit shard dtype {self.dtype} "
+                f"(max {np.iinfo(self.dtype).max}); use uint32 shards for this vocabulary"
+            )
         ids = ids.astype(self.dtype, copy=False)
         while ids.size:
             if self._handle is None or self._in_current >= self.shard_tokens:
@@ -98,8 +100,10 @@ class TokenShards:
         self.eos_id = int(index["eos_id"])
         if self.dtype.kind != "u" or self.vocab_size > np.iinfo(self.dtype).max + 1:
             # A forced or edited dtype would silently wrap ids above its range into wrong tokens.
-            raise DataError(f"{directory / INDEX}: dtype {self.dtype.name} cannot hold vocab_size {self.vocab_size} "
-                            f"ids; rerun the data stage (it picks {dtype_for(self.vocab_size).name} for this vocabulary)")
+            raise DataError(
+                f"{directory / INDEX}: dtype {self.dtype.name} cannot hold vocab_size {self.vocab_size} "
+                f"ids; rerun the data stage (it picks {dtype_for(self.vocab_size).name} for this vocabulary)"
+            )
         self.num_bytes = int(info.get("bytes", 0))
         self.documents = int(info.get("documents", 0))
         self.arrays = [np.memmap(directory / name, dtype=self.dtype, mode="r") for name in info["files"]]

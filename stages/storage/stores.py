@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from stages.storage.artifacts import CHECKPOINTS, MANIFEST, ArtifactRef, Manifest, read_manifest, verify
 from stages.core.errors import ArtifactError
+from stages.storage.artifacts import CHECKPOINTS, MANIFEST, ArtifactRef, Manifest, read_manifest, verify
 
 
 class Store(Protocol):
@@ -100,7 +100,9 @@ def ref_from_path(path: str | Path) -> ArtifactRef:
         store_uri, _, stage = parent.rpartition("/")
         manifest = S3Store(store_uri).find(stage, key) if store_uri.startswith("s3://") else None
         if manifest is None:
-            raise ArtifactError(f"{uri}: no finished artifact there (expected s3://bucket/prefix/<stage>/<key> with a manifest)")
+            raise ArtifactError(
+                f"{uri}: no finished artifact there (expected s3://bucket/prefix/<stage>/<key> with a manifest)"
+            )
         return ArtifactRef(manifest.stage, uri, manifest.digest)
     directory = Path(path).expanduser().resolve()
     manifest = read_manifest(directory)
@@ -188,8 +190,9 @@ class S3Store:
                 raise self._fail(exc, "upload", f"s3://{self.bucket}/{name}") from None
         name = self._object(manifest.stage, manifest.key, MANIFEST)
         try:  # last: from this moment on the output exists for every reader
-            self.client.put_object(Bucket=self.bucket, Key=name, Body=manifest.to_json().encode("utf-8"),
-                                   ContentType="application/json")
+            self.client.put_object(
+                Bucket=self.bucket, Key=name, Body=manifest.to_json().encode("utf-8"), ContentType="application/json"
+            )
         except s3_errors() as exc:
             raise self._fail(exc, "upload", f"s3://{self.bucket}/{name}") from None
         self.cache.commit(scratch, manifest)  # the uploaded files become the local copy
@@ -200,9 +203,11 @@ class S3Store:
 
         bucket, name = split_uri(ref.uri)
         expected = self._object(ref.stage, "")
-        key = name[len(expected):].strip("/") if name.startswith(expected) else ""
+        key = name[len(expected) :].strip("/") if name.startswith(expected) else ""
         if bucket != self.bucket or not key or "/" in key:
-            raise ArtifactError(f"{ref.uri}: not an output of the store {self.uri}; pass a reference this store produced")
+            raise ArtifactError(
+                f"{ref.uri}: not an output of the store {self.uri}; pass a reference this store produced"
+            )
         return ref.stage, key
 
     def materialize(self, ref: ArtifactRef) -> Path:
@@ -218,7 +223,9 @@ class S3Store:
                 pass  # damaged local copy: download it again
         manifest = self.find(stage, key)
         if manifest is None:
-            raise ArtifactError(f"{ref.uri}: no {MANIFEST} in the bucket; the output is gone or unfinished — rerun stage '{stage}'")
+            raise ArtifactError(
+                f"{ref.uri}: no {MANIFEST} in the bucket; the output is gone or unfinished — rerun stage '{stage}'"
+            )
         if manifest.digest != ref.digest:
             raise ArtifactError(
                 f"{ref.uri}: content digest {manifest.digest[:12]}… differs from the reference {ref.digest[:12]}…; "
@@ -259,7 +266,7 @@ class S3Store:
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for item in page.get("Contents", []):
-                    key, _, rel = item["Key"][len(base):].partition("/")
+                    key, _, rel = item["Key"][len(base) :].partition("/")
                     found[key] = found.get(key, False) or rel == MANIFEST
         except s3_errors() as exc:
             raise self._fail(exc, "list", f"s3://{self.bucket}/{base}") from None

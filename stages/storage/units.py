@@ -63,9 +63,12 @@ class Unit:
 def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
     """A source as pieces of at most about ``unit_bytes``: only JSONL and Parquet can be split."""
     if source.suffix == ".jsonl" and source.size > unit_bytes:
-        return [Piece(source.location, min(unit_bytes, source.size - at), at, min(at + unit_bytes, source.size),
-                      source.size)
-                for at in range(0, source.size, unit_bytes)]
+        return [
+            Piece(
+                source.location, min(unit_bytes, source.size - at), at, min(at + unit_bytes, source.size), source.size
+            )
+            for at in range(0, source.size, unit_bytes)
+        ]
     if source.suffix == ".parquet" and source.size > unit_bytes:
         groups = parquet_row_groups(source.location, source.size)
         total = max(sum(groups), 1)

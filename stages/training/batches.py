@@ -46,8 +46,9 @@ def _stack(shards: TokenShards, starts: np.ndarray, block_size: int) -> tuple[to
 class RandomWindows:
     """``get(step, micro)`` → (x, y), each (batch_size, block_size), y = x shifted by one token."""
 
-    def __init__(self, shards: TokenShards, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, shards: TokenShards, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         require_tokens(shards, block_size)
         self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
         self.seed = seed % 2**32  # SeedSequence entropy must be non-negative

@@ -56,7 +56,9 @@ def model_directory(artifact: str | Path) -> Path:
     for candidate in (artifact / MODEL_DIR, artifact):
         if (candidate / CONFIG).is_file():
             return candidate
-    raise ArtifactError(f"{artifact}: no {CONFIG} in it or in {MODEL_DIR}/; pass the output of stage 'pretrain' or 'finetune'")
+    raise ArtifactError(
+        f"{artifact}: no {CONFIG} in it or in {MODEL_DIR}/; pass the output of stage 'pretrain' or 'finetune'"
+    )
 
 
 def step_dirname(step: int) -> str:
@@ -121,7 +123,9 @@ def read_config(directory: str | Path) -> GPTConfig:
     """The GPTConfig stored beside the weights; a clear ArtifactError when absent or foreign."""
     path = Path(directory) / CONFIG
     if not path.is_file():
-        raise ArtifactError(f"{path}: missing; {directory} is not a gptpipe model directory (expected {CONFIG} + {WEIGHTS})")
+        raise ArtifactError(
+            f"{path}: missing; {directory} is not a gptpipe model directory (expected {CONFIG} + {WEIGHTS})"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return GPTConfig(**data)
@@ -235,21 +239,24 @@ def load_checkpoint(
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, _full_model_state(directory, model),
-                             options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, _full_model_state(directory, model), options=StateDictOptions(full_state_dict=True))
     else:
         load_weights(directory, model, device)
     if optimizer is not None:
         path = directory / OPTIMIZER
         if not path.is_file():
-            raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — delete {directory} to resume from an older one")
+            raise ArtifactError(
+                f"{path}: missing; the checkpoint is incomplete — delete {directory} to resume from an older one"
+            )
         # weights_only: the file holds tensors and plain containers only, never code to run.
         try:
             saved = torch.load(path, map_location="cpu" if sharded else device, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - UnpicklingError: the file asks to run code; RuntimeError: damaged zip
+        except Exception as exc:
             first = (str(exc).strip().splitlines() or ["unreadable"])[0]
-            raise ArtifactError(f"{path}: refusing to load: not a plain tensor file ({first[:160]}); "
-                                f"delete {directory} and rerun to resume from an older checkpoint") from None
+            raise ArtifactError(
+                f"{path}: refusing to load: not a plain tensor file ({first[:160]}); "
+                f"delete {directory} and rerun to resume from an older checkpoint"
+            ) from None
         names = _names_in_optimizer_order(model, optimizer)
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -287,18 +294,24 @@ def _names_in_optimizer_order(model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def _index_to_names(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    return {"state": {names[int(i)]: s for i, s in saved["state"].items()},
-            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    return {
+        "state": {names[int(i)]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def _names_to_index(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
     index = {name: i for i, name in enumerate(names)}
     try:
-        return {"state": {index[n]: s for n, s in saved["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]}
+        return {
+            "state": {index[n]: s for n, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]],
+        }
     except KeyError as exc:
-        raise ArtifactError(f"optimizer state names parameter {exc} that this model does not train; "
-                            "was the checkpoint written for another model or fine-tuning method?") from None
+        raise ArtifactError(
+            f"optimizer state names parameter {exc} that this model does not train; "
+            "was the checkpoint written for another model or fine-tuning method?"
+        ) from None
 
 
 def _full_model_state(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:

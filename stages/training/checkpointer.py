@@ -41,10 +41,18 @@ class Resumed:
 class Checkpointer:
     """Resumable checkpoints of ``model`` + ``optimizer`` under ``root`` (None: checkpointing off)."""
 
-    def __init__(self, root: Path | None, keep: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 info: distributed.DistInfo = distributed.DistInfo(), device: torch.device | None = None):
+    def __init__(
+        self,
+        root: Path | None,
+        keep: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        info: distributed.DistInfo | None = None,
+        device: torch.device | None = None,
+    ):
         self.root = Path(root) if root is not None else None
-        self.keep, self.model, self.optimizer, self.info = keep, model, optimizer, info
+        self.keep, self.model, self.optimizer = keep, model, optimizer
+        self.info = info or distributed.DistInfo()  # one process unless told otherwise
         self.device = device or torch.device("cpu")
 
     @property
@@ -80,15 +88,19 @@ class Checkpointer:
         """Load the newest checkpoint into the model and optimizer and restore the RNGs; None when there is none."""
         found = self.latest()
         if self.info.enabled and not distributed.same_on_all_ranks(-1 if found is None else found[0], self.device):
-            raise TrainingError(f"{self.root}: the ranks see different checkpoints; on several nodes the artifact "
-                                "store must be shared (s3:// or a shared filesystem) so every rank resumes from the same one")
+            raise TrainingError(
+                f"{self.root}: the ranks see different checkpoints; on several nodes the artifact "
+                "store must be shared (s3:// or a shared filesystem) so every rank resumes from the same one"
+            )
         if found is None:
             return None
         step, path = found
         state = ckpt.load_checkpoint(path, distributed.unwrap(self.model), self.optimizer)
         written_by = state.get("world_size", 1)
         if written_by != self.info.world_size and self.info.is_main:
-            sys.stderr.write(f"warning: {path} was written by {written_by} process(es), this run has "
-                             f"{self.info.world_size}: the global batch changes, so the continuation is not exact\n")
+            sys.stderr.write(
+                f"warning: {path} was written by {written_by} process(es), this run has "
+                f"{self.info.world_size}: the global batch changes, so the continuation is not exact\n"
+            )
         ckpt.set_rng_state(state["rng"])
         return Resumed(step, path, state)

@@ -54,8 +54,9 @@ class DistInfo:
 def from_env() -> DistInfo:
     """The torchrun variables of this process (defaults: a single process)."""
     try:
-        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                        int(os.environ.get("WORLD_SIZE", 1)))
+        return DistInfo(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
     except ValueError:
         raise ConfigError("RANK / LOCAL_RANK / WORLD_SIZE must be integers (they are set by torchrun)") from None
 

@@ -92,8 +92,16 @@ def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 def _progress_bar(name: str, total: int, initial: int, enabled: bool, every: int) -> Progress:
     """The run's progress on stderr: a tqdm bar on a terminal, a line every ``every`` steps in a log file."""
-    return progress_bar(total=total, initial=initial, desc=name, file=sys.stderr, disable=not enabled, mininterval=1.0,
-                        dynamic_ncols=True, every=every)
+    return progress_bar(
+        total=total,
+        initial=initial,
+        desc=name,
+        file=sys.stderr,
+        disable=not enabled,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        every=every,
+    )
 
 
 class _Report:
@@ -264,10 +272,16 @@ def _update(run: _Run, step: int) -> Update:
 def _log_training(run: _Run, state: TrainState, update: Update, lr: float) -> None:
     """A point of the training curve: averages since the last point, then a fresh window."""
     window, hw = state.window, run.hardware
-    point = {"step": state.step, "train_loss": window.mean_loss, "lr": lr, "grad_norm": update.grad_norm,
-             "tokens_per_s": window.tokens_per_s, "tokens": state.tokens,
-             "mfu": perf.mfu(window.tokens_per_s, hw.flops_per_token, hw.peak_flops, run.info.world_size),
-             "peak_memory_mb": perf.peak_memory_mb(run.device)}
+    point = {
+        "step": state.step,
+        "train_loss": window.mean_loss,
+        "lr": lr,
+        "grad_norm": update.grad_norm,
+        "tokens_per_s": window.tokens_per_s,
+        "tokens": state.tokens,
+        "mfu": perf.mfu(window.tokens_per_s, hw.flops_per_token, hw.peak_flops, run.info.world_size),
+        "peak_memory_mb": perf.peak_memory_mb(run.device),
+    }
     state.curve.append(point)
     run.report.metrics({k: v for k, v in point.items() if k != "step"}, step=state.step)
     state.window = LogWindow()
@@ -276,14 +290,19 @@ def _log_training(run: _Run, state: TrainState, update: Update, lr: float) -> No
 def _save(run: _Run, state: TrainState) -> Path | None:
     """Checkpoint the state after ``state.step`` updates (None when checkpointing is off)."""
     step = state.step
-    return run.checkpointer.save(step, {
-        **state.to_json(),
-        # Batches are a function of the step, so the step is the data cursor; stateful batch
-        # sources may add their own state through state_dict()/load_state_dict().
-        "data": run.batches.state_dict() if hasattr(run.batches, "state_dict") else {"cursor": "step", "step": step},
-        "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-    })
+    return run.checkpointer.save(
+        step,
+        {
+            **state.to_json(),
+            # Batches are a function of the step, so the step is the data cursor; stateful batch
+            # sources may add their own state through state_dict()/load_state_dict().
+            "data": run.batches.state_dict()
+            if hasattr(run.batches, "state_dict")
+            else {"cursor": "step", "step": step},
+            "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        },
+    )
 
 
 def _resume(run: _Run) -> tuple[TrainState, int | None]:
@@ -297,16 +316,21 @@ def _resume(run: _Run) -> tuple[TrainState, int | None]:
     if resumed.state.get("data") is not None and hasattr(run.batches, "load_state_dict"):
         run.batches.load_state_dict(resumed.state["data"])
     if state.step > run.cfg.max_steps:
-        raise TrainingError(f"{resumed.path}: checkpoint is at step {state.step}, beyond max_steps={run.cfg.max_steps}; "
-                            "raise max_steps or use an empty checkpoint directory")
+        raise TrainingError(
+            f"{resumed.path}: checkpoint is at step {state.step}, beyond max_steps={run.cfg.max_steps}; "
+            "raise max_steps or use an empty checkpoint directory"
+        )
     run.report.announce(f"{run.report.name}: resuming from step {state.step}, checkpoint {resumed.path}")
     return state, state.step
 
 
 def _preempted(run: _Run, state: TrainState) -> Preempted:
     written = _save(run, state)
-    where = f"checkpoint {written} written; rerun the same command to resume" if written else \
-        "no checkpoint directory, so this run's progress is lost"
+    where = (
+        f"checkpoint {written} written; rerun the same command to resume"
+        if written
+        else "no checkpoint directory, so this run's progress is lost"
+    )
     return Preempted(f"stopped by SIGTERM after step {state.step} of {run.cfg.max_steps}: {where}")
 
 
@@ -353,25 +377,46 @@ def train(
     info, device = distributed.setup(resolve_device(cfg.device))
     settings = perf.runtime_settings(cfg, device)
     if optimizer is not None and info.enabled and cfg.parallel == "fsdp":
-        raise ConfigError("parallel = 'fsdp': train() builds the optimizer over the sharded weights; "
-                          "use parallel: ddp with a custom optimizer")
+        raise ConfigError(
+            "parallel = 'fsdp': train() builds the optimizer over the sharded weights; "
+            "use parallel: ddp with a custom optimizer"
+        )
     batches = for_rank(batches, info.rank, info.world_size)
     gpt = find_gpt(model)
-    hardware = Hardware(float(gpt.flops_per_token()) if gpt is not None else 0.0,
-                        *perf.peak_flops(device, cfg.peak_flops, settings.amp_dtype))
+    hardware = Hardware(
+        float(gpt.flops_per_token()) if gpt is not None else 0.0,
+        *perf.peak_flops(device, cfg.peak_flops, settings.amp_dtype),
+    )
     report = _Report(tracker, metric_prefix, name or metric_prefix.rstrip("/") or "train", progress, info.is_main)
     model.to(device)
     model.train()
     with perf.backend_flags(settings), distributed.PreemptionGuard() as guard:
         net = distributed.parallelize(model, settings, info, cfg.parallel)
         optimizer = optimizer or build_optimizer(net, cfg, fused=settings.fused_optimizer)
-        run = _Run(net=net, optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=settings.grad_scaler),
-                   batches=batches, cfg=cfg, settings=settings, info=info, device=device, hardware=hardware,
-                   evaluate=evaluate, report=report, guard=guard,
-                   checkpointer=Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device))
-        report.params(settings.describe() | {
-            "perf.peak_flops": f"{hardware.peak_flops:.4g}", "perf.peak_source": hardware.peak_source,
-            "perf.world_size": info.world_size, "perf.flops_per_token": hardware.flops_per_token})
+        run = _Run(
+            net=net,
+            optimizer=optimizer,
+            scaler=torch.amp.GradScaler(device.type, enabled=settings.grad_scaler),
+            batches=batches,
+            cfg=cfg,
+            settings=settings,
+            info=info,
+            device=device,
+            hardware=hardware,
+            evaluate=evaluate,
+            report=report,
+            guard=guard,
+            checkpointer=Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device),
+        )
+        report.params(
+            settings.describe()
+            | {
+                "perf.peak_flops": f"{hardware.peak_flops:.4g}",
+                "perf.peak_source": hardware.peak_source,
+                "perf.world_size": info.world_size,
+                "perf.flops_per_token": hardware.flops_per_token,
+            }
+        )
         torch.manual_seed(cfg.seed)  # the dropout stream; the weights were drawn by the caller
         state, resumed_from = _resume(run)
         _loop(run, state)

@@ -224,8 +224,9 @@ def table_peak(name: str) -> tuple[float, str] | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024,
-                        seconds: float = 0.6) -> float:
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.6
+) -> float:
     """Achieved FLOP/s of square matmuls on ``device``: a practical peak for CPUs/unknown GPUs.
 
     Cached per (device, threads, dtype), so many short training runs in one process probe once.
@@ -265,13 +266,17 @@ def peak_flops(device: torch.device, configured: float = 0.0, amp_dtype: str | N
             return found[0], f"table: {name} -> {found[1]} bf16 dense {found[0] / 1e12:.0f} TFLOP/s"
         dtype = getattr(torch, amp_dtype) if amp_dtype else torch.float32
         measured = measure_matmul_peak(device, dtype, size=4096, seconds=0.5)
-        return measured, (f"measured: {name} is not in the peak table; {dtype} 4096^2 matmul probe gave "
-                          f"{measured / 1e12:.1f} TFLOP/s (set peak_flops to override)")
+        return measured, (
+            f"measured: {name} is not in the peak table; {dtype} 4096^2 matmul probe gave "
+            f"{measured / 1e12:.1f} TFLOP/s (set peak_flops to override)"
+        )
     # The CPU (or any other device): its achievable fp32 matmul rate on the threads in use, so
     # CPU MFU reads as "share of what this machine's BLAS can do", not of a datasheet figure.
     measured = measure_matmul_peak(device)
-    return measured, (f"measured: CPU fp32 1024^2 matmul probe (best of repeats) on {torch.get_num_threads()} thread(s) gave "
-                      f"{measured / 1e9:.1f} GFLOP/s (set peak_flops to override)")
+    return measured, (
+        f"measured: CPU fp32 1024^2 matmul probe (best of repeats) on {torch.get_num_threads()} thread(s) gave "
+        f"{measured / 1e9:.1f} GFLOP/s (set peak_flops to override)"
+    )
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float, world_size: int = 1) -> float:

@@ -19,8 +19,16 @@ SVG_FILE = "architecture.svg"
 DOMAIN = "gptpipe"  # the local-function domain of stages.lm.onnx_architecture
 
 _BOX_W, _BOX_H, _GAP = 230, 38, 14
-_COLOURS = {"Block": "#c9def5", "Embedding": "#d8ecd0", "RotaryTables": "#f1e3c6", "RMSNorm": "#e4d7f0",
-            "Linear": "#f5d0c9", "Attention": "#f9e79f", "SwiGLU": "#d5f5e3", "Add": "#eeeeee"}
+_COLOURS = {
+    "Block": "#c9def5",
+    "Embedding": "#d8ecd0",
+    "RotaryTables": "#f1e3c6",
+    "RMSNorm": "#e4d7f0",
+    "Linear": "#f5d0c9",
+    "Attention": "#f9e79f",
+    "SwiGLU": "#d5f5e3",
+    "Add": "#eeeeee",
+}
 
 
 def _shape(value: onnx.ValueInfoProto) -> str:
@@ -37,8 +45,10 @@ def _box(x: int, y: int, op: str, name: str, detail: str = "") -> str:
         f'<text x="{x + 10}" y="{y + 31}" fill="#444">{html.escape(name)}</text>',
     ]
     if detail:
-        lines.append(f'<text x="{x + _BOX_W - 8}" y="{y + 24}" text-anchor="end" fill="#666" font-size="10">'
-                     f"{html.escape(detail)}</text>")
+        lines.append(
+            f'<text x="{x + _BOX_W - 8}" y="{y + 24}" text-anchor="end" fill="#666" font-size="10">'
+            f"{html.escape(detail)}</text>"
+        )
     return "\n".join(lines) + "\n</g>"
 
 
@@ -89,16 +99,21 @@ def render_svg(proto: onnx.ModelProto) -> str:
             y += 20
     width, height = 330 + _BOX_W + 200, max(left_end, y) + 20
     title = f"{graph.name}: {blocks} Block nodes (one per layer)"
-    return "\n".join([
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        'font-family="sans-serif" font-size="12">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
-        'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
-        '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="20" y="26" font-size="15" font-weight="bold">{html.escape(title)}</text>',
-        '<text x="330" y="44" fill="#333">inside each Block (the function gptpipe.Block):</text>',
-        *left, *right, *notes, "</svg>\n",
-    ])
+    return "\n".join(
+        [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            'font-family="sans-serif" font-size="12">',
+            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
+            'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+            '<rect width="100%" height="100%" fill="white"/>',
+            f'<text x="20" y="26" font-size="15" font-weight="bold">{html.escape(title)}</text>',
+            '<text x="330" y="44" fill="#333">inside each Block (the function gptpipe.Block):</text>',
+            *left,
+            *right,
+            *notes,
+            "</svg>\n",
+        ]
+    )
 
 
 def write_svg(graph_path: Path, dest: Path) -> Path:

@@ -30,14 +30,33 @@ import onnx
 from stages.core.errors import ArtifactError
 
 # Netron's modules that opening an ONNX protobuf can reach (view.js imports the rest lazily).
-MODULES = ("base", "text", "json", "xml", "protobuf", "flatbuffers", "flexbuffers", "zip", "tar", "grapher",
-           "dagre", "browser", "view", "onnx", "onnx-proto", "onnx-schema", "message")
+MODULES = (
+    "base",
+    "text",
+    "json",
+    "xml",
+    "protobuf",
+    "flatbuffers",
+    "flexbuffers",
+    "zip",
+    "tar",
+    "grapher",
+    "dagre",
+    "browser",
+    "view",
+    "onnx",
+    "onnx-proto",
+    "onnx-schema",
+    "message",
+)
 ASSETS = ("onnx-metadata.json",)
 SUFFIX = ".html"  # model.onnx -> model.onnx.html
 LARGE_CONSTANT = 64  # elements: Constant nodes above this are weights folded by the exporter
 
-_CSP = ("default-src 'none'; script-src 'unsafe-inline' data:; style-src 'unsafe-inline'; img-src data:; "
-        "font-src data:; connect-src data:; frame-src 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' data:; style-src 'unsafe-inline'; img-src data:; "
+    "font-src data:; connect-src data:; frame-src 'none'"
+)
 
 # Runs before any module: settings in memory (localStorage throws in an opaque origin) and
 # errors shown on the page instead of lost.
@@ -83,9 +102,18 @@ window.__view__.start();
 
 def strip_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The graph with every initializer's (and large constant's) values removed; names, types and shapes kept."""
+
     def clear(tensor: onnx.TensorProto) -> None:
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                      "string_data", "external_data"):
+        for field in (
+            "raw_data",
+            "float_data",
+            "int32_data",
+            "int64_data",
+            "double_data",
+            "uint64_data",
+            "string_data",
+            "external_data",
+        ):
             tensor.ClearField(field)
         tensor.data_location = onnx.TensorProto.DEFAULT
 
@@ -117,14 +145,19 @@ def op_types(proto: onnx.ModelProto) -> set[str]:
         for node in graph.node:
             found.add(node.op_type)
             for attribute in node.attribute:
-                graphs += [attribute.g, *attribute.graphs] if attribute.type in (
-                    onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []
+                graphs += (
+                    [attribute.g, *attribute.graphs]
+                    if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    else []
+                )
     return found
 
 
 def operator_metadata(text: str, used: set[str]) -> str:
     """Netron's onnx-metadata.json (5.6 MB: every operator, with examples) cut to the operators used."""
-    entries = [{k: v for k, v in entry.items() if k != "examples"} for entry in json.loads(text) if entry.get("name") in used]
+    entries = [
+        {k: v for k, v in entry.items() if k != "examples"} for entry in json.loads(text) if entry.get("name") in used
+    ]
     return json.dumps(entries, separators=(",", ":"))
 
 
@@ -137,8 +170,10 @@ def _module_url(source: str) -> str:
 def _body(index_html: str, source: str) -> str:
     match = re.search(r"<body[^>]*>(.*)</body>", index_html, re.S)
     if match is None or 'id="logo-github"' not in match.group(1):
-        raise ArtifactError(f"{source}: Netron's index.html has no <body> with the elements its host needs; "
-                            "this netron version is not supported — pin netron to 9.x or update stages/viewer/netron_page.py")
+        raise ArtifactError(
+            f"{source}: Netron's index.html has no <body> with the elements its host needs; "
+            "this netron version is not supported — pin netron to 9.x or update stages/viewer/netron_page.py"
+        )
     return match.group(1)
 
 
@@ -153,11 +188,15 @@ def render_page(netron_root: Path, graph: onnx.ModelProto, file_name: str, title
     missing = [m for m in MODULES if not (netron_root / f"{m}.js").is_file()]
     missing += [a for a in ASSETS if not (netron_root / a).is_file()]
     if missing:
-        raise ArtifactError(f"{netron_root}: netron lacks {', '.join(missing)}; this netron version is not supported "
-                            "by the self-contained viewer — pin netron to 9.x or update stages/viewer/netron_page.py")
+        raise ArtifactError(
+            f"{netron_root}: netron lacks {', '.join(missing)}; this netron version is not supported "
+            "by the self-contained viewer — pin netron to 9.x or update stages/viewer/netron_page.py"
+        )
     imports = {f"netron/{m}.js": _module_url((netron_root / f"{m}.js").read_text(encoding="utf-8")) for m in MODULES}
     used = op_types(graph)
-    assets = {"onnx-metadata.json": operator_metadata((netron_root / "onnx-metadata.json").read_text(encoding="utf-8"), used)}
+    assets = {
+        "onnx-metadata.json": operator_metadata((netron_root / "onnx-metadata.json").read_text(encoding="utf-8"), used)
+    }
     page = {"file": file_name, "assets": assets}
     encoded = base64.b64encode(graph.SerializeToString()).decode("ascii")
     css = (netron_root / "grapher.css").read_text(encoding="utf-8")
@@ -190,7 +229,7 @@ def write_page(graph_path: Path, dest: Path, netron_root: Path, title: str) -> P
     """Write the self-contained viewer of the ONNX graph at ``graph_path`` (external weights never read)."""
     try:
         proto = onnx.load(str(graph_path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt graph file: say which one
+    except Exception as exc:
         raise ArtifactError(f"{graph_path}: not a readable ONNX graph ({exc}); rerun stage 'export'") from None
     dest.write_text(render_page(netron_root, strip_weights(proto), graph_path.name, title), encoding="utf-8")
     return dest

@@ -48,7 +48,9 @@ def podman_env(home: Path) -> dict[str, str]:
 
 def run(env: dict[str, str], *command: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     done = subprocess.run(list(command), env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
     return done
 
 
@@ -69,8 +71,9 @@ def torch_build_args() -> list[str]:
     return ["TORCH_VARIANT=cpu", "TORCH_INDEX_URL=", f"TORCH_SPEC=torch=={version}"]
 
 
-def build_image(env: dict[str, str], tag: str, extra_secret_env: dict[str, str] | None = None,
-                pip_conf: Path | None = None) -> str:
+def build_image(
+    env: dict[str, str], tag: str, extra_secret_env: dict[str, str] | None = None, pip_conf: Path | None = None
+) -> str:
     """Base image (cached), then the gptpipe image via docker/build.sh --engine podman."""
     run(env, str(ROOT / "docker" / "local-base.sh"), "--engine", "podman", "--tag", BASE_IMAGE, timeout=900)
     command = [str(ROOT / "docker" / "build.sh"), "--engine", "podman", "--base-image", BASE_IMAGE, "--tag", tag]
@@ -92,9 +95,10 @@ class PodmanService:
     def __init__(self, env: dict[str, str], socket: Path, log: Path):
         self.socket = socket
         self.url = f"unix://{socket}"
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(["podman", "system", "service", "--time=0", self.url], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", self.url], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while not socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -13,19 +13,24 @@ MICRO = ROOT / "configs" / "micro.yaml"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def gptpipe(env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def gptpipe(
+    env: dict[str, str], *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the ``gptpipe`` CLI of this environment; fail the test with its output if it fails."""
     command = [str(Path(sys.executable).parent / "gptpipe"), *args]
     done = subprocess.run(command, env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    )
     return done
 
 
 def http_json(url: str, body: dict | None = None, method: str | None = None) -> object:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - 127.0.0.1 test servers
+    request = urllib.request.Request(
+        url, data=data, method=method or ("POST" if data else "GET"), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
         text = response.read().decode()
     return json.loads(text) if text else None
 
@@ -33,5 +38,10 @@ def http_json(url: str, body: dict | None = None, method: str | None = None) -> 
 def s3_client(layout):
     import boto3
 
-    return boto3.client("s3", endpoint_url=layout.s3_url, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=layout.s3_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )

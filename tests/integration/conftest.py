@@ -18,8 +18,13 @@ def services(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("services")
     # A short scheduler loop so a new deployment's cron runs appear within seconds.
-    layout = svc.up(home, {"s3": 0, "mlflow": 0, "prefect": 0}, bucket="gptpipe", timeout=240,
-                    extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"})
+    layout = svc.up(
+        home,
+        {"s3": 0, "mlflow": 0, "prefect": 0},
+        bucket="gptpipe",
+        timeout=240,
+        extra_env={"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"},
+    )
     yield layout
     svc.down(home)
 
@@ -40,7 +45,6 @@ def client_env(services, tmp_path_factory) -> dict[str, str]:
     return env
 
 
-
 @pytest.fixture(scope="session")
 def server_pipeline(client_env, tmp_path_factory) -> dict:
     """The micro recipe run twice against the servers, its outputs in s3://gptpipe/store."""
@@ -51,7 +55,9 @@ def server_pipeline(client_env, tmp_path_factory) -> dict:
     cwd = tmp_path_factory.mktemp("pipeline-cwd")
     runs = []
     for _ in range(2):
-        done = gptpipe(client_env, "run", "--config", str(MICRO), "--set", "artifacts.store=s3://gptpipe/store", cwd=cwd)
+        done = gptpipe(
+            client_env, "run", "--config", str(MICRO), "--set", "artifacts.store=s3://gptpipe/store", cwd=cwd
+        )
         found = re.search(r"MLflow run ([0-9a-f]{32})", done.stdout)
         assert found, done.stdout
         runs.append({"stdout": done.stdout, "stderr": done.stderr, "parent_run_id": found.group(1)})

@@ -49,8 +49,9 @@ def engine(tmp_path_factory):
     env = _podman.podman_env(home)
     pip_conf = home / "pip.conf"
     pip_conf.write_text(f"[global]\n# index token {CANARY}\ntimeout = 120\n")
-    _podman.build_image(env, TAG, extra_secret_env={"AWS_SECRET_ACCESS_KEY": CANARY, "PIP_INDEX_TOKEN": CANARY},
-                        pip_conf=pip_conf)
+    _podman.build_image(
+        env, TAG, extra_secret_env={"AWS_SECRET_ACCESS_KEY": CANARY, "PIP_INDEX_TOKEN": CANARY}, pip_conf=pip_conf
+    )
     service = _podman.PodmanService(env, home / "podman.sock", home / "podman-service.log")
     yield {"env": env, "docker_host": service.url, "home": home}
     service.stop()
@@ -71,8 +72,16 @@ def test_image_runs_as_non_root_and_holds_no_credentials(engine):
     uid = _podman.run(env, "podman", "run", "--rm", TAG, "id", "-u").stdout.strip()
     assert uid == "10001"
     # No secret file left in the image either: the pip.conf only existed as a build secret.
-    leftover = _podman.run(env, "podman", "run", "--rm", TAG, "sh", "-c",
-                           "grep -rl " + CANARY + " /etc /home /app /tmp /root 2>/dev/null || true").stdout
+    leftover = _podman.run(
+        env,
+        "podman",
+        "run",
+        "--rm",
+        TAG,
+        "sh",
+        "-c",
+        "grep -rl " + CANARY + " /etc /home /app /tmp /root 2>/dev/null || true",
+    ).stdout
     assert leftover.strip() == ""
     # The stage CLI is the entrypoint: `IMAGE --help` lists the stages.
     assert "pretrain" in _podman.run(env, "podman", "run", "--rm", TAG, "--help").stdout
@@ -83,8 +92,12 @@ def container_run(engine, services, client_env, tmp_path_factory):
     """Stage deployments on a docker pool, a docker worker on podman's socket, one pipeline run."""
     cwd = tmp_path_factory.mktemp("containers-cwd")
     stage_env = [  # what the stage containers need to reach the host's S3 endpoint
-        f"MLFLOW_S3_ENDPOINT_URL={services.s3_url}", "AWS_ACCESS_KEY_ID=testing", "AWS_SECRET_ACCESS_KEY=testing",
-        "AWS_DEFAULT_REGION=us-east-1", "AWS_MAX_ATTEMPTS=3", "GPTPIPE_S3_CACHE=/tmp/gptpipe-s3",
+        f"MLFLOW_S3_ENDPOINT_URL={services.s3_url}",
+        "AWS_ACCESS_KEY_ID=testing",
+        "AWS_SECRET_ACCESS_KEY=testing",
+        "AWS_DEFAULT_REGION=us-east-1",
+        "AWS_MAX_ATTEMPTS=3",
+        "GPTPIPE_S3_CACHE=/tmp/gptpipe-s3",
         # The worker hands its own Prefect settings to the containers; this one is a host path.
         "PREFECT_HOME=/home/gptpipe/.prefect",
     ]
@@ -93,18 +106,35 @@ def container_run(engine, services, client_env, tmp_path_factory):
         deploy += ["--env", item]
     gptpipe(client_env, *deploy, cwd=cwd)
 
-    worker_log = open(engine["home"] / "worker.log", "w")  # noqa: SIM115 - closed below
+    worker_log = open(engine["home"] / "worker.log", "w")
     worker_env = {**client_env, "DOCKER_HOST": engine["docker_host"]}
     prefect = str(Path(sys.executable).parent / "prefect")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--type", "docker"], env=worker_env,
-                              cwd=cwd, stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", POOL, "--type", "docker"],
+        env=worker_env,
+        cwd=cwd,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         started = time.monotonic()
         # Its own recipe name: the Model Registry entry (gptpipe-<name>) is not the other tests'.
-        done = gptpipe(client_env, "run", "--config", str(MICRO), "--set", "name=micro-containers",
-                       "--set", f"artifacts.store={STORE}",
-                       "--set", "execution.mode=containers", "--set", "execution.resources.pretrain.memory=4g",
-                       cwd=cwd, timeout=1500)
+        done = gptpipe(
+            client_env,
+            "run",
+            "--config",
+            str(MICRO),
+            "--set",
+            "name=micro-containers",
+            "--set",
+            f"artifacts.store={STORE}",
+            "--set",
+            "execution.mode=containers",
+            "--set",
+            "execution.resources.pretrain.memory=4g",
+            cwd=cwd,
+            timeout=1500,
+        )
         elapsed = time.monotonic() - started
     finally:
         worker.terminate()
@@ -121,8 +151,11 @@ def container_run(engine, services, client_env, tmp_path_factory):
 
 def test_each_stage_ran_in_its_own_container_and_handed_off_through_s3(container_run, services):
     runs = http_json(f"{services.prefect_url}/flow_runs/filter", {"limit": 200})
-    stage_runs = {r["name"]: r for r in runs if r.get("deployment_id") and r["name"] in STAGES
-                  and any(t == "stage:" + r["name"] for t in r["tags"])}
+    stage_runs = {
+        r["name"]: r
+        for r in runs
+        if r.get("deployment_id") and r["name"] in STAGES and any(t == "stage:" + r["name"] for t in r["tags"])
+    }
     assert sorted(stage_runs) == sorted(STAGES), sorted(r["name"] for r in runs)
     assert all(r["state_type"] == "COMPLETED" for r in stage_runs.values())
     # The worker started them as containers (one per flow run) on podman's socket.
@@ -130,7 +163,9 @@ def test_each_stage_ran_in_its_own_container_and_handed_off_through_s3(container
     assert created == len(STAGES), container_run["worker_log"][-3000:]
     # Every stage's finished output is in the S3 store: manifests are written last.
     listed = s3_client(services).list_objects_v2(Bucket="gptpipe", Prefix="containers/")
-    manifests = {item["Key"].split("/")[1] for item in listed.get("Contents", []) if item["Key"].endswith("/manifest.json")}
+    manifests = {
+        item["Key"].split("/")[1] for item in listed.get("Contents", []) if item["Key"].endswith("/manifest.json")
+    }
     assert manifests == set(STAGES)
 
 
@@ -140,8 +175,7 @@ def test_stage_child_runs_were_logged_from_the_containers(container_run, service
     found = re.search(r"MLflow run ([0-9a-f]{32})", container_run["stdout"])
     assert found, container_run["stdout"][-2000:]
     parent = found.group(1)
-    body = {"experiment_ids": [], "max_results": 50,
-            "filter": f"tags.mlflow.parentRunId = '{parent}'"}
+    body = {"experiment_ids": [], "max_results": 50, "filter": f"tags.mlflow.parentRunId = '{parent}'"}
     parent_run = http_json(f"{services.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent}")["run"]
     body["experiment_ids"] = [parent_run["info"]["experiment_id"]]
     children = http_json(f"{services.mlflow_url}/api/2.0/mlflow/runs/search", body)["runs"]

@@ -18,18 +18,35 @@ CRON = "*/10 * * * *"
 
 
 def scheduled_runs(services, deployment_id: str) -> list[dict]:
-    return http_json(f"{services.prefect_url}/flow_runs/filter", {
-        "deployments": {"id": {"any_": [deployment_id]}},
-        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-        "sort": "EXPECTED_START_TIME_ASC"})
+    return http_json(
+        f"{services.prefect_url}/flow_runs/filter",
+        {
+            "deployments": {"id": {"any_": [deployment_id]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC",
+        },
+    )
 
 
 def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, client_env, tmp_path):
     store = tmp_path / "store"
-    done = gptpipe(client_env, "deploy", "--name", "itest", "--pool", "gptpipe", "--cron", CRON,
-                   "--config", "configs/micro.yaml", "--set", "stages=[tokenizer]",
-                   "--set", f"artifacts.store={store}")
-    created = json.loads(done.stdout[done.stdout.index("{\n"): done.stdout.rindex("}") + 1])
+    done = gptpipe(
+        client_env,
+        "deploy",
+        "--name",
+        "itest",
+        "--pool",
+        "gptpipe",
+        "--cron",
+        CRON,
+        "--config",
+        "configs/micro.yaml",
+        "--set",
+        "stages=[tokenizer]",
+        "--set",
+        f"artifacts.store={store}",
+    )
+    created = json.loads(done.stdout[done.stdout.index("{\n") : done.stdout.rindex("}") + 1])
     deployment = http_json(f"{services.prefect_url}/deployments/name/gptpipe/itest")
     assert deployment["id"] == created["id"]
     assert deployment["work_pool_name"] == "gptpipe"
@@ -50,12 +67,18 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
     # Make the first scheduled run due now, then let a worker pick it up and run it.
     target = runs[0]
     now = datetime.now(timezone.utc).isoformat()
-    http_json(f"{services.prefect_url}/flow_runs/{target['id']}/set_state",
-              {"state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": now}},
-               "force": True})
+    http_json(
+        f"{services.prefect_url}/flow_runs/{target['id']}/set_state",
+        {"state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": now}}, "force": True},
+    )
     worker = subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "gptpipe", "--run-once"],
-        env=client_env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+        env=client_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     final = http_json(f"{services.prefect_url}/flow_runs/{target['id']}")
     assert final["state_type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
     assert any(p.name == "manifest.json" for p in (store / "tokenizer").glob("*/manifest.json"))
@@ -64,10 +87,26 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
 
 
 def test_committed_prefect_yaml_deploys_with_its_schedules(services, client_env):
-    gptpipe(client_env, "deploy", "--name", "pool-maker", "--pool", "gptpipe", "--cron", "",
-            "--config", "configs/micro.yaml")  # makes sure the pool exists whatever ran first
-    done = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
-                          env=client_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    gptpipe(
+        client_env,
+        "deploy",
+        "--name",
+        "pool-maker",
+        "--pool",
+        "gptpipe",
+        "--cron",
+        "",
+        "--config",
+        "configs/micro.yaml",
+    )  # makes sure the pool exists whatever ran first
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+        env=client_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nightly = http_json(f"{services.prefect_url}/deployments/name/gptpipe/nightly-tiny")
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
@@ -80,12 +119,18 @@ def test_committed_prefect_yaml_deploys_with_its_schedules(services, client_env)
 def test_deploy_help_documents_the_three_pool_types(client_env):
     text = gptpipe(client_env, "deploy", "--help").stdout
     for kind in ("process", "docker", "kubernetes"):
-        assert f"prefect worker start --pool" in text and kind in text
+        assert "prefect worker start --pool" in text and kind in text
     assert "--type docker" in text and "--type kubernetes" in text
 
 
 def test_a_bad_cron_fails_before_reaching_the_server(client_env):
-    done = subprocess.run([str(Path(sys.executable).parent / "gptpipe"), "deploy", "--cron", "every day"],
-                          env=client_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "gptpipe"), "deploy", "--cron", "every day"],
+        env=client_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("gptpipe: error: --cron 'every day': not a valid cron")

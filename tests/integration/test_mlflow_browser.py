@@ -13,8 +13,15 @@ from ._servers import ARTIFACTS, http_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 STAGES = ["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
 
 
@@ -29,7 +36,8 @@ def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as play:
         context = play.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, args=ARGS, headless=True, viewport={"width": 1600, "height": 1000})
+            str(profile), executable_path=CHROMIUM, args=ARGS, headless=True, viewport={"width": 1600, "height": 1000}
+        )
         yield context
         context.close()
 
@@ -37,9 +45,13 @@ def browser(tmp_path_factory):
 def child_run_id(services, parent_id: str, stage: str) -> tuple[str, str]:
     parent = http_json(f"{services.mlflow_url}/api/2.0/mlflow/runs/get?run_id={parent_id}")["run"]
     experiment = parent["info"]["experiment_id"]
-    found = http_json(f"{services.mlflow_url}/api/2.0/mlflow/runs/search", {
-        "experiment_ids": [experiment],
-        "filter": f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`gptpipe.stage` = '{stage}'"})["runs"]
+    found = http_json(
+        f"{services.mlflow_url}/api/2.0/mlflow/runs/search",
+        {
+            "experiment_ids": [experiment],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`gptpipe.stage` = '{stage}'",
+        },
+    )["runs"]
     return experiment, found[0]["info"]["run_id"]
 
 

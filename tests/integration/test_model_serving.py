@@ -45,8 +45,11 @@ def registered_version(services) -> dict:
 
 def local_export(client_env) -> Path:
     """The export stage's output as the pipeline materialized it from the bucket (its S3 cache)."""
-    found = [p.parent for p in Path(client_env["GPTPIPE_S3_CACHE"]).rglob("export.json")
-             if (p.parent / "model_kv.onnx").is_file() and "export" in p.parent.parts]
+    found = [
+        p.parent
+        for p in Path(client_env["GPTPIPE_S3_CACHE"]).rglob("export.json")
+        if (p.parent / "model_kv.onnx").is_file() and "export" in p.parent.parts
+    ]
     assert found, "the pipeline's export is not in the client's S3 cache"
     return found[0]
 
@@ -57,8 +60,17 @@ def expected(client_env, server_pipeline) -> list[str]:
     export_dir = local_export(client_env)
     texts = []
     for prompt in PROMPTS:
-        done = gptpipe(client_env, "generate", "--onnx", str(export_dir), "-p", prompt,
-                       "--max-new-tokens", str(NEW_TOKENS), cwd=server_pipeline["cwd"])
+        done = gptpipe(
+            client_env,
+            "generate",
+            "--onnx",
+            str(export_dir),
+            "-p",
+            prompt,
+            "--max-new-tokens",
+            str(NEW_TOKENS),
+            cwd=server_pipeline["cwd"],
+        )
         texts.append(done.stdout[:-1])
     return texts
 
@@ -67,13 +79,19 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
     version = registered_version(services)
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert float(tags["parity.max_abs_diff"]) <= float(tags["parity.tolerance"])
-    listed = http_json(f"{services.mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={version['run_id']}&path=onnx_model")
+    listed = http_json(
+        f"{services.mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={version['run_id']}&path=onnx_model"
+    )
     files = {f["path"].split("/", 1)[1] for f in listed["files"]}
     assert {"MLmodel", "mlflow_model.py", "requirements.txt", "code", "artifacts", "parity.json"} <= files
     import mlflow.artifacts
 
-    path = mlflow.artifacts.download_artifacts(run_id=version["run_id"], artifact_path="onnx_model/requirements.txt",
-                                               dst_path=str(tmp_path), tracking_uri=services.mlflow_url)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=version["run_id"],
+        artifact_path="onnx_model/requirements.txt",
+        dst_path=str(tmp_path),
+        tracking_uri=services.mlflow_url,
+    )
     requirements = {line.split("==")[0] for line in Path(path).read_text().split()}
     assert requirements == {"mlflow", "onnxruntime", "sentencepiece", "numpy"}
 
@@ -81,8 +99,14 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
 def test_pyfunc_load_model_predicts_what_gptpipe_generate_prints(services, client_env, expected, tmp_path):
     uri = f"models:/gptpipe-micro/{registered_version(services)['version']}"
     env = {k: v for k, v in client_env.items() if k != "PYTHONPATH"}  # stages must come from the model itself
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, uri, json.dumps(PROMPTS), str(NEW_TOKENS)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_PREDICT, uri, json.dumps(PROMPTS), str(NEW_TOKENS)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["texts"] == expected
@@ -105,18 +129,41 @@ def test_mlflow_models_serve_answers_invocations_with_the_same_text(services, cl
     env = {k: v for k, v in client_env.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # serve execs `uvicorn`
     log = (tmp_path / "serve.log").open("wb")
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        assert wait_healthy(f"http://127.0.0.1:{port}/ping", 180, server), \
-            (tmp_path / "serve.log").read_text(errors="replace")[-4000:]
+        assert wait_healthy(f"http://127.0.0.1:{port}/ping", 180, server), (tmp_path / "serve.log").read_text(
+            errors="replace"
+        )[-4000:]
         body = {"dataframe_records": [{"prompt": p} for p in PROMPTS], "params": {"max_new_tokens": NEW_TOKENS}}
         answer = http_json(f"http://127.0.0.1:{port}/invocations", body)
         assert answer["predictions"] == expected
-        split = http_json(f"http://127.0.0.1:{port}/invocations",
-                          {"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": NEW_TOKENS}})
+        split = http_json(
+            f"http://127.0.0.1:{port}/invocations",
+            {"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": NEW_TOKENS}},
+        )
         assert split["predictions"] == expected
     finally:
         if server.poll() is None:

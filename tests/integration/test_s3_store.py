@@ -41,17 +41,29 @@ def endpoint(moto, monkeypatch, tmp_path):
 
     port = free_port()
     state = {"proxy": start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]), "port": port}
-    for name, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_MAX_ATTEMPTS": "3", "GPTPIPE_S3_CACHE": str(tmp_path / "cache")}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "3",
+        "GPTPIPE_S3_CACHE": str(tmp_path / "cache"),
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    direct = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{moto}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     if BUCKET not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
         direct.create_bucket(Bucket=BUCKET)
     state["direct"] = direct
-    state["restart"] = lambda: state.update(proxy=start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)]))
+    state["restart"] = lambda: state.update(
+        proxy=start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)])
+    )
     yield state
     stop_process(state["proxy"])
 
@@ -109,8 +121,8 @@ def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, t
 
 
 def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_path):
-    from stages.storage.artifacts import Manifest, files_digest, hash_files
     from stages.core.errors import ArtifactError
+    from stages.storage.artifacts import Manifest, files_digest, hash_files
     from stages.storage.s3 import MULTIPART_CHUNK
     from stages.storage.stores import S3Store
 
@@ -121,8 +133,9 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
     big.write_bytes(payload)
     (work / "small.txt").write_text("hello\n")
     files = hash_files(work)
-    manifest = Manifest(stage="blob", key="k1", config={}, inputs={}, code_version="t", files=files,
-                        digest=files_digest(files))
+    manifest = Manifest(
+        stage="blob", key="k1", config={}, inputs={}, code_version="t", files=files, digest=files_digest(files)
+    )
     ref = store.commit(work, manifest)
     head = endpoint["direct"].head_object(Bucket=BUCKET, Key="parts/blob/k1/weights.bin")
     assert head["ETag"].strip('"').endswith("-2"), "a file over the threshold is a 2-part multipart upload"
@@ -142,8 +155,8 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
     from stages.storage.corpus import fingerprint, read_corpus
 
     direct = endpoint["direct"]
-    direct.put_object(Bucket=BUCKET, Key="corpus/b.txt", Body="second document\n".encode())
-    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body="first document\n".encode())
+    direct.put_object(Bucket=BUCKET, Key="corpus/b.txt", Body=b"second document\n")
+    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body=b"first document\n")
     direct.put_object(Bucket=BUCKET, Key="corpus/skip.bin", Body=b"\x00\x01")
     direct.put_object(Bucket=BUCKET, Key="corpus/docs.jsonl", Body=b'{"text": "third"}\n')
     cfg = CorpusConfig(source=f"s3://{BUCKET}/corpus")
@@ -154,7 +167,7 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
     # Another machine (a stage container) with its own, empty local cache computes the same key.
     monkeypatch.setenv("GPTPIPE_S3_CACHE", str(tmp_path / "another-cache"))
     assert fingerprint(cfg) == before and not (tmp_path / "another-cache").exists(), "fingerprinting downloads nothing"
-    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body="first document, edited\n".encode())
+    direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body=b"first document, edited\n")
     assert fingerprint(cfg) != before, "an edited object must change the stage's cache key"
     assert read_corpus(CorpusConfig(source=f"s3://{BUCKET}/corpus/a.txt")).documents == ["first document, edited\n"]
 

@@ -19,8 +19,11 @@ STAGES = ["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "pu
 
 
 def prefect_runs(services) -> list[dict]:
-    body = {"flows": {"name": {"any_": ["gptpipe"]}}, "flow_runs": {"deployment_id": {"is_null_": True}},
-            "sort": "START_TIME_ASC"}
+    body = {
+        "flows": {"name": {"any_": ["gptpipe"]}},
+        "flow_runs": {"deployment_id": {"is_null_": True}},
+        "sort": "START_TIME_ASC",
+    }
     return http_json(f"{services.prefect_url}/flow_runs/filter", body)
 
 
@@ -33,9 +36,15 @@ def mlflow(services, endpoint: str, body: dict | None = None, **query: str) -> d
 
 def children(services, parent_id: str) -> dict[str, dict]:
     parent = mlflow(services, "runs/get", run_id=parent_id)["run"]
-    found = mlflow(services, "runs/search", {
-        "experiment_ids": [parent["info"]["experiment_id"]],
-        "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'", "max_results": 100})["runs"]
+    found = mlflow(
+        services,
+        "runs/search",
+        {
+            "experiment_ids": [parent["info"]["experiment_id"]],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            "max_results": 100,
+        },
+    )["runs"]
     return {tag["value"]: run for run in found for tag in run["data"]["tags"] if tag["key"] == "gptpipe.stage"}
 
 
@@ -48,8 +57,9 @@ def test_flow_runs_completed_with_report_artifact(services, server_pipeline):
     assert len(runs) >= 2
     first = runs[-2]
     assert all(run["state_type"] == "COMPLETED" for run in runs[-2:])
-    artifacts = http_json(f"{services.prefect_url}/artifacts/filter",
-                          {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}})
+    artifacts = http_json(
+        f"{services.prefect_url}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}}
+    )
     by_key = {a["key"]: a for a in artifacts}
     report = by_key["gptpipe-report-micro"]
     assert report["type"] == "markdown"
@@ -63,16 +73,16 @@ def test_flow_runs_completed_with_report_artifact(services, server_pipeline):
 
 def test_tasks_are_named_and_tagged_and_stage_logs_reach_prefect(services, server_pipeline):
     first = prefect_runs(services)[-2]
-    tasks = http_json(f"{services.prefect_url}/task_runs/filter",
-                      {"flow_runs": {"id": {"any_": [first["id"]]}}})
+    tasks = http_json(f"{services.prefect_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [first["id"]]}}})
     by_name = {t["name"]: t for t in tasks}
     for stage in STAGES:
         task = by_name[f"{stage} · micro"]
         assert {f"stage:{stage}", "recipe:micro"} <= set(task["tags"])
         assert task["state_type"] == "COMPLETED"
     assert any(name.startswith("register-model") for name in by_name)
-    logs = http_json(f"{services.prefect_url}/logs/filter",
-                     {"logs": {"flow_run_id": {"any_": [first["id"]]}}, "limit": 200})
+    logs = http_json(
+        f"{services.prefect_url}/logs/filter", {"logs": {"flow_run_id": {"any_": [first["id"]]}}, "limit": 200}
+    )
     messages = [entry["message"] for entry in logs]
     assert any(m.startswith("stage pretrain: finished") for m in messages), messages[:20]
 
@@ -96,8 +106,11 @@ def test_mlflow_parent_and_children_hold_params_metrics_and_artifacts(services, 
         assert "manifest.json" in {f["path"] for f in listed.get("files", [])}, stage
     # The artifacts really are in the bucket, under the server's --artifacts-destination.
     s3 = s3_client(services)
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="gptpipe", Prefix="mlartifacts/")
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="gptpipe", Prefix="mlartifacts/")
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith(f"{pretrain['info']['run_id']}/artifacts/manifest.json") for k in keys)
     assert any(k.endswith("onnx_model/MLmodel") for k in keys)
     assert any(k.endswith("onnx_model/artifacts/onnx/model.onnx") for k in keys)
@@ -113,12 +126,19 @@ def test_exported_onnx_is_a_registered_model_version(services, server_pipeline):
     assert version_tags["gptpipe.artifact"].startswith("s3://gptpipe/store/export/")
     export_child = children(services, server_pipeline["runs"][0]["parent_run_id"])["export"]
     assert version["run_id"] == export_child["info"]["run_id"]
-    files = {f["path"] for f in mlflow(services, "artifacts/list", run_id=version["run_id"], path="onnx_model")["files"]}
+    files = {
+        f["path"] for f in mlflow(services, "artifacts/list", run_id=version["run_id"], path="onnx_model")["files"]
+    }
     assert {"onnx_model/MLmodel", "onnx_model/parity.json", "onnx_model/artifacts"} <= files
-    graphs = {f["path"] for f in mlflow(services, "artifacts/list", run_id=version["run_id"],
-                                        path="onnx_model/artifacts/onnx")["files"]}
-    assert {"onnx_model/artifacts/onnx/model.onnx", "onnx_model/artifacts/onnx/model_kv.onnx",
-            "onnx_model/artifacts/onnx/tokenizer"} <= graphs
+    graphs = {
+        f["path"]
+        for f in mlflow(services, "artifacts/list", run_id=version["run_id"], path="onnx_model/artifacts/onnx")["files"]
+    }
+    assert {
+        "onnx_model/artifacts/onnx/model.onnx",
+        "onnx_model/artifacts/onnx/model_kv.onnx",
+        "onnx_model/artifacts/onnx/tokenizer",
+    } <= graphs
     for run in server_pipeline["runs"]:
         parent = mlflow(services, "runs/get", run_id=run["parent_run_id"])["run"]
         assert tags(parent)["gptpipe.registered_model"] == f"gptpipe-micro/{version['version']}"
@@ -130,17 +150,19 @@ def test_store_outputs_have_manifests(services, server_pipeline):
     for stage, run in kids.items():
         uri = tags(run)["gptpipe.artifact"]
         assert uri.startswith(f"s3://gptpipe/store/{stage}/")
-        key = uri[len("s3://gptpipe/"):] + "/manifest.json"
+        key = uri[len("s3://gptpipe/") :] + "/manifest.json"
         manifest = json.loads(s3.get_object(Bucket="gptpipe", Key=key)["Body"].read())
         assert manifest["stage"] == stage
-        listed = {o["Key"][len(key) - len("manifest.json"):] for o in
-                  s3.list_objects_v2(Bucket="gptpipe", Prefix=key[: -len("manifest.json")])["Contents"]}
+        listed = {
+            o["Key"][len(key) - len("manifest.json") :]
+            for o in s3.list_objects_v2(Bucket="gptpipe", Prefix=key[: -len("manifest.json")])["Contents"]
+        }
         assert set(manifest["files"]) | {"manifest.json"} == listed, stage
 
 
 def test_second_run_reuses_every_stage(services, server_pipeline):
     first, second = server_pipeline["runs"]
-    table = second["stdout"][second["stdout"].find("gptpipe report card"):]
+    table = second["stdout"][second["stdout"].find("gptpipe report card") :]
     assert "reused by content key (nothing recomputed): " + ", ".join(STAGES) in table, table
     kids = children(services, second["parent_run_id"])
     assert sorted(kids) == sorted(STAGES)

@@ -80,10 +80,20 @@ def test_report_markdown_carries_registry_and_links():
     assert slug("Tiny GPT_v2") == "tiny-gpt-v2"
     assert mlflow_run_url("sqlite:///x.db", "1", "abc") is None
     report = {
-        "recipe": "micro", "tracking_uri": "http://127.0.0.1:5000", "experiment_id": "3", "parent_run_id": "abc",
-        "store": "s3://b/store", "registered_model": {"name": "gptpipe-micro", "version": "2", "reused": False},
-        "stages": {"publish": {"reused": False, "wall_time_s": 1.0, "metrics": {"enabled": True},
-                               "ref": {"stage": "publish", "uri": "s3://b/store/publish/k", "digest": "d"}}},
+        "recipe": "micro",
+        "tracking_uri": "http://127.0.0.1:5000",
+        "experiment_id": "3",
+        "parent_run_id": "abc",
+        "store": "s3://b/store",
+        "registered_model": {"name": "gptpipe-micro", "version": "2", "reused": False},
+        "stages": {
+            "publish": {
+                "reused": False,
+                "wall_time_s": 1.0,
+                "metrics": {"enabled": True},
+                "ref": {"stage": "publish", "uri": "s3://b/store/publish/k", "digest": "d"},
+            }
+        },
     }
     text = full_markdown(report)
     assert "`gptpipe-micro` version **2**" in text

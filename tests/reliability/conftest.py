@@ -13,8 +13,16 @@ from tests._processes import moto_command, start_process, stop_process
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 # The micro tokenizer settings every stage-level case starts from (seconds, one thread).
-MICRO_TOKENIZER = ["--set", "tokenizer.vocab_size=400", "--set", "tokenizer.train_bytes=200000",
-                   "--set", "tokenizer.threads=1", "--set", "data.workers=1"]
+MICRO_TOKENIZER = [
+    "--set",
+    "tokenizer.vocab_size=400",
+    "--set",
+    "tokenizer.train_bytes=200000",
+    "--set",
+    "tokenizer.threads=1",
+    "--set",
+    "data.workers=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +63,13 @@ def moto_port():
 def direct_s3(port: int):
     import boto3
 
-    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @pytest.fixture
@@ -64,9 +77,14 @@ def s3_env(monkeypatch, tmp_path):
     """Point gptpipe's S3 client at a given port (returns a setter); a fresh local S3 cache per test."""
 
     def point_at(port: int, key: str = "testing", secret: str = "testing", attempts: int = 3) -> None:
-        for name, value in {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key,
-                            "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_MAX_ATTEMPTS": str(attempts), "GPTPIPE_S3_CACHE": str(tmp_path / "s3-cache")}.items():
+        for name, value in {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_MAX_ATTEMPTS": str(attempts),
+            "GPTPIPE_S3_CACHE": str(tmp_path / "s3-cache"),
+        }.items():
             monkeypatch.setenv(name, value)
         for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             monkeypatch.delenv(name, raising=False)

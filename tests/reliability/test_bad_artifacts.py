@@ -24,10 +24,34 @@ def inputs(tmp_path):
 
 
 def _argv(store, tokenizer: str, data: str, tracking_uri: str, parent: str) -> list[str]:
-    tiny = ["--set", "pretrain.model.n_layer=1", "--set", "pretrain.model.n_head=2", "--set", "pretrain.model.n_embd=32",
-            "--set", "pretrain.model.block_size=16", "--set", "pretrain.max_steps=2", "--set", "pretrain.device=cpu"]
-    return ["pretrain", *tiny, "--input", f"tokenizer={tokenizer}", "--input", f"data={data}", "--out", str(store),
-            "--tracking-uri", tracking_uri, "--parent-run-id", parent]
+    tiny = [
+        "--set",
+        "pretrain.model.n_layer=1",
+        "--set",
+        "pretrain.model.n_head=2",
+        "--set",
+        "pretrain.model.n_embd=32",
+        "--set",
+        "pretrain.model.block_size=16",
+        "--set",
+        "pretrain.max_steps=2",
+        "--set",
+        "pretrain.device=cpu",
+    ]
+    return [
+        "pretrain",
+        *tiny,
+        "--input",
+        f"tokenizer={tokenizer}",
+        "--input",
+        f"data={data}",
+        "--out",
+        str(store),
+        "--tracking-uri",
+        tracking_uri,
+        "--parent-run-id",
+        parent,
+    ]
 
 
 def _flip_a_byte(path):

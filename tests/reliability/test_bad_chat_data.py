@@ -18,11 +18,11 @@ GOOD = {"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assi
 @pytest.fixture(scope="module")
 def chat_inputs(tmp_path_factory):
     """(tokenizer ref, pretrain ref): a micro tokenizer trained here and an untrained 1-layer GPT."""
-    from stages.training import checkpoint
     from stages.lm.model import GPT, GPTConfig
+    from stages.lm.tokenizer import Tokenizer
     from stages.runner import run_stage
     from stages.storage.stores import LocalStore
-    from stages.lm.tokenizer import Tokenizer
+    from stages.training import checkpoint
     from tests._data_fixtures import micro_config
     from tests._training_fixtures import fake_artifact
 
@@ -41,8 +41,10 @@ def _lines(*records) -> str:
 CASES = {
     "wrong-field-name": (
         _lines(*[{"conversation": GOOD["messages"]}] * 6),
-        ["chat.jsonl:1: needs a 'messages' list or 'prompt' and 'response' fields (keys: ['conversation'])",
-         "all 6 lines are malformed"],
+        [
+            "chat.jsonl:1: needs a 'messages' list or 'prompt' and 'response' fields (keys: ['conversation'])",
+            "all 6 lines are malformed",
+        ],
     ),
     "malformed-lines": (
         _lines(GOOD, GOOD, GOOD, '{"messages": [', GOOD, "not json at all", GOOD, GOOD),
@@ -56,18 +58,36 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_chat_jsonl_names_file_and_line_and_trains_nothing(case, chat_inputs, tmp_path, capsys, tracking_uri,
-                                                                parent_run):
+def test_bad_chat_jsonl_names_file_and_line_and_trains_nothing(
+    case, chat_inputs, tmp_path, capsys, tracking_uri, parent_run
+):
     text, expected = CASES[case]
     data = tmp_path / "chat.jsonl"
     data.write_text(text, encoding="utf-8")
     tokenizer, pretrain = chat_inputs
     store = tmp_path / "store"
     # No replay: this fixture has no data stage output, and the chat file is what is under test.
-    argv = ["finetune", "--set", f"finetune.data={data}", "--set", "finetune.max_steps=2", "--set", "finetune.device=cpu",
-            "--set", "finetune.replay_fraction=0",
-            "--input", f"tokenizer={tokenizer.uri}", "--input", f"pretrain={pretrain.uri}", "--out", str(store),
-            "--tracking-uri", tracking_uri, "--parent-run-id", parent_run]
+    argv = [
+        "finetune",
+        "--set",
+        f"finetune.data={data}",
+        "--set",
+        "finetune.max_steps=2",
+        "--set",
+        "finetune.device=cpu",
+        "--set",
+        "finetune.replay_fraction=0",
+        "--input",
+        f"tokenizer={tokenizer.uri}",
+        "--input",
+        f"pretrain={pretrain.uri}",
+        "--out",
+        str(store),
+        "--tracking-uri",
+        tracking_uri,
+        "--parent-run-id",
+        parent_run,
+    ]
     line = error_line(*run_stage_cli(capsys, *argv)[::2])
     for part in expected:
         assert part in line, line

@@ -45,7 +45,11 @@ def _far_smaller_than_vocab(root):
     corpus.mkdir()
     for i in range(3):
         (corpus / f"doc{i}.txt").write_text(f"a short note number {i}, nothing more.\n")
-    return corpus, ["tokenizer.vocab_size=4000 is too large", "bytes of training text", "set tokenizer.vocab_size lower"]
+    return corpus, [
+        "tokenizer.vocab_size=4000 is too large",
+        "bytes of training text",
+        "set tokenizer.vocab_size lower",
+    ]
 
 
 CORPUS_CASES = {
@@ -61,8 +65,19 @@ def test_bad_corpus_is_one_line_and_leaves_nothing_finished(case, tmp_path, caps
     make, extra = CORPUS_CASES[case]
     source, expected = make(tmp_path)
     store = tmp_path / "store"
-    argv = ["tokenizer", *MICRO_TOKENIZER, "--set", f"corpus.source={source}", *extra, "--out", str(store),
-            "--tracking-uri", tracking_uri, "--parent-run-id", parent_run]
+    argv = [
+        "tokenizer",
+        *MICRO_TOKENIZER,
+        "--set",
+        f"corpus.source={source}",
+        *extra,
+        "--out",
+        str(store),
+        "--tracking-uri",
+        tracking_uri,
+        "--parent-run-id",
+        parent_run,
+    ]
 
     first = error_line(*run_stage_cli(capsys, *argv)[::2])
     for part in expected:
@@ -75,11 +90,35 @@ def test_bad_corpus_is_one_line_and_leaves_nothing_finished(case, tmp_path, caps
 
 
 def _pretrain_argv(store, inputs, *sets: str, tracking_uri: str, parent: str) -> list[str]:
-    model = ["--set", "pretrain.model.n_layer=1", "--set", "pretrain.model.n_head=2", "--set", "pretrain.model.n_embd=32",
-             "--set", "pretrain.max_steps=2", "--set", "pretrain.device=cpu", "--set", "pretrain.eval_batches=1"]
-    return ["pretrain", *model, *sets, "--input", f"tokenizer={inputs['tokenizer'].uri}",
-            "--input", f"data={inputs['data'].uri}", "--out", str(store),
-            "--tracking-uri", tracking_uri, "--parent-run-id", parent]
+    model = [
+        "--set",
+        "pretrain.model.n_layer=1",
+        "--set",
+        "pretrain.model.n_head=2",
+        "--set",
+        "pretrain.model.n_embd=32",
+        "--set",
+        "pretrain.max_steps=2",
+        "--set",
+        "pretrain.device=cpu",
+        "--set",
+        "pretrain.eval_batches=1",
+    ]
+    return [
+        "pretrain",
+        *model,
+        *sets,
+        "--input",
+        f"tokenizer={inputs['tokenizer'].uri}",
+        "--input",
+        f"data={inputs['data'].uri}",
+        "--out",
+        str(store),
+        "--tracking-uri",
+        tracking_uri,
+        "--parent-run-id",
+        parent,
+    ]
 
 
 def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_path, capsys, tracking_uri, parent_run):
@@ -89,10 +128,14 @@ def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_
     stream = repetitive_stream(length=300)
     inputs = {
         "tokenizer": fake_artifact(inputs_store, "tokenizer", lambda d: (d / "tokenizer.model").write_bytes(b"unused")),
-        "data": fake_artifact(inputs_store, "data", lambda d: write_shards(d, {"train": stream[:250], "val": stream[250:]})),
+        "data": fake_artifact(
+            inputs_store, "data", lambda d: write_shards(d, {"train": stream[:250], "val": stream[250:]})
+        ),
     }
     store = tmp_path / "store"
-    argv = _pretrain_argv(store, inputs, "--set", "pretrain.model.block_size=128", tracking_uri=tracking_uri, parent=parent_run)
+    argv = _pretrain_argv(
+        store, inputs, "--set", "pretrain.model.block_size=128", tracking_uri=tracking_uri, parent=parent_run
+    )
     line = error_line(*run_stage_cli(capsys, *argv)[::2])
     assert "fewer than pretrain.model.block_size+1 = 129" in line and "holds 50 tokens" in line
     assert "set pretrain.model.block_size=" in line, "the message proposes a value that fits"
@@ -101,8 +144,9 @@ def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_
     assert error_line(*run_stage_cli(capsys, *argv)[::2]) == line
 
 
-def test_vocab_too_big_for_a_forced_uint16_dtype_is_refused_by_writer_and_reader(tmp_path, capsys, tracking_uri,
-                                                                                 parent_run):
+def test_vocab_too_big_for_a_forced_uint16_dtype_is_refused_by_writer_and_reader(
+    tmp_path, capsys, tracking_uri, parent_run
+):
     from stages.storage.stores import LocalStore
 
     # The writer: ids above 65535 cannot go into uint16 shards; wrapping them would corrupt the data.
@@ -110,7 +154,9 @@ def test_vocab_too_big_for_a_forced_uint16_dtype_is_refused_by_writer_and_reader
     with pytest.raises(DataError) as refused:
         writer.write(np.array([5, 70_000, 9]))
     writer.close()
-    assert "token id 70000 does not fit shard dtype uint16" in str(refused.value) and "train_000.bin" in str(refused.value)
+    assert "token id 70000 does not fit shard dtype uint16" in str(refused.value) and "train_000.bin" in str(
+        refused.value
+    )
     assert "\n" not in str(refused.value)
 
     # The reader: a data artifact whose index forces uint16 for a 70,000-id vocabulary.
@@ -121,8 +167,10 @@ def test_vocab_too_big_for_a_forced_uint16_dtype_is_refused_by_writer_and_reader
         (directory / "shards.json").write_text(json.dumps(index))
 
     inputs_store = LocalStore(tmp_path / "inputs")
-    inputs = {"tokenizer": fake_artifact(inputs_store, "tokenizer", lambda d: (d / "tokenizer.model").write_bytes(b"x")),
-              "data": fake_artifact(inputs_store, "data", forced)}
+    inputs = {
+        "tokenizer": fake_artifact(inputs_store, "tokenizer", lambda d: (d / "tokenizer.model").write_bytes(b"x")),
+        "data": fake_artifact(inputs_store, "data", forced),
+    }
     store = tmp_path / "store"
     argv = _pretrain_argv(store, inputs, tracking_uri=tracking_uri, parent=parent_run)
     line = error_line(*run_stage_cli(capsys, *argv)[::2])

@@ -43,14 +43,32 @@ def test_canary_credentials_appear_in_no_output_of_a_full_pipeline_run(servers, 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     store = "s3://gptpipe/canary-store"
-    env = clean_env(**servers.client_env(), PREFECT_HOME=str(tmp_path / "prefect"),
-                    GPTPIPE_S3_CACHE=str(tmp_path / "s3-cache"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                    PREFECT_LOGGING_EXTRA_LOGGERS="gptpipe", AWS_MAX_ATTEMPTS="5")
+    env = clean_env(
+        **servers.client_env(),
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        GPTPIPE_S3_CACHE=str(tmp_path / "s3-cache"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_EXTRA_LOGGERS="gptpipe",
+        AWS_MAX_ATTEMPTS="5",
+    )
     env.pop("PREFECT_API_URL")  # no Prefect server in this suite: the flow starts its temporary one
     env.update(CANARIES)  # moto accepts any key; MLflow's server ignores the client's basic auth
-    command = [str(Path(sys.executable).parent / "gptpipe"), "run", "--config", str(ROOT / "configs" / "micro.yaml"),
-               "--set", f"artifacts.store={store}", "--set", "tracking.experiment=canary",
-               "--set", "export.pt2=false", "--set", "export.parity_shapes=1", "--set", "export.generation_prompts=1"]
+    command = [
+        str(Path(sys.executable).parent / "gptpipe"),
+        "run",
+        "--config",
+        str(ROOT / "configs" / "micro.yaml"),
+        "--set",
+        f"artifacts.store={store}",
+        "--set",
+        "tracking.experiment=canary",
+        "--set",
+        "export.pt2=false",
+        "--set",
+        "export.parity_shapes=1",
+        "--set",
+        "export.generation_prompts=1",
+    ]
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, timeout=900)
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     needles = [value.encode() for value in CANARIES.values()]
@@ -60,9 +78,14 @@ def test_canary_credentials_appear_in_no_output_of_a_full_pipeline_run(servers, 
         leaks += _files_with(root, needles)
 
     s3 = direct_s3(servers.ports["s3"])
-    objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="gptpipe")
-               for o in page.get("Contents", [])]
-    assert any(k.startswith("canary-store/publish/") for k in objects) and any(k.startswith("mlartifacts/") for k in objects)
+    objects = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="gptpipe")
+        for o in page.get("Contents", [])
+    ]
+    assert any(k.startswith("canary-store/publish/") for k in objects) and any(
+        k.startswith("mlartifacts/") for k in objects
+    )
     for key in objects:
         body = s3.get_object(Bucket="gptpipe", Key=key)["Body"].read()
         leaks += [f"s3://gptpipe/{key}: {n.decode()}" for n in needles if n in body]

@@ -10,18 +10,28 @@ import pytest
 import safetensors.torch
 import torch
 
-from stages.training import checkpoint as ckpt
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
+from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage, stage_key
 from stages.storage.stores import LocalStore
-from stages.core.tracking import MemoryTracker
+from stages.training import checkpoint as ckpt
 
 from ._failure_checks import one_line
 
-SECTION = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "max_steps": 8, "batch_size": 4,
-           "warmup_steps": 1, "eval_interval": 8, "eval_batches": 1, "log_interval": 1, "checkpoint_interval": 2,
-           "keep_checkpoints": 3, "device": "cpu", "deterministic": True}
+SECTION = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+    "max_steps": 8,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "eval_interval": 8,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "checkpoint_interval": 2,
+    "keep_checkpoints": 3,
+    "device": "cpu",
+    "deterministic": True,
+}
 
 
 def _cfg():

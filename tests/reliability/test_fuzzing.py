@@ -15,10 +15,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.storage.artifacts import MANIFEST, Manifest, read_manifest, verify
-from stages.lm.chat import ROLES, read_chat_jsonl, validate_messages, write_chat_jsonl
 from stages.core.config import PipelineConfig, load_config, parse_config
 from stages.core.errors import ArtifactError, ConfigError, DataError, GptpipeError
+from stages.lm.chat import ROLES, read_chat_jsonl, validate_messages, write_chat_jsonl
+from stages.storage.artifacts import MANIFEST, Manifest, read_manifest, verify
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -37,8 +37,9 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.tex
 
 
 def json_values(keys: st.SearchStrategy[str]) -> st.SearchStrategy:
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5),
-                        max_leaves=20)
+    return st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5), max_leaves=20
+    )
 
 
 # --------------------------------------------------------------------------- recipes
@@ -80,10 +81,17 @@ def test_any_recipe_file_and_overrides_load_or_are_a_config_error(text, sets):
 
 
 CHAT_KEYS = st.sampled_from(["messages", "role", "content", "prompt", "response", *ROLES]) | st.text(max_size=6)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES) | st.text(max_size=4),
-                                           "content": st.text(max_size=20) | scalars}), max_size=4)
-records = st.one_of(json_values(CHAT_KEYS), st.fixed_dictionaries({"messages": messages}),
-                    st.fixed_dictionaries({"prompt": scalars, "response": scalars}))
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(ROLES) | st.text(max_size=4), "content": st.text(max_size=20) | scalars}
+    ),
+    max_size=4,
+)
+records = st.one_of(
+    json_values(CHAT_KEYS),
+    st.fixed_dictionaries({"messages": messages}),
+    st.fixed_dictionaries({"prompt": scalars, "response": scalars}),
+)
 
 
 @FUZZ
@@ -106,8 +114,9 @@ def test_any_chat_file_reads_or_is_a_data_error(body, bad):
         assert result is None or len(result) > 0
 
 
-conversation = st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": st.text(max_size=30)}),
-                        min_size=1, max_size=4).map(lambda ms: [*ms, {"role": "assistant", "content": "ok"}])
+conversation = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": st.text(max_size=30)}), min_size=1, max_size=4
+).map(lambda ms: [*ms, {"role": "assistant", "content": "ok"}])
 
 
 @FUZZ
@@ -123,19 +132,39 @@ def test_what_write_chat_jsonl_writes_reads_back_unchanged(conversations):
 # --------------------------------------------------------------------------- manifests
 
 
-MANIFEST_KEYS = st.sampled_from(["stage", "key", "config", "inputs", "code_version", "files", "metrics", "created_at",
-                                 "wall_time_s", "digest", "uri"]) | st.text(max_size=6)
+MANIFEST_KEYS = st.sampled_from(
+    [
+        "stage",
+        "key",
+        "config",
+        "inputs",
+        "code_version",
+        "files",
+        "metrics",
+        "created_at",
+        "wall_time_s",
+        "digest",
+        "uri",
+    ]
+) | st.text(max_size=6)
 file_names = st.sampled_from(["a.txt", "sub/b.bin", "../up", "/abs", "", "x\0y", "~/h", "a\\b"]) | st.text(max_size=10)
 near_manifests = st.fixed_dictionaries(
-    {"stage": scalars, "key": scalars, "config": json_values(MANIFEST_KEYS), "code_version": scalars,
-     "inputs": st.dictionaries(st.text(max_size=5), json_values(MANIFEST_KEYS), max_size=2),
-     "files": st.dictionaries(file_names, scalars, max_size=3) | json_values(MANIFEST_KEYS)},
+    {
+        "stage": scalars,
+        "key": scalars,
+        "config": json_values(MANIFEST_KEYS),
+        "code_version": scalars,
+        "inputs": st.dictionaries(st.text(max_size=5), json_values(MANIFEST_KEYS), max_size=2),
+        "files": st.dictionaries(file_names, scalars, max_size=3) | json_values(MANIFEST_KEYS),
+    },
     optional={"metrics": json_values(MANIFEST_KEYS), "digest": scalars, "created_at": scalars, "extra": scalars},
 )
 
 
 @FUZZ
-@given(text=st.one_of(st.text(max_size=200), json_values(MANIFEST_KEYS).map(json.dumps), near_manifests.map(json.dumps)))
+@given(
+    text=st.one_of(st.text(max_size=200), json_values(MANIFEST_KEYS).map(json.dumps), near_manifests.map(json.dumps))
+)
 def test_any_manifest_text_is_read_or_is_an_artifact_error(text):
     result = _refused(ArtifactError, lambda: Manifest.from_json(text, "fuzz/manifest.json"))
     assert result is None or isinstance(result, Manifest)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from stages import tokenizer as tokenizer_stage
-from stages.storage.artifacts import verify
 from stages.runner import run_stage, stage_key
+from stages.storage.artifacts import verify
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
 
@@ -77,8 +77,9 @@ def test_process_dying_mid_write_leaves_only_a_hidden_work_directory(setup, tmp_
         stage.write_artifact = half_then_die
         run_stage("tokenizer", micro_config("corpus.source={corpus}"), {{}}, LocalStore({str(store.root)!r}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 9, done.stderr[-2000:]
     left = sorted(p.name for p in (store.root / "tokenizer").iterdir())
     assert len(left) == 1 and left[0].startswith(".work-"), left

@@ -19,15 +19,24 @@ import safetensors.torch
 import torch
 
 from stages.training import checkpoint as ckpt
-
 from tests._scale_fixtures import result_of, run_worker
 
 # Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
 # dropout makes the RNG state part of what a checkpoint has to carry.
-PRETRAIN = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
-            "max_steps": 16, "checkpoint_interval": 4, "keep_checkpoints": 2, "batch_size": 4, "warmup_steps": 2,
-            "eval_interval": 8, "eval_batches": 1, "log_interval": 1, "device": "cpu", "threads": 1,
-            "deterministic": True}
+PRETRAIN = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
+    "max_steps": 16,
+    "checkpoint_interval": 4,
+    "keep_checkpoints": 2,
+    "batch_size": 4,
+    "warmup_steps": 2,
+    "eval_interval": 8,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "device": "cpu",
+    "threads": 1,
+    "deterministic": True,
+}
 STEPS, EVERY = PRETRAIN["max_steps"], PRETRAIN["checkpoint_interval"]
 TIMED = {"tokens_per_s", "mfu", "peak_memory_mb"}  # differ between runs by nature; nothing else may
 
@@ -76,8 +85,9 @@ def _plan(seed: int, mode: str) -> tuple[list[str], int, int]:
 
 
 @pytest.mark.parametrize("seed, mode", [(0, "between-steps"), (1, "inside-checkpoint"), (2, "between-steps")])
-def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed, mode, reference, tiny_inputs,
-                                                                             tmp_path):
+def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(
+    seed, mode, reference, tiny_inputs, tmp_path
+):
     kill, resume_from, term_at = _plan(seed, mode)
     store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
     where = f"seed {seed}: {kill} then SIGTERM at {term_at}"
@@ -89,8 +99,9 @@ def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed,
     assert (steps[-1] if steps else 0) == resume_from, (where, steps)
     if mode == "inside-checkpoint":
         prefix = f".tmp-{ckpt.step_dirname(int(kill[1]))}-"
-        assert leftovers and all(name.startswith(prefix) for name in leftovers), \
+        assert leftovers and all(name.startswith(prefix) for name in leftovers), (
             "the kill landed inside the write, which left only a hidden temporary directory"
+        )
 
     stopped = _run(store, tiny_inputs, metrics, "--sigterm-at", str(term_at))
     assert stopped.returncode == 2, (where, stopped.stderr[-2000:])
@@ -110,16 +121,28 @@ def test_sigkill_then_sigterm_at_random_points_resume_to_identical_weights(seed,
         if "train_loss" in point:
             by_pid.setdefault(point["pid"], []).append(point["step"])
     runs = list(by_pid.values())
-    assert runs[1] == list(range(resume_from + 1, term_at + 1)) and runs[2] == list(range(term_at + 1, STEPS + 1)), where
+    assert runs[1] == list(range(resume_from + 1, term_at + 1)) and runs[2] == list(range(term_at + 1, STEPS + 1)), (
+        where
+    )
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
 
 # The micro recipe's fine-tuning, shortened, with a checkpoint every 4 of 12 steps; LoRA dropout
 # makes the RNG state part of what its checkpoints must carry.
-FINETUNE = {"max_steps": 12, "checkpoint_interval": 4, "keep_checkpoints": 2, "log_interval": 1, "eval_interval": 6,
-            "eval_batches": 1, "train_items": 60, "heldout_items": 8, "device": "cpu", "threads": 1,
-            "deterministic": True}
+FINETUNE = {
+    "max_steps": 12,
+    "checkpoint_interval": 4,
+    "keep_checkpoints": 2,
+    "log_interval": 1,
+    "eval_interval": 6,
+    "eval_batches": 1,
+    "train_items": 60,
+    "heldout_items": 8,
+    "device": "cpu",
+    "threads": 1,
+    "deterministic": True,
+}
 METHODS = {"full": {}, "lora": {"method": "lora", "lora_r": 4, "lora_dropout": 0.1}}
 
 

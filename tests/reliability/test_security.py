@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.training import checkpoint as ckpt
-from stages.storage.artifacts import Manifest, files_digest, hash_files, verify
 from stages.core.errors import ArtifactError
+from stages.storage.artifacts import Manifest, files_digest, hash_files, verify
 from stages.storage.stores import LocalStore
+from stages.training import checkpoint as ckpt
 
 from ._failure_checks import one_line
 from .conftest import ROOT, clean_env
@@ -34,8 +34,15 @@ def pretrained(tiny_inputs, tmp_path_factory):
     from stages.core.config import parse_config
     from stages.runner import run_stage
 
-    section = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "max_steps": 2, "batch_size": 2,
-               "warmup_steps": 0, "eval_interval": 2, "eval_batches": 1, "device": "cpu"}
+    section = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "max_steps": 2,
+        "batch_size": 2,
+        "warmup_steps": 0,
+        "eval_interval": 2,
+        "eval_batches": 1,
+        "device": "cpu",
+    }
     cfg = parse_config({"name": "security", "pretrain": section})
     return Path(run_stage("pretrain", cfg, tiny_inputs, LocalStore(tmp_path_factory.mktemp("store"))).ref.uri)
 
@@ -44,7 +51,12 @@ def test_checkpoints_are_safetensors_and_json_with_the_optimizer_as_plain_tensor
     from safetensors import safe_open
 
     model_dir = pretrained / "model"
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors", "optimizer.pt", "trainer.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "model.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "trainer.json",
+    ]
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         assert "blocks.0.attn.qkv.weight" in set(weights.keys())
     json.loads((model_dir / "model.json").read_text())
@@ -121,8 +133,10 @@ def test_no_code_path_can_unpickle_untrusted_data():
 
 def test_the_pickle_scan_finds_what_it_looks_for(tmp_path):
     sample = ROOT / "tests" / "reliability" / "_scan_sample.py"
-    sample.write_text("import pickle\nimport torch, numpy as np, yaml\ntorch.load('x')\n"
-                      "torch.load('y', weights_only=False)\nnp.load('z', allow_pickle=True)\nyaml.load('a')\n")
+    sample.write_text(
+        "import pickle\nimport torch, numpy as np, yaml\ntorch.load('x')\n"
+        "torch.load('y', weights_only=False)\nnp.load('z', allow_pickle=True)\nyaml.load('a')\n"
+    )
     try:
         assert len(_pickle_uses(sample)) == 5
     finally:
@@ -132,8 +146,9 @@ def test_the_pickle_scan_finds_what_it_looks_for(tmp_path):
 # --------------------------------------------------------------------------- path traversal
 
 
-@pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../b", "..", "~/.ssh/id_rsa",
-                                 "a\\..\\..\\b", "", "x\0y"])
+@pytest.mark.parametrize(
+    "rel", ["../../etc/passwd", "/etc/passwd", "a/../../b", "..", "~/.ssh/id_rsa", "a\\..\\..\\b", "", "x\0y"]
+)
 def test_manifest_file_paths_outside_the_artifact_are_refused(rel):
     manifest = Manifest(stage="x", key="k", config={}, inputs={}, code_version="v", files={rel: "0" * 64})
     with pytest.raises(ArtifactError) as refused:
@@ -147,8 +162,12 @@ def test_verify_refuses_traversal_in_a_manifest_built_in_memory(tmp_path):
     artifact.mkdir()
     files = {"../secret": "0" * 64}
     with pytest.raises(ArtifactError, match="refusing file path '../secret'"):
-        verify(artifact, Manifest(stage="x", key="k", config={}, inputs={}, code_version="v", files=files,
-                                  digest=files_digest(files)))
+        verify(
+            artifact,
+            Manifest(
+                stage="x", key="k", config={}, inputs={}, code_version="v", files=files, digest=files_digest(files)
+            ),
+        )
 
 
 def test_a_symlink_out_of_an_artifact_is_refused_by_materialize(tmp_path):
@@ -158,8 +177,12 @@ def test_a_symlink_out_of_an_artifact_is_refused_by_materialize(tmp_path):
     scratch = store.scratch("data", "k")
     (scratch / "shards.json").symlink_to(outside)
     files = hash_files(scratch)
-    ref = store.commit(scratch, Manifest(stage="data", key="k", config={}, inputs={}, code_version="v", files=files,
-                                         digest=files_digest(files)))
+    ref = store.commit(
+        scratch,
+        Manifest(
+            stage="data", key="k", config={}, inputs={}, code_version="v", files=files, digest=files_digest(files)
+        ),
+    )
     with pytest.raises(ArtifactError) as refused:
         store.materialize(ref)
     assert "shards.json: a link out of the artifact" in one_line(refused.value)
@@ -199,8 +222,14 @@ def test_publish_serve_listens_on_loopback_only(tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "index.html").write_text("<html></html>")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.publish", "serve", str(bundle), "--port", "0"], cwd=ROOT,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.publish", "serve", str(bundle), "--port", "0"],
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert "at http://127.0.0.1:" in line, line

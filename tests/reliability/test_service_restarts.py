@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.storage.artifacts import verify
 from stages.runner import run_stage
+from stages.storage.artifacts import verify
 from stages.storage.stores import S3Store
-
 from tests._processes import start_process, stop_process
 
 from .conftest import ROOT, direct_s3
@@ -73,8 +72,9 @@ def test_s3_endpoint_restarting_mid_upload_and_mid_download_is_retried_to_comple
     built = run_stage("tokenizer", cfg, {}, RestartsDuringTransfers(cfg.artifacts.store, tmp_path / "cache-a"))
     assert not built.reused
     # Another machine (a fresh cache) downloads the tokenizer through a second outage and builds on it.
-    data = run_stage("data", cfg, {"tokenizer": built.ref},
-                     RestartsDuringTransfers(cfg.artifacts.store, tmp_path / "cache-b"))
+    data = run_stage(
+        "data", cfg, {"tokenizer": built.ref}, RestartsDuringTransfers(cfg.artifacts.store, tmp_path / "cache-b")
+    )
     assert endpoint["outages"] == 2
     assert verify(S3Store(cfg.artifacts.store, tmp_path / "cache-c").materialize(data.ref)).digest == data.ref.digest
     assert run_stage("tokenizer", cfg, {}, S3Store(cfg.artifacts.store, tmp_path / "cache-d")).reused
@@ -95,21 +95,30 @@ class KillsMlflowAt:
         return getattr(self.inner, name)
 
 
-def test_mlflow_server_restarting_mid_training_loses_no_metric_and_the_run_finishes(servers, tiny_inputs, tmp_path,
-                                                                                   monkeypatch):
+def test_mlflow_server_restarting_mid_training_loses_no_metric_and_the_run_finishes(
+    servers, tiny_inputs, tmp_path, monkeypatch
+):
     import psutil
     from mlflow.tracking import MlflowClient
 
     from flows.cli import services as svc
     from stages.core.config import parse_config
-    from stages.storage.stores import LocalStore
     from stages.core.tracking import start_run
+    from stages.storage.stores import LocalStore
 
     # MLflow's client retries refused connections; shorter pauses than its default keep this test short.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
-    section = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "max_steps": 8, "batch_size": 2,
-               "warmup_steps": 1, "eval_interval": 8, "eval_batches": 1, "log_interval": 1, "device": "cpu"}
+    section = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "max_steps": 8,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "eval_interval": 8,
+        "eval_batches": 1,
+        "log_interval": 1,
+        "device": "cpu",
+    }
     cfg = parse_config({"name": "restart", "pretrain": section})
     parent = start_run(servers.mlflow_url, "restarts", "parent")
     child = parent.child("pretrain")
