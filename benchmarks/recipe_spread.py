@@ -172,16 +172,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from stages.core.config import add_override_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="recipe YAML")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override for every run (repeatable)",
-    )
+    add_override_argument(parser, help="recipe override for every run (repeatable)")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[1337, 1, 2], help="pretrain.seed = finetune.seed values"
     )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stages.core.config import add_override_argument
 from stages.core.errors import ConfigError, GptpipeError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -209,14 +210,7 @@ def add_deploy_command(sub: Any) -> None:
     )
     parser.add_argument("--timezone", default="UTC", help="time zone of the cron schedule (default: UTC)")
     parser.add_argument("--config", "-c", default=DeploySpec.config_path, help="recipe YAML, relative to the project")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override passed to every run (repeatable)",
-    )
+    add_override_argument(parser, help="recipe override passed to every run (repeatable)")
     parser.add_argument("--force", action="store_true", help="runs recompute every stage")
     parser.add_argument("--image", default=None, help="container image for docker/kubernetes pools")
     parser.add_argument(

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Any
 
-from stages.core.config import load_config
+from stages.core.config import add_override_argument, load_config
 from stages.core.errors import GptpipeError
 from stages.registry import STAGE_ORDER
 from stages.runner import run_stage, stage_config
@@ -32,14 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stages", description="Run one gptpipe stage.")
     parser.add_argument("stage", choices=STAGE_ORDER, help="stage to run")
     parser.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field (repeatable)",
-    )
+    add_override_argument(parser, help="override a recipe field (repeatable)")
     parser.add_argument(
         "--input",
         dest="inputs",

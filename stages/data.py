@@ -37,7 +37,7 @@ import sentencepiece as spm
 
 from stages.core.config import CorpusConfig, PipelineConfig
 from stages.core.errors import DataError
-from stages.core.progress import progress_bar
+from stages.core.progress import byte_progress, progress_bar
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
@@ -356,16 +356,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         }
         results: dict[int, dict] = {}
         total_bytes = sum(unit.size for unit in units)
-        bar = progress_bar(
-            total=total_bytes,
-            desc="data",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            disable=total_bytes < _PROGRESS_MIN_BYTES,
-            leave=False,
-        )
+        bar = byte_progress(total_bytes, "data", min_bytes=_PROGRESS_MIN_BYTES)
         tokens_done = 0
 
         def finished(result: dict) -> None:

@@ -21,7 +21,6 @@ import heapq
 import io
 import json
 import re
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ import sentencepiece as spm
 
 from stages.core.config import PipelineConfig, TokenizerConfig
 from stages.core.errors import DataError
-from stages.core.progress import progress_bar
+from stages.core.progress import byte_progress
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import (
     BOS_ID,
@@ -159,16 +158,7 @@ def stream_sample(cfg: PipelineConfig) -> tuple[list[str], list[str], CorpusStat
         held_count = 0
         lowest = highest = None  # (heldout score, ordinal)
         total = sum(source.size for source in list_sources(cfg.corpus))
-        bar = progress_bar(
-            total=total,
-            desc="tokenizer sample",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=sys.stderr,
-            disable=total < _PROGRESS_MIN_BYTES,
-            leave=False,
-        )
+        bar = byte_progress(total, "tokenizer sample", min_bytes=_PROGRESS_MIN_BYTES)
         for ordinal, doc in enumerate(iter_documents(cfg.corpus, stats)):
             size = len(doc.encode("utf-8"))
             bar.update(size)

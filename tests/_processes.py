@@ -35,3 +35,16 @@ def stop_process(proc: subprocess.Popen) -> None:
 def moto_command(port: int) -> list[str]:
     """A moto S3 server over HTTP on 127.0.0.1 (objects in memory)."""
     return [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+
+
+# Headless Chromium as shared/docs/environment.md measured it: without the background-networking
+# flags it keeps dialling Google's hosts, which this closed network refuses.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]

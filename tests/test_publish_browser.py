@@ -18,18 +18,10 @@ from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
 from stages.runner import run_stage
 from stages.storage.stores import LocalStore
+from tests._processes import CHROMIUM_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from stages.core.config import add_override_argument
 from stages.core.errors import GptpipeError
 
 DEFAULT_RECIPE = "configs/tiny.yaml"
@@ -31,14 +32,7 @@ def prepare_environment() -> None:
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=DEFAULT_RECIPE, help=f"recipe YAML (default: {DEFAULT_RECIPE})")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field, e.g. --set pretrain.max_steps=50 (repeatable)",
-    )
+    add_override_argument(parser, help="override a recipe field, e.g. --set pretrain.max_steps=50 (repeatable)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -473,6 +473,11 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
+def add_override_argument(parser: Any, help: str = "override a recipe field (repeatable)") -> None:
+    """``--set KEY=VALUE`` (repeatable) on an argparse parser, read by ``apply_overrides``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b=c`` overrides (values parsed as YAML) to a raw config tree, in place."""
     for item in overrides:

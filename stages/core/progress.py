@@ -135,3 +135,17 @@ def progress_bar(
         disable=bool(kwargs.get("disable", False)),
         every=every,
     )
+
+
+def byte_progress(total: int, desc: str, *, min_bytes: int) -> Progress:
+    """Progress over ``total`` bytes of input (the data stages); silent below ``min_bytes``."""
+    return progress_bar(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=total < min_bytes,
+        leave=False,
+    )

@@ -41,13 +41,19 @@ log = logging.getLogger("gptpipe.harness")
 HELDOUT_TASK, BPB_TASK = "gptpipe_heldout", "gptpipe_bpb"
 LOCAL_TASKS = (HELDOUT_TASK, BPB_TASK)
 
-HELDOUT_YAML = """\
+# Both tasks read one local JSONL file as their test split (nothing is fetched from a hub).
+LOCAL_JSON_TASK = """\
 task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+"""
+
+HELDOUT_YAML = (
+    LOCAL_JSON_TASK
+    + """\
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
@@ -64,14 +70,11 @@ metric_list:
 metadata:
   version: 1.0
 """
+)
 
-BPB_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
+BPB_YAML = (
+    LOCAL_JSON_TASK
+    + """\
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
@@ -83,6 +86,7 @@ metric_list:
 metadata:
   version: 1.0
 """
+)
 
 
 def harness_model(model: GPT, tokenizer: Tokenizer, batch_size: int = 16) -> Any:

@@ -62,3 +62,15 @@ def server_pipeline(client_env, tmp_path_factory) -> dict:
         assert found, done.stdout
         runs.append({"stdout": done.stdout, "stderr": done.stderr, "parent_run_id": found.group(1)})
     return {"runs": runs, "store": "s3://gptpipe/store", "cwd": cwd}
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A bare moto S3 endpoint on 127.0.0.1 for one test module (the S3 store and Dask tests)."""
+    from flows.cli.services import free_port
+    from tests._processes import moto_command, start_process, stop_process
+
+    port = free_port()
+    proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", timeout=60)
+    yield port
+    stop_process(proc)

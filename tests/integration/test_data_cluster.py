@@ -12,20 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests._data_fixtures import MICRO, stdlib_lines
-from tests._processes import moto_command, start_process, stop_process
 
 pytestmark = pytest.mark.slow
 BUCKET = "gptpipe-data"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    from flows.cli.services import free_port
-
-    port = free_port()
-    proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", timeout=60)
-    yield port
-    stop_process(proc)
 
 
 @pytest.fixture

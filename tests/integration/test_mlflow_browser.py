@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests._processes import CHROMIUM_ARGS
+
 from ._servers import ARTIFACTS, http_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+ARGS = CHROMIUM_ARGS
 STAGES = ["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
 
 

@@ -13,19 +13,13 @@ import pytest
 import torch
 from _export_fixtures import exported
 
+from tests._processes import CHROMIUM_ARGS
+
 from ._servers import ARTIFACTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+ARGS = CHROMIUM_ARGS
 N_LAYER = 4
 
 

@@ -13,23 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests._processes import moto_command, start_process, stop_process
+from tests._processes import start_process, stop_process
 
 from ._servers import MICRO
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 BUCKET = "gptpipe-test"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    from flows.cli.services import free_port
-
-    port = free_port()
-    proc = start_process(moto_command(port), f"http://127.0.0.1:{port}/", timeout=60)
-    yield port
-    stop_process(proc)
 
 
 @pytest.fixture

@@ -79,3 +79,30 @@ def child_statuses(tracking_uri: str, parent_run_id: str) -> list[str]:
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     return [run.info.status for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'")]
+
+
+def stage_argv(
+    stage: str, *, sets: list[str], inputs: dict[str, str], store: Path, tracking_uri: str, parent_run_id: str
+) -> list[str]:
+    """``python -m stages`` arguments: ``--set`` each assignment, ``--input`` each artifact, tracked."""
+    argv = [stage]
+    for assignment in sets:
+        argv += ["--set", assignment]
+    for name, uri in inputs.items():
+        argv += ["--input", f"{name}={uri}"]
+    return [*argv, "--out", str(store), "--tracking-uri", tracking_uri, "--parent-run-id", parent_run_id]
+
+
+def assert_refused_cleanly(
+    capsys, argv: list[str], expected: list[str], store: Path, tracking_uri: str, parent_run_id: str
+) -> str:
+    """The stage fails in one line holding ``expected``, leaves nothing finished, and a rerun refuses alike."""
+    line = error_line(*run_stage_cli(capsys, *argv)[::2])
+    for part in expected:
+        assert part in line, line
+    assert finished_outputs(store) == []
+    assert finished_runs(tracking_uri, parent_run_id) == []
+    assert error_line(*run_stage_cli(capsys, *argv)[::2]) == line, (
+        "a rerun must refuse the same way, not reuse anything"
+    )
+    return line

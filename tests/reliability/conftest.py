@@ -23,6 +23,14 @@ MICRO_TOKENIZER = [
     "--set",
     "data.workers=1",
 ]
+# A one-layer GPT that trains in seconds: the pretrain stage's refusals are tested on it.
+TINY_PRETRAIN = [
+    "pretrain.model.n_layer=1",
+    "pretrain.model.n_head=2",
+    "pretrain.model.n_embd=32",
+    "pretrain.max_steps=2",
+    "pretrain.device=cpu",
+]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ import pytest
 from stages.storage.stores import LocalStore
 from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
 
-from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli
+from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli, stage_argv
+from .conftest import TINY_PRETRAIN
 
 
 @pytest.fixture
@@ -24,34 +25,14 @@ def inputs(tmp_path):
 
 
 def _argv(store, tokenizer: str, data: str, tracking_uri: str, parent: str) -> list[str]:
-    tiny = [
-        "--set",
-        "pretrain.model.n_layer=1",
-        "--set",
-        "pretrain.model.n_head=2",
-        "--set",
-        "pretrain.model.n_embd=32",
-        "--set",
-        "pretrain.model.block_size=16",
-        "--set",
-        "pretrain.max_steps=2",
-        "--set",
-        "pretrain.device=cpu",
-    ]
-    return [
+    return stage_argv(
         "pretrain",
-        *tiny,
-        "--input",
-        f"tokenizer={tokenizer}",
-        "--input",
-        f"data={data}",
-        "--out",
-        str(store),
-        "--tracking-uri",
-        tracking_uri,
-        "--parent-run-id",
-        parent,
-    ]
+        sets=[*TINY_PRETRAIN, "pretrain.model.block_size=16"],
+        inputs={"tokenizer": tokenizer, "data": data},
+        store=store,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent,
+    )
 
 
 def _flip_a_byte(path):

@@ -10,7 +10,10 @@ import json
 
 import pytest
 
-from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli
+from ._failure_checks import (
+    assert_refused_cleanly,
+    stage_argv,
+)
 
 GOOD = {"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}
 
@@ -67,30 +70,12 @@ def test_bad_chat_jsonl_names_file_and_line_and_trains_nothing(
     tokenizer, pretrain = chat_inputs
     store = tmp_path / "store"
     # No replay: this fixture has no data stage output, and the chat file is what is under test.
-    argv = [
+    argv = stage_argv(
         "finetune",
-        "--set",
-        f"finetune.data={data}",
-        "--set",
-        "finetune.max_steps=2",
-        "--set",
-        "finetune.device=cpu",
-        "--set",
-        "finetune.replay_fraction=0",
-        "--input",
-        f"tokenizer={tokenizer.uri}",
-        "--input",
-        f"pretrain={pretrain.uri}",
-        "--out",
-        str(store),
-        "--tracking-uri",
-        tracking_uri,
-        "--parent-run-id",
-        parent_run,
-    ]
-    line = error_line(*run_stage_cli(capsys, *argv)[::2])
-    for part in expected:
-        assert part in line, line
-    assert finished_outputs(store) == []
-    assert finished_runs(tracking_uri, parent_run) == []
-    assert error_line(*run_stage_cli(capsys, *argv)[::2]) == line, "a rerun refuses the same way"
+        sets=[f"finetune.data={data}", "finetune.max_steps=2", "finetune.device=cpu", "finetune.replay_fraction=0"],
+        inputs={"tokenizer": tokenizer.uri, "pretrain": pretrain.uri},
+        store=store,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run,
+    )
+    assert_refused_cleanly(capsys, argv, expected, store, tracking_uri, parent_run)

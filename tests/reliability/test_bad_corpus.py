@@ -16,8 +16,15 @@ from stages.core.errors import DataError
 from stages.storage.shards import ShardWriter
 from tests._training_fixtures import fake_artifact, repetitive_stream, write_shards
 
-from ._failure_checks import error_line, finished_outputs, finished_runs, run_stage_cli
-from .conftest import MICRO_TOKENIZER
+from ._failure_checks import (
+    assert_refused_cleanly,
+    error_line,
+    finished_outputs,
+    finished_runs,
+    run_stage_cli,
+    stage_argv,
+)
+from .conftest import MICRO_TOKENIZER, TINY_PRETRAIN
 
 
 def _empty_dir(root):
@@ -79,46 +86,19 @@ def test_bad_corpus_is_one_line_and_leaves_nothing_finished(case, tmp_path, caps
         parent_run,
     ]
 
-    first = error_line(*run_stage_cli(capsys, *argv)[::2])
-    for part in expected:
-        assert part in first, first
-    assert finished_outputs(store) == []
-    assert finished_runs(tracking_uri, parent_run) == []
-    again = error_line(*run_stage_cli(capsys, *argv)[::2])
-    assert again == first, "a rerun must refuse the same way, not reuse anything"
+    assert_refused_cleanly(capsys, argv, expected, store, tracking_uri, parent_run)
     assert finished_outputs(store) == []
 
 
 def _pretrain_argv(store, inputs, *sets: str, tracking_uri: str, parent: str) -> list[str]:
-    model = [
-        "--set",
-        "pretrain.model.n_layer=1",
-        "--set",
-        "pretrain.model.n_head=2",
-        "--set",
-        "pretrain.model.n_embd=32",
-        "--set",
-        "pretrain.max_steps=2",
-        "--set",
-        "pretrain.device=cpu",
-        "--set",
-        "pretrain.eval_batches=1",
-    ]
-    return [
+    return stage_argv(
         "pretrain",
-        *model,
-        *sets,
-        "--input",
-        f"tokenizer={inputs['tokenizer'].uri}",
-        "--input",
-        f"data={inputs['data'].uri}",
-        "--out",
-        str(store),
-        "--tracking-uri",
-        tracking_uri,
-        "--parent-run-id",
-        parent,
-    ]
+        sets=[*TINY_PRETRAIN, "pretrain.eval_batches=1", *sets],
+        inputs={"tokenizer": inputs["tokenizer"].uri, "data": inputs["data"].uri},
+        store=store,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent,
+    )
 
 
 def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_path, capsys, tracking_uri, parent_run):
@@ -133,9 +113,7 @@ def test_context_longer_than_the_data_names_the_field_and_a_value_that_fits(tmp_
         ),
     }
     store = tmp_path / "store"
-    argv = _pretrain_argv(
-        store, inputs, "--set", "pretrain.model.block_size=128", tracking_uri=tracking_uri, parent=parent_run
-    )
+    argv = _pretrain_argv(store, inputs, "pretrain.model.block_size=128", tracking_uri=tracking_uri, parent=parent_run)
     line = error_line(*run_stage_cli(capsys, *argv)[::2])
     assert "fewer than pretrain.model.block_size+1 = 129" in line and "holds 50 tokens" in line
     assert "set pretrain.model.block_size=" in line, "the message proposes a value that fits"
