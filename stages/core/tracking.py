@@ -396,16 +396,9 @@ def find_version(client: Any, name: str, digest: str) -> Any | None:
 
 # What the served model needs besides mlflow itself: no torch (stages.lm.onnx_runtime runs without it).
 PYFUNC_REQUIREMENTS = ("onnxruntime", "sentencepiece", "numpy")
-# The modules of stages/ that generation with ONNX Runtime imports: shipped in the model's code/ folder.
-PYFUNC_CODE = (
-    "__init__.py",
-    "core/__init__.py",
-    "core/errors.py",
-    "lm/__init__.py",
-    "lm/onnx_runtime.py",
-    "lm/tokenizer.py",
-    "lm/chat.py",
-)
+# The served model's code is what ONNX Runtime generation imports, found from its import graph (so a
+# module it starts to need cannot be left behind): shipped in the model's code/ folder.
+PYFUNC_ENTRY = "stages.lm.onnx_runtime"
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
 PYFUNC_FILES = ("model.onnx", "model_kv.onnx", "model.onnx.data", "model_kv.onnx.data", "export.json")
 
@@ -453,7 +446,9 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
             raise GptpipeError(f"{export_dir}: no model_kv.onnx or tokenizer/ to serve; rerun stage 'export'")
         shutil.copytree(export_dir / "tokenizer", onnx_dir / "tokenizer")
         code = Path(scratch) / "code" / "stages"
-        for relative in PYFUNC_CODE:
+        from stages.storage.artifacts import code_modules, module_files
+
+        for relative in module_files(code_modules(PYFUNC_ENTRY, leave_out=frozenset())):
             (code / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(package / relative, code / relative)
         message = Object([Property("role", "string"), Property("content", "string")])

@@ -174,19 +174,34 @@ def _local_imports(path: Path, package: str) -> set[str]:
     return found
 
 
-def code_modules(module: str) -> list[str]:
-    """``module`` and every ``stages`` module it imports, transitively, that can shape its output."""
+def code_modules(module: str, leave_out: frozenset[str] = NOT_OUTPUT_SHAPING) -> list[str]:
+    """``module`` and every ``stages`` module it imports, transitively, but for ``leave_out``
+    (by default what cannot shape its output; pass ``frozenset()`` for everything it needs to run)."""
     root = Path(__file__).resolve().parents[1]
     seen: set[str] = set()
     todo = [module]
     while todo:
         name = todo.pop()
         path = _module_path(root, name)
-        if name in seen or name in NOT_OUTPUT_SHAPING or path is None:
+        if name in seen or name in leave_out or path is None:
             continue
         seen.add(name)
         todo.extend(_local_imports(path, root.name))
     return sorted(seen)
+
+
+def module_files(modules: list[str]) -> list[Path]:
+    """The files of ``modules`` and of the packages above them, relative to the ``stages`` package."""
+    root = Path(__file__).resolve().parents[1]
+    files = set()
+    for name in modules:
+        parts = name.split(".")[1:]
+        for depth in range(len(parts)):
+            init = root.joinpath(*parts[:depth], "__init__.py")
+            if init.is_file():
+                files.add(init.relative_to(root))
+        files.add(_module_path(root, name).relative_to(root))
+    return sorted(files)
 
 
 def code_version(module: str | None = None) -> str:
