@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flows.report import mlflow_ui_command, report_markdown
+from flows import mlflow_links
+from flows.report import report_markdown
 
 STAGE_LOGGER = "gptpipe"
 
@@ -41,18 +42,6 @@ def forward_stage_logs(name: str = STAGE_LOGGER) -> None:
 def slug(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-") or "recipe"
-
-
-def mlflow_run_url(uri: str | None, experiment_id: str | None, run_id: str | None) -> str | None:
-    if uri and uri.startswith(("http://", "https://")) and experiment_id and run_id:
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return None
-
-
-def mlflow_model_url(uri: str | None, model: dict[str, str] | None) -> str | None:
-    if uri and uri.startswith(("http://", "https://")) and model:
-        return f"{uri.rstrip('/')}/#/models/{model['name']}/versions/{model['version']}"
-    return None
 
 
 def netron_location(report: dict[str, Any]) -> str | None:
@@ -85,14 +74,18 @@ def full_markdown(report: dict[str, Any]) -> str:
     if model:
         state = "already registered" if model.get("reused") else "registered"
         lines.append(f"**Model registry:** `{model['name']}` version **{model['version']}** ({state})")
-        url = mlflow_model_url(report.get("tracking_uri"), model)
+        url = mlflow_links.model_url(report.get("tracking_uri"), model)
         if url:
             lines.append(f"[open the model version]({url})")
-    run_url = mlflow_run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
+    run_url = mlflow_links.run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
     if run_url:
         lines.append(f"\n**MLflow run:** [{report.get('parent_run_id')}]({run_url})")
+        everything = mlflow_links.experiment_url(report.get("tracking_uri"), report.get("experiment_id"))
+        lines.append(f"([every run of the experiment]({everything}))")
     elif report.get("tracking_uri"):
-        lines.append(f"\n**MLflow run** `{report.get('parent_run_id')}`: `{mlflow_ui_command(report['tracking_uri'])}`")
+        lines.append(
+            f"\n**MLflow run** `{report.get('parent_run_id')}`: `{mlflow_links.ui_command(report['tracking_uri'])}`"
+        )
     netron = netron_location(report)
     if netron:
         lines.append(f"\n**Netron bundle:** {netron}")
@@ -109,7 +102,7 @@ def publish_artifacts(report: dict[str, Any]) -> list[str]:
     create_markdown_artifact(
         markdown=full_markdown(report), key=keys[0], description=f"gptpipe report card, recipe {report['recipe']}"
     )
-    run_url = mlflow_run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
+    run_url = mlflow_links.run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
     if run_url:
         keys.append(f"gptpipe-mlflow-{recipe}")
         create_link_artifact(

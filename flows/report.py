@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flows import mlflow_links
 from stages.registry import BY_NAME
 
 
@@ -18,14 +19,6 @@ def _fmt(value: Any) -> str:
 def _headline(stage: str, metrics: dict[str, Any]) -> str:
     keys = BY_NAME[stage].headline if stage in BY_NAME else ()
     return ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
-
-
-def mlflow_ui_command(uri: str | None) -> str | None:
-    if not uri:
-        return None
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def registered(model: dict[str, Any]) -> str:
@@ -78,9 +71,16 @@ def render_report(report: dict[str, Any]) -> str:
     if publish and publish["ref"]["uri"].startswith("/"):
         bundle = publish["ref"]["uri"]
         lines.append(f"Netron viewer: {bundle}/index.html — serve it with:\n  python -m stages.publish serve {bundle}")
-    ui = mlflow_ui_command(report.get("tracking_uri"))
+    uri, experiment = report.get("tracking_uri"), report.get("experiment_id")
+    ui = mlflow_links.ui_command(uri)
     if ui:
-        lines.append(f"MLflow run {report.get('parent_run_id')}; open the UI with:\n  {ui}")
+        page = mlflow_links.run_url(uri, experiment, report.get("parent_run_id"))
+        if page is None:  # an embedded store: the page exists once `mlflow ui` is up
+            local = f"http://127.0.0.1:{mlflow_links.LOCAL_UI_PORT}"
+            ui += f"\n  then open {mlflow_links.experiment_url(uri, experiment, base=local) or local}"
+        else:
+            ui = f"open {page}"
+        lines.append(f"MLflow run {report.get('parent_run_id')}; look at it in the MLflow UI:\n  {ui}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from flows import mlflow_links
 from stages.core.config import add_override_argument
 from stages.core.errors import GptpipeError
 
@@ -72,13 +73,25 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return stage_main(args.rest)
 
 
+def _experiment_id(uri: str, name: str) -> str | None:
+    """The experiment's id in the tracking store, None before the first run made it."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from flows.pipeline import tracking_uri
     from stages.core.config import load_config
 
-    uri = tracking_uri(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    uri = tracking_uri(cfg)
     command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     print(" ".join(command), file=sys.stderr)
+    local = f"http://127.0.0.1:{args.port}"
+    page = mlflow_links.experiment_url(uri, _experiment_id(uri, cfg.tracking.experiment), base=local)
+    print(f"the recipe's runs: {page or local} (once the server is up)", file=sys.stderr)
     os.execvp(command[0], command)
     return 0  # not reached
 

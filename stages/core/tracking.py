@@ -24,9 +24,10 @@ PARAM_LIMIT = 6000  # MLflow's maximum param value length
 # after training; once a run is open, MLflow's retries ride out a server restart.
 CONNECT_WAIT_VARIABLE = "GPTPIPE_TRACKING_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_WAIT_S = 20.0
-# MLflow 3's UI opens an experiment on its GenAI overview unless this tag says "model training"
-# (the value its "Model training" switch writes; an experiment tag older MLflow versions ignore).
-# A user's own choice (the tag already set) is left alone.
+# The experiment's kind, as the MLflow UI's own kind selector writes it: "model training". MLflow
+# 3.17's UI no longer reads it to pick an experiment's landing page (a per-browser GenAI / machine
+# learning switch does; flows/mlflow_links.py makes gptpipe's links name the mode), but it keeps
+# the experiment described for the versions and tools that do. A user's own choice is left alone.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

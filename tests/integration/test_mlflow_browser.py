@@ -77,21 +77,34 @@ def test_mlflow_ui_shows_the_pipeline_run_its_children_and_a_loss_chart(services
     page.close()
 
 
-def test_experiment_is_tagged_model_training_and_its_runs_table_lists_the_pipeline(services, server_pipeline, browser):
-    """gptpipe tags the experiment as model training (the value MLflow's own switch writes), and the
-    runs view the report links to lists the pipeline's run. MLflow 3.17's UI still lands a fresh
-    browser on its GenAI overview for a bare experiment URL, whatever the tag: that is why gptpipe's
-    links name the runs view."""
+def test_the_experiment_link_gptpipe_gives_opens_on_the_runs_table(services, server_pipeline, browser):
+    """MLflow 3's UI opens a bare experiment URL on its GenAI overview (empty for gptpipe) unless
+    the URL or the browser's saved choice says "machine learning", whatever the experiment's tags.
+    So gptpipe's links name that mode: the experiment link (in the Prefect report artifact) lands
+    on the runs table, listing the pipeline's run, in a browser with nothing saved; and the run
+    link the report card prints opens that run."""
+    import re
+
+    from flows import mlflow_links
+
     ARTIFACTS.mkdir(exist_ok=True)
-    parent_id = server_pipeline["runs"][0]["parent_run_id"]
-    experiment, _ = child_run_id(services, parent_id, "pretrain")
+    first = server_pipeline["runs"][0]
+    experiment, _ = child_run_id(services, first["parent_run_id"], "pretrain")
     found = http_json(f"{services.mlflow_url}/api/2.0/mlflow/experiments/get?experiment_id={experiment}")
     tags = {t["key"]: t["value"] for t in found["experiment"].get("tags", [])}
-    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # what the UI's own kind selector writes
+
     page = browser.new_page()
-    page.goto(f"{services.mlflow_url}/#/experiments/{experiment}/runs")
+    page.goto("about:blank")
+    page.goto(mlflow_links.experiment_url(services.mlflow_url, experiment))
     page.get_by_text("Run Name", exact=True).first.wait_for(timeout=60_000)
     page.get_by_role("link", name="micro", exact=True).first.wait_for(timeout=60_000)
-    assert "/runs" in page.url, page.url
+    assert f"/experiments/{experiment}/runs" in page.url, page.url
     page.screenshot(path=str(ARTIFACTS / "mlflow_experiment_runs.png"), full_page=True)
+
+    printed = re.search(r"open (http://\S+)", first["stdout"])
+    assert printed, first["stdout"]
+    assert printed.group(1) == mlflow_links.run_url(services.mlflow_url, experiment, first["parent_run_id"])
+    page.goto(printed.group(1))
+    page.get_by_text(first["parent_run_id"]).first.wait_for(timeout=60_000)
     page.close()

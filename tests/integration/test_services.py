@@ -75,10 +75,11 @@ def test_only_transient_failures_are_retried():
 
 
 def test_report_markdown_carries_registry_and_links():
-    from flows.prefect_artifacts import full_markdown, mlflow_run_url, slug
+    from flows import mlflow_links
+    from flows.prefect_artifacts import full_markdown, slug
 
     assert slug("Tiny GPT_v2") == "tiny-gpt-v2"
-    assert mlflow_run_url("sqlite:///x.db", "1", "abc") is None
+    assert mlflow_links.run_url("sqlite:///x.db", "1", "abc") is None
     report = {
         "recipe": "micro",
         "tracking_uri": "http://127.0.0.1:5000",
@@ -98,5 +99,7 @@ def test_report_markdown_carries_registry_and_links():
     text = full_markdown(report)
     assert "`gptpipe-micro` version **2**" in text
     assert "http://127.0.0.1:5000/#/models/gptpipe-micro/versions/2" in text
-    assert "http://127.0.0.1:5000/#/experiments/3/runs/abc" in text
+    # Every link names the UI's model-training mode, or MLflow 3 opens its GenAI pages.
+    assert "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning" in text
+    assert "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning" in text
     assert "s3://b/store/publish/k/index.html" in text
