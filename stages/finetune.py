@@ -48,6 +48,7 @@ from stages.training import checkpoint
 from stages.training.batches import RandomWindows
 from stages.training.loop import evaluate_loss, resolve_device, train
 from stages.training.perf import set_threads
+from stages.training.replay import replay_rows
 
 log = logging.getLogger("gptpipe.finetune")
 
@@ -188,19 +189,6 @@ class ReplayMix:
         return torch.cat([x, rx]), torch.cat([y, ry])
 
 
-def replay_rows(cfg: FinetuneConfig) -> int:
-    """Rows of pretraining text per micro-batch: the fraction of batch_size, at least one when on."""
-    if cfg.replay_fraction <= 0:
-        return 0
-    rows = max(1, round(cfg.replay_fraction * cfg.batch_size))
-    if rows >= cfg.batch_size:
-        raise ConfigError(
-            f"finetune.replay_fraction={cfg.replay_fraction} leaves no chat rows in a batch of {cfg.batch_size}; "
-            "lower it or raise finetune.batch_size"
-        )
-    return rows
-
-
 def fixed_batches(
     x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -269,7 +257,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         for record in heldout:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    n_replay = replay_rows(fcfg)
+    n_replay = replay_rows(fcfg.replay_fraction, fcfg.batch_size)  # the recipe check made sure chat rows remain
     batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
     if n_replay:
         text = TokenShards(inputs["data"], "train")

@@ -10,7 +10,7 @@ import torch
 from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
 from stages.core.tracking import MemoryTracker
-from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack, replay_rows
+from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack
 from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
@@ -159,13 +159,15 @@ def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows()
     from stages.runner import stage_inputs
     from stages.storage.shards import TokenShards
     from stages.training.batches import RandomWindows
+    from stages.training.replay import replay_rows
 
     store, refs = micro_upstream()
     cfg = micro_config()
-    assert replay_rows(cfg.finetune) == 1 and "data" in stage_inputs("finetune", cfg)
+    assert replay_rows(cfg.finetune.replay_fraction, cfg.finetune.batch_size) == 1
+    assert "data" in stage_inputs("finetune", cfg)
     assert stage_inputs("finetune", micro_config("finetune.replay_fraction=0")) == ("tokenizer", "pretrain")
-    with pytest.raises(ConfigError, match="replay_fraction"):
-        replay_rows(FinetuneConfig(batch_size=2, replay_fraction=0.9))
+    with pytest.raises(ConfigError, match="replay_fraction"):  # checked with the recipe, before anything runs
+        micro_config("finetune.batch_size=2", "finetune.replay_fraction=0.9")
 
     text = TokenShards(store.materialize(refs["data"]), "train")
     chat_x = torch.arange(7 * 64).reshape(7, 64) % 50

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stages.core.errors import ConfigError
 from stages.registry import BY_NAME, STAGE_ORDER, STAGES, StageName
+from stages.training.replay import replay_rows
 
 DEVICE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")  # what stages.training.perf.resolve_device accepts
 
@@ -261,11 +262,6 @@ class FinetuneConfig(TrainConfig):
         description="Names of nn.Linear modules that receive LoRA adapters.",
     )
 
-    @property
-    def replay_rows(self) -> int:
-        """Rows of pretraining text per micro-batch: the fraction of batch_size, at least one when on."""
-        return max(1, round(self.replay_fraction * self.batch_size)) if self.replay_fraction > 0 else 0
-
 
 class EvaluateConfig(Section):
     """Held-out evaluation of the base and fine-tuned models."""
@@ -445,7 +441,7 @@ class PipelineConfig(Section):
     def _finetune_problems(self) -> list[str]:
         ft = self.finetune
         problems = []
-        if ft.replay_rows >= ft.batch_size:
+        if replay_rows(ft.replay_fraction, ft.batch_size) >= ft.batch_size:
             problems.append(
                 f"finetune.replay_fraction = {ft.replay_fraction} leaves no chat rows in a batch of "
                 f"{ft.batch_size}; lower it or raise finetune.batch_size"
