@@ -23,6 +23,7 @@ from typing import Any
 
 from stages.core.config import add_override_argument, load_config
 from stages.core.errors import GptpipeError
+from stages.core.progress import quiet_library_bars
 from stages.registry import STAGE_ORDER
 from stages.runner import run_stage, stage_config
 from stages.storage.stores import open_store, ref_from_path
@@ -77,6 +78,7 @@ def tracking(args: argparse.Namespace, cfg: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    quiet_library_bars()  # a container's log is not a terminal
     args = parse_args(argv)
     try:
         overrides = list(args.overrides)

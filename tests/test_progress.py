@@ -64,3 +64,38 @@ def test_training_progress_in_a_log_has_no_carriage_returns(capsys, monkeypatch)
     steps = [line for line in err.splitlines() if line.startswith("train: ")]
     assert [line.split(" ")[1] for line in steps] == ["5/10", "10/10"]
     assert "step 5: val_loss 1.0000" in err
+
+
+def test_library_bars_are_off_in_a_log_and_a_users_choice_is_kept(tmp_path):
+    """MLflow's artifact bar and transformers' weight-loading bar wrote carriage-return frames
+    into `make run > log`; with stderr a file, quiet_library_bars turns both off (checked in the
+    libraries themselves, imported afterwards), and leaves alone a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "from stages.core.progress import quiet_library_bars; quiet_library_bars()\n"
+        "from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as m\n"
+        "from transformers.utils import logging as t\n"
+        "print(m.get(), t.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "GPTPIPE_PROGRESS")}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    with open(tmp_path / "err.log", "w") as log:  # stderr is a file, as under `make run > log 2>&1`
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            env=env,
+            stderr=log,
+            capture_output=False,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        ).stdout
+    assert out.split() == ["False", "False"]
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true"
+    with open(tmp_path / "err.log", "w") as log:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, stderr=log, stdout=subprocess.PIPE, text=True, check=True
+        ).stdout
+    assert out.split() == ["True", "False"]

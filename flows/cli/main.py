@@ -15,6 +15,7 @@ from pathlib import Path
 from flows import mlflow_links
 from stages.core.config import add_override_argument
 from stages.core.errors import GptpipeError
+from stages.core.progress import quiet_library_bars
 
 DEFAULT_RECIPE = "configs/tiny.yaml"
 
@@ -29,6 +30,7 @@ def prepare_environment() -> None:
     # The temporary Prefect server migrates a fresh database on its first start; on 2 busy cores
     # that took longer than Prefect's default 20 s wait and failed `make run` on a new machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    quiet_library_bars()  # in a log file, MLflow's and transformers' bars would be carriage-return frames
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:

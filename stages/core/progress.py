@@ -9,6 +9,9 @@ ordinary line every ``every`` items (default: each 10 % of ``total``) and one at
 
 ``GPTPIPE_PROGRESS=lines`` or ``=bar`` forces either form (e.g. ``bar`` under a terminal
 multiplexer that does not look like a TTY, ``lines`` to test what a log file will show).
+
+Libraries draw bars of their own (MLflow downloading a logged model's artifacts, transformers
+loading weights); ``quiet_library_bars`` turns those off too when the output is not a terminal.
 """
 
 from __future__ import annotations
@@ -112,6 +115,21 @@ class LineProgress:
 
 
 Progress = tqdm | LineProgress  # what progress_bar returns
+
+
+# Environment switches that turn third-party tqdm bars off; read when the library is imported.
+LIBRARY_BAR_SWITCHES = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's artifact uploads and downloads
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' "Loading weights"
+}
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """Off with the libraries' own bars unless ``stream`` (stderr) is a terminal; call it before
+    importing them. A value the user set is kept."""
+    if not _is_terminal(stream if stream is not None else sys.stderr):
+        for name, value in LIBRARY_BAR_SWITCHES.items():
+            os.environ.setdefault(name, value)
 
 
 def progress_bar(
