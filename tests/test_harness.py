@@ -82,7 +82,7 @@ def test_rolling_loglikelihood_is_the_models_and_bits_per_byte_agree(micro, tmp_
     assert figures["bits_per_byte"] == pytest.approx(ours, rel=0.02), (figures, ours)
 
 
-def test_generate_until_exact_match_equals_the_evaluate_stages(micro, tmp_path):
+def test_generate_until_exact_match_equals_the_evaluate_stages(micro, tmp_path, capfd):
     model, tokenizer = micro
     template = ChatTemplate(tokenizer)
     records = [{"messages": item.messages(), "task": item.task} for item in make_items(12, "heldout", 3)]
@@ -92,5 +92,7 @@ def test_generate_until_exact_match_equals_the_evaluate_stages(micro, tmp_path):
     own = evaluate.score(records, evaluate.answer_items(model, template, records, max_new_tokens=8))["accuracy"]
     assert 0.0 < own < 1.0
     include = harness.write_local_tasks(tmp_path / "tasks", records, [], max_new_tokens=8)
+    capfd.readouterr()
     figures = harness.run_tasks(model, tokenizer, [harness.HELDOUT_TASK], include)[harness.HELDOUT_TASK]
     assert figures["exact_match"] == pytest.approx(own, abs=1e-12)
+    assert "\r" not in capfd.readouterr().err  # stderr is not a terminal here: no bar frames

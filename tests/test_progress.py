@@ -80,8 +80,9 @@ def test_library_bars_are_off_in_a_log_and_a_users_choice_is_kept(tmp_path):
         "from transformers.utils import logging as t\n"
         "print(m.get(), t.is_progress_bar_enabled())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "GPTPIPE_PROGRESS")}
-    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    from stages.core.progress import ENV, LIBRARY_BAR_SWITCHES
+
+    env = {k: v for k, v in os.environ.items() if k not in (*LIBRARY_BAR_SWITCHES, ENV)}
     with open(tmp_path / "err.log", "w") as log:  # stderr is a file, as under `make run > log 2>&1`
         out = subprocess.run(
             [sys.executable, "-c", probe],

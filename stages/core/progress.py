@@ -12,6 +12,7 @@ multiplexer that does not look like a TTY, ``lines`` to test what a log file wil
 
 Libraries draw bars of their own (MLflow downloading a logged model's artifacts, transformers
 loading weights); ``quiet_library_bars`` turns those off too when the output is not a terminal.
+(lm-evaluation-harness's bars, its own and datasets', are silenced where ``stages.lm.harness`` runs it.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm import tqdm
 ENV = "GPTPIPE_PROGRESS"
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
     forced = os.environ.get(ENV, "").strip().lower()
     if forced in ("bar", "lines"):
         return forced == "bar"
@@ -127,7 +128,7 @@ LIBRARY_BAR_SWITCHES = {
 def quiet_library_bars(stream: TextIO | None = None) -> None:
     """Off with the libraries' own bars unless ``stream`` (stderr) is a terminal; call it before
     importing them. A value the user set is kept."""
-    if not _is_terminal(stream if stream is not None else sys.stderr):
+    if not is_terminal(stream if stream is not None else sys.stderr):
         for name, value in LIBRARY_BAR_SWITCHES.items():
             os.environ.setdefault(name, value)
 
@@ -142,7 +143,7 @@ def progress_bar(
     ``every`` matters only for the line form: the training loop passes its ``log_interval``.
     """
     stream = file if file is not None else sys.stderr
-    if _is_terminal(stream):
+    if is_terminal(stream):
         return tqdm(total=total, desc=desc, file=stream, **kwargs)
     return LineProgress(
         total=total,

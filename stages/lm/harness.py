@@ -22,15 +22,19 @@ when ``evaluate.lm_eval_tasks`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from stages.core.progress import is_terminal
 from stages.lm.chat import END_TOKEN, ChatTemplate
 from stages.lm.generate import generate_greedy_batch
 from stages.lm.model import GPT
@@ -225,6 +229,28 @@ def write_local_tasks(directory: Path, records: list[dict], texts: list[str], ma
     return directory
 
 
+@contextlib.contextmanager
+def _request_bars_as_lines() -> Iterator[None]:
+    """The harness draws bars while it reads a task's data (datasets) and builds its requests
+    (plain tqdm, no switch): in a log file those are carriage-return frames, so off with both
+    unless stderr is a terminal, and back as they were afterwards."""
+    import datasets.utils as datasets_utils
+    import lm_eval.api.task as task_module
+
+    if is_terminal(sys.stderr):
+        yield
+        return
+    original, datasets_quiet = task_module.tqdm, datasets_utils.are_progress_bars_disabled()
+    task_module.tqdm = functools.partial(original, disable=True)
+    datasets_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+        if not datasets_quiet:
+            datasets_utils.enable_progress_bars()
+
+
 def run_tasks(
     model: GPT,
     tokenizer: Tokenizer,
@@ -241,14 +267,15 @@ def run_tasks(
     # machine: skip it when every task asked for is one of ours.
     only_local = include_path is not None and set(tasks) <= set(LOCAL_TASKS)
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=not only_local)
-    output = simple_evaluate(
-        model=harness_model(model, tokenizer, batch_size),
-        tasks=list(tasks),
-        task_manager=manager,
-        limit=limit,
-        log_samples=False,
-        bootstrap_iters=0,
-    )
+    with _request_bars_as_lines():
+        output = simple_evaluate(
+            model=harness_model(model, tokenizer, batch_size),
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
     results: dict[str, dict[str, float]] = {}
     for task, figures in output["results"].items():
         results[task] = {
