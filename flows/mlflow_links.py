@@ -14,6 +14,11 @@ MODE_QUERY = "?workflowType=machine_learning"
 LOCAL_UI_PORT = 5000
 
 
+def local_ui(port: int = LOCAL_UI_PORT) -> str:
+    """Where ``mlflow ui`` (``gptpipe ui``) serves an embedded store."""
+    return f"http://127.0.0.1:{port}"
+
+
 def _server(uri: str | None) -> str | None:
     """The UI's base URL for an http(s) tracking server; None for an embedded store."""
     if uri and uri.startswith(("http://", "https://")):

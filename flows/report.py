@@ -76,8 +76,9 @@ def render_report(report: dict[str, Any]) -> str:
     if ui:
         page = mlflow_links.run_url(uri, experiment, report.get("parent_run_id"))
         if page is None:  # an embedded store: the page exists once `mlflow ui` is up
-            local = f"http://127.0.0.1:{mlflow_links.LOCAL_UI_PORT}"
-            ui += f"\n  then open {mlflow_links.experiment_url(uri, experiment, base=local) or local}"
+            local = mlflow_links.local_ui()
+            page = mlflow_links.experiment_url(uri, experiment, base=local) or local
+            ui += f"\n  then open {page}"
         else:
             ui = f"open {page}"
         lines.append(f"MLflow run {report.get('parent_run_id')}; look at it in the MLflow UI:\n  {ui}")

@@ -91,7 +91,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri(cfg)
     command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     print(" ".join(command), file=sys.stderr)
-    local = f"http://127.0.0.1:{args.port}"
+    local = mlflow_links.local_ui(args.port)
     page = mlflow_links.experiment_url(uri, _experiment_id(uri, cfg.tracking.experiment), base=local)
     print(f"the recipe's runs: {page or local} (once the server is up)", file=sys.stderr)
     os.execvp(command[0], command)
