@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.lm.tokenizer import MODEL_FILE  # noqa: E402
 from stages.storage.executors import all_cores  # noqa: E402
 from stages.storage.rss import PeakRSS  # noqa: E402
 
@@ -212,7 +213,7 @@ def main() -> None:
         corpus = make_corpus(args.workdir / f"corpus-{size}mb", size * 1_000_000, seed=size)
         store = args.workdir / f"store-{size}mb"
         tokenizer = run_stage("tokenizer", corpus, store, sets, [])
-        model = str(Path(tokenizer["result"]["uri"]) / "tokenizer.model")
+        model = str(Path(tokenizer["result"]["uri"]) / MODEL_FILE)
         # The machine may be shared: measure the limit just before and just after the stage, average.
         before = plain_encode_limit(model, corpus, workers)
         data = run_stage("data", corpus, store, sets, [f"tokenizer={tokenizer['result']['uri']}"])

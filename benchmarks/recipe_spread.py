@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/recipe_spread.py --root /tmp/spread    # keep the stores (a rerun reuses stages)
 
 Each combination runs the stages tokenizer -> data -> pretrain -> finetune -> evaluate of the
-recipe in a fresh subprocess, through ``stages.runner.run_stage`` (what ``gptpipe run`` calls for
+recipe in a fresh subprocess, through ``stages.executor.run_stage`` (what ``gptpipe run`` calls for
 each stage, minus Prefect and MLflow), with ``pretrain.seed`` and ``finetune.seed`` both set to
 the seed and its own artifact store, so nothing is shared between runs. The kernel setting is
 environment, so it must be set before torch loads, hence the subprocess:
@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("tokenizer", "data", "pretrain", "finetune", "evaluate")
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 KERNELS = {"default": {}, "avx2": AVX2}
 GOAL = 0.9  # the exact match every run of the default recipe should reach
@@ -83,8 +82,9 @@ def run_child(config: str, overrides: list[str], store: str) -> dict:
 
     import torch
 
+    from stages import registry
     from stages.core.config import load_config
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage.stores import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -93,7 +93,7 @@ def run_child(config: str, overrides: list[str], store: str) -> dict:
     refs: dict = {}
     out: dict = {"capability": torch.backends.cpu.get_cpu_capability(), "stages": {}}
     started = time.perf_counter()
-    for name in STAGES:
+    for name in registry.ORDER[: registry.ORDER.index("export")]:  # up to evaluate
         result = run_stage(name, cfg, refs, opened)
         refs[name] = result.ref
         out["stages"][name] = {

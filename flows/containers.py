@@ -26,8 +26,7 @@ from typing import Any
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
 from stages.core.config import PipelineConfig, StageResources
 from stages.core.errors import ConfigError, ContainerError, GptpipeError
-from stages.runner import find_finished
-from stages.storage.artifacts import ArtifactRef
+from stages.executor import StageCall, call_key
 from stages.storage.stores import open_store
 
 log = logging.getLogger("gptpipe.flow")
@@ -125,31 +124,31 @@ async def _handoff(flow_run_id: Any) -> dict[str, Any] | None:
     return read_handoff_row(table[0]) if table else None
 
 
-def _reused_here(name: str, cfg: PipelineConfig, inputs: dict[str, dict[str, str]]) -> bool:
-    refs = {k: ArtifactRef.from_dict(v) for k, v in inputs.items()}
+def _finished_here(call: StageCall) -> bool:
+    """Whether the store already holds the call's output: then no container is started for it.
+
+    The container's executor asks again (another run may finish the key meanwhile); this first
+    look only saves a container start for a stage that is already done.
+    """
+    if call.force:
+        return False
     try:
-        return find_finished(name, cfg, refs, open_store(cfg.artifacts.store)) is not None
+        return open_store(call.store).find(call.stage, call_key(call)) is not None
     except GptpipeError:
         return False  # e.g. a corpus only the container can read: let the container decide
 
 
-def run_stage_in_container(
-    name: str,
-    config: dict[str, Any],
-    inputs: dict[str, dict[str, str]],
-    tracking_uri: str | None,
-    parent_run_id: str | None,
-    force: bool = False,
-) -> dict[str, Any] | None:
-    """Run stage ``name`` as a flow run of its deployment and return its handoff record.
+def run_stage_in_container(call: StageCall, cfg: PipelineConfig) -> dict[str, Any] | None:
+    """Run the stage call as a flow run of its stage's deployment and return its handoff record.
 
-    Returns ``None`` when the output already exists, so the caller reuses it in-process.
+    ``cfg`` gives the run's container requests (``execution``) and labels. Returns ``None``
+    when the output already exists, so the caller reuses it in-process.
     """
     from prefect.deployments import run_deployment
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    cfg = PipelineConfig.model_validate(config)
-    if not force and _reused_here(name, cfg, inputs):
+    name = call.stage
+    if _finished_here(call):
         return None
     deployment = deployment_name(name)
     pool_type = run_coro_as_sync(_pool_type(deployment))
@@ -157,14 +156,7 @@ def run_stage_in_container(
     log.info("stage %s: starting a flow run of deployment %s (%s pool)", name, deployment, pool_type)
     flow_run = run_deployment(
         deployment,
-        parameters={
-            "name": name,
-            "config": config,
-            "inputs": inputs,
-            "tracking_uri": tracking_uri,
-            "parent_run_id": parent_run_id,
-            "force": force,
-        },
+        parameters={"call": call.to_dict()},
         job_variables=variables,
         timeout=cfg.execution.timeout_s,
         as_subflow=True,
@@ -192,10 +184,10 @@ def run_stage_in_container(
 def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: list[str] | None = None) -> list[str]:
     """Create (or update) one deployment of ``stage_flow`` per stage on work pool ``pool``."""
     from flows.stage_flow import stage_flow
-    from stages.registry import STAGE_ORDER
+    from stages.registry import ORDER
 
     names = []
-    for stage in stages or STAGE_ORDER:
+    for stage in stages or ORDER:
         deployment = stage_flow.to_deployment(
             name=stage,
             work_pool_name=pool,

@@ -26,8 +26,8 @@ from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_a
 from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
-from stages.registry import STAGE_ORDER
-from stages.runner import stage_inputs
+from stages.executor import StageCall
+from stages.registry import ORDER
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import describe_store, open_store
 from stages.viewer.architecture_svg import SVG_FILE
@@ -49,7 +49,7 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 def ordered_stages(cfg: PipelineConfig) -> list[str]:
     """The recipe's stages in pipeline order (the recipe's validation made sure each one's inputs are among them)."""
-    return [name for name in STAGE_ORDER if name in cfg.stages]
+    return [name for name in ORDER if name in cfg.stages]
 
 
 def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
@@ -117,17 +117,18 @@ def pipeline(
     ok = False
     try:
         for name in order:
-            needs = stage_inputs(name, cfg)
-            inputs = {need: results[need]["ref"] for need in needs}
-            parent_id = parent.run_id if parent else None
+            inputs = {stage: ArtifactRef.from_dict(done["ref"]) for stage, done in results.items()}
+            call = StageCall.for_recipe(
+                name, cfg, inputs, tracking_uri=uri, parent_run_id=parent.run_id if parent else None, force=force
+            )
             done = None
             if cfg.execution.mode == "containers":  # its own flow run, in its own container
-                done = run_stage_in_container(name, config, inputs, uri, parent_id, force)
+                done = run_stage_in_container(call, cfg)
             if done is None:  # in this process (local mode, or an output the store already has)
                 labelled = stage_task.with_options(
                     task_run_name=f"{name} · {cfg.name}", tags=[f"stage:{name}", f"recipe:{cfg.name}"]
                 )
-                done = labelled(name, config, inputs, uri, parent_id, force)
+                done = labelled(call.to_dict())
             results[name] = done
         report = {
             "recipe": cfg.name,

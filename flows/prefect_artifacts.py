@@ -50,9 +50,11 @@ def netron_location(report: dict[str, Any]) -> str | None:
     if not publish or not publish["metrics"].get("enabled", False):
         return None
     uri = publish["ref"]["uri"]
+    from stages.publish import LANDING
+
     if uri.startswith("s3://"):
-        return f"{uri}/index.html"
-    return (Path(uri) / "index.html").resolve().as_uri()
+        return f"{uri}/{LANDING}"
+    return (Path(uri) / LANDING).resolve().as_uri()
 
 
 def architecture_image(report: dict[str, Any]) -> str | None:

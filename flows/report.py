@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flows import mlflow_links
-from stages.registry import BY_NAME
+from stages import registry
 
 
 def _fmt(value: Any) -> str:
@@ -17,7 +17,7 @@ def _fmt(value: Any) -> str:
 
 
 def _headline(stage: str, metrics: dict[str, Any]) -> str:
-    keys = BY_NAME[stage].headline if stage in BY_NAME else ()
+    keys = registry.stage(stage).shown if stage in registry.ORDER else ()
     return ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
 
 

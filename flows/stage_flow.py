@@ -4,8 +4,9 @@ Prefect sets infrastructure (image, GPUs, memory) per *deployment*, so each stag
 deployment of this flow, named after the stage (``gptpipe-stage/pretrain``). The pipeline flow
 starts them with ``run_deployment`` (``flows/containers.py``); a Docker or Kubernetes worker
 turns each flow run into a container. Inside, the flow calls the very same ``stage_task``
-the in-process pipeline uses — same store, same MLflow child run under the pipeline's parent
-run, same retries — and then leaves a *handoff* record on its flow run: a table artifact with
+the in-process pipeline uses — one stage call through one executor: same store, same MLflow
+child run under the pipeline's parent run, same retries — and then leaves a *handoff* record on
+its flow run: a table artifact with
 the output's reference and summary, which the pipeline reads back through the Prefect API.
 Artifact bytes never pass through Prefect: they are in the shared (S3) store.
 """
@@ -41,24 +42,17 @@ def read_handoff_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@flow(name=FLOW_NAME, flow_run_name="{name}", log_prints=True)
-def stage_flow(
-    name: str,
-    config: dict[str, Any],
-    inputs: dict[str, dict[str, str]],
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Run stage ``name`` of the recipe ``config`` on ``inputs`` (artifact references) and hand
-    its output reference back to the pipeline."""
+@flow(name=FLOW_NAME, flow_run_name="{call[stage]}", log_prints=True)
+def stage_flow(call: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage call (``stages.executor.StageCall`` as JSON) and hand its output reference back
+    to the pipeline."""
     from prefect.artifacts import create_table_artifact
 
     forward_stage_logs()
-    result = stage_task(name, config, inputs, tracking_uri, parent_run_id, force)
+    result = stage_task(call)
     create_table_artifact(
         [handoff_row(result)],
         key=HANDOFF_KEY,
-        description=f"Output of stage {name}: {result['ref']['uri']} (read back by the pipeline flow)",
+        description=f"Output of stage {call['stage']}: {result['ref']['uri']} (read back by the pipeline flow)",
     )
     return result

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from stages.core.config import CorpusConfig, PipelineConfig
 from stages.core.errors import DataError
 from stages.core.progress import byte_progress, progress_bar
+from stages.core.sections import CorpusConfig
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
@@ -302,13 +303,11 @@ def process_unit(unit: Unit, corpus: CorpusConfig, settings: dict, model_proto: 
     return {**result, "reused": False}
 
 
-def _work_location(cfg: PipelineConfig, out: Path) -> str:
+def _work_location(cfg: Sections, out: Path, work: str) -> str:
     """Where units are kept: beside an s3:// store for Dask (remote workers reach only the store),
     else in the stage's work directory under ``checkpoints/`` (kept across attempts)."""
-    store = cfg.artifacts.store
-    if cfg.data.executor == "dask" and store.startswith("s3://"):
-        key = out.name.removeprefix(".work-")
-        return f"{store.rstrip('/')}/data/.units-{key}"
+    if cfg.data.executor == "dask" and work.startswith("s3://"):
+        return work
     return str(out / CHECKPOINTS / "units")
 
 
@@ -336,7 +335,7 @@ def _fallback(results: list[dict]) -> tuple[int, dict] | None:
     return None
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, work: str = "") -> dict:
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     workers = 1 if cfg.data.executor == "dask" else resolve_workers(cfg.data.workers)
     with PeakRSS() as peak:
@@ -344,7 +343,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         sources = list_sources(cfg.corpus)
         units = apply_cap(plan_units(cfg.corpus, cfg.data.unit_bytes, sources), cfg.corpus)
         plan_seconds = time.perf_counter() - started
-        work = UnitDirectory(_work_location(cfg, out))
+        work = UnitDirectory(_work_location(cfg, out, work))
         settings = {
             "seed": cfg.data.seed,
             "val_fraction": cfg.data.val_fraction,
@@ -454,3 +453,15 @@ def _assemble(results: list[dict], work: UnitDirectory, out: Path, tokenizer: To
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     work.clear()
     return index
+
+
+STAGE = Stage(
+    name="data",
+    summary="corpus to memory-mapped token shards, train/val split",
+    sections=("corpus", "data"),
+    inputs=("tokenizer",),
+    outputs=(Output(INDEX, "the shard files of each split, dtype, vocabulary size, EOS id"),),
+    run=run,
+    headline=("train_tokens", "val_tokens"),
+    keeps_work=True,
+)

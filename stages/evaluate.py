@@ -25,10 +25,10 @@ import math
 import time
 from pathlib import Path
 
-from stages.core.config import EvaluateConfig, PipelineConfig
 from stages.core.errors import ArtifactError
-from stages.core.plots import plot_curves, read_curve
 from stages.core.progress import progress_bar
+from stages.core.sections import EvaluateConfig
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.chat import ChatTemplate, validate_messages
 from stages.lm.diagnosis import Answers, diagnose
@@ -41,10 +41,18 @@ from stages.training import checkpoint
 from stages.training.batches import fixed_windows
 from stages.training.loop import evaluate_loss, resolve_device
 from stages.training.perf import set_threads
+from stages.viewer.plots import plot_curves, read_curve
 
 log = logging.getLogger("gptpipe.evaluate")
 
 MODELS = ("base", "finetuned")
+REPORT_JSON, REPORT_MD, ANSWERS, SAMPLES, CURVES_PNG = (
+    "report.json",
+    "report.md",
+    "answers.jsonl",
+    "samples.json",
+    "curves.png",
+)
 
 
 def read_heldout(path: Path) -> list[dict]:
@@ -196,7 +204,7 @@ def evaluate_model(
     return metrics, answers
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     ecfg = cfg.evaluate
     started = time.perf_counter()
     set_threads(ecfg.threads)
@@ -204,7 +212,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     template = ChatTemplate(tokenizer)
     val = TokenShards(inputs["data"], "val")
-    records = read_heldout(inputs["finetune"] / "heldout.jsonl")
+    records = read_heldout(inputs["finetune"] / checkpoint.HELDOUT)
     if len(records) < ecfg.task_items:
         log.warning(
             "only %d held-out items available (evaluate.task_items = %d); scoring all of them",
@@ -232,7 +240,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
     for finding in findings:
         log.warning("diagnosis: %s", finding)
-    with open(out / "answers.jsonl", "w", encoding="utf-8") as handle:
+    with open(out / ANSWERS, "w", encoding="utf-8") as handle:
         for i, record in enumerate(records):
             row = {
                 "expected": expected[i],
@@ -252,7 +260,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         }
         for i, record in enumerate(records[: ecfg.samples])
     ]
-    (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / SAMPLES).write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
     report = {
         "task_items": len(records),
         "val_tokens": len(val),
@@ -262,14 +270,14 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "diagnosis": findings,
         "samples": samples,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_markdown(report, out / "report.md")
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_markdown(report, out / REPORT_MD)
     plot_curves(
         {
-            "pretrain": read_curve(inputs["pretrain"] / "curve.json"),
-            "finetune": read_curve(inputs["finetune"] / "curve.json"),
+            "pretrain": read_curve(inputs["pretrain"] / checkpoint.CURVE),
+            "finetune": read_curve(inputs["finetune"] / checkpoint.CURVE),
         },
-        out / "curves.png",
+        out / CURVES_PNG,
     )
 
     summary = {"task_items": len(records)}
@@ -283,8 +291,33 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
             summary[f"{prefix}_lm_eval_bpb"] = round(figures["gptpipe_bpb"]["bits_per_byte"], 6)
     summary["base_seconds"], summary["sft_seconds"] = results["base"]["seconds"], results["finetuned"]["seconds"]
     tracker.log_metrics({f"eval/{k}": float(v) for k, v in summary.items()})
-    for name in ("report.md", "report.json", "answers.jsonl", "samples.json", "curves.png"):
+    for name in (REPORT_MD, REPORT_JSON, ANSWERS, SAMPLES, CURVES_PNG):
         tracker.log_artifact(out / name, "evaluate")
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["diagnosis"] = findings  # sentences, not metrics: the report card prints them
     return summary
+
+
+STAGE = Stage(
+    name="evaluate",
+    summary="loss, bits per byte and exact match, base vs fine-tuned",
+    sections=("evaluate",),
+    inputs=("tokenizer", "data", "pretrain", "finetune"),
+    outputs=(
+        Output(REPORT_JSON, "base vs fine-tuned figures and the diagnosis"),
+        Output(REPORT_MD, "the same, to read"),
+        Output(ANSWERS, "every held-out item's expected and given answers"),
+        Output(SAMPLES, "a few prompts with both models' answers"),
+        Output(CURVES_PNG, "pretrain and finetune loss curves"),
+    ),
+    run=run,
+    headline=(
+        "base_accuracy",
+        "sft_accuracy",
+        "base_bits_per_byte",
+        "sft_bits_per_byte",
+        "base_seconds",
+        "sft_seconds",
+    ),
+    headline_when_set=("sft_lm_eval_exact_match", "sft_lm_eval_bpb"),  # evaluate.lm_eval_tasks
+)

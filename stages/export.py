@@ -39,8 +39,10 @@ import onnx
 import torch
 from torch import nn
 
-from stages.core.config import ExportConfig, PipelineConfig
+from stages import registry
 from stages.core.errors import ConfigError, ParityError
+from stages.core.sections import ExportConfig
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm import hf_checkpoint, onnx_architecture
 from stages.lm import onnx_runtime as ortgen
@@ -50,7 +52,7 @@ from stages.lm.model import GPT
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
-from stages.training.checkpoint import load_model, model_directory
+from stages.training.checkpoint import HELDOUT, load_model, model_directory
 from stages.training.perf import set_threads
 from stages.viewer import architecture_svg
 
@@ -58,7 +60,6 @@ log = logging.getLogger("gptpipe.export")
 
 
 PT2_FILE = "model.pt2"
-HELDOUT_FILE = "heldout.jsonl"  # written by stage 'finetune' beside its model
 INT8_FILE = "model.int8.onnx"
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX protobuf cannot exceed 2 GB: weights go to a side file
 
@@ -262,9 +263,9 @@ def logits_parity(model: GPT, out: Path, shapes: list[tuple[int, int]], rng: np.
 
 def heldout_conversations(model_artifact: Path, count: int, seed: int) -> tuple[list[list[Message]], str]:
     """The fine-tune's own held-out conversations when it saved them, else built-in held-out tasks."""
-    path = model_artifact / HELDOUT_FILE
+    path = model_artifact / HELDOUT
     if path.is_file():
-        return read_chat_jsonl(path)[:count], HELDOUT_FILE
+        return read_chat_jsonl(path)[:count], HELDOUT
     return [item.messages() for item in make_items(count, "heldout", seed)], "synthetic tasks"
 
 
@@ -467,7 +468,7 @@ def export_hf(
 # ---------------------------------------------------------------------------- stage
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     ecfg = cfg.export
     if ecfg.source not in inputs:
         raise ConfigError(
@@ -530,3 +531,39 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         metrics["generation_prompts"],
     )
     return metrics
+
+
+def _inputs(cfg: Sections) -> tuple[str, ...]:
+    return ("tokenizer", cfg.export.source)
+
+
+def _problems(cfg: Sections) -> list[str]:
+    makers = registry.model_stages()
+    if cfg.export.source not in makers:
+        return [
+            f"export.source = {cfg.export.source!r}: not a stage that makes a model; use one of {', '.join(makers)}"
+        ]
+    return []
+
+
+STAGE = Stage(
+    name="export",
+    summary="ONNX graphs behind a parity gate against PyTorch",
+    sections=("export",),
+    inputs=("tokenizer", "finetune"),
+    outputs=(
+        Output(ortgen.LOGITS_GRAPH, "logits for input ids; batch and sequence axes dynamic"),
+        Output(ortgen.KV_GRAPH, "input ids + past keys/values -> logits + present keys/values"),
+        Output(onnx_architecture.ARCHITECTURE_GRAPH, "the logits graph drawn as embedding -> Block x N -> head"),
+        Output(architecture_svg.SVG_FILE, "a static picture of the architecture"),
+        Output(PT2_FILE, "torch.export program of the logits model (export.pt2)"),
+        Output(INT8_FILE, "dynamic int8 copy of the logits graph (export.quantize; measured, not gated)"),
+        Output(ortgen.TOKENIZER_DIR, "the tokenizer artifact's files, so the export runs on its own"),
+        Output(ortgen.META_FILE, "shapes, tensor names and graph files"),
+        Output(hf_checkpoint.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
+    ),
+    run=run,
+    headline=("max_abs_diff", "generation_matches"),
+    choose_inputs=_inputs,
+    check=_problems,
+)

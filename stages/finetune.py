@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.core.config import FinetuneConfig, PipelineConfig
 from stages.core.errors import ConfigError, DataError
+from stages.core.sections import FinetuneConfig
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.lm.targets import IGNORE
@@ -52,7 +53,7 @@ from stages.training.replay import replay_rows
 
 log = logging.getLogger("gptpipe.finetune")
 
-HELDOUT = "heldout.jsonl"
+DATA_FILE = "data.json"
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
 
@@ -233,7 +234,7 @@ def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, f
 # --- the stage --------------------------------------------------------------------------------
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     fcfg = cfg.finetune
     set_threads(fcfg.threads)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
@@ -253,7 +254,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     x, y = pack(train_rendered, block + 1, pad_id)
     hx, hy = pack(held_rendered, block + 1, pad_id)
     held_batches = fixed_batches(hx, hy, fcfg.batch_size, fcfg.eval_batches)
-    with open(out / HELDOUT, "w", encoding="utf-8") as handle:
+    with open(out / checkpoint.HELDOUT, "w", encoding="utf-8") as handle:
         for record in heldout:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -295,7 +296,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     checkpoint.save_model(out / checkpoint.MODEL_DIR, model.to("cpu"))
     shutil.rmtree(out / _WORK)  # the model is written: the resumable checkpoints have done their job
 
-    (out / "curve.json").write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
+    (out / checkpoint.CURVE).write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
     data = {
         "source": fcfg.data,
         "train_conversations": len(train_rendered),
@@ -304,7 +305,52 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "heldout_conversations": len(heldout),
         "tasks": fcfg.tasks if fcfg.data == "synthetic" else None,
     }
-    (out / "data.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    (out / DATA_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
     metrics.update(result.summary())
     metrics.update({k: v for k, v in data.items() if isinstance(v, int)})
     return metrics
+
+
+def _inputs(cfg: Sections) -> tuple[str, ...]:
+    # Replay mixes pretraining text (the data stage's train split) into fine-tuning.
+    return ("tokenizer", "pretrain", "data") if cfg.finetune.replay_fraction > 0 else ("tokenizer", "pretrain")
+
+
+def _problems(cfg: Sections) -> list[str]:
+    """What of the finetune section cannot run, found before any stage does."""
+    ft = cfg.finetune
+    problems = []
+    if replay_rows(ft.replay_fraction, ft.batch_size) >= ft.batch_size:
+        problems.append(
+            f"finetune.replay_fraction = {ft.replay_fraction} leaves no chat rows in a batch of "
+            f"{ft.batch_size}; lower it or raise finetune.batch_size"
+        )
+    if ft.method == "lora" and not ft.lora_targets:
+        problems.append("finetune.lora_targets = []: LoRA needs at least one layer name, e.g. ['qkv', 'proj']")
+    if ft.data == "synthetic":
+        try:
+            check_tasks(ft.tasks)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+STAGE = Stage(
+    name="finetune",
+    summary="supervised fine-tuning on chat data (full or LoRA)",
+    sections=("finetune",),
+    inputs=("tokenizer", "pretrain"),
+    outputs=(
+        Output(checkpoint.MODEL_DIR, "the fine-tuned model (LoRA merged into the weights)"),
+        Output(checkpoint.HELDOUT, "the held-out conversations evaluate and export score"),
+        Output(checkpoint.CURVE, "the training curve"),
+        Output(DATA_FILE, "conversation and token counts"),
+    ),
+    run=run,
+    headline=("final_loss", "final_val_loss", "tokens_per_s"),
+    headline_when_set=("lora_merge_max_abs_dlogits",),  # finetune.method = lora
+    choose_inputs=_inputs,
+    check=_problems,
+    makes_model=True,
+    trains=True,
+)

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from stages.core.config import PipelineConfig
 from stages.core.errors import DataError
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.model import GPT, GPTConfig
 from stages.storage.artifacts import CHECKPOINTS
@@ -35,15 +35,14 @@ from stages.storage.shards import TokenShards
 from stages.training import checkpoint as ckpt
 from stages.training import distributed
 from stages.training.batches import RandomWindows, fixed_windows
-from stages.training.checkpoint import MODEL_DIR
+from stages.training.checkpoint import CURVE, MODEL_DIR
 from stages.training.loop import evaluate_loss, train
 from stages.training.perf import set_threads
 
-CURVE = "curve.json"
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
 
-def build_model(cfg: PipelineConfig, vocab_size: int) -> GPT:
+def build_model(cfg: Sections, vocab_size: int) -> GPT:
     """A freshly initialised GPT of the recipe's shape; the seed fixes the weights."""
     torch.manual_seed(cfg.pretrain.seed)
     return GPT(GPTConfig(vocab_size=vocab_size, **cfg.pretrain.model.model_dump()))
@@ -67,7 +66,7 @@ def _global_val_loss(model: torch.nn.Module, batches: list, world: int) -> float
     return distributed.all_reduce_sum([loss], next(model.parameters()).device)[0] / world
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
     pcfg = cfg.pretrain
     set_threads(pcfg.threads)
     train_split = TokenShards(inputs["data"], "train")
@@ -139,3 +138,20 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "precision": result.precision,
         "compiled": result.compiled,
     }
+
+
+STAGE = Stage(
+    name="pretrain",
+    summary="GPT from scratch on the shards",
+    sections=("pretrain",),
+    inputs=("tokenizer", "data"),
+    outputs=(
+        Output(MODEL_DIR, "the final checkpoint (weights, model config, optimizer and trainer state)"),
+        Output(CURVE, "every logged point: train loss, lr, grad norm, tokens/s, val loss"),
+    ),
+    run=run,
+    headline=("initial_loss", "final_val_loss", "tokens_per_s", "mfu"),
+    makes_model=True,
+    trains=True,
+    torchrun=True,
+)

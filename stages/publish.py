@@ -33,8 +33,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from stages.core.config import PipelineConfig
 from stages.core.errors import ArtifactError, GptpipeError
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.viewer import netron_page
 
@@ -184,14 +184,14 @@ Each link opens the graph in the Netron viewer bundled beside this page (no netw
 """
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     export_dir = inputs["export"]
     if not cfg.publish.enabled:
         (out / BUNDLE_FILE).write_text(json.dumps({"enabled": False}) + "\n", encoding="utf-8")
         return {"enabled": False}
     meta_path = export_dir / "export.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    graphs = collect_graphs(export_dir, cfg.publish.graphs, out / GRAPHS_DIR)
+    graphs = collect_graphs(export_dir, cfg.publish.graphs or list(DESCRIPTIONS), out / GRAPHS_DIR)
     version = copy_netron(out / NETRON_DIR)
     write_standalone(graphs, out / GRAPHS_DIR, out / STANDALONE_DIR, cfg.name)
     (out / LANDING).write_text(landing_page(cfg.name, graphs, meta), encoding="utf-8")
@@ -266,6 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.shutdown()
     return 0
+
+
+STAGE = Stage(
+    name="publish",
+    summary="Netron viewer bundle and graphs",
+    sections=("publish", "name"),  # the recipe's name titles the pages, so it is part of the key
+    inputs=("export",),
+    outputs=(
+        Output(LANDING, "landing page: one link per graph, opening it in the bundled Netron"),
+        Output(NETRON_DIR, "Netron's static web app, made strictly offline"),
+        Output(GRAPHS_DIR, "the exported graphs"),
+        Output(STANDALONE_DIR, "one self-contained page per ONNX graph (the copy logged to MLflow)"),
+        Output(BUNDLE_FILE, "what is in the bundle: graph files, sizes, Netron version"),
+    ),
+    run=run,
+    headline=("graphs", "netron_version"),
+)
 
 
 if __name__ == "__main__":

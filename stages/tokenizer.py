@@ -28,9 +28,10 @@ from typing import Any
 
 import sentencepiece as spm
 
-from stages.core.config import PipelineConfig, TokenizerConfig
 from stages.core.errors import DataError
 from stages.core.progress import byte_progress
+from stages.core.sections import TokenizerConfig
+from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import (
     BOS_ID,
@@ -141,7 +142,7 @@ class HashSample:
         return [text for _, _, text, _ in sorted(self.heap, key=lambda item: (-item[0], -item[1]))]
 
 
-def stream_sample(cfg: PipelineConfig) -> tuple[list[str], list[str], CorpusStats]:
+def stream_sample(cfg: Sections) -> tuple[list[str], list[str], CorpusStats]:
     """(training sample, held-out documents, stats) in one streaming pass over the whole corpus.
 
     Held-out membership is ``split_heldout``'s content hash; the training sample is
@@ -290,7 +291,7 @@ def compression(tokenizer: Tokenizer, documents: Sequence[str]) -> dict[str, Any
     }
 
 
-def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     started = time.perf_counter()
     with PeakRSS() as peak:
         sample, heldout, stats = stream_sample(cfg)
@@ -324,3 +325,18 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         **stats.as_metrics(),
     }
     return metrics  # the runner records these in the manifest; flows log them to MLflow
+
+
+STAGE = Stage(
+    name="tokenizer",
+    summary="SentencePiece model trained on the corpus",
+    sections=("corpus", "tokenizer"),
+    inputs=(),
+    outputs=(
+        Output(MODEL_FILE, "the SentencePiece model proto"),
+        Output(VOCAB_FILE, "one piece and score per line"),
+        Output(INFO_FILE, "special ids and training settings"),
+    ),
+    run=run,
+    headline=("vocab_size", "bytes_per_token"),
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.core.config import PipelineConfig, load_config
-from stages.runner import StageResult, run_stage
+from stages.executor import StageResult, run_stage
 from stages.storage.corpus import stdlib_root
 from stages.storage.stores import LocalStore
 

@@ -84,7 +84,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from stages.core.config import load_config, parse_config
     from stages.core.errors import GptpipeError
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage.stores import LocalStore, ref_from_path
 
     torch.set_num_threads(1)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from stages import registry
 from stages.core.config import PipelineConfig, load_config
+from stages.executor import run_stage
 from stages.lm.model import GPT, GPTConfig
-from stages.runner import run_stage
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import LocalStore
 
@@ -73,7 +74,7 @@ def micro_upstream() -> tuple[LocalStore, dict[str, ArtifactRef]]:
         store = LocalStore(tempfile.mkdtemp(prefix="gptpipe-sft-upstream-"))
         cfg = micro_config()
         refs: dict[str, ArtifactRef] = {}
-        for name in ("tokenizer", "data", "pretrain"):
+        for name in registry.ORDER[: registry.ORDER.index("finetune")]:
             refs[name] = run_stage(name, cfg, dict(refs), store).ref
         _UPSTREAM.update(store=store, refs=refs)
     return _UPSTREAM["store"], dict(_UPSTREAM["refs"])

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from flows.launch import command_line, needs_torchrun, run_stage_torchrun, torchrun_args
+from stages import registry
 from stages.core.config import parse_config
 from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
-from stages.runner import run_stage
+from stages.executor import StageCall, execute, run_stage
+from stages.launchers import command_line, needs_torchrun, torchrun_args
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint as ckpt
@@ -114,12 +115,12 @@ def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_sta
             "pretrain": {**BASE, "batch_size": 4, "nproc_per_node": 2, "parallel": "fsdp", "checkpoint_interval": 6},
         }
     )
-    assert needs_torchrun("pretrain", cfg) and not needs_torchrun("data", cfg)
+    assert needs_torchrun(registry.stage("pretrain"), cfg.sections("pretrain"))
+    assert not needs_torchrun(registry.stage("data"), cfg.sections("data"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_run(uri, "dist-test", "dist-test", artifact_root=tmp_path / "mlartifacts")
-    done = stage_task.fn(
-        "pretrain", cfg.model_dump(mode="json"), {k: v.to_dict() for k, v in inputs.items()}, uri, parent.run_id
-    )
+    call = StageCall.for_recipe("pretrain", cfg, inputs, tracking_uri=uri, parent_run_id=parent.run_id)
+    done = stage_task.fn(call.to_dict())
     assert not done["reused"] and done["metrics"]["world_size"] == 2
     out = Path(done["ref"]["uri"])
     curve = json.loads((out / "curve.json").read_text())
@@ -127,7 +128,7 @@ def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_sta
     model = ckpt.load_model(out / "model")  # gathered from the shards: a plain model
     assert model.num_params(non_embedding=False) == done["metrics"]["params"]
     assert np.isfinite(done["metrics"]["final_val_loss"])
-    again = run_stage_torchrun("pretrain", cfg, inputs)  # the same content key: reused, nothing launched
+    again = execute(StageCall.for_recipe("pretrain", cfg, inputs))  # the same content key: reused, nothing launched
     assert again.reused and again.ref.to_dict() == done["ref"]
 
     client = MlflowClient(tracking_uri=uri)
@@ -144,11 +145,13 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
     cfg = parse_config({"name": "x", "pretrain": {"nproc_per_node": 8, "nnodes": 2}})
     with pytest.raises(ConfigError, match="GPTPIPE_RDZV_ENDPOINT"):
         torchrun_args(cfg.pretrain, "pretrain", env={})
-    cmd = command_line("pretrain", cfg, tmp_path / "r.yaml", inputs, env={"GPTPIPE_RDZV_ENDPOINT": "node0:29400"})
+    call = StageCall.for_recipe("pretrain", cfg, inputs)
+    cmd = command_line(call, tmp_path / "out", tmp_path / "status.json", env={"GPTPIPE_RDZV_ENDPOINT": "node0:29400"})
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400"} <= set(cmd)
-    assert cmd[cmd.index("-m", 3) :][:3] == ["-m", "stages", "pretrain"]
-    assert f"data={inputs['data'].uri}" in cmd and "--standalone" not in cmd
+    assert cmd[cmd.index("-m", 3) :][:3] == ["-m", "stages.launchers", "--call"]
+    sent = StageCall.from_dict(json.loads(cmd[cmd.index("--call") + 1]))  # the same command on every node
+    assert sent == call and "--standalone" not in cmd
     single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
     assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"
     with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):  # refused by the recipe, before any stage

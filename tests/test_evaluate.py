@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from stages.core.plots import plot_curves, read_curve
 from stages.core.tracking import MemoryTracker
 from stages.evaluate import answer_items, score
+from stages.executor import run_stage
 from stages.lm.chat import ChatTemplate
 from stages.lm.diagnosis import DOMINANT_SHARE
 from stages.lm.tasks import normalize_answer
-from stages.runner import run_stage
 from stages.storage.shards import TokenShards
+from stages.viewer.plots import plot_curves, read_curve
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
 
 torch.set_num_threads(1)

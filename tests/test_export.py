@@ -17,11 +17,11 @@ from onnx import numpy_helper
 
 from stages import export
 from stages.core.errors import ConfigError, ParityError
+from stages.executor import run_stage
 from stages.lm.generate import generate, generate_ids
 from stages.lm.onnx_runtime import OnnxGenerator
 from stages.lm.tokenizer import Tokenizer
 from stages.registry import stage
-from stages.runner import run_stage
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint import load_model
 

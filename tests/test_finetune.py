@@ -10,12 +10,12 @@ import torch
 from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
 from stages.core.tracking import MemoryTracker
+from stages.executor import run_stage
 from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack
 from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
 from stages.lm.tasks import is_heldout
-from stages.runner import run_stage
 from stages.training import checkpoint
 from stages.training.loop import train
 from tests._numeric import rtol_for
@@ -156,7 +156,11 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
 
 
 def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows():
-    from stages.runner import stage_inputs
+    from stages import registry
+
+    def stage_inputs(name, cfg):
+        return registry.stage(name).inputs_for(cfg.sections(name))
+
     from stages.storage.shards import TokenShards
     from stages.training.batches import RandomWindows
     from stages.training.replay import replay_rows

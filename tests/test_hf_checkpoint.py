@@ -21,11 +21,11 @@ from safetensors import safe_open
 
 from stages import export
 from stages.core.errors import ParityError
+from stages.executor import run_stage
 from stages.lm import hf_checkpoint
 from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
 from stages.lm.tokenizer import Tokenizer
-from stages.runner import run_stage
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint import load_model
 

@@ -11,7 +11,7 @@ import torch
 from stages.core.config import parse_config
 from stages.core.errors import DataError
 from stages.core.tracking import MemoryTracker
-from stages.runner import run_stage
+from stages.executor import run_stage
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint as ckpt
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards

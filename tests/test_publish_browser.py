@@ -16,7 +16,7 @@ from _export_fixtures import exported
 from stages import publish
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
-from stages.runner import run_stage
+from stages.executor import run_stage
 from stages.storage.stores import LocalStore
 from tests._processes import CHROMIUM_ARGS
 

@@ -39,7 +39,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_a_resumed_pretraining_says_so_in_one_line(tmp_path, caplog):
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage.stores import LocalStore
     from tests.test_pretrain import _inputs, _recipe
 

@@ -16,13 +16,15 @@ import tempfile
 from pathlib import Path
 
 from flows.cli.generate import newest_artifact, tokenizer_dir_for
+from stages import registry
 from stages.core.errors import ArtifactError, GptpipeError
 
 
 def _heldout_records(model_dir: Path, count: int) -> list[dict]:
     from stages.lm.tasks import make_items
+    from stages.training.checkpoint import HELDOUT
 
-    path = model_dir / "heldout.jsonl"
+    path = model_dir / HELDOUT
     if path.is_file():
         from stages.evaluate import read_heldout
 
@@ -81,7 +83,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a finished checkpoint")
     ev.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. gptpipe_heldout,gptpipe_bpb")
     ev.add_argument("--model", help="pretrain/finetune artifact directory (default: newest in the store)")
-    ev.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"])
+    ev.add_argument("--stage", default="finetune", choices=registry.model_stages())
     ev.add_argument("--tokenizer", help="tokenizer artifact (default: the one recorded in the model's manifest)")
     ev.add_argument("--store", default="runs/store", help="local artifact store (default: runs/store)")
     ev.add_argument("--include", help="a folder of your own harness task YAML files")

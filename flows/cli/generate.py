@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stages import registry
 from stages.core.errors import ArtifactError
 from stages.storage.artifacts import read_manifest
 
@@ -64,7 +65,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--stage",
         default="finetune",
-        choices=["finetune", "pretrain"],
+        choices=registry.model_stages(),
         help="which stage's newest output to use when --model is not given",
     )
     gen.add_argument("--tokenizer", help="tokenizer artifact (default: the one recorded in the model's manifest)")

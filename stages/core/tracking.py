@@ -400,8 +400,13 @@ PYFUNC_REQUIREMENTS = ("onnxruntime", "sentencepiece", "numpy")
 # The served model's code is what ONNX Runtime generation imports, found from its import graph (so a
 # module it starts to need cannot be left behind): shipped in the model's code/ folder.
 PYFUNC_ENTRY = "stages.lm.onnx_runtime"
+
+
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
-PYFUNC_FILES = ("model.onnx", "model_kv.onnx", "model.onnx.data", "model_kv.onnx.data", "export.json")
+def _pyfunc_files() -> tuple[str, ...]:
+    from stages.lm.onnx_runtime import KV_GRAPH, LOGITS_GRAPH, META_FILE
+
+    return LOGITS_GRAPH, KV_GRAPH, f"{LOGITS_GRAPH}.data", f"{KV_GRAPH}.data", META_FILE
 
 
 def _versions(name: str) -> str:
@@ -440,16 +445,18 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="gptpipe-pyfunc-") as scratch:
         onnx_dir = Path(scratch) / mlflow_model.ARTIFACT
         onnx_dir.mkdir()
-        for name in PYFUNC_FILES:
+        from stages.lm.onnx_runtime import KV_GRAPH, TOKENIZER_DIR
+
+        for name in _pyfunc_files():
             if (export_dir / name).is_file():
                 shutil.copy2(export_dir / name, onnx_dir / name)
-        if not (onnx_dir / "model_kv.onnx").is_file() or not (export_dir / "tokenizer").is_dir():
-            raise GptpipeError(f"{export_dir}: no model_kv.onnx or tokenizer/ to serve; rerun stage 'export'")
-        shutil.copytree(export_dir / "tokenizer", onnx_dir / "tokenizer")
+        if not (onnx_dir / KV_GRAPH).is_file() or not (export_dir / TOKENIZER_DIR).is_dir():
+            raise GptpipeError(f"{export_dir}: no {KV_GRAPH} or {TOKENIZER_DIR}/ to serve; rerun stage 'export'")
+        shutil.copytree(export_dir / TOKENIZER_DIR, onnx_dir / TOKENIZER_DIR)
         code = Path(scratch) / "code" / "stages"
         from stages.storage.artifacts import code_modules, module_files
 
-        for relative in module_files(code_modules(PYFUNC_ENTRY, leave_out=frozenset())):
+        for relative in module_files(code_modules(PYFUNC_ENTRY, leave_out=())):
             (code / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(package / relative, code / relative)
         message = Object([Property("role", "string"), Property("content", "string")])
@@ -514,9 +521,11 @@ def register_onnx(
     import tempfile
 
     export_dir = Path(export_dir)
-    graph = export_dir / "model.onnx"
+    from stages.lm.onnx_runtime import LOGITS_GRAPH
+
+    graph = export_dir / LOGITS_GRAPH
     if not graph.is_file():
-        raise GptpipeError(f"{export_dir}: no model.onnx to register; run stage 'export' first")
+        raise GptpipeError(f"{export_dir}: no {LOGITS_GRAPH} to register; run stage 'export' first")
     client = tracker.client
     with tempfile.TemporaryDirectory(prefix="gptpipe-register-") as scratch:
         tracker.log_artifact(save_pyfunc(export_dir, Path(scratch) / "onnx_model"), "onnx_model")

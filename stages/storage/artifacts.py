@@ -18,7 +18,7 @@ from typing import Any
 from stages.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
-# Inside a stage's work directory: resumable state that survives a failed attempt (see storage.py).
+# Inside a stage's work directory: resumable state that survives a failed attempt (see stores.py).
 CHECKPOINTS = "checkpoints"
 _CHUNK = 1 << 20
 
@@ -141,11 +141,26 @@ def files_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# Modules that never shape a stage's output and so stay out of every code version: the
-# tracking adapter (where metrics go), the recipe schema (its resolved values are in the key
-# already; its descriptions and error messages are not), the error types, and the stage
-# registry (what it declares enters the key as the sections' values and the inputs' digests).
-NOT_OUTPUT_SHAPING = frozenset({"stages.core.tracking", "stages.core.config", "stages.core.errors", "stages.registry"})
+# Code that never shapes a stage's output stays out of every code version. By package:
+# ``stages.core`` is the framework around the stages — the recipe schema (its resolved values are
+# in the key already; its descriptions and messages are not), the stage declaration, error types,
+# progress bars, the MLflow adapter — and holds nothing else (a test keeps it so). Add to that
+# the registry, the executor and its launchers, and where outputs are kept (this module and the
+# stores): the key covers what they pass a stage, not how they are written.
+NOT_OUTPUT_SHAPING = (
+    "stages.core",
+    "stages.registry",
+    "stages.executor",
+    "stages.launchers",
+    "stages.storage.artifacts",
+    "stages.storage.stores",
+    "stages.storage.s3",
+)
+
+
+def shapes_outputs(module: str, leave_out: tuple[str, ...] = NOT_OUTPUT_SHAPING) -> bool:
+    """Whether ``module``'s code can change a stage's output (it is not in, or under, ``leave_out``)."""
+    return not any(module == name or module.startswith(name + ".") for name in leave_out)
 
 
 def _module_path(root: Path, name: str) -> Path | None:
@@ -174,16 +189,16 @@ def _local_imports(path: Path, package: str) -> set[str]:
     return found
 
 
-def code_modules(module: str, leave_out: frozenset[str] = NOT_OUTPUT_SHAPING) -> list[str]:
+def code_modules(module: str, leave_out: tuple[str, ...] = NOT_OUTPUT_SHAPING) -> list[str]:
     """``module`` and every ``stages`` module it imports, transitively, but for ``leave_out``
-    (by default what cannot shape its output; pass ``frozenset()`` for everything it needs to run)."""
+    (by default what cannot shape its output; pass ``()`` for everything it needs to run)."""
     root = Path(__file__).resolve().parents[1]
     seen: set[str] = set()
     todo = [module]
     while todo:
         name = todo.pop()
         path = _module_path(root, name)
-        if name in seen or name in leave_out or path is None:
+        if name in seen or not shapes_outputs(name, leave_out) or path is None:
             continue
         seen.add(name)
         todo.extend(_local_imports(path, root.name))

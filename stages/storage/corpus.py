@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from stages.core.config import CorpusConfig
 from stages.core.errors import DataError
+from stages.core.sections import CorpusConfig
 
 STDLIB = "python-stdlib"
 # Directories of the standard library that are not the library itself: the test suite

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.core.config import CorpusConfig
+from stages.core.sections import CorpusConfig
 from stages.storage.corpus import (
     CorpusStats,
     Piece,

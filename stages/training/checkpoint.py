@@ -43,6 +43,8 @@ from stages.lm.model import GPT, GPTConfig
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 MODEL_DIR = "model"  # where a pretrain or finetune artifact keeps its model
+HELDOUT = "heldout.jsonl"  # a finetune artifact's held-out conversations (evaluate and export score them)
+CURVE = "curve.json"  # and its training curve: every logged point (loss, lr, grad norm, tokens/s, val loss)
 OPTIMIZER = "optimizer.pt"
 TRAINER = "trainer.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.core.config import TrainConfig
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.progress import Progress, progress_bar
+from stages.core.sections import TrainConfig
 from stages.core.tracking import Tracker
 from stages.lm.targets import IGNORE
 from stages.training import distributed, perf

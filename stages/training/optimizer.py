@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from stages.core.config import TrainConfig
 from stages.core.errors import TrainingError
+from stages.core.sections import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from stages.core.config import TrainConfig
 from stages.core.errors import ConfigError
+from stages.core.sections import TrainConfig
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks per GPU, FLOP/s, from NVIDIA datasheets.
 # Matched against torch.cuda.get_device_name() in order: specific names before their families.

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from stages import registry
+
 from . import _podman
 from ._servers import ARTIFACTS, MICRO, gptpipe, http_json, s3_client
 
@@ -40,7 +42,7 @@ STORE = "s3://gptpipe/containers"
 # Canary credentials: present in the build's environment and in a pip.conf build secret; they
 # must not reach any layer, the history or the image config.
 CANARY = "canary-7f3e9d-not-a-real-secret"
-STAGES = ("tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish")
+STAGES = registry.ORDER
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def _shards(store, result) -> dict[str, bytes]:
 def test_dask_cluster_run_matches_the_process_pool_byte_for_byte(s3, tmp_path):
     from distributed import LocalCluster
 
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage.stores import S3Store
 
     source = f"s3://{BUCKET}/corpus"
@@ -109,7 +109,7 @@ def test_dask_cluster_run_matches_the_process_pool_byte_for_byte(s3, tmp_path):
 
 
 def test_s3_parquet_is_streamed_by_row_group_and_equals_the_local_file(s3, tmp_path, monkeypatch):
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage import s3 as s3_module
     from stages.storage.stores import LocalStore
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stages import registry
 from tests._processes import CHROMIUM_ARGS
 
 from ._servers import ARTIFACTS, http_json
@@ -16,7 +17,7 @@ from ._servers import ARTIFACTS, http_json
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = CHROMIUM_ARGS
-STAGES = ["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
+STAGES = list(registry.ORDER)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ N_LAYER = 4
 def published_run(services, tmp_path_factory):
     """Run stage 'publish' on a 4-layer export with an MLflow run of the test server as its tracker."""
     from stages.core.tracking import start_run
-    from stages.runner import run_stage
+    from stages.executor import run_stage
     from stages.storage.stores import LocalStore
 
     saved = dict(os.environ)

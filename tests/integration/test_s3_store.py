@@ -69,13 +69,13 @@ def keys_under(client, prefix: str) -> list[str]:
 
 
 def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, tmp_path):
-    from stages.runner import run_stage, stage_key
+    from stages.executor import StageCall, call_key, run_stage
     from stages.storage.s3 import S3Error
     from stages.storage.stores import S3Store
 
     store_uri = f"s3://{BUCKET}/outage"
     cfg = micro(store_uri, "corpus.max_bytes=120000", "tokenizer.train_bytes=120000")
-    key = stage_key("tokenizer", cfg, {})
+    key = call_key(StageCall.for_recipe("tokenizer", cfg, {}))
     uploaded: list[str] = []
 
     class CutAfterFirstFile(S3Store):

@@ -11,11 +11,13 @@ import json
 
 import pytest
 
+from stages import registry
+
 from ._servers import http_json, s3_client
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["tokenizer", "data", "pretrain", "finetune", "evaluate", "export", "publish"]
+STAGES = list(registry.ORDER)
 
 
 def prefect_runs(services) -> list[dict]:

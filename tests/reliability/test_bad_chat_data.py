@@ -21,9 +21,9 @@ GOOD = {"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assi
 @pytest.fixture(scope="module")
 def chat_inputs(tmp_path_factory):
     """(tokenizer ref, pretrain ref): a micro tokenizer trained here and an untrained 1-layer GPT."""
+    from stages.executor import run_stage
     from stages.lm.model import GPT, GPTConfig
     from stages.lm.tokenizer import Tokenizer
-    from stages.runner import run_stage
     from stages.storage.stores import LocalStore
     from stages.training import checkpoint
     from tests._data_fixtures import micro_config

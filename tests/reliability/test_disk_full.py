@@ -13,7 +13,7 @@ import torch
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
 from stages.core.tracking import MemoryTracker
-from stages.runner import run_stage, stage_key
+from stages.executor import StageCall, call_key, run_stage
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint as ckpt
 
@@ -65,7 +65,7 @@ def test_enospc_mid_checkpoint_keeps_the_previous_one_and_the_rerun_resumes_exac
     message = one_line(failure.value)
     assert "step_00000004: cannot write checkpoint: No space left on device" in message
     assert "free space on" in message and "rerun to resume" in message
-    assert store.find("pretrain", stage_key("pretrain", cfg, tiny_inputs)) is None
+    assert store.find("pretrain", call_key(StageCall.for_recipe("pretrain", cfg, tiny_inputs))) is None
     assert not [p for p in store.root.glob("pretrain/*") if not p.name.startswith(".")], "nothing published"
 
     work = next(store.root.glob("pretrain/.work-*/checkpoints"))

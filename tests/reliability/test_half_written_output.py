@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stages import tokenizer as tokenizer_stage
-from stages.runner import run_stage, stage_key
+from stages.executor import StageCall, call_key, run_stage
 from stages.storage.artifacts import verify
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
@@ -32,7 +32,7 @@ def setup(tmp_path):
 
 
 def _assert_rerun_builds_afresh(cfg, store: LocalStore) -> None:
-    key = stage_key("tokenizer", cfg, {})
+    key = call_key(StageCall.for_recipe("tokenizer", cfg, {}))
     assert store.find("tokenizer", key) is None
     assert not (store.root / "tokenizer" / key).exists()
     result = run_stage("tokenizer", cfg, {}, store)
@@ -65,7 +65,7 @@ def test_process_dying_mid_write_leaves_only_a_hidden_work_directory(setup, tmp_
     script = textwrap.dedent(f"""
         import os
         from stages import tokenizer as stage
-        from stages.runner import run_stage
+        from stages.executor import run_stage
         from stages.storage.stores import LocalStore
         from tests._data_fixtures import micro_config
 

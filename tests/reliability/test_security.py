@@ -32,7 +32,7 @@ from .conftest import ROOT, clean_env
 @pytest.fixture(scope="module")
 def pretrained(tiny_inputs, tmp_path_factory):
     from stages.core.config import parse_config
-    from stages.runner import run_stage
+    from stages.executor import run_stage
 
     section = {
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},

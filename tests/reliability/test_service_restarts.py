@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.runner import run_stage
+from stages.executor import run_stage
 from stages.storage.artifacts import verify
 from stages.storage.stores import S3Store
 from tests._processes import start_process, stop_process

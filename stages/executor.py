@@ -1,0 +1,331 @@
+"""The one executor: a stage call in, a finished, verified, tracked artifact out.
+
+A ``StageCall`` is one value — which stage, its declared sections, its input references, the
+store, where to track, whether to force — and ``execute(call)`` is the one place that
+
+1. computes the content key (stage + its sections + its inputs' digests + its code version),
+2. reuses the finished output for that key, or builds it in a fresh scratch directory,
+3. opens the stage's MLflow run once (a child of the pipeline's run, by explicit id),
+4. runs the stage in this process, or under ``torchrun`` when its own section asks for several
+   processes (``stages.launchers``), and
+5. checks what it reported, hashes its files and commits them atomically to the store.
+
+Every way a stage runs goes through here: the Prefect task (``flows/stage_task.py``), a stage
+container (``flows/stage_flow.py`` runs this function inside the container), and
+``python -m stages``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import registry
+from stages.core.errors import ArtifactError
+from stages.core.stage import Sections, Stage
+from stages.core.tracking import MemoryTracker, Tracker
+from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
+from stages.storage.stores import LocalStore, Store, open_store
+
+log = logging.getLogger("gptpipe.executor")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a stage's MLflow run goes: a child of the pipeline's run, or an existing stage run."""
+
+    uri: str
+    parent_run_id: str | None = None  # open the stage's child run under this run
+    run_id: str | None = None  # or log into this run, which its opener closes (a torchrun rank 0)
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. the recipe's name: labels, never key material
+    system_metrics_interval_s: float = 0.0  # CPU/memory/GPU samples for training stages (0 = off)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "parent_run_id": self.parent_run_id,
+            "run_id": self.run_id,
+            "tags": dict(self.tags),
+            "system_metrics_interval_s": self.system_metrics_interval_s,
+        }
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage to run: everything the executor needs, as plain data that travels as JSON."""
+
+    stage: str
+    config: dict[str, Any]  # the stage's declared sections, resolved (``Sections.to_json``)
+    inputs: dict[str, ArtifactRef]
+    store: str  # artifacts.store: a local directory or s3://bucket/prefix
+    tracking: Tracking | None = None
+    force: bool = False  # recompute even when a finished output exists
+
+    @classmethod
+    def for_recipe(
+        cls,
+        name: str,
+        cfg: Any,
+        inputs: dict[str, ArtifactRef],
+        *,
+        tracking_uri: str | None = None,
+        parent_run_id: str | None = None,
+        force: bool = False,
+        store: str | None = None,
+    ) -> StageCall:
+        """The call for stage ``name`` of the recipe ``cfg`` (a ``PipelineConfig``), tracked when
+        ``tracking_uri`` and ``parent_run_id`` are given. Only the stage's own sections go in."""
+        tracking = None
+        if tracking_uri and parent_run_id:
+            tracking = Tracking(
+                tracking_uri,
+                parent_run_id=parent_run_id,
+                tags={"gptpipe.recipe": cfg.name},
+                system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+            )
+        needs = registry.stage(name).inputs_for(cfg.sections(name))
+        return cls(
+            stage=name,
+            config=cfg.sections(name).to_json(),
+            inputs={need: inputs[need] for need in needs if need in inputs},
+            store=store or cfg.artifacts.store,
+            tracking=tracking,
+            force=force,
+        )
+
+    @property
+    def declared(self) -> Stage:
+        return registry.stage(self.stage)
+
+    def sections(self) -> Sections:
+        from stages.core.config import sections_from_json  # the recipe schema types the JSON back
+
+        return sections_from_json(self.stage, self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "config": self.config,
+            "inputs": {name: ref.to_dict() for name, ref in sorted(self.inputs.items())},
+            "store": self.store,
+            "tracking": self.tracking.to_dict() if self.tracking else None,
+            "force": self.force,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageCall:
+        tracking = data.get("tracking")
+        return cls(
+            stage=data["stage"],
+            config=data["config"],
+            inputs={name: ArtifactRef.from_dict(ref) for name, ref in data["inputs"].items()},
+            store=data["store"],
+            tracking=Tracking(**tracking) if tracking else None,
+            force=bool(data.get("force", False)),
+        )
+
+
+@dataclass
+class StageResult:
+    ref: ArtifactRef
+    manifest: Manifest
+    reused: bool
+    wall_time_s: float
+    run_id: str | None = None  # the stage's MLflow run, when tracked
+    experiment_id: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The result as plain data: what the flow hands the next stage and the report card."""
+        return {
+            "stage": self.manifest.stage,
+            "ref": self.ref.to_dict(),
+            "reused": self.reused,
+            "wall_time_s": 0.0 if self.reused else round(self.wall_time_s, 2),
+            "metrics": self.manifest.metrics,
+            "run_id": self.run_id,
+            "experiment_id": self.experiment_id,
+        }
+
+
+def key_config(call: StageCall) -> dict[str, Any]:
+    """What of the recipe a stage's key and MLflow params hold: its sections, and, when it reads
+    the corpus, the corpus files' fingerprint (an edited file must not reuse stale outputs)."""
+    config = {name: value for name, value in call.config.items()}
+    if "corpus" in config:
+        from stages.storage.corpus import fingerprint
+
+        config["corpus"] = {**config["corpus"], "fingerprint": fingerprint(call.sections().corpus)}
+    return config
+
+
+def needed_inputs(call: StageCall) -> dict[str, ArtifactRef]:
+    """The input references the stage reads under its sections; a missing one is a one-line error."""
+    needs = call.declared.inputs_for(call.sections())
+    missing = [need for need in needs if need not in call.inputs]
+    if missing:
+        raise ArtifactError(f"stage '{call.stage}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
+    return {need: call.inputs[need] for need in needs}
+
+
+def call_key(call: StageCall) -> str:
+    """The content key of the call's output."""
+    return cache_key(call.stage, key_config(call), needed_inputs(call), code_version(call.declared.module))
+
+
+def execute(call: StageCall, store: Store | None = None, tracker: Tracker | None = None) -> StageResult:
+    """Reuse the finished output of ``call``'s content key, or build, verify and commit it.
+
+    ``store`` defaults to ``open_store(call.store)`` (pass one to reuse a client); ``tracker``
+    replaces the call's MLflow run (e.g. an in-memory tracker for a library user).
+    """
+    store = store or open_store(call.store)
+    with _stage_run(call, tracker) as run_tracker:
+        with _system_metrics(call, run_tracker):
+            result = _find_or_build(call, store, run_tracker)
+        if hasattr(run_tracker, "run_id"):  # an MLflow run: label it and attach the small outputs
+            result.run_id, result.experiment_id = run_tracker.run_id, run_tracker.experiment_id
+            run_tracker.set_tags({"gptpipe.reused": str(result.reused).lower(), "gptpipe.artifact": result.ref.uri})
+            _log_outputs(run_tracker, call.stage, result, store)
+    return result
+
+
+def run_stage(
+    name: str,
+    cfg: Any,
+    inputs: dict[str, ArtifactRef],
+    store: Store,
+    tracker: Tracker | None = None,
+    force: bool = False,
+) -> StageResult:
+    """Stage ``name`` of recipe ``cfg`` on ``store``, untracked unless ``tracker`` is given."""
+    location = str(store.root) if isinstance(store, LocalStore) else getattr(store, "uri", cfg.artifacts.store)
+    call = StageCall.for_recipe(name, cfg, inputs, force=force, store=location)
+    return execute(call, store, tracker or MemoryTracker())
+
+
+def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResult:
+    declared = call.declared
+    config, needed = key_config(call), needed_inputs(call)
+    version = code_version(declared.module)
+    key = cache_key(call.stage, config, needed, version)
+    if not call.force:
+        existing = store.find(call.stage, key)
+        if existing is not None:
+            log.info("stage %s: reusing finished output %s (key %s)", call.stage, store.ref(existing).uri, key)
+            return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
+
+    local_inputs = {need: store.materialize(ref) for need, ref in needed.items()}
+    scratch = store.scratch(call.stage, key)
+    started = time.perf_counter()
+    try:
+        metrics = _launch(call, key, local_inputs, scratch, tracker)
+        _check_headline(declared, metrics)
+        wall = time.perf_counter() - started
+        files = hash_files(scratch)
+        manifest = Manifest(
+            stage=call.stage,
+            key=key,
+            config=config,
+            inputs={n: ref.to_dict() for n, ref in sorted(needed.items())},
+            code_version=version,
+            files=files,
+            metrics=metrics,
+            wall_time_s=round(wall, 3),
+            digest=files_digest(files),
+        )
+        ref = store.commit(scratch, manifest)
+    except BaseException:
+        store.discard(scratch)
+        raise
+    log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, ref.uri)
+    return StageResult(ref, manifest, reused=False, wall_time_s=wall)
+
+
+def _launch(call: StageCall, key: str, inputs: dict[str, Path], scratch: Path, tracker: Tracker) -> dict[str, Any]:
+    """Run the stage's code: here, or under torchrun when its own section asks for several processes."""
+    from stages import launchers
+
+    sections = call.sections()
+    if launchers.needs_torchrun(call.declared, sections):
+        return launchers.run_torchrun(call, scratch, getattr(tracker, "run_id", None))
+    extra = {"work": work_location(call, key)} if call.declared.keeps_work else {}
+    return call.declared.run(sections, inputs, scratch, tracker, **extra) or {}
+
+
+def work_location(call: StageCall, key: str) -> str:
+    """Where a stage keeps state across attempts at ``key`` that remote workers must reach: beside
+    an s3:// store's outputs (a Dask cluster's workers reach only the store), else under the store."""
+    return f"{call.store.rstrip('/')}/{call.stage}/.units-{key}"
+
+
+def _check_headline(declared: Stage, metrics: dict[str, Any]) -> None:
+    """The report card shows the declared headline; a stage that stops reporting one is a bug here."""
+    missing = [name for name in declared.headline if name not in metrics]
+    if missing:
+        raise ArtifactError(
+            f"stage {declared.name} reported no {', '.join(missing)}, which its STAGE declares as headline metrics"
+        )
+
+
+@contextlib.contextmanager
+def _stage_run(call: StageCall, tracker: Tracker | None):
+    """The stage's MLflow run for the length of the block (or the given tracker, or an in-memory one)."""
+    if tracker is not None or call.tracking is None:
+        yield tracker or MemoryTracker()
+        return
+    from stages.core.tracking import stage_run
+
+    tracking = call.tracking
+    with stage_run(
+        tracking.uri,
+        call.stage,
+        parent_run_id=tracking.parent_run_id,
+        run_id=tracking.run_id,
+        tags=tracking.tags,
+        params=lambda: key_config(call),
+    ) as run_tracker:
+        yield run_tracker
+
+
+def _system_metrics(call: StageCall, tracker: Tracker) -> Any:
+    """``system/*`` samples around a training stage that has an MLflow run."""
+    interval = call.tracking.system_metrics_interval_s if call.tracking else 0.0
+    if not call.declared.trains or interval <= 0 or not hasattr(tracker, "run_id"):
+        return contextlib.nullcontext()
+    from stages.core.tracking import SystemMetrics
+
+    return SystemMetrics(tracker, interval)
+
+
+_LOGGED_SUFFIXES = {".json", ".md", ".png", ".svg", ".vocab", ".model", ".txt", ".jsonl"}
+
+
+def _log_outputs(tracker: Any, name: str, result: StageResult, store: Store) -> None:
+    """The manifest, numeric metrics and small files of the output, into the stage's MLflow run."""
+    manifest = result.manifest
+    numeric = {k: v for k, v in manifest.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.log_metrics({f"{name}.{k}": v for k, v in numeric.items()})
+    tracker.log_metrics({"wall_time_s": result.wall_time_s})
+    tracker.log_text(manifest.to_json(), MANIFEST)
+    local = _local_copy(store, result)
+    if local is None:  # reused from S3 and not cached here: the manifest says what it holds
+        return
+    for path in sorted(local.glob("*")):
+        small = path.is_file() and path.stat().st_size < 5_000_000 and path.name != MANIFEST
+        if small and path.suffix in _LOGGED_SUFFIXES:
+            tracker.log_artifact(path, "outputs")
+
+
+def _local_copy(store: Store, result: StageResult) -> Path | None:
+    """The output's files on this machine without downloading: a local store's directory, or the
+    S3 store's cached copy of an output this process just built."""
+    if isinstance(store, LocalStore):
+        return Path(result.ref.uri)
+    cache = getattr(store, "cache", None)
+    if cache is not None and cache.find(result.manifest.stage, result.manifest.key) is not None:
+        return cache.location(result.manifest.stage, result.manifest.key)
+    return None

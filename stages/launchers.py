@@ -1,0 +1,156 @@
+"""Run a stage's code as several processes under ``torchrun`` (DDP / FSDP2), for the executor.
+
+The executor (``stages/executor.py``) has already found no finished output, opened the stage's
+MLflow run and made a scratch directory; when the stage's own section asks for more than one
+process it calls ``run_torchrun``, which runs
+
+    torchrun --standalone --nproc_per_node N -m stages.launchers --call '<stage call JSON>' \\
+        --scratch <dir> --status <file> [--run-id <the stage's MLflow run>]
+
+(``python -m torch.distributed.run`` is torchrun itself, named by the interpreter so it is the
+one in this environment). Every rank runs the stage's ``run`` on the same call; rank 0 writes
+the files and logs into the stage's run, and writes a status file: the metrics, or the error
+it stopped on, typed (``preempted`` for a SIGTERM that left a checkpoint). The executor then
+hashes and commits the scratch directory, as for a stage run in its own process.
+
+Multi-node: with ``nnodes`` > 1 the c10d rendezvous flags are used; every node must run the
+same command with ``GPTPIPE_RDZV_ENDPOINT=host:port`` of a node all can reach and the same
+``GPTPIPE_RDZV_ID`` (the call travels in the command line, so the command is the same on
+every node); this module launches this node's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.core.errors import ConfigError, GptpipeError
+from stages.core.stage import Sections, Stage
+
+if TYPE_CHECKING:
+    from stages.executor import StageCall
+
+log = logging.getLogger("gptpipe.launch")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def needs_torchrun(declared: Stage, sections: Sections) -> bool:
+    """True when the stage's own section asks for several processes. The recipe's validation
+    already refused that for any stage not declared ``torchrun``, before any stage ran."""
+    own = sections._values.get(declared.name)
+    return declared.torchrun and (getattr(own, "nproc_per_node", 1) > 1 or getattr(own, "nnodes", 1) > 1)
+
+
+def torchrun_args(section: Any, name: str, env: dict[str, str] | None = None) -> list[str]:
+    """torchrun's own flags: standalone on one node, c10d rendezvous across several."""
+    env = os.environ if env is None else env
+    args = [f"--nproc_per_node={section.nproc_per_node}"]
+    if section.nnodes == 1:
+        return ["--standalone", *args]  # a free local port per launch: parallel jobs do not collide
+    endpoint = env.get("GPTPIPE_RDZV_ENDPOINT", "")
+    if not endpoint:
+        raise ConfigError(
+            f"{name}.nnodes = {section.nnodes}: set GPTPIPE_RDZV_ENDPOINT=host:port (a node every node can reach) "
+            "and run the same command on every node"
+        )
+    return [
+        *args,
+        f"--nnodes={section.nnodes}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={endpoint}",
+        f"--rdzv_id={env.get('GPTPIPE_RDZV_ID', 'gptpipe-' + name)}",
+    ]
+
+
+def command_line(
+    call: StageCall, scratch: Path, status: Path, run_id: str | None = None, env: dict[str, str] | None = None
+) -> list[str]:
+    """The full argv: torchrun's flags, then this module as every rank's entry point."""
+    section = call.sections()._values[call.stage]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(section, call.stage, env)]
+    cmd += ["-m", "stages.launchers", "--call", json.dumps(call.to_dict(), sort_keys=True)]
+    cmd += ["--scratch", str(scratch), "--status", str(status)]
+    if run_id:
+        cmd += ["--run-id", run_id]
+    return cmd
+
+
+def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[str, str] | None = None) -> dict:
+    """Run the call's stage under torchrun into ``scratch``; return rank 0's metrics or raise its error."""
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="gptpipe-launch-") as tmp:
+        status = Path(tmp) / "status.json"
+        cmd = command_line(call, scratch, status, run_id, child_env)
+        shown = [arg if not arg.startswith("{") else "<call>" for arg in cmd]
+        log.info("stage %s: launching %s", call.stage, shlex.join(shown))
+        returncode = subprocess.call(cmd, env=child_env, cwd=ROOT)  # ranks' output goes straight to ours
+        report = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else None
+    if report is None or (returncode != 0 and "metrics" in report):
+        raise GptpipeError(
+            f"stage {call.stage} under torchrun exited with status {returncode} without a report; "
+            "see the worker log above"
+        )
+    if "metrics" in report:
+        return report["metrics"]
+    raise _error(report)
+
+
+def _error(report: dict[str, Any]) -> GptpipeError:
+    """The exception rank 0 stopped on, from its status file."""
+    from stages.training.loop import Preempted
+
+    if report.get("preempted"):
+        return Preempted(report["error"])
+    error = GptpipeError(report["error"])
+    error.transient = bool(report.get("transient"))
+    return error
+
+
+def _rank_main(argv: list[str] | None = None) -> int:
+    """One rank: run the stage on the call; rank 0 writes the status file."""
+    from stages.core.tracking import MemoryTracker, attach_run
+    from stages.executor import StageCall
+    from stages.storage.stores import open_store
+    from stages.training.loop import Preempted
+
+    parser = argparse.ArgumentParser(prog="python -m stages.launchers", description=__doc__.splitlines()[0])
+    parser.add_argument("--call", required=True, help="the stage call as JSON")
+    parser.add_argument("--scratch", required=True, help="the directory the stage writes its files into")
+    parser.add_argument("--status", required=True, help="where rank 0 writes its metrics or its error")
+    parser.add_argument("--run-id", default=None, help="the stage's MLflow run, which rank 0 logs into")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    call = StageCall.from_dict(json.loads(args.call))
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any]
+    try:
+        store = open_store(call.store)
+        inputs = {need: store.materialize(ref) for need, ref in call.inputs.items()}
+        tracker = attach_run(call.tracking.uri, args.run_id) if args.run_id and main_rank and call.tracking else None
+        metrics = call.declared.run(call.sections(), inputs, scratch, tracker or MemoryTracker())
+        report = {"metrics": metrics or {}}
+    except Preempted as exc:
+        report = {"error": str(exc), "preempted": True, "transient": True}
+    except GptpipeError as exc:
+        report = {"error": str(exc), "transient": bool(getattr(exc, "transient", False))}
+    if main_rank:
+        Path(args.status).write_text(json.dumps(report), encoding="utf-8")
+    if "error" in report:
+        print(f"gptpipe: error: {report['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main())
