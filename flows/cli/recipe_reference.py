@@ -1,7 +1,7 @@
 """The recipe reference: every key of the schema with its default and description.
 
-``gptpipe config --reference`` prints it; the README embeds it, and a test checks the two
-agree, so the documentation cannot drift from the code.
+``gptpipe config --reference`` prints it; docs/reference.md embeds it, and tests/test_readme.py
+checks the two agree, so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
