@@ -14,9 +14,7 @@ Outputs (one self-contained directory)::
     export.json       shapes, tensor names and graph files: what ``stages.lm.onnx_runtime`` reads
     hf/               a Hugging Face LlamaForCausalLM checkpoint with its tokenizer (export.hf; gated too)
 
-One KV graph serves prefill and decode: a zero-length past is a valid ONNX Runtime input,
-and the model's explicit-mask path equals the causal one when the past is empty. The graph is
-traced with a non-empty example past so torch.export does not specialise that axis to 0.
+The graphs are written by ``stages.lm.onnx_export``, the int8 twin by ``stages.lm.onnx_int8``.
 
 The gate (``check_parity``) fails the stage with ``ParityError`` — so the runner publishes
 nothing — unless: ``onnx.checker`` accepts every graph; ORT logits (and KV presents) match
@@ -26,27 +24,25 @@ exactly PyTorch's token ids for every prompt.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from stages.core.config import ExportConfig, PipelineConfig
 from stages.core.errors import ConfigError, ParityError
 from stages.core.tracking import Tracker
 from stages.lm import hf_checkpoint, onnx_architecture
 from stages.lm import onnx_runtime as ortgen
-from stages.lm.chat import IGNORE, ChatTemplate, Message, read_chat_jsonl
+from stages.lm.chat import ChatTemplate, Message, read_chat_jsonl
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
+from stages.lm.onnx_export import PROTOBUF_LIMIT, PT2_FILE, export_graphs, quiet_exporter, weight_bytes, write_meta
+from stages.lm.onnx_int8 import heldout_loss_change, quantize_int8
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
@@ -57,95 +53,7 @@ from stages.viewer import architecture_svg
 log = logging.getLogger("gptpipe.export")
 
 
-PT2_FILE = "model.pt2"
 HELDOUT_FILE = "heldout.jsonl"  # written by stage 'finetune' beside its model
-INT8_FILE = "model.int8.onnx"
-PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX protobuf cannot exceed 2 GB: weights go to a side file
-
-
-class KVGraph(nn.Module):
-    """``forward_with_cache`` with the cache flattened into positional tensors (ONNX has no lists)."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        logits, presents = self.model.forward_with_cache(input_ids, past)
-        return (logits, *(t for layer in presents for t in layer))
-
-
-def weight_bytes(model: nn.Module) -> int:
-    # parameters() yields a tied tensor once, as the graph stores it once.
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _dims(block_size: int) -> tuple[torch.export.Dim, torch.export.Dim, torch.export.Dim]:
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=1, max=block_size)
-    past = torch.export.Dim("past", min=0, max=block_size)
-    return batch, seq, past
-
-
-def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) -> dict[str, str]:
-    """Write model.onnx, model_kv.onnx (and model.pt2); return {role: file name}."""
-    cfg = model.cfg
-    batch, seq, past_dim = _dims(cfg.block_size)
-    # Example inputs of size >= 2 on every dynamic axis: torch.export specialises sizes 0 and 1.
-    ids = torch.arange(10).reshape(2, 5) % cfg.vocab_size
-    program = torch.export.export(model, (ids,), dynamic_shapes={"idx": {0: batch, 1: seq}}, strict=False)
-    graphs = {"logits": ortgen.LOGITS_GRAPH, "kv": ortgen.KV_GRAPH}
-    if pt2:
-        torch.export.save(program, str(out / PT2_FILE))
-        graphs["pt2"] = PT2_FILE
-    onnx_program = torch.onnx.export(
-        program,
-        (ids,),
-        dynamo=True,
-        opset_version=opset,
-        input_names=["input_ids"],
-        output_names=["logits"],
-        verbose=False,
-    )
-    # Exporting a traced program keeps torch's symbol names (s27...): name the axes for Netron.
-    axes = onnx_program.model.graph.inputs[0].shape
-    onnx_program.rename_axes({axes[0]: "batch", axes[1]: "seq"})
-    onnx_program.save(str(out / ortgen.LOGITS_GRAPH), external_data=external)  # external: <name>.data beside it
-
-    kv_in, kv_out = ortgen.kv_names(cfg.n_layer)
-    past = [torch.zeros(2, cfg.n_head, 3, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
-    shapes = {"input_ids": {0: batch, 1: seq}, "past_flat": tuple({0: batch, 2: past_dim} for _ in past)}
-    onnx_program = torch.onnx.export(
-        KVGraph(model).eval(),
-        (ids, *past),
-        dynamo=True,
-        opset_version=opset,
-        dynamic_shapes=shapes,
-        input_names=kv_in,
-        output_names=kv_out,
-        verbose=False,
-    )
-    onnx_program.save(str(out / ortgen.KV_GRAPH), external_data=external)
-    return graphs
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The ONNX exporter's optimiser logs each merged constant at INFO; keep the stage log readable."""
-    # (and warns that torchvision ops are unavailable, which a GPT never uses).
-    noisy = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
-    levels = [logger.level for logger in noisy]
-    for logger in noisy:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
-            yield
-    finally:
-        for logger, level in zip(noisy, levels):
-            logger.setLevel(level)
 
 
 def check_graphs(out: Path, names: list[str]) -> None:
@@ -160,50 +68,12 @@ def check_graphs(out: Path, names: list[str]) -> None:
             ) from None
 
 
-def quantize_int8(out: Path, external: bool) -> str:
-    """Dynamic int8 (weights int8, activations quantised per batch) of the logits graph."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The quantizer logs every node it skips on the root logger: thousands of lines at INFO.
-    logging.disable(logging.WARNING)
-    try:
-        quantize_dynamic(
-            out / ortgen.LOGITS_GRAPH, out / INT8_FILE, weight_type=QuantType.QInt8, use_external_data_format=external
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    return INT8_FILE
-
-
 def copy_tokenizer(source: Path, out: Path) -> None:
     target = out / ortgen.TOKENIZER_DIR
     target.mkdir()
     for path in source.iterdir():
         if path.is_file() and path.name != MANIFEST:
             shutil.copy2(path, target / path.name)
-
-
-def write_meta(model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig, external: bool) -> None:
-    kv_in, kv_out = ortgen.kv_names(model.cfg.n_layer)
-    shape = model.cfg
-    meta = {
-        "n_layer": shape.n_layer,
-        "n_head": shape.n_head,
-        "head_dim": shape.head_dim,
-        "block_size": shape.block_size,
-        "vocab_size": shape.vocab_size,
-        "model": shape.to_dict(),
-        "graphs": graphs,
-        "logits_input": "input_ids",
-        "kv_inputs": kv_in,
-        "kv_outputs": kv_out,
-        "source": cfg.source,
-        "opset": cfg.opset,
-        "external_data": external,
-        "tokenizer": ortgen.TOKENIZER_DIR,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ortgen.ort.__version__},
-    }
-    (out / ortgen.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def file_sizes(out: Path) -> dict[str, int]:
@@ -358,42 +228,6 @@ def check_parity(
     return metrics
 
 
-def _masked_loss(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
-    """Summed cross-entropy over targets that are not IGNORE, and how many there were."""
-    keep = targets != IGNORE
-    rows = logits[keep].astype(np.float64)
-    rows -= rows.max(axis=-1, keepdims=True)
-    log_probs = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-    return float(-log_probs[np.arange(len(rows)), targets[keep]].sum()), int(keep.sum())
-
-
-def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]) -> dict:
-    """Assistant-token loss on held-out chat items: fp32 graph vs its int8 twin (reported, not gated)."""
-    template = ChatTemplate(tokenizer)
-    meta = ortgen.ExportMeta.read(out)
-    sessions = {
-        name: ortgen.open_session(out / file, cfg.threads)
-        for name, file in (("fp32", ortgen.LOGITS_GRAPH), ("int8", INT8_FILE))
-    }
-    totals = {name: 0.0 for name in sessions}
-    count = 0
-    for messages in conversations[: cfg.heldout_items]:
-        inputs, targets = template.render(messages).inputs_targets()
-        ids = np.array([inputs[-meta.block_size :]], dtype=np.int64)
-        wanted = np.array([targets[-meta.block_size :]], dtype=np.int64)
-        for name, session in sessions.items():
-            loss, n = _masked_loss(session.run(None, {"input_ids": ids})[0], wanted)
-            totals[name] += loss
-        count += n
-    fp32, int8 = totals["fp32"] / max(count, 1), totals["int8"] / max(count, 1)
-    return {
-        "loss_fp32": round(fp32, 5),
-        "loss_int8": round(int8, 5),
-        "loss_delta": round(int8 - fp32, 5),
-        "tokens": count,
-    }
-
-
 # ---------------------------------------------------------------------------- architecture view
 
 
@@ -481,7 +315,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
 
     external = ecfg.external_data or weight_bytes(model) > PROTOBUF_LIMIT
     started = time.perf_counter()
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_exporter():
         graphs = export_graphs(model, out, ecfg.opset, external, ecfg.pt2)
     graphs["architecture"] = onnx_architecture.save_architecture(model, out, ecfg.opset, external)  # architecture view
     architecture_svg.write_svg(out / graphs["architecture"], out / architecture_svg.SVG_FILE)
