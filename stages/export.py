@@ -16,10 +16,11 @@ Outputs (one self-contained directory)::
 
 The graphs are written by ``stages.lm.onnx_export``, the int8 twin by ``stages.lm.onnx_int8``.
 
-The gate (``check_parity``) fails the stage with ``ParityError`` — so the runner publishes
-nothing — unless: ``onnx.checker`` accepts every graph; ORT logits (and KV presents) match
-PyTorch within ``export.tolerance`` for every checked shape; and greedy ORT+KV generation gives
-exactly PyTorch's token ids for every prompt.
+The gate fails the stage with ``ParityError`` — so the runner publishes nothing — unless ``onnx.checker`` accepts every graph, ORT logits (and
+KV presents) match PyTorch within ``export.tolerance`` for every checked shape, and greedy ORT+KV
+generation gives exactly PyTorch's token ids for every prompt (``stages.lm.onnx_gate``); the
+Hugging Face checkpoint passes the same checks in transformers (``stages.lm.hf_gate``).
+Both gates compare with ``stages.lm.parity``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from stages.core.config import ExportConfig, PipelineConfig
-from stages.core.errors import ConfigError, ParityError
+from stages.core.errors import ConfigError
 from stages.core.tracking import Tracker
-from stages.lm import hf_checkpoint, onnx_architecture
+from stages.lm import hf_checkpoint, hf_gate, onnx_architecture, parity
 from stages.lm import onnx_runtime as ortgen
-from stages.lm.chat import ChatTemplate, Message, read_chat_jsonl
-from stages.lm.generate import generate_ids
+from stages.lm.chat import Message, read_chat_jsonl
 from stages.lm.model import GPT
-from stages.lm.onnx_export import PROTOBUF_LIMIT, PT2_FILE, export_graphs, quiet_exporter, weight_bytes, write_meta
+from stages.lm.onnx_export import PROTOBUF_LIMIT, export_graphs, quiet_exporter, weight_bytes, write_meta
+from stages.lm.onnx_gate import architecture_parity, check_graphs, check_parity
 from stages.lm.onnx_int8 import heldout_loss_change, quantize_int8
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
@@ -52,20 +52,7 @@ from stages.viewer import architecture_svg
 
 log = logging.getLogger("gptpipe.export")
 
-
 HELDOUT_FILE = "heldout.jsonl"  # written by stage 'finetune' beside its model
-
-
-def check_graphs(out: Path, names: list[str]) -> None:
-    """``onnx.checker`` on each graph, by path so external weights (and > 2 GB models) work."""
-    for name in names:
-        try:
-            onnx.checker.check_model(str(out / name), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ParityError(
-                f"export parity gate: onnx.checker rejects {name}: {first} — nothing was published"
-            ) from None
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
@@ -84,198 +71,12 @@ def file_sizes(out: Path) -> dict[str, int]:
     }
 
 
-# ---------------------------------------------------------------------------- parity gate
-
-
-def gate_shapes(count: int, block_size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """(1, 1) and (2, block_size) — the edges — plus ``count`` random (batch, length) shapes."""
-    shapes = [(1, 1), (2, block_size)]
-    shapes += [(int(rng.integers(1, 5)), int(rng.integers(2, block_size + 1))) for _ in range(count)]
-    return shapes
-
-
-def _max_diff(ours: list[np.ndarray], ref: list[torch.Tensor]) -> float:
-    """Largest |ORT - PyTorch|, scaled by the reference's largest magnitude when that exceeds 1.
-
-    fp32 rounding grows with the values: a fine-tuned model's logits reach tens, where two
-    correct kernels differ by ~1e-4. Scaling keeps the gate at 1e-4 for unit-sized values and
-    relative beyond, so it still catches a changed weight (errors of 1e-2 and up) without
-    failing a faithful export on rounding.
-    """
-    return max(float(np.max(np.abs(a - b.numpy()))) / max(1.0, float(b.abs().max())) for a, b in zip(ours, ref))
-
-
-@torch.no_grad()
-def logits_parity(model: GPT, out: Path, shapes: list[tuple[int, int]], rng: np.random.Generator, threads: int) -> dict:
-    """max |ORT - PyTorch| per shape, for model.onnx and for the KV graph run as prefill + continuation."""
-    logits_session = ortgen.open_session(out / ortgen.LOGITS_GRAPH, threads)
-    kv = ortgen.OnnxGenerator(out, threads=threads)
-    report: dict[str, dict[str, float]] = {}
-    for batch, length in shapes:
-        ids = rng.integers(0, model.cfg.vocab_size, size=(batch, length), dtype=np.int64)
-        ref = model(torch.from_numpy(ids))
-        plain = _max_diff(logits_session.run(None, {"input_ids": ids}), [ref])
-        # KV graph: the first half as prefill from an empty past, the rest on top of that past.
-        split = length // 2
-        ref_past, ort_past = None, kv.empty_past(batch)
-        cached = 0.0
-        for part in (ids[:, :split], ids[:, split:]):
-            if part.shape[1] == 0:
-                continue
-            ref_logits, ref_past = model.forward_with_cache(torch.from_numpy(part), ref_past)
-            ort_logits, ort_past = kv.step(part, ort_past)
-            flat = [t for layer in ref_past for t in layer]
-            cached = max(cached, _max_diff([ort_logits, *ort_past], [ref_logits, *flat]))
-        report[f"{batch}x{length}"] = {"logits": plain, "kv": cached}
-    return report
-
-
 def heldout_conversations(model_artifact: Path, count: int, seed: int) -> tuple[list[list[Message]], str]:
     """The fine-tune's own held-out conversations when it saved them, else built-in held-out tasks."""
     path = model_artifact / HELDOUT_FILE
     if path.is_file():
         return read_chat_jsonl(path)[:count], HELDOUT_FILE
     return [item.messages() for item in make_items(count, "heldout", seed)], "synthetic tasks"
-
-
-def parity_prompts(
-    tokenizer: Tokenizer, conversations: list[list[Message]], count: int, block_size: int, new_tokens: int, seed: int
-) -> list[list[int]]:
-    """Held-out chat prompts, plus one random prompt that runs past block_size (the crop path)."""
-    template = ChatTemplate(tokenizer)
-    chats = conversations[: max(count - 1, 1)]
-    # Everything before the last assistant turn, ending with <|assistant|>: what a user would send.
-    prompts = [
-        template.render_prompt(messages[:-1] if len(messages) > 1 else messages)[-block_size:] for messages in chats
-    ]
-    if count > 1:
-        rng = np.random.default_rng(seed)
-        length = max(1, block_size - new_tokens // 2)
-        prompts.append([int(t) for t in rng.integers(0, tokenizer.vocab_size, size=length)])
-    return prompts
-
-
-def generation_parity(
-    model: GPT, out: Path, prompts: list[list[int]], new_tokens: int, stop_ids, threads: int
-) -> list[str]:
-    """Problems (empty when every prompt gives identical greedy ids in PyTorch and ORT+KV)."""
-    generator = ortgen.OnnxGenerator(out, threads=threads)
-    problems = []
-    for number, prompt in enumerate(prompts):
-        ref = generate_ids(model, prompt, new_tokens, stop_ids=stop_ids)
-        ours = generator.generate_ids(prompt, new_tokens, stop_ids=stop_ids)
-        if ours != ref:
-            at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-            got = ours[at] if at < len(ours) else "end"
-            want = ref[at] if at < len(ref) else "end"
-            problems.append(
-                f"prompt {number} ({len(prompt)} ids) diverges at new token {at}: ORT {got}, PyTorch {want}"
-            )
-    return problems
-
-
-@torch.no_grad()
-def pt2_parity(model: GPT, out: Path, rng: np.random.Generator) -> float:
-    """Reload model.pt2 and compare its logits with the live model on one odd shape."""
-    program = torch.export.load(str(out / PT2_FILE))
-    ids = torch.from_numpy(rng.integers(0, model.cfg.vocab_size, size=(3, max(2, model.cfg.block_size // 3))))
-    ref = model(ids)
-    return float((program.module()(ids) - ref).abs().max()) / max(1.0, float(ref.abs().max()))
-
-
-def check_parity(
-    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]] | None = None
-) -> dict:
-    """Run the gate; raise ParityError naming every failure, else return its numbers."""
-    rng = np.random.default_rng(cfg.seed)
-    block = model.cfg.block_size
-    by_shape = logits_parity(model, out, gate_shapes(cfg.parity_shapes, block, rng), rng, cfg.threads)
-    failures = [
-        f"{graph} {shape}: {diff:.2e}"
-        for shape, diffs in by_shape.items()
-        for graph, diff in (("model.onnx", diffs["logits"]), ("model_kv.onnx", diffs["kv"]))
-        if not diff <= cfg.tolerance  # NaN fails too
-    ]
-    pt2_diff = pt2_parity(model, out, rng) if (out / PT2_FILE).is_file() else None
-    if pt2_diff is not None and not pt2_diff <= cfg.tolerance:
-        failures.append(f"model.pt2: {pt2_diff:.2e}")
-    if failures:
-        raise ParityError(
-            f"export parity gate: ORT/PyTorch max |dlogits| (relative to max |logit| when above 1) above "
-            f"export.tolerance={cfg.tolerance:g} for "
-            f"{'; '.join(failures)}; the exported graph computes something else — nothing was published"
-        )
-    if conversations is None:
-        conversations = [item.messages() for item in make_items(cfg.generation_prompts, "heldout", cfg.seed)]
-    prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed)
-    stop_ids = ChatTemplate(tokenizer).stop_ids
-    problems = generation_parity(model, out, prompts, cfg.generation_tokens, stop_ids, cfg.threads)
-    if problems:
-        raise ParityError(
-            f"export parity gate: greedy ORT+KV generation ({ortgen.KV_GRAPH}) differs from PyTorch for "
-            f"{len(problems)}/{len(prompts)} prompts ({'; '.join(problems)}) — nothing was published"
-        )
-    worst = max(max(d.values()) for d in by_shape.values())
-    metrics = {
-        "max_abs_diff": worst,
-        "max_abs_diff_by_shape": by_shape,
-        "tolerance": cfg.tolerance,
-        "generation_prompts": len(prompts),
-        "generation_matches": len(prompts) - len(problems),
-    }
-    if pt2_diff is not None:
-        metrics["pt2_max_abs_diff"] = pt2_diff
-    return metrics
-
-
-# ---------------------------------------------------------------------------- architecture view
-
-
-@torch.no_grad()
-def architecture_parity(
-    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
-) -> dict:
-    """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
-    gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
-    name = onnx_architecture.ARCHITECTURE_GRAPH
-    blocks = onnx_architecture.block_count(onnx.load(str(out / name), load_external_data=False))
-    if blocks != model.cfg.n_layer:
-        raise ParityError(
-            f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published"
-        )
-    rng = np.random.default_rng(cfg.seed)
-    session = ortgen.open_session(out / name, cfg.threads)
-    diffs = {}
-    for batch, length in gate_shapes(cfg.parity_shapes, model.cfg.block_size, rng):
-        ids = rng.integers(0, model.cfg.vocab_size, size=(batch, length), dtype=np.int64)
-        diffs[f"{batch}x{length}"] = _max_diff(session.run(None, {"input_ids": ids}), [model(torch.from_numpy(ids))])
-    failures = [f"{shape}: {diff:.2e}" for shape, diff in diffs.items() if not diff <= cfg.tolerance]
-    if failures:
-        raise ParityError(
-            f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
-            f"for {'; '.join(failures)} — nothing was published"
-        )
-    prompts = parity_prompts(
-        tokenizer, conversations, cfg.generation_prompts, model.cfg.block_size, cfg.generation_tokens, cfg.seed
-    )
-    stop_ids = ChatTemplate(tokenizer).stop_ids
-    differ = [
-        number
-        for number, prompt in enumerate(prompts)
-        if onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, model.cfg.block_size, stop_ids)
-        != generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids)
-    ]
-    if differ:
-        raise ParityError(
-            f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
-            f"{differ} of {len(prompts)} — nothing was published"
-        )
-    return {
-        "blocks": blocks,
-        "max_abs_diff": max(diffs.values()),
-        "generation_prompts": len(prompts),
-        "generation_matches": len(prompts),
-    }
 
 
 def export_hf(
@@ -285,16 +86,13 @@ def export_hf(
     block = model.cfg.block_size
     started = time.perf_counter()
     hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / hf_checkpoint.HF_DIR)
-    shapes = gate_shapes(cfg.parity_shapes, block, np.random.default_rng(cfg.seed))
-    prompts = parity_prompts(tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed)
-    figures, failures = hf_checkpoint.check_checkpoint(
-        model, tokenizer, hf_dir, cfg.tolerance, shapes, prompts, cfg.generation_tokens, conversations, cfg.seed
+    inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, np.random.default_rng(cfg.seed))
+    prompts = parity.parity_prompts(
+        tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
     )
-    if failures:
-        raise ParityError(
-            f"export parity gate: the Hugging Face checkpoint ({hf_checkpoint.HF_DIR}/, loaded with "
-            f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published"
-        )
+    figures = hf_gate.check_checkpoint(
+        model, tokenizer, hf_dir, cfg.tolerance, inputs, prompts, cfg.generation_tokens, conversations
+    )
     return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -331,7 +129,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     metrics["architecture"] = architecture_parity(model, out, tokenizer, ecfg, conversations)  # architecture view
     metrics["parity_seconds"] = round(time.perf_counter() - started, 3)
 
-    if ecfg.hf:  # ---- Hugging Face checkpoint, behind its own gate (stages/lm/hf_checkpoint.py)
+    if ecfg.hf:  # ---- Hugging Face checkpoint, behind its own gate (stages/lm/hf_gate.py)
         metrics["hf"] = export_hf(model, tokenizer, out, ecfg, conversations)
         tracker.log_artifact(out / hf_checkpoint.HF_DIR, hf_checkpoint.HF_DIR)
         tracker.log_metrics(
