@@ -16,11 +16,12 @@ Outputs (one self-contained directory)::
 
 The graphs are written by ``stages.lm.onnx_export``, the int8 twin by ``stages.lm.onnx_int8``.
 
-The gate fails the stage with ``ParityError`` — so the runner publishes nothing — unless ``onnx.checker`` accepts every graph, ORT logits (and
-KV presents) match PyTorch within ``export.tolerance`` for every checked shape, and greedy ORT+KV
-generation gives exactly PyTorch's token ids for every prompt (``stages.lm.onnx_gate``); the
-Hugging Face checkpoint passes the same checks in transformers (``stages.lm.hf_gate``).
-Both gates compare with ``stages.lm.parity``.
+The gate fails the stage with ``ParityError`` — so the runner publishes nothing — unless
+``onnx.checker`` accepts every graph, ORT logits (and KV presents) match PyTorch within
+``export.tolerance`` for every checked shape, and greedy ORT+KV generation gives exactly
+PyTorch's token ids for every prompt (``stages.lm.onnx_gate``); the Hugging Face checkpoint
+passes the same checks in transformers (``stages.lm.hf_gate``). Both gates compare with
+``stages.lm.parity``.
 """
 
 from __future__ import annotations
