@@ -17,30 +17,25 @@ Analytics when its version meta is a release number (set to ``0.0.0``, which Net
 as an unpackaged build), and nags for an update after 180 days (its build-date meta is
 removed). A ``connect-src 'self'`` CSP then blocks any request we did not foresee.
 
-``python -m stages.publish serve DIR --port N`` (or ``serve_bundle``) serves a bundle on 127.0.0.1.
+``python -m stages.viewer.serve serve DIR --port N`` serves a bundle on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import html
 import json
 import re
 import shutil
-import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from stages.core.config import PipelineConfig
-from stages.core.errors import ArtifactError, GptpipeError
+from stages.core.errors import ArtifactError
 from stages.core.tracking import Tracker
 from stages.viewer import netron_page
+from stages.viewer.serve import LANDING
 
 NETRON_DIR = "netron"
 GRAPHS_DIR = "graphs"
-LANDING = "index.html"
 BUNDLE_FILE = "bundle.json"
 OFFLINE_SCRIPT = "offline.js"
 
@@ -209,64 +204,3 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
         "links": {g["file"]: g["link"] for g in graphs},
         "standalone": {g["file"]: g["standalone"] for g in graphs if "standalone" in g},
     }
-
-
-# ---------------------------------------------------------------------------- serving
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    extensions_map = {
-        **SimpleHTTPRequestHandler.extensions_map,
-        ".js": "text/javascript",  # Netron loads its modules as ES modules: needs a JS MIME type
-        ".onnx": "application/octet-stream",
-        ".pt2": "application/octet-stream",
-        ".data": "application/octet-stream",
-    }
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-def serve_bundle(directory: str | Path, port: int = 0) -> ThreadingHTTPServer:
-    """Serve ``directory`` on 127.0.0.1:``port`` (0 = any free port) from a daemon thread.
-
-    The caller stops it with ``server.shutdown()``; ``server.server_address[1]`` is the port.
-    """
-    directory = Path(directory).resolve()
-    if not (directory / LANDING).is_file():
-        raise ArtifactError(f"{directory}: no {LANDING}; pass the output directory of stage 'publish'")
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    except OSError as exc:
-        raise GptpipeError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another --port") from None
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="publish-serve", daemon=True).start()
-    return server
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.publish", description="Serve a Netron bundle locally.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a publish artifact on 127.0.0.1")
-    serve.add_argument("directory", help="output directory of stage 'publish'")
-    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 = any free port)")
-    args = parser.parse_args(argv)
-    try:
-        server = serve_bundle(args.directory, args.port)
-    except GptpipeError as exc:
-        print(f"gptpipe: error: {exc}", file=sys.stderr)
-        return 2
-    host, port = server.server_address[:2]
-    print(f"serving {args.directory} at http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
