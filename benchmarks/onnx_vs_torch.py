@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import export
 from stages.core.config import ExportConfig
+from stages.lm import onnx_export
 from stages.lm.model import GPT, GPTConfig
 from stages.lm.onnx_runtime import OnnxGenerator
 
@@ -69,9 +69,9 @@ def ort_decode(gen: OnnxGenerator, prompt: np.ndarray, new_tokens: int) -> tuple
 
 def export_to(model: GPT, directory: Path, opset: int) -> Path:
     directory.mkdir(parents=True)
-    with torch.no_grad(), export._quiet_exporter():
-        graphs = export.export_graphs(model, directory, opset, external=False, pt2=False)
-    export.write_meta(model, directory, graphs, ExportConfig(opset=opset), external=False)
+    with torch.no_grad(), onnx_export.quiet_exporter():
+        graphs = onnx_export.export_graphs(model, directory, opset, external=False, pt2=False)
+    onnx_export.write_meta(model, directory, graphs, ExportConfig(opset=opset), external=False)
     return directory
 
 

@@ -120,6 +120,6 @@ def publish_artifacts(report: dict[str, Any]) -> list[str]:
             link=netron,
             link_text="Netron bundle (index.html)",
             key=keys[-1],
-            description="Serve with: python -m stages.publish serve <bundle dir>",
+            description="Serve with: python -m stages.viewer.serve serve <bundle dir>",
         )
     return keys

@@ -70,7 +70,9 @@ def render_report(report: dict[str, Any]) -> str:
     publish = report["stages"].get("publish")
     if publish and publish["ref"]["uri"].startswith("/"):
         bundle = publish["ref"]["uri"]
-        lines.append(f"Netron viewer: {bundle}/index.html — serve it with:\n  python -m stages.publish serve {bundle}")
+        lines.append(
+            f"Netron viewer: {bundle}/index.html — serve it with:\n  python -m stages.viewer.serve serve {bundle}"
+        )
     uri, experiment = report.get("tracking_uri"), report.get("experiment_id")
     ui = mlflow_links.ui_command(uri)
     if ui:

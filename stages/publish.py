@@ -17,41 +17,37 @@ Analytics when its version meta is a release number (set to ``0.0.0``, which Net
 as an unpackaged build), and nags for an update after 180 days (its build-date meta is
 removed). A ``connect-src 'self'`` CSP then blocks any request we did not foresee.
 
-``python -m stages.publish serve DIR --port N`` (or ``serve_bundle``) serves a bundle on 127.0.0.1.
+``python -m stages.viewer.serve serve DIR --port N`` serves a bundle on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import html
 import json
 import re
 import shutil
-import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from stages.core.errors import ArtifactError, GptpipeError
+from stages.core.errors import ArtifactError
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
+from stages.lm.export_layout import ARCHITECTURE_GRAPH, INT8_FILE, KV_GRAPH, LOGITS_GRAPH, META_FILE, PT2_FILE
 from stages.viewer import netron_page
+from stages.viewer.serve import LANDING
 
 NETRON_DIR = "netron"
 GRAPHS_DIR = "graphs"
-LANDING = "index.html"
 BUNDLE_FILE = "bundle.json"
 OFFLINE_SCRIPT = "offline.js"
 
 STANDALONE_DIR = "standalone"
 
-DESCRIPTIONS = {
-    "architecture.onnx": "the architecture: embedding, Block x N (open a Block for attention and MLP), norm, lm_head",
-    "model.onnx": "logits for input ids (dynamic batch and sequence)",
-    "model_kv.onnx": "KV-cache step: input ids + past keys/values -> logits + present keys/values",
-    "model.pt2": "torch.export program of the logits model",
-    "model.int8.onnx": "dynamic int8 quantization of model.onnx",
+DESCRIPTIONS = {  # the graphs a bundle shows by default, in order
+    ARCHITECTURE_GRAPH: "the architecture: embedding, Block x N (open a Block for attention and MLP), norm, lm_head",
+    LOGITS_GRAPH: "logits for input ids (dynamic batch and sequence)",
+    KV_GRAPH: "KV-cache step: input ids + past keys/values -> logits + present keys/values",
+    PT2_FILE: "torch.export program of the logits model",
+    INT8_FILE: f"dynamic int8 quantization of {LOGITS_GRAPH}",
 }
 
 # Sets Netron's own consent cookie, so it never asks ipinfo.io where the viewer is.
@@ -69,7 +65,7 @@ def netron_package() -> tuple[Path, str]:
             "the 'netron' package is not installed; pip install netron (it ships the web viewer)"
         ) from None
     root = Path(netron.__file__).resolve().parent
-    if not (root / "index.html").is_file():
+    if not (root / netron_page.NETRON_INDEX).is_file():
         raise ArtifactError(
             f"{root}: installed netron has no index.html; reinstall netron (pip install --force-reinstall netron)"
         )
@@ -105,8 +101,8 @@ def copy_netron(dest: Path) -> str:
     root, version = netron_package()
     ignore = shutil.ignore_patterns("*.py", "__pycache__", "*.pyc")
     shutil.copytree(root, dest, ignore=ignore)
-    index = dest / "index.html"
-    index.write_text(offline_index(index.read_text(encoding="utf-8"), str(root / "index.html")), encoding="utf-8")
+    index = dest / netron_page.NETRON_INDEX
+    index.write_text(offline_index(index.read_text(encoding="utf-8"), str(root / index.name)), encoding="utf-8")
     (dest / OFFLINE_SCRIPT).write_text(_OFFLINE_JS, encoding="utf-8")
     return version
 
@@ -133,7 +129,7 @@ def collect_graphs(export_dir: Path, names: list[str], dest: Path) -> list[dict]
 
 
 def viewer_link(name: str) -> str:
-    return f"{NETRON_DIR}/index.html?url=../{GRAPHS_DIR}/{name}"
+    return f"{NETRON_DIR}/{netron_page.NETRON_INDEX}?url=../{GRAPHS_DIR}/{name}"
 
 
 def _standalone_link(graph: dict) -> str:
@@ -189,7 +185,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     if not cfg.publish.enabled:
         (out / BUNDLE_FILE).write_text(json.dumps({"enabled": False}) + "\n", encoding="utf-8")
         return {"enabled": False}
-    meta_path = export_dir / "export.json"
+    meta_path = export_dir / META_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     graphs = collect_graphs(export_dir, cfg.publish.graphs or list(DESCRIPTIONS), out / GRAPHS_DIR)
     version = copy_netron(out / NETRON_DIR)
@@ -211,63 +207,6 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     }
 
 
-# ---------------------------------------------------------------------------- serving
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    extensions_map = {
-        **SimpleHTTPRequestHandler.extensions_map,
-        ".js": "text/javascript",  # Netron loads its modules as ES modules: needs a JS MIME type
-        ".onnx": "application/octet-stream",
-        ".pt2": "application/octet-stream",
-        ".data": "application/octet-stream",
-    }
-
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-def serve_bundle(directory: str | Path, port: int = 0) -> ThreadingHTTPServer:
-    """Serve ``directory`` on 127.0.0.1:``port`` (0 = any free port) from a daemon thread.
-
-    The caller stops it with ``server.shutdown()``; ``server.server_address[1]`` is the port.
-    """
-    directory = Path(directory).resolve()
-    if not (directory / LANDING).is_file():
-        raise ArtifactError(f"{directory}: no {LANDING}; pass the output directory of stage 'publish'")
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    except OSError as exc:
-        raise GptpipeError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another --port") from None
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="publish-serve", daemon=True).start()
-    return server
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.publish", description="Serve a Netron bundle locally.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a publish artifact on 127.0.0.1")
-    serve.add_argument("directory", help="output directory of stage 'publish'")
-    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0 = any free port)")
-    args = parser.parse_args(argv)
-    try:
-        server = serve_bundle(args.directory, args.port)
-    except GptpipeError as exc:
-        print(f"gptpipe: error: {exc}", file=sys.stderr)
-        return 2
-    host, port = server.server_address[:2]
-    print(f"serving {args.directory} at http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
-    return 0
-
-
 STAGE = Stage(
     name="publish",
     summary="Netron viewer bundle and graphs",
@@ -283,7 +222,3 @@ STAGE = Stage(
     run=run,
     headline=("graphs", "netron_version"),
 )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,8 @@ import torch
 from _export_fixtures import exported
 from onnx import numpy_helper
 
-from stages import export
 from stages.core.errors import ParityError
-from stages.lm import onnx_architecture
+from stages.lm import onnx_architecture, onnx_gate
 from stages.lm.generate import generate_ids
 from stages.lm.onnx_runtime import open_session
 from stages.lm.tokenizer import Tokenizer
@@ -106,7 +105,7 @@ def test_gate_fails_when_a_block_is_missing(deep, tmp_path):
     model = load_model(deep.model_dir, "cpu").float().eval()
     tokenizer = Tokenizer.load(out / "tokenizer")
     with pytest.raises(ParityError, match=f"{N_LAYER - 1} Block nodes for n_layer={N_LAYER}"):
-        export.architecture_parity(model, out, tokenizer, deep.cfg.export, [])
+        onnx_gate.architecture_parity(model, out, tokenizer, deep.cfg.export, [])
 
 
 def test_gate_fails_when_a_block_weight_differs(deep, tmp_path):
@@ -119,7 +118,7 @@ def test_gate_fails_when_a_block_weight_differs(deep, tmp_path):
     onnx.save(proto, str(out / "architecture.onnx"))
     model = load_model(deep.model_dir, "cpu").float().eval()
     with pytest.raises(ParityError, match="architecture.onnx logits differ"):
-        export.architecture_parity(model, out, Tokenizer.load(out / "tokenizer"), deep.cfg.export, [])
+        onnx_gate.architecture_parity(model, out, Tokenizer.load(out / "tokenizer"), deep.cfg.export, [])
 
 
 def test_report_picture_shows_one_block_per_layer(deep):

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from stages import export
 from stages.core.errors import ConfigError, ParityError
 from stages.executor import run_stage
+from stages.lm import onnx_gate
 from stages.lm.generate import generate, generate_ids
 from stages.lm.onnx_runtime import OnnxGenerator
 from stages.lm.tokenizer import Tokenizer
@@ -122,7 +123,7 @@ def test_gate_rejects_one_perturbed_onnx_weight(good, tmp_path):
     perturb(broken / "model.onnx", head, bump_one)
     model = load_model(good.model_dir)
     with pytest.raises(ParityError) as caught:
-        export.check_parity(model, broken, Tokenizer.load(broken / "tokenizer"), good.cfg.export)
+        onnx_gate.check_parity(model, broken, Tokenizer.load(broken / "tokenizer"), good.cfg.export, [])
     message = str(caught.value)
     assert "model.onnx 1x1" in message and "export.tolerance=0.0001" in message and "\n" not in message
     assert "model_kv.onnx" not in message  # only the graph that was changed is blamed

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from stages import export
 from stages.core.errors import ParityError
 from stages.executor import run_stage
-from stages.lm import hf_checkpoint
+from stages.lm import hf_checkpoint, hf_gate
 from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
 from stages.lm.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def test_tokenization_is_identical_on_held_out_text(good, loaded):
     texts = [
         inspect.getsource(textwrap),
         inspect.getsource(json.decoder),
-        hf_checkpoint.PROBE_TEXT,
+        hf_gate.PROBE_TEXT,
         "  \t\n\n x",
         "ünïcødé ✓ 🚀 \u00a0nbsp",
     ]
@@ -114,7 +114,7 @@ def test_tokenization_is_identical_on_held_out_text(good, loaded):
         assert hf_tokenizer.encode(text, add_special_tokens=False) == ids
         assert hf_tokenizer.decode(ids) == text
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b c"}]
-    ids = hf_checkpoint._ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    ids = hf_gate._ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     assert ids == ChatTemplate(tokenizer).render_prompt(messages)
 
 

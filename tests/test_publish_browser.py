@@ -18,6 +18,7 @@ from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
 from stages.executor import run_stage
 from stages.storage.stores import LocalStore
+from stages.viewer.serve import serve_bundle
 from tests._processes import CHROMIUM_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def test_unknown_netron_layout_is_refused():
 
 def test_serve_bundle_binds_loopback(bundle):
     out, _ = bundle
-    server = publish.serve_bundle(out, 0)
+    server = serve_bundle(out, 0)
     try:
         host, port = server.server_address[:2]
         assert host == "127.0.0.1"
@@ -90,7 +91,7 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
     from playwright.sync_api import sync_playwright
 
     out, _ = bundle
-    server = publish.serve_bundle(out, 0)
+    server = serve_bundle(out, 0)
     origin = f"http://127.0.0.1:{server.server_address[1]}/"
     requests: list[str] = []
     failures: list[str] = []  # network-level failures other than a navigation cancelling a request
@@ -158,7 +159,7 @@ def _open_function(page, op: str) -> None:
 def test_architecture_view_shows_blocks_that_open_into_attention_and_mlp(deep_bundle):
     from playwright.sync_api import sync_playwright
 
-    server = publish.serve_bundle(deep_bundle, 0)
+    server = serve_bundle(deep_bundle, 0)
     origin = f"http://127.0.0.1:{server.server_address[1]}/"
     requests: list[str] = []
     errors: list[str] = []

@@ -1,4 +1,4 @@
-"""A gptpipe GPT as a Hugging Face ``LlamaForCausalLM`` checkpoint directory, and its parity check.
+"""A gptpipe GPT as a Hugging Face ``LlamaForCausalLM`` checkpoint directory.
 
 The GPT is architecturally a Llama — RoPE on half-split head dimensions (Llama's
 ``rotate_half``), RMSNorm, SwiGLU, no biases, tied embeddings — so the translation is exact:
@@ -14,8 +14,8 @@ piece score, byte fallback, the chat markers and ``"\\n"`` as atomic added token
 user-defined symbols), ``<s>``/``</s>`` never matched in text (``split_special_tokens``). The chat
 template in ``tokenizer_config.json`` renders exactly what ``stages.lm.chat.ChatTemplate`` does.
 
-Writing needs only torch, safetensors and the tokenizer; ``check_checkpoint`` loads the directory
-with transformers (offline) and is what the export stage's parity gate runs.
+Writing needs only torch, safetensors and the tokenizer; ``stages.lm.hf_gate`` loads the directory
+with transformers and checks it is the same model and tokenizer.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from stages.lm.chat import END_TOKEN, ROLE_TOKENS
 from stages.lm.model import GPT
 from stages.lm.tokenizer import MODEL_FILE, Tokenizer
 
-HF_DIR = "hf"  # inside the export artifact
 WEIGHTS_FILE = "model.safetensors"
 # The ChatTemplate, as Jinja: <|role|>content<|end|> per message, then <|assistant|> to generate.
 CHAT_TEMPLATE = (
@@ -223,124 +222,3 @@ def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-# ---------------------------------------------------------------------------- parity check
-
-# Text the tokenizer check always covers besides the held-out items: runs of spaces, tabs,
-# blank lines, indentation, accents, scripts and an emoji (byte fallback), digits, chat
-# markers inside text and the literal control-token strings (which must stay plain text).
-PROBE_TEXT = (
-    "def f(x):\n    return  x\t# tab\n\n\n  two leading spaces, trailing   \n"
-    "héllo wörld — naïve café · 日本語 · 🤖 · 1234567890 · <|user|>inline<|end|> · <s> </s> <pad> <unk>"
-)
-
-
-def _relative_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |HF - gptpipe| scaled by max |gptpipe| when that exceeds 1 (as the ONNX gate scales)."""
-    return float((ours.float() - ref.float()).abs().max()) / max(1.0, float(ref.abs().max()))
-
-
-def _ids(encoded: Any) -> list[int]:
-    """transformers 4 returns a list from apply_chat_template(tokenize=True), 5 a BatchEncoding."""
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return [int(i) for i in ids]
-
-
-@torch.no_grad()
-def check_checkpoint(
-    model: GPT,
-    tokenizer: Tokenizer,
-    hf_dir: Path,
-    tolerance: float,
-    shapes: list[tuple[int, int]],
-    prompts: list[list[int]],
-    new_tokens: int,
-    conversations: list[list[dict[str, str]]],
-    seed: int = 0,
-) -> tuple[dict[str, Any], list[str]]:
-    """Load ``hf_dir`` with transformers (offline) and compare it with ``model`` and ``tokenizer``.
-
-    Logits within ``tolerance`` on each (batch, length) shape; greedy ``generate`` token-identical
-    to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the
-    new tokens: HF does not crop, gptpipe does); ``encode`` ids identical on every held-out message
-    and ``PROBE_TEXT``, ``decode`` giving the text back, and ``apply_chat_template`` giving
-    ``ChatTemplate.render_prompt``'s ids. Returns (figures, failures); failures name what differs.
-    """
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask a hub
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stages.lm.chat import ChatTemplate
-    from stages.lm.generate import generate_ids
-
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).float().eval()
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-    failures: list[str] = []
-    generator = torch.Generator().manual_seed(seed)
-    by_shape = {}
-    for batch, length in shapes:
-        ids = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=generator)
-        by_shape[f"{batch}x{length}"] = diff = _relative_diff(hf_model(ids).logits, model(ids))
-        if not diff <= tolerance:  # NaN fails too
-            failures.append(f"logits {batch}x{length}: {diff:.2e} above export.tolerance={tolerance:g}")
-
-    template = ChatTemplate(tokenizer)
-    block = model.cfg.block_size
-    matches = 0
-    for number, prompt in enumerate(prompts):
-        prompt = prompt[-max(1, block - new_tokens) :]
-        ref = generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids)
-        out = hf_model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=list(template.stop_ids),
-            pad_token_id=tokenizer.pad_id,
-        )
-        ours = [int(t) for t in out[0, len(prompt) :]]
-        if ours == ref:
-            matches += 1
-        else:
-            at = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-            failures.append(f"greedy prompt {number} ({len(prompt)} ids) diverges at new token {at}")
-
-    texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
-    token_mismatches = [
-        i
-        for i, text in enumerate(texts)
-        if hf_tokenizer.encode(text, add_special_tokens=False) != tokenizer.encode(text)
-    ]
-    decode_mismatches = [
-        i
-        for i, text in enumerate(texts)
-        if hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False) != text
-    ]
-    if token_mismatches:
-        failures.append(
-            f"tokenization differs on {len(token_mismatches)}/{len(texts)} held-out texts "
-            f"(first: {texts[token_mismatches[0]][:40]!r})"
-        )
-    if decode_mismatches:
-        failures.append(f"decode differs on {len(decode_mismatches)}/{len(texts)} held-out texts")
-    chats = [messages[:-1] or messages for messages in conversations]
-    chat_mismatches = sum(
-        _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        != template.render_prompt(messages)
-        for messages in chats
-    )
-    if chat_mismatches:
-        failures.append(f"chat template ids differ on {chat_mismatches}/{len(chats)} held-out conversations")
-    figures = {
-        "max_abs_diff": max(by_shape.values()) if by_shape else 0.0,
-        "max_abs_diff_by_shape": by_shape,
-        "generation_prompts": len(prompts),
-        "generation_matches": matches,
-        "tokenizer_texts": len(texts),
-        "tokenizer_chars": sum(len(t) for t in texts),
-        "tokenizer_matches": len(texts) - len(token_mismatches),
-        "chat_template_matches": len(chats) - chat_mismatches,
-    }
-    return figures, failures

@@ -39,9 +39,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from stages.core.errors import ParityError
+from stages.lm.export_layout import ARCHITECTURE_GRAPH
 from stages.lm.model import GPT
 
-ARCHITECTURE_GRAPH = "architecture.onnx"
 DOMAIN = "gptpipe"
 
 # Inputs of gptpipe.Block after (x, cos, sin), in order: the parameter names inside a Block.

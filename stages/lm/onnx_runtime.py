@@ -21,11 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from stages.core.errors import ArtifactError
-
-META_FILE = "export.json"
-LOGITS_GRAPH = "model.onnx"
-KV_GRAPH = "model_kv.onnx"
-TOKENIZER_DIR = "tokenizer"
+from stages.lm.export_layout import META_FILE, TOKENIZER_DIR
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import onnx
 
-SVG_FILE = "architecture.svg"
 DOMAIN = "gptpipe"  # the local-function domain of stages.lm.onnx_architecture
 
 _BOX_W, _BOX_H, _GAP = 230, 38, 14

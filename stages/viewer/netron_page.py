@@ -51,6 +51,7 @@ MODULES = (
 )
 ASSETS = ("onnx-metadata.json",)
 SUFFIX = ".html"  # model.onnx -> model.onnx.html
+NETRON_INDEX = "index.html"  # the Netron web app's own page (not a bundle's landing page)
 LARGE_CONSTANT = 64  # elements: Constant nodes above this are weights folded by the exporter
 
 _CSP = (
@@ -183,7 +184,7 @@ def _head_styles(index_html: str) -> str:
 
 def render_page(netron_root: Path, graph: onnx.ModelProto, file_name: str, title: str) -> str:
     """The HTML text of the self-contained viewer for ``graph`` (already stripped of weights)."""
-    index_path = netron_root / "index.html"
+    index_path = netron_root / NETRON_INDEX
     index_html = index_path.read_text(encoding="utf-8")
     missing = [m for m in MODULES if not (netron_root / f"{m}.js").is_file()]
     missing += [a for a in ASSETS if not (netron_root / a).is_file()]

@@ -223,7 +223,7 @@ def test_publish_serve_listens_on_loopback_only(tmp_path):
     bundle.mkdir()
     (bundle / "index.html").write_text("<html></html>")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.publish", "serve", str(bundle), "--port", "0"],
+        [sys.executable, "-m", "stages.viewer.serve", "serve", str(bundle), "--port", "0"],
         cwd=ROOT,
         env=clean_env(),
         stdout=subprocess.PIPE,

@@ -1,0 +1,135 @@
+"""The export's gate for its Hugging Face checkpoint: transformers loads ``hf/`` offline and it is
+the same model and tokenizer as gptpipe's.
+
+``check_checkpoint`` runs ``stages.lm.parity``'s logits and greedy-generation comparisons — the
+ones the ONNX gate runs — and, since only this artifact carries its own tokenizer, compares that
+tokenizer's ids, its decode and its chat template with ``stages.lm.tokenizer`` and
+``stages.lm.chat.ChatTemplate``. transformers is imported on use: writing the checkpoint
+(``stages.lm.hf_checkpoint``) does not need it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core.errors import ParityError
+from stages.lm import parity
+from stages.lm.chat import ChatTemplate
+from stages.lm.generate import generate_ids
+from stages.lm.hf_checkpoint import HF_DIR
+from stages.lm.model import GPT
+from stages.lm.tokenizer import Tokenizer
+
+# Text the tokenizer check always covers besides the held-out items: runs of spaces, tabs,
+# blank lines, indentation, accents, scripts and an emoji (byte fallback), digits, chat
+# markers inside text and the literal control-token strings (which must stay plain text).
+PROBE_TEXT = (
+    "def f(x):\n    return  x\t# tab\n\n\n  two leading spaces, trailing   \n"
+    "héllo wörld — naïve café · 日本語 · 🤖 · 1234567890 · <|user|>inline<|end|> · <s> </s> <pad> <unk>"
+)
+
+
+def _ids(encoded: Any) -> list[int]:
+    """transformers 4 returns a list from apply_chat_template(tokenize=True), 5 a BatchEncoding."""
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(i) for i in ids]
+
+
+def _greedy(hf_model: Any, new_tokens: int, stop_ids: list[int], pad_id: int, prompt: list[int]) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@torch.no_grad()
+def check_checkpoint(
+    model: GPT,
+    tokenizer: Tokenizer,
+    hf_dir: Path,
+    tolerance: float,
+    inputs: list[np.ndarray],
+    prompts: list[list[int]],
+    new_tokens: int,
+    conversations: list[list[dict[str, str]]],
+) -> dict[str, Any]:
+    """Load ``hf_dir`` with transformers (offline) and compare it with ``model`` and ``tokenizer``.
+
+    Logits within ``tolerance`` on each id matrix of ``inputs``; greedy ``generate`` token-identical
+    to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the
+    new tokens: HF does not crop, gptpipe does); ``encode`` ids identical on every held-out message
+    and ``PROBE_TEXT``, ``decode`` giving the text back, and ``apply_chat_template`` giving
+    ``ChatTemplate.render_prompt``'s ids. Raises ``ParityError`` naming what differs, else returns
+    the figures.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask a hub
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).float().eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    logits = parity.logits_parity(
+        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs
+    )
+    failures = [
+        f"logits {shape}: {diff:.2e} above export.tolerance={tolerance:g}"
+        for shape, diff in logits.above(tolerance).items()
+    ]
+
+    template = ChatTemplate(tokenizer)
+    block = model.cfg.block_size
+    cropped = [prompt[-max(1, block - new_tokens) :] for prompt in prompts]
+    generation = parity.generation_parity(
+        partial(_greedy, hf_model, new_tokens, list(template.stop_ids), tokenizer.pad_id),
+        lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
+        cropped,
+    )
+    failures += [
+        f"greedy prompt {d.prompt} ({d.prompt_length} ids) diverges at new token {d.at}" for d in generation.divergences
+    ]
+
+    texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
+    encode = parity.agreement(lambda text: hf_tokenizer.encode(text, add_special_tokens=False), tokenizer.encode, texts)
+    decode = parity.agreement(
+        lambda text: hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False), lambda text: text, texts
+    )
+    if encode.differ:
+        failures.append(
+            f"tokenization differs on {len(encode.differ)}/{len(texts)} held-out texts "
+            f"(first: {texts[encode.differ[0]][:40]!r})"
+        )
+    if decode.differ:
+        failures.append(f"decode differs on {len(decode.differ)}/{len(texts)} held-out texts")
+    chats = [messages[:-1] or messages for messages in conversations]
+    chat = parity.agreement(
+        lambda messages: _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)),
+        template.render_prompt,
+        chats,
+    )
+    if chat.differ:
+        failures.append(f"chat template ids differ on {len(chat.differ)}/{len(chats)} held-out conversations")
+    if failures:
+        raise ParityError(
+            f"export parity gate: the Hugging Face checkpoint ({HF_DIR}/, loaded with "
+            f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published"
+        )
+    return {
+        "max_abs_diff": logits.worst,
+        "max_abs_diff_by_shape": logits.by_shape,
+        "generation_prompts": generation.prompts,
+        "generation_matches": generation.matches,
+        "tokenizer_texts": len(texts),
+        "tokenizer_chars": sum(len(t) for t in texts),
+        "tokenizer_matches": encode.matches,
+        "chat_template_matches": chat.matches,
+    }

@@ -1,0 +1,180 @@
+"""The export's gate for its ONNX graphs and torch.export program: they must compute the model.
+
+* ``check_graphs``: ``onnx.checker`` accepts every graph;
+* ``check_parity``: ``model.onnx`` logits, and ``model_kv.onnx`` logits and presents (a prefill
+  from an empty past, then a continuation on top of it), match PyTorch within ``export.tolerance``
+  at every gate shape, ``model.pt2`` at one more; greedy ORT+KV generation gives exactly
+  PyTorch's token ids for every prompt;
+* ``architecture_parity``: ``architecture.onnx`` has one Block per layer, its logits match at the
+  gate shapes and its cache-free greedy generations match token for token.
+
+Each raises ``ParityError`` naming every failure on one line, so the runner publishes nothing.
+The comparisons are ``stages.lm.parity``'s, the ones the Hugging Face gate runs too.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from stages.core.errors import ParityError
+from stages.core.sections import ExportConfig
+from stages.lm import onnx_architecture, parity
+from stages.lm import onnx_runtime as ortgen
+from stages.lm.chat import ChatTemplate, Message
+from stages.lm.generate import generate_ids
+from stages.lm.model import GPT
+from stages.lm.onnx_export import PT2_FILE
+from stages.lm.tokenizer import Tokenizer
+
+
+def check_graphs(out: Path, names: list[str]) -> None:
+    """``onnx.checker`` on each graph, by path so external weights (and > 2 GB models) work."""
+    for name in names:
+        try:
+            onnx.checker.check_model(str(out / name), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ParityError(
+                f"export parity gate: onnx.checker rejects {name}: {first} — nothing was published"
+            ) from None
+
+
+def _halves(ids: np.ndarray) -> list[np.ndarray]:
+    # The KV graph is checked as a prefill of the first half, then the rest on top of that past.
+    split = ids.shape[1] // 2
+    return [part for part in (ids[:, :split], ids[:, split:]) if part.shape[1]]
+
+
+def _ort_with_cache(kv: ortgen.OnnxGenerator, ids: np.ndarray) -> list[np.ndarray]:
+    outputs, past = [], kv.empty_past(ids.shape[0])
+    for part in _halves(ids):
+        logits, past = kv.step(part, past)
+        outputs += [logits, *past]
+    return outputs
+
+
+def _torch_with_cache(model: GPT, ids: np.ndarray) -> list[torch.Tensor]:
+    outputs, past = [], None
+    for part in _halves(ids):
+        logits, past = model.forward_with_cache(torch.from_numpy(part), past)
+        outputs += [logits, *(t for layer in past for t in layer)]
+    return outputs
+
+
+def _torch_logits(model: GPT, ids: np.ndarray) -> list[torch.Tensor]:
+    return [model(torch.from_numpy(ids))]
+
+
+def _session_logits(session, ids: np.ndarray) -> list[np.ndarray]:
+    return session.run(None, {"input_ids": ids})
+
+
+@torch.no_grad()
+def check_parity(
+    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
+    """Run the gate on model.onnx, model_kv.onnx and model.pt2; raise ParityError naming every failure, else return its numbers."""
+    rng = np.random.default_rng(cfg.seed)
+    block = model.cfg.block_size
+    inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, rng)
+    kv = ortgen.OnnxGenerator(out, threads=cfg.threads)
+    session = ortgen.open_session(out / ortgen.LOGITS_GRAPH, cfg.threads)
+    plain = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs)
+    cached = parity.logits_parity(partial(_ort_with_cache, kv), partial(_torch_with_cache, model), inputs)
+    failures = [
+        f"{graph} {shape}: {diff:.2e}"
+        for graph, result in ((ortgen.LOGITS_GRAPH, plain), (ortgen.KV_GRAPH, cached))
+        for shape, diff in result.above(cfg.tolerance).items()
+    ]
+    pt2 = None
+    if (out / PT2_FILE).is_file():
+        program = torch.export.load(str(out / PT2_FILE)).module()
+        odd = [rng.integers(0, model.cfg.vocab_size, size=(3, max(2, block // 3)), dtype=np.int64)]
+        pt2 = parity.logits_parity(lambda ids: [program(torch.from_numpy(ids))], partial(_torch_logits, model), odd)
+        failures += [f"{PT2_FILE}: {diff:.2e}" for diff in pt2.above(cfg.tolerance).values()]
+    if failures:
+        raise ParityError(
+            f"export parity gate: ORT/PyTorch max |dlogits| (relative to max |logit| when above 1) above "
+            f"export.tolerance={cfg.tolerance:g} for "
+            f"{'; '.join(failures)}; the exported graph computes something else — nothing was published"
+        )
+    prompts = parity.parity_prompts(
+        tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
+    )
+    stop_ids = ChatTemplate(tokenizer).stop_ids
+    generation = parity.generation_parity(
+        lambda prompt: kv.generate_ids(prompt, cfg.generation_tokens, stop_ids=stop_ids),
+        lambda prompt: generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids),
+        prompts,
+    )
+    if generation.divergences:
+        problems = [
+            f"prompt {d.prompt} ({d.prompt_length} ids) diverges at new token {d.at}: "
+            f"ORT {'end' if d.got is None else d.got}, PyTorch {'end' if d.want is None else d.want}"
+            for d in generation.divergences
+        ]
+        raise ParityError(
+            f"export parity gate: greedy ORT+KV generation ({ortgen.KV_GRAPH}) differs from PyTorch for "
+            f"{len(problems)}/{len(prompts)} prompts ({'; '.join(problems)}) — nothing was published"
+        )
+    metrics = {
+        "max_abs_diff": max(plain.worst, cached.worst),
+        "max_abs_diff_by_shape": {
+            shape: {"logits": diff, "kv": cached.by_shape[shape]} for shape, diff in plain.by_shape.items()
+        },
+        "tolerance": cfg.tolerance,
+        "generation_prompts": generation.prompts,
+        "generation_matches": generation.matches,
+    }
+    if pt2 is not None:
+        metrics["pt2_max_abs_diff"] = pt2.worst
+    return metrics
+
+
+@torch.no_grad()
+def architecture_parity(
+    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
+    """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
+    gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
+    name = onnx_architecture.ARCHITECTURE_GRAPH
+    blocks = onnx_architecture.block_count(onnx.load(str(out / name), load_external_data=False))
+    if blocks != model.cfg.n_layer:
+        raise ParityError(
+            f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published"
+        )
+    block = model.cfg.block_size
+    inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, np.random.default_rng(cfg.seed))
+    session = ortgen.open_session(out / name, cfg.threads)
+    logits = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs)
+    failures = [f"{shape}: {diff:.2e}" for shape, diff in logits.above(cfg.tolerance).items()]
+    if failures:
+        raise ParityError(
+            f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
+            f"for {'; '.join(failures)} — nothing was published"
+        )
+    prompts = parity.parity_prompts(
+        tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
+    )
+    stop_ids = ChatTemplate(tokenizer).stop_ids
+    generation = parity.generation_parity(
+        lambda prompt: onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, block, stop_ids),
+        lambda prompt: generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids),
+        prompts,
+    )
+    if generation.divergences:
+        raise ParityError(
+            f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
+            f"{[d.prompt for d in generation.divergences]} of {len(prompts)} — nothing was published"
+        )
+    return {
+        "blocks": blocks,
+        "max_abs_diff": logits.worst,
+        "generation_prompts": generation.prompts,
+        "generation_matches": generation.matches,
+    }
