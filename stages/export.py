@@ -39,13 +39,14 @@ from stages.core.errors import ConfigError
 from stages.core.sections import ExportConfig
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
+from stages.lm import export_layout as layout
 from stages.lm import hf_checkpoint, hf_gate, onnx_architecture, parity
-from stages.lm import onnx_runtime as ortgen
 from stages.lm.chat import Message, read_chat_jsonl
+from stages.lm.export_layout import INT8_FILE, PT2_FILE
 from stages.lm.model import GPT
-from stages.lm.onnx_export import PROTOBUF_LIMIT, PT2_FILE, export_graphs, quiet_exporter, weight_bytes, write_meta
+from stages.lm.onnx_export import PROTOBUF_LIMIT, export_graphs, quiet_exporter, weight_bytes, write_meta
 from stages.lm.onnx_gate import architecture_parity, check_graphs, check_parity
-from stages.lm.onnx_int8 import INT8_FILE, heldout_loss_change, quantize_int8
+from stages.lm.onnx_int8 import heldout_loss_change, quantize_int8
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
@@ -57,7 +58,7 @@ log = logging.getLogger("gptpipe.export")
 
 
 def copy_tokenizer(source: Path, out: Path) -> None:
-    target = out / ortgen.TOKENIZER_DIR
+    target = out / layout.TOKENIZER_DIR
     target.mkdir()
     for path in source.iterdir():
         if path.is_file() and path.name != MANIFEST:
@@ -86,7 +87,7 @@ def export_hf(
     """Write ``hf/`` and check it with transformers on the gate's shapes, prompts and held-out items."""
     block = model.cfg.block_size
     started = time.perf_counter()
-    hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / hf_checkpoint.HF_DIR)
+    hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / layout.HF_DIR)
     inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, np.random.default_rng(cfg.seed))
     prompts = parity.parity_prompts(
         tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
@@ -117,7 +118,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     with torch.no_grad(), quiet_exporter():
         graphs = export_graphs(model, out, ecfg.opset, external, ecfg.pt2)
     graphs["architecture"] = onnx_architecture.save_architecture(model, out, ecfg.opset, external)  # architecture view
-    architecture_svg.write_svg(out / graphs["architecture"], out / architecture_svg.SVG_FILE)
+    architecture_svg.write_svg(out / graphs["architecture"], out / layout.SVG_FILE)
     export_seconds = time.perf_counter() - started
     write_meta(model, out, graphs, ecfg, external)
     check_graphs(out, [graphs["logits"], graphs["kv"], graphs["architecture"]])
@@ -132,7 +133,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
 
     if ecfg.hf:  # ---- Hugging Face checkpoint, behind its own gate (stages/lm/hf_gate.py)
         metrics["hf"] = export_hf(model, tokenizer, out, ecfg, conversations)
-        tracker.log_artifact(out / hf_checkpoint.HF_DIR, hf_checkpoint.HF_DIR)
+        tracker.log_artifact(out / layout.HF_DIR, layout.HF_DIR)
         tracker.log_metrics(
             {
                 "export.hf_max_abs_diff": metrics["hf"]["max_abs_diff"],
@@ -184,15 +185,15 @@ STAGE = Stage(
     sections=("export",),
     inputs=("tokenizer", "finetune"),
     outputs=(
-        Output(ortgen.LOGITS_GRAPH, "logits for input ids; batch and sequence axes dynamic"),
-        Output(ortgen.KV_GRAPH, "input ids + past keys/values -> logits + present keys/values"),
-        Output(onnx_architecture.ARCHITECTURE_GRAPH, "the logits graph drawn as embedding -> Block x N -> head"),
-        Output(architecture_svg.SVG_FILE, "a static picture of the architecture"),
+        Output(layout.LOGITS_GRAPH, "logits for input ids; batch and sequence axes dynamic"),
+        Output(layout.KV_GRAPH, "input ids + past keys/values -> logits + present keys/values"),
+        Output(layout.ARCHITECTURE_GRAPH, "the logits graph drawn as embedding -> Block x N -> head"),
+        Output(layout.SVG_FILE, "a static picture of the architecture"),
         Output(PT2_FILE, "torch.export program of the logits model (export.pt2)"),
         Output(INT8_FILE, "dynamic int8 copy of the logits graph (export.quantize; measured, not gated)"),
-        Output(ortgen.TOKENIZER_DIR, "the tokenizer artifact's files, so the export runs on its own"),
-        Output(ortgen.META_FILE, "shapes, tensor names and graph files"),
-        Output(hf_checkpoint.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
+        Output(layout.TOKENIZER_DIR, "the tokenizer artifact's files, so the export runs on its own"),
+        Output(layout.META_FILE, "shapes, tensor names and graph files"),
+        Output(layout.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
     ),
     run=run,
     headline=("max_abs_diff", "generation_matches"),

@@ -17,13 +17,14 @@ from _export_fixtures import exported
 from onnx import numpy_helper
 
 from stages.core.errors import ParityError
+from stages.lm import export_layout as layout
 from stages.lm import onnx_architecture, onnx_gate
 from stages.lm.generate import generate_ids
 from stages.lm.onnx_runtime import open_session
 from stages.lm.tokenizer import Tokenizer
 from stages.publish import netron_package
 from stages.training.checkpoint import load_model
-from stages.viewer import architecture_svg, netron_page
+from stages.viewer import netron_page
 
 N_LAYER = 4
 
@@ -122,7 +123,7 @@ def test_gate_fails_when_a_block_weight_differs(deep, tmp_path):
 
 
 def test_report_picture_shows_one_block_per_layer(deep):
-    svg = (deep.export_dir / architecture_svg.SVG_FILE).read_text()
+    svg = (deep.export_dir / layout.SVG_FILE).read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
     top = re.findall(r'<g class="node" data-op="Block" data-name="(blocks\.\d+)">', svg)
     assert top == [f"blocks.{i}" for i in range(N_LAYER)]
@@ -154,7 +155,7 @@ def test_report_card_embeds_the_picture(deep):
         "recipe": "micro",
         "store": "runs/store",
         "stages": {},
-        "architecture_svg": str(deep.export_dir / architecture_svg.SVG_FILE),
+        "architecture_svg": str(deep.export_dir / layout.SVG_FILE),
     }
     found = re.search(r"!\[[^\]]*\]\(data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)\)", full_markdown(report))
     assert found and base64.b64decode(found.group(1)).decode().count('data-op="Block"') == N_LAYER

@@ -404,7 +404,7 @@ PYFUNC_ENTRY = "stages.lm.onnx_runtime"
 
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
 def _pyfunc_files() -> tuple[str, ...]:
-    from stages.lm.onnx_runtime import KV_GRAPH, LOGITS_GRAPH, META_FILE
+    from stages.lm.export_layout import KV_GRAPH, LOGITS_GRAPH, META_FILE
 
     return LOGITS_GRAPH, KV_GRAPH, f"{LOGITS_GRAPH}.data", f"{KV_GRAPH}.data", META_FILE
 
@@ -445,7 +445,7 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="gptpipe-pyfunc-") as scratch:
         onnx_dir = Path(scratch) / mlflow_model.ARTIFACT
         onnx_dir.mkdir()
-        from stages.lm.onnx_runtime import KV_GRAPH, TOKENIZER_DIR
+        from stages.lm.export_layout import KV_GRAPH, TOKENIZER_DIR
 
         for name in _pyfunc_files():
             if (export_dir / name).is_file():
@@ -521,7 +521,7 @@ def register_onnx(
     import tempfile
 
     export_dir = Path(export_dir)
-    from stages.lm.onnx_runtime import LOGITS_GRAPH
+    from stages.lm.export_layout import LOGITS_GRAPH
 
     graph = export_dir / LOGITS_GRAPH
     if not graph.is_file():

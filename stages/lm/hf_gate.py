@@ -21,8 +21,8 @@ import torch
 from stages.core.errors import ParityError
 from stages.lm import parity
 from stages.lm.chat import ChatTemplate
+from stages.lm.export_layout import HF_DIR
 from stages.lm.generate import generate_ids
-from stages.lm.hf_checkpoint import HF_DIR
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 

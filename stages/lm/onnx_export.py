@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from stages.core.sections import ExportConfig
+from stages.lm import export_layout as layout
 from stages.lm import onnx_runtime as ortgen
 from stages.lm.export_layout import PT2_FILE
 from stages.lm.model import GPT
@@ -61,7 +62,7 @@ def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) 
     # Example inputs of size >= 2 on every dynamic axis: torch.export specialises sizes 0 and 1.
     ids = torch.arange(10).reshape(2, 5) % cfg.vocab_size
     program = torch.export.export(model, (ids,), dynamic_shapes={"idx": {0: batch, 1: seq}}, strict=False)
-    graphs = {"logits": ortgen.LOGITS_GRAPH, "kv": ortgen.KV_GRAPH}
+    graphs = {"logits": layout.LOGITS_GRAPH, "kv": layout.KV_GRAPH}
     if pt2:
         torch.export.save(program, str(out / PT2_FILE))
         graphs["pt2"] = PT2_FILE
@@ -77,7 +78,7 @@ def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) 
     # Exporting a traced program keeps torch's symbol names (s27...): name the axes for Netron.
     axes = onnx_program.model.graph.inputs[0].shape
     onnx_program.rename_axes({axes[0]: "batch", axes[1]: "seq"})
-    onnx_program.save(str(out / ortgen.LOGITS_GRAPH), external_data=external)  # external: <name>.data beside it
+    onnx_program.save(str(out / layout.LOGITS_GRAPH), external_data=external)  # external: <name>.data beside it
 
     kv_in, kv_out = ortgen.kv_names(cfg.n_layer)
     past = [torch.zeros(2, cfg.n_head, 3, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
@@ -92,7 +93,7 @@ def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) 
         output_names=kv_out,
         verbose=False,
     )
-    onnx_program.save(str(out / ortgen.KV_GRAPH), external_data=external)
+    onnx_program.save(str(out / layout.KV_GRAPH), external_data=external)
     return graphs
 
 
@@ -132,7 +133,7 @@ def write_meta(model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig,
         "source": cfg.source,
         "opset": cfg.opset,
         "external_data": external,
-        "tokenizer": ortgen.TOKENIZER_DIR,
+        "tokenizer": layout.TOKENIZER_DIR,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ortgen.ort.__version__},
     }
-    (out / ortgen.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (out / layout.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

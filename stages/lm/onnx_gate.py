@@ -23,12 +23,13 @@ import torch
 
 from stages.core.errors import ParityError
 from stages.core.sections import ExportConfig
+from stages.lm import export_layout as layout
 from stages.lm import onnx_architecture, parity
 from stages.lm import onnx_runtime as ortgen
 from stages.lm.chat import ChatTemplate, Message
+from stages.lm.export_layout import PT2_FILE
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
-from stages.lm.onnx_export import PT2_FILE
 from stages.lm.tokenizer import Tokenizer
 
 
@@ -83,12 +84,12 @@ def check_parity(
     block = model.cfg.block_size
     inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, rng)
     kv = ortgen.OnnxGenerator(out, threads=cfg.threads)
-    session = ortgen.open_session(out / ortgen.LOGITS_GRAPH, cfg.threads)
+    session = ortgen.open_session(out / layout.LOGITS_GRAPH, cfg.threads)
     plain = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs)
     cached = parity.logits_parity(partial(_ort_with_cache, kv), partial(_torch_with_cache, model), inputs)
     failures = [
         f"{graph} {shape}: {diff:.2e}"
-        for graph, result in ((ortgen.LOGITS_GRAPH, plain), (ortgen.KV_GRAPH, cached))
+        for graph, result in ((layout.LOGITS_GRAPH, plain), (layout.KV_GRAPH, cached))
         for shape, diff in result.above(cfg.tolerance).items()
     ]
     pt2 = None
@@ -119,7 +120,7 @@ def check_parity(
             for d in generation.divergences
         ]
         raise ParityError(
-            f"export parity gate: greedy ORT+KV generation ({ortgen.KV_GRAPH}) differs from PyTorch for "
+            f"export parity gate: greedy ORT+KV generation ({layout.KV_GRAPH}) differs from PyTorch for "
             f"{len(problems)}/{len(prompts)} prompts ({'; '.join(problems)}) — nothing was published"
         )
     metrics = {
@@ -142,7 +143,7 @@ def architecture_parity(
 ) -> dict:
     """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
     gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
-    name = onnx_architecture.ARCHITECTURE_GRAPH
+    name = layout.ARCHITECTURE_GRAPH
     blocks = onnx_architecture.block_count(onnx.load(str(out / name), load_external_data=False))
     if blocks != model.cfg.n_layer:
         raise ParityError(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.sections import ExportConfig
+from stages.lm import export_layout as layout
 from stages.lm import onnx_runtime as ortgen
 from stages.lm.chat import IGNORE, ChatTemplate, Message
 from stages.lm.export_layout import INT8_FILE
@@ -26,7 +27,7 @@ def quantize_int8(out: Path, external: bool) -> str:
     logging.disable(logging.WARNING)
     try:
         quantize_dynamic(
-            out / ortgen.LOGITS_GRAPH, out / INT8_FILE, weight_type=QuantType.QInt8, use_external_data_format=external
+            out / layout.LOGITS_GRAPH, out / INT8_FILE, weight_type=QuantType.QInt8, use_external_data_format=external
         )
     finally:
         logging.disable(logging.NOTSET)
@@ -48,7 +49,7 @@ def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conv
     meta = ortgen.ExportMeta.read(out)
     sessions = {
         name: ortgen.open_session(out / file, cfg.threads)
-        for name, file in (("fp32", ortgen.LOGITS_GRAPH), ("int8", INT8_FILE))
+        for name, file in (("fp32", layout.LOGITS_GRAPH), ("int8", INT8_FILE))
     }
     totals = {name: 0.0 for name in sessions}
     count = 0
