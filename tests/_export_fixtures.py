@@ -17,9 +17,9 @@ from stages.lm.chat import write_chat_jsonl
 from stages.lm.model import GPT, GPTConfig
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
+from stages.lm.tokenizer_training import train_model, write_artifact
 from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.storage.stores import LocalStore
-from stages.tokenizer import train_model, write_artifact
 from stages.training.checkpoint import save_model
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.
