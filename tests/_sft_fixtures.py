@@ -7,12 +7,14 @@ SentencePiece.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from stages.core.config import PipelineConfig, load_config
+from stages.lm.chat import Message
 from stages.lm.model import GPT, GPTConfig
 from stages.runner import run_stage
 from stages.storage.artifacts import ArtifactRef
@@ -46,6 +48,14 @@ class CharTokenizer:
             elif i not in (self.pad_id, self.bos_id, self.eos_id):
                 out.append(names[i])
         return "".join(out)
+
+
+def write_chat_jsonl(conversations: list[list[Message]], path: str | Path) -> None:
+    """Chat JSONL as people write it: one ``{"messages": [...]}`` per line, non-ASCII (U+2028
+    included) unescaped, as ``json.dumps(..., ensure_ascii=False)`` leaves it."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for messages in conversations:
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:
