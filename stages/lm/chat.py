@@ -36,7 +36,7 @@ Message = dict[str, str]
 
 
 class ChatTokenizer(Protocol):
-    """What the template needs from ``stages.tokenizer.Tokenizer``."""
+    """What the template needs from ``stages.lm.tokenizer.Tokenizer``."""
 
     special: dict[str, int]
     eos_id: int
