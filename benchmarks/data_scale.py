@@ -150,8 +150,8 @@ def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5
     import sentencepiece as spm
 
     from stages.core.config import CorpusConfig
-    from stages.data import process_unit
     from stages.storage.corpus import Piece
+    from stages.storage.unit_shards import process_unit
     from stages.storage.units import Unit
 
     chosen = sorted(corpus.glob("*.txt"))[:files]

@@ -99,11 +99,6 @@ def generate_answers(
     )
 
 
-def answer_items(model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int) -> list[str]:
-    """Greedy answer text per record."""
-    return generate_answers(model, template, records, max_new_tokens).texts
-
-
 def score(records: list[dict], answers: list[str]) -> dict:
     """Overall and per-task exact-match accuracy."""
     per_task: dict[str, list[bool]] = {}

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.core.config import PipelineConfig, load_config
+import numpy as np
+
+from stages.core.config import CorpusConfig, PipelineConfig, load_config
 from stages.executor import StageResult, run_stage
-from stages.storage.corpus import stdlib_root
+from stages.lm.tokenizer import Tokenizer
+from stages.storage.corpus import CorpusStats, iter_documents, stdlib_root
+from stages.storage.shards import TokenShards
+from stages.storage.splits import SPLITS, SplitRule
 from stages.storage.stores import LocalStore
 
 # Micro settings every test starts from: a tiny vocabulary trained on a few hundred KB.
@@ -64,6 +69,33 @@ def micro_config(*overrides: str) -> PipelineConfig:
 
 def run(stage: str, cfg: PipelineConfig, store_root: Path, inputs: dict | None = None) -> StageResult:
     return run_stage(stage, cfg, inputs or {}, LocalStore(store_root))
+
+
+def read_documents(cfg: CorpusConfig) -> tuple[list[str], CorpusStats]:
+    """Every document of the source as the stages stream it (``iter_documents``), and the stats."""
+    stats = CorpusStats(source=cfg.source)
+    return list(iter_documents(cfg, stats)), stats
+
+
+def expected_splits(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """The corpus's documents, in corpus order, on the side ``data.seed``'s rule puts them
+    (for a corpus where the rule leaves neither side empty: no repair)."""
+    documents, _ = read_documents(cfg.corpus)
+    rule = SplitRule.seeded(cfg.data.seed, cfg.data.val_fraction)
+    sides = [rule.split(rule.score(doc), i) for i, doc in enumerate(documents)]
+    splits = {split: [doc for doc, side in zip(documents, sides) if side == split] for split in SPLITS}
+    assert all(splits.values()), "pick a corpus whose split needs no repair"
+    return splits
+
+
+def shard_documents(directory: Path | str, split: str, tokenizer: Tokenizer) -> list[str]:
+    """The documents of one split of a data artifact, decoded one by one (EOS ends each)."""
+    stream = TokenShards(directory, split)
+    ids = stream.window(0, len(stream))
+    ends = np.flatnonzero(ids == stream.eos_id)
+    assert len(ends) == stream.documents and (not len(ids) or ends[-1] == len(ids) - 1)
+    starts = [0, *(ends[:-1] + 1)]
+    return [tokenizer.decode(ids[a:b], keep_special=True) for a, b in zip(starts, ends)]
 
 
 def stdlib_lines() -> list[str]:

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 
 from stages.core.config import TokenizerConfig, parse_config
-from stages.lm.chat import write_chat_jsonl
 from stages.lm.model import GPT, GPTConfig
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
+from stages.lm.tokenizer_training import train_model, write_artifact
 from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.storage.stores import LocalStore
-from stages.tokenizer import train_model, write_artifact
 from stages.training.checkpoint import save_model
+from tests._sft_fixtures import write_chat_jsonl
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.
 MICRO = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}

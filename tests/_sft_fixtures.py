@@ -7,6 +7,7 @@ SentencePiece.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from stages import registry
 from stages.core.config import PipelineConfig, load_config
 from stages.executor import run_stage
+from stages.lm.chat import Message
 from stages.lm.model import GPT, GPTConfig
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import LocalStore
@@ -47,6 +49,14 @@ class CharTokenizer:
             elif i not in (self.pad_id, self.bos_id, self.eos_id):
                 out.append(names[i])
         return "".join(out)
+
+
+def write_chat_jsonl(conversations: list[list[Message]], path: str | Path) -> None:
+    """Chat JSONL as people write it: one ``{"messages": [...]}`` per line, non-ASCII (U+2028
+    included) unescaped, as ``json.dumps(..., ensure_ascii=False)`` leaves it."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for messages in conversations:
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:

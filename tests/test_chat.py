@@ -7,9 +7,9 @@ import json
 import pytest
 
 from stages.core.errors import ConfigError, DataError
-from stages.lm.chat import IGNORE, ChatTemplate, read_chat_jsonl, validate_messages, write_chat_jsonl
+from stages.lm.chat import IGNORE, ChatTemplate, read_chat_jsonl, validate_messages
 from stages.lm.tasks import TASKS, exact_match, is_heldout, make_items, normalize_answer
-from tests._sft_fixtures import CharTokenizer
+from tests._sft_fixtures import CharTokenizer, write_chat_jsonl
 
 CONVO = [
     {"role": "system", "content": "Be brief."},

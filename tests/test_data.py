@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _data_fixtures import UNICODE_DOCS, micro_config, run, stdlib_documents, write_corpus
+from _data_fixtures import (
+    UNICODE_DOCS,
+    expected_splits,
+    micro_config,
+    run,
+    shard_documents,
+    stdlib_documents,
+    write_corpus,
+)
 
-from stages import data
 from stages.core.errors import DataError
 from stages.lm.tokenizer import Tokenizer
-from stages.storage.corpus import read_corpus
+from stages.storage import executors
 from stages.storage.shards import TokenShards
+from stages.storage.splits import SplitRule
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +52,14 @@ def expected_stream(tok: Tokenizer, documents: list[str]) -> np.ndarray:
 def test_shards_hold_exactly_the_corpus_tokens(built):
     cfg, tok, shards, _, _ = built
     directory = Path(shards.ref.uri)
-    documents = read_corpus(cfg.corpus).documents
-    splits = data.split_documents(documents, cfg.data.val_fraction, cfg.data.seed)
-    assert sorted(splits["train"] + splits["val"]) == list(range(len(documents)))
-    for split in ("train", "val"):
+    # Each split is the corpus read front to back, filtered by the split rule.
+    for split, documents in expected_splits(cfg).items():
         stream = TokenShards(directory, split)
-        want = expected_stream(tok, [documents[i] for i in splits[split]])
-        assert np.array_equal(stream.window(0, len(stream)), want)
-        assert stream.documents == len(splits[split])
-        assert stream.num_bytes == sum(len(documents[i].encode("utf-8")) for i in splits[split])
-        assert int((stream.window(0, len(stream)) == tok.eos_id).sum()) == len(splits[split])
+        assert np.array_equal(stream.window(0, len(stream)), expected_stream(tok, documents))
+        assert stream.documents == len(documents)
+        assert stream.num_bytes == sum(len(doc.encode("utf-8")) for doc in documents)
         # Decoding the stream gives the documents back, text for text.
-        assert tok.decode(stream.window(0, len(stream))) == "".join(documents[i] for i in splits[split])
+        assert shard_documents(directory, split, tok) == documents
 
 
 def test_index_matches_the_documented_format(built):
@@ -76,32 +81,54 @@ def test_index_matches_the_documented_format(built):
     assert metrics["dtype"] == "uint16" and metrics["bytes_per_token"] > 1.0
 
 
-def test_split_is_deterministic_by_seed_and_content():
-    docs = [f"doc {i}: " + "text " * (i % 7) for i in range(200)]
-    first = data.split_documents(docs, 0.1, seed=1)
-    assert data.split_documents(docs, 0.1, seed=1) == first
-    assert data.split_documents(docs, 0.1, seed=2) != first
-    assert 5 <= len(first["val"]) <= 40
+_STORES = itertools.count()
+
+
+def _stage(tmp_path: Path, tokenizer_ref, corpus: Path, *overrides: str):
+    """The data stage over ``corpus``, in a store of its own."""
+    store = tmp_path / f"store-{next(_STORES)}"
+    return run("data", micro_config(f"corpus.source={corpus}", *overrides), store, {"tokenizer": tokenizer_ref})
+
+
+def test_split_is_deterministic_by_seed_and_content(built, tmp_path):
+    _, tok, _, _, tokenizer_ref = built
+    docs = [f"doc {i}: " + "text " * (i % 7) + "\n" for i in range(200)]
+    forward = write_corpus(tmp_path / "forward", docs)
+    backward = write_corpus(tmp_path / "backward", docs[::-1])
+
+    def val(corpus: Path, seed: int) -> list[str]:
+        result = _stage(tmp_path, tokenizer_ref, corpus, "data.val_fraction=0.1", f"data.seed={seed}")
+        return shard_documents(result.ref.uri, "val", tok)
+
+    first = val(forward, 1)
+    assert val(forward, 1) == first
+    assert val(forward, 2) != first
+    assert 5 <= len(first) <= 40
     # Membership follows the text, not the position: reversing the corpus keeps each document's side.
-    reversed_split = data.split_documents(docs[::-1], 0.1, seed=1)
-    assert sorted(docs[::-1][i] for i in reversed_split["val"]) == sorted(docs[i] for i in first["val"])
+    assert sorted(val(backward, 1)) == sorted(first)
 
 
-def test_tiny_corpora(tmp_path):
-    two = data.split_documents(["a", "b"], 0.05, seed=0)
-    assert len(two["val"]) == 1 and len(two["train"]) == 1
-    with pytest.raises(DataError, match=r"1 document\(s\); a train/val split needs at least 2"):
-        data.split_documents(["only one"], 0.05, seed=0)
+def _scoring(rule: SplitRule, below: bool, count: int) -> list[str]:
+    """``count`` documents the rule scores below (or at least) its fraction, over 1000 bytes each."""
+    found = (f"document {i}\n" + "more text\n" * 100 for i in range(10_000))
+    return [doc for doc in found if (rule.score(doc) < rule.fraction) == below][:count]
 
 
-def _write(tmp_path: Path, cfg, tok: Tokenizer, workers: int, shard_tokens: int) -> Path:
-    out = tmp_path / f"w{workers}-{shard_tokens}"
-    out.mkdir()
-    documents = read_corpus(cfg.corpus).documents
-    splits = data.split_documents(documents, cfg.data.val_fraction, cfg.data.seed)
-    # Small chunks so the tiny corpus is spread over several worker tasks.
-    data.write_splits(documents, splits, tok, out, workers=workers, shard_tokens=shard_tokens, chunk_chars=8000)
-    return out
+@pytest.mark.parametrize("side", ["val", "train"])
+def test_a_split_the_hash_leaves_empty_gets_one_document(built, tmp_path, side):
+    """Two documents the hash puts on the same side, each its own work unit: one moves over."""
+    _, tok, _, _, tokenizer_ref = built
+    rule = SplitRule.seeded(0, 0.45)
+    docs = _scoring(rule, below=side == "train", count=2)  # both on the other side
+    corpus = write_corpus(tmp_path / "two", docs)
+    result = _stage(tmp_path, tokenizer_ref, corpus, "data.seed=0", "data.val_fraction=0.45", "data.unit_bytes=1000")
+    metrics = result.manifest.metrics
+    assert metrics["units"] == 2
+    assert (metrics["train_documents"], metrics["val_documents"]) == (1, 1)
+    moved = shard_documents(result.ref.uri, side, tok)
+    # The document that moves is the one nearest the other side.
+    pick = min if side == "val" else max
+    assert moved == [pick(docs, key=rule.score)]
 
 
 @pytest.fixture
@@ -109,32 +136,42 @@ def pools(monkeypatch) -> list[str]:
     """Start methods of the process pools the data stage opens."""
     methods: list[str] = []
 
-    class Recording(data.ProcessPoolExecutor):
+    class Recording(executors.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             methods.append(kwargs["mp_context"].get_start_method())
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(data, "ProcessPoolExecutor", Recording)
+    monkeypatch.setattr(executors, "ProcessPoolExecutor", Recording)
     return methods
 
 
-def test_worker_processes_and_shard_rolling_give_the_same_stream(built, tmp_path, pools):
-    cfg, tok, shards, _, _ = built
-    reference = TokenShards(shards.ref.uri, "train")
-    out = _write(tmp_path, cfg, tok, workers=2, shard_tokens=5000)
-    rolled = TokenShards(out, "train")
-    assert len(pools) == 1
-    assert len(rolled.arrays) > 1 and all(len(a) <= 5000 for a in rolled.arrays)
-    assert np.array_equal(rolled.window(0, len(rolled)), reference.window(0, len(reference)))
+def _same_streams(got: Path | str, want: Path | str) -> None:
+    for split in ("train", "val"):
+        a, b = TokenShards(got, split), TokenShards(want, split)
+        assert np.array_equal(a.window(0, len(a)), b.window(0, len(b)))
+        assert (a.documents, a.num_bytes) == (b.documents, b.num_bytes)
 
 
-def test_workers_from_a_threaded_host_are_spawned_and_agree(built, tmp_path, pools):
+# Small units so the ~150 KB corpus is spread over several worker tasks.
+_SPREAD = ("data.val_fraction=0.1", "data.workers=2", "data.unit_bytes=20000")
+
+
+def test_worker_processes_and_shard_rolling_give_the_same_stream(built, corpus_dir, tmp_path, pools):
+    _, _, shards, _, tokenizer_ref = built
+    result = _stage(tmp_path, tokenizer_ref, corpus_dir, *_SPREAD, "data.shard_tokens=5000")
+    assert len(pools) == 1 and result.manifest.metrics["workers"] == 2
+    rolled = TokenShards(result.ref.uri, "train")
+    assert len(rolled.arrays) > result.manifest.metrics["units"] and all(len(a) <= 5000 for a in rolled.arrays)
+    _same_streams(result.ref.uri, shards.ref.uri)
+
+
+def test_workers_from_a_threaded_host_are_spawned_and_agree(built, corpus_dir, tmp_path, pools):
     """Inside a threaded host (as under Prefect) workers are spawned, not forked."""
-    cfg, tok, shards, _, _ = built
+    _, _, shards, _, tokenizer_ref = built
     seen: dict = {}
 
     def job() -> None:
-        seen["out"] = _write(tmp_path, cfg, tok, workers=2, shard_tokens=10**9)
+        seen["result"] = _stage(tmp_path, tokenizer_ref, corpus_dir, *_SPREAD)
 
     blocker = threading.Event()
     extra = threading.Thread(target=blocker.wait)  # another live thread, like a host's event loop
@@ -147,15 +184,12 @@ def test_workers_from_a_threaded_host_are_spawned_and_agree(built, tmp_path, poo
         blocker.set()
         extra.join()
     assert pools == ["spawn"]
-    for split in ("train", "val"):
-        want = TokenShards(shards.ref.uri, split)
-        got = TokenShards(seen["out"], split)
-        assert np.array_equal(got.window(0, len(got)), want.window(0, len(want)))
+    _same_streams(seen["result"].ref.uri, shards.ref.uri)
 
 
 def test_data_stage_needs_two_documents(built, tmp_path):
     _, _, _, store, tokenizer_ref = built
     write_corpus(tmp_path / "one", ["a single document\n"])
     cfg = micro_config(f"corpus.source={tmp_path / 'one'}")
-    with pytest.raises(DataError, match=r"needs at least 2"):
+    with pytest.raises(DataError, match=r"1 document\(s\); a train/val split needs at least 2"):
         run("data", cfg, store, {"tokenizer": tokenizer_ref})

@@ -12,15 +12,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _data_fixtures import MICRO, micro_config, run, stdlib_lines, synthetic_corpus
+from _data_fixtures import MICRO, expected_splits, micro_config, run, shard_documents, stdlib_lines, synthetic_corpus
 
-from stages import data
 from stages.lm.tokenizer import Tokenizer
-from stages.storage.corpus import read_corpus
 from stages.storage.shards import TokenShards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +57,14 @@ def test_units_give_the_same_bytes_for_any_worker_count(tmp_path, mixed_corpus, 
     assert two.manifest.metrics["workers"] == 2
     assert _contents(Path(one.ref.uri)) == _contents(Path(two.ref.uri))
 
-    # The streams are those of the whole corpus read front to back and split in memory.
+    # The streams are those of the whole corpus read front to back, each filtered by the split rule.
     tok = Tokenizer.load(tokenizer_ref.uri)
-    documents = read_corpus(micro_config(f"corpus.source={mixed_corpus}").corpus).documents
-    splits = data.split_documents(documents, 0.05, 1234)
-    out = tmp_path / "memory"
-    out.mkdir()
-    data.write_splits(documents, splits, tok, out, workers=1, shard_tokens=10**9)
-    for split in ("train", "val"):
-        got, want = TokenShards(one.ref.uri, split), TokenShards(out, split)
-        assert np.array_equal(got.window(0, len(got)), want.window(0, len(want)))
-        assert (got.documents, got.num_bytes) == (want.documents, want.num_bytes)
+    for split, documents in expected_splits(micro_config(f"corpus.source={mixed_corpus}")).items():
+        got = TokenShards(one.ref.uri, split)
+        want = [i for ids in tok.encode_batch(documents) for i in (*ids, tok.eos_id)]
+        assert got.window(0, len(got)).tolist() == want
+        assert shard_documents(one.ref.uri, split, tok) == documents
+        assert (got.documents, got.num_bytes) == (len(documents), sum(len(d.encode("utf-8")) for d in documents))
 
 
 def _python_peak(store: Path, corpus: Path, tokenizer_ref) -> int:

@@ -7,10 +7,11 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from stages.core.tracking import MemoryTracker
-from stages.evaluate import answer_items, score
+from stages.evaluate import generate_answers, read_heldout, score
 from stages.executor import run_stage
 from stages.lm.chat import ChatTemplate
 from stages.lm.diagnosis import DOMINANT_SHARE
@@ -56,9 +57,22 @@ def test_generated_answers_stop_at_the_end_token():
             self.step += 1
             return logits, [(torch.zeros(1, 1, idx.shape[1] + (0 if past is None else past[0][0].shape[2]), 1),) * 2]
 
-    answers = answer_items(Scripted(), template, [_record("Reverse: a b", "b a", "reverse")], max_new_tokens=10)
-    assert answers == ["b a"]
-    assert score([_record("Reverse: a b", "b a", "reverse")], answers)["accuracy"] == 1.0
+    answers = generate_answers(Scripted(), template, [_record("Reverse: a b", "b a", "reverse")], max_new_tokens=10)
+    assert answers.texts == ["b a"] and answers.stopped == [True]
+    assert score([_record("Reverse: a b", "b a", "reverse")], answers.texts)["accuracy"] == 1.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=json.JSONDecodeError,
+    reason="read_heldout splits lines with str.splitlines(), which breaks at the U+2028 that finetune's "
+    "json.dumps(..., ensure_ascii=False) leaves unescaped; read_chat_jsonl splits on '\\n' only",
+)
+def test_heldout_jsonl_with_a_line_separator_reads_back(tmp_path):
+    record = _record("Reverse: a\u2028b", "b\u2028a", "reverse")
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")  # as finetune writes it
+    assert read_heldout(path) == [record]
 
 
 def test_plot_writes_a_png_even_without_curves(tmp_path):

@@ -86,10 +86,11 @@ def test_generate_until_exact_match_equals_the_evaluate_stages(micro, tmp_path, 
     model, tokenizer = micro
     template = ChatTemplate(tokenizer)
     records = [{"messages": item.messages(), "task": item.task} for item in make_items(12, "heldout", 3)]
-    own_answers = evaluate.answer_items(model, template, records, max_new_tokens=8)
+    own_answers = evaluate.generate_answers(model, template, records, max_new_tokens=8).texts
     for record, answer in list(zip(records, own_answers))[::2]:  # every other reference: the model's answer
         record["messages"][-1]["content"] = answer
-    own = evaluate.score(records, evaluate.answer_items(model, template, records, max_new_tokens=8))["accuracy"]
+    answers = evaluate.generate_answers(model, template, records, max_new_tokens=8).texts
+    own = evaluate.score(records, answers)["accuracy"]
     assert 0.0 < own < 1.0
     include = harness.write_local_tasks(tmp_path / "tasks", records, [], max_new_tokens=8)
     capfd.readouterr()

@@ -11,7 +11,9 @@ from _data_fixtures import HELDOUT_TEXTS, UNICODE_DOCS, micro_config, run, stdli
 
 from stages.core.errors import ArtifactError, DataError
 from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
-from stages.tokenizer import split_heldout, train_model
+from stages.lm.tokenizer_training import train_model
+from stages.storage.splits import SplitRule
+from stages.tokenizer import HELDOUT_KEY, stream_sample
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +126,26 @@ def test_vocab_too_small_for_characters_is_a_helpful_error():
         train_model(many_chars, cfg)
 
 
-def test_heldout_split_is_deterministic_and_never_empty():
+def test_heldout_split_is_deterministic_and_never_empty(tmp_path):
     docs = [f"document number {i}\n" for i in range(30)]
-    train, held = split_heldout(docs, 0.02)
-    assert split_heldout(docs, 0.02) == (train, held)
-    assert held and train and sorted(train + held) == sorted(docs)
-    assert split_heldout(docs, 0.0) == (docs, [])
+    cfg = micro_config(f"corpus.source={write_corpus(tmp_path / 'c', docs)}", "tokenizer.heldout_fraction=0.02")
+    train, held, stats = stream_sample(cfg)
+    assert stream_sample(cfg)[:2] == (train, held)
+    assert held and train and sorted(train + held) == sorted(docs) and stats.documents == 30
+    # Held out by the same rule as everything else: the documents scoring below the fraction,
+    # or, when the hash holds out none of 30 at 2 %, the lowest-scoring one.
+    rule = SplitRule(HELDOUT_KEY, 0.02)
+    below = [doc for doc in docs if rule.score(doc) < rule.fraction]
+    assert sorted(held) == sorted(below or [min(docs, key=rule.score)])
+    train, held, _ = stream_sample(micro_config(f"corpus.source={tmp_path / 'c'}", "tokenizer.heldout_fraction=0"))
+    assert held == [] and sorted(train) == sorted(docs)
+
+
+def test_one_document_is_never_held_out(tmp_path):
+    rule = SplitRule(HELDOUT_KEY, 0.4)
+    only = next(doc for doc in (f"the only one {i}\n" for i in range(100)) if rule.score(doc) < rule.fraction)
+    corpus = write_corpus(tmp_path / "c", [only])  # one the hash would hold out: it stays for training
+    assert stream_sample(micro_config(f"corpus.source={corpus}", "tokenizer.heldout_fraction=0.4"))[:2] == ([only], [])
 
 
 def test_load_without_model_is_an_artifact_error(tmp_path):

@@ -36,7 +36,7 @@ Message = dict[str, str]
 
 
 class ChatTokenizer(Protocol):
-    """What the template needs from ``stages.tokenizer.Tokenizer``."""
+    """What the template needs from ``stages.lm.tokenizer.Tokenizer``."""
 
     special: dict[str, int]
     eos_id: int
@@ -97,7 +97,7 @@ def read_chat_jsonl(path: str | Path, max_bad_fraction: float = 0.0) -> list[lis
     path = Path(path)
     try:
         # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON
-        # allows unescaped inside strings (write_chat_jsonl writes them so).
+        # allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them so).
         lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
         raise DataError(
@@ -136,12 +136,6 @@ def read_chat_jsonl(path: str | Path, max_bad_fraction: float = 0.0) -> list[lis
             f"{max_bad_fraction}); first: {bad[0]}"
         )
     return good
-
-
-def write_chat_jsonl(conversations: list[list[Message]], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for messages in conversations:
-            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
 class ChatTemplate:

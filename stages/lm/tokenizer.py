@@ -6,8 +6,8 @@ Reserved ids (same in every model)::
     4 <|system|>   5 <|user|>   6 <|assistant|>   7 <|end|>   8 "\\n"
 
 BOS/EOS/PAD are control ids: text never produces them. The chat markers are user-defined, so
-the literal string ``<|user|>`` in a chat transcript encodes as exactly one id. The stage that
-trains the model is ``stages/tokenizer.py``.
+the literal string ``<|user|>`` in a chat transcript encodes as exactly one id. The model is
+trained and written by ``stages/lm/tokenizer_training.py``, which the stage ``stages/tokenizer.py`` runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading the pretraining corpus: ``CorpusConfig.source`` -> a list of text documents.
+"""Reading the pretraining corpus: ``CorpusConfig.source`` -> a stream of text documents.
 
 A source is one of
 
@@ -29,7 +29,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -61,12 +61,6 @@ class CorpusStats:
     def as_metrics(self, prefix: str = "corpus_") -> dict[str, int]:
         """Numeric stats with a prefix, ready for a stage's summary metrics."""
         return {f"{prefix}{k}": int(v) for k, v in asdict(self).items() if k != "source"}
-
-
-@dataclass
-class Corpus:
-    documents: list[str] = field(default_factory=list)
-    stats: CorpusStats = field(default_factory=CorpusStats)
 
 
 # --------------------------------------------------------------------------- listing files
@@ -345,8 +339,8 @@ def read_pieces(
     """The documents of ``pieces`` in order, one at a time, normalized and truncated; with a
     ``budget`` (bytes of text), reading stops once it is used up, cutting the last document.
 
-    Every reader of the corpus goes through here, so the tokenizer, the data stage's units and
-    ``read_corpus`` see exactly the same documents.
+    Every reader of the corpus goes through here, so the tokenizer (``iter_documents``) and the
+    data stage's units see exactly the same documents.
     """
     used = 0
     for piece in pieces:
@@ -390,12 +384,6 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
     yield from read_pieces(whole_pieces(sources), cfg, stats, cfg.max_bytes)
     if not stats.documents:
         raise DataError(empty_message(cfg, len(sources), stats))
-
-
-def read_corpus(cfg: CorpusConfig) -> Corpus:
-    """All documents in a list: for small corpora and tests. The stages stream (``iter_documents``)."""
-    stats = CorpusStats(source=cfg.source)
-    return Corpus(list(iter_documents(cfg, stats)), stats)
 
 
 def empty_message(cfg: CorpusConfig, listed: int, stats: CorpusStats) -> str:

@@ -142,7 +142,7 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
 
 def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(endpoint, monkeypatch, tmp_path):
     from stages.core.config import CorpusConfig
-    from stages.storage.corpus import fingerprint, read_corpus
+    from stages.storage.corpus import fingerprint, iter_documents
 
     direct = endpoint["direct"]
     direct.put_object(Bucket=BUCKET, Key="corpus/b.txt", Body=b"second document\n")
@@ -150,8 +150,7 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
     direct.put_object(Bucket=BUCKET, Key="corpus/skip.bin", Body=b"\x00\x01")
     direct.put_object(Bucket=BUCKET, Key="corpus/docs.jsonl", Body=b'{"text": "third"}\n')
     cfg = CorpusConfig(source=f"s3://{BUCKET}/corpus")
-    corpus = read_corpus(cfg)
-    assert corpus.documents == ["first document\n", "second document\n", "third"]
+    assert list(iter_documents(cfg)) == ["first document\n", "second document\n", "third"]
     assert fingerprint(cfg) == fingerprint(cfg)
     before = fingerprint(cfg)
     # Another machine (a stage container) with its own, empty local cache computes the same key.
@@ -159,7 +158,7 @@ def test_s3_corpus_source_reads_objects_in_key_order_with_a_stable_fingerprint(e
     assert fingerprint(cfg) == before and not (tmp_path / "another-cache").exists(), "fingerprinting downloads nothing"
     direct.put_object(Bucket=BUCKET, Key="corpus/a.txt", Body=b"first document, edited\n")
     assert fingerprint(cfg) != before, "an edited object must change the stage's cache key"
-    assert read_corpus(CorpusConfig(source=f"s3://{BUCKET}/corpus/a.txt")).documents == ["first document, edited\n"]
+    assert list(iter_documents(CorpusConfig(source=f"s3://{BUCKET}/corpus/a.txt"))) == ["first document, edited\n"]
 
 
 def test_missing_bucket_is_one_clear_line(endpoint):

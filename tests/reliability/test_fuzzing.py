@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from stages.core.config import PipelineConfig, load_config, parse_config
 from stages.core.errors import ArtifactError, ConfigError, DataError, GptpipeError
-from stages.lm.chat import ROLES, read_chat_jsonl, validate_messages, write_chat_jsonl
+from stages.lm.chat import ROLES, read_chat_jsonl, validate_messages
 from stages.storage.artifacts import MANIFEST, Manifest, read_manifest, verify
+from tests._sft_fixtures import write_chat_jsonl
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -121,7 +122,7 @@ conversation = st.lists(
 
 @FUZZ
 @given(conversations=st.lists(conversation, min_size=1, max_size=4))
-def test_what_write_chat_jsonl_writes_reads_back_unchanged(conversations):
+def test_chat_jsonl_reads_back_unchanged(conversations):
     # Any text, including U+2028 and other characters str.splitlines() would split at.
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chat.jsonl"

@@ -17,6 +17,7 @@ import pytest
 
 from stages import tokenizer as tokenizer_stage
 from stages.executor import StageCall, call_key, run_stage
+from stages.lm.tokenizer import MODEL_FILE
 from stages.storage.artifacts import verify
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
@@ -47,7 +48,7 @@ def test_exception_after_half_the_files_leaves_no_output(setup, monkeypatch):
     real = tokenizer_stage.write_artifact
 
     def half_then_crash(tokenizer, tcfg, out):
-        (out / tokenizer_stage.MODEL_FILE).write_bytes(tokenizer.model_proto)
+        (out / MODEL_FILE).write_bytes(tokenizer.model_proto)
         (out / "half.vocab").write_text("partial")
         raise RuntimeError("worker lost mid-write")
 
@@ -66,11 +67,12 @@ def test_process_dying_mid_write_leaves_only_a_hidden_work_directory(setup, tmp_
         import os
         from stages import tokenizer as stage
         from stages.executor import run_stage
+        from stages.lm.tokenizer import MODEL_FILE
         from stages.storage.stores import LocalStore
         from tests._data_fixtures import micro_config
 
         def half_then_die(tokenizer, tcfg, out):
-            (out / stage.MODEL_FILE).write_bytes(tokenizer.model_proto[: len(tokenizer.model_proto) // 2])
+            (out / MODEL_FILE).write_bytes(tokenizer.model_proto[: len(tokenizer.model_proto) // 2])
             (out / "half.vocab").write_text("partial")
             os._exit(9)  # no finally, no cleanup: the process is simply gone
 
