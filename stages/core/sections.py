@@ -283,7 +283,7 @@ class ExportConfig(Section):
     """ONNX / torch.export of the final model, behind a parity gate."""
 
     source: str = Field(
-        "finetune", description="Which stage's checkpoint to export: a stage that makes a model (finetune, pretrain)."
+        "finetune", description="Which stage's checkpoint to export: a stage that makes a model (finetune or pretrain)."
     )
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graphs.")
     tolerance: float = Field(
