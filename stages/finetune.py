@@ -46,8 +46,9 @@ from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
 from stages.training import checkpoint
 from stages.training.batches import RandomWindows
-from stages.training.loop import evaluate_loss, resolve_device, train
-from stages.training.perf import set_threads
+from stages.training.loop import train
+from stages.training.loss import evaluate_loss
+from stages.training.perf import resolve_device, set_threads
 from stages.training.replay import replay_rows
 
 log = logging.getLogger("gptpipe.finetune")

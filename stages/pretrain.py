@@ -36,7 +36,8 @@ from stages.training import checkpoint as ckpt
 from stages.training import distributed
 from stages.training.batches import RandomWindows, fixed_windows
 from stages.training.checkpoint import MODEL_DIR
-from stages.training.loop import evaluate_loss, train
+from stages.training.loop import train
+from stages.training.loss import evaluate_loss
 from stages.training.perf import set_threads
 
 CURVE = "curve.json"

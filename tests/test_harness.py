@@ -32,7 +32,7 @@ from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint import load_model
-from stages.training.loop import evaluate_loss
+from stages.training.loss import evaluate_loss
 
 pytest.importorskip("lm_eval")
 

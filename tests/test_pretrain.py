@@ -74,7 +74,7 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     # Loaded weights reproduce the recorded final validation loss (same fixed val windows).
     from stages.storage.shards import TokenShards
     from stages.training.batches import fixed_windows
-    from stages.training.loop import evaluate_loss
+    from stages.training.loss import evaluate_loss
 
     val = fixed_windows(TokenShards(inputs["data"].uri, "val"), 32, 8, 2)
     assert evaluate_loss(model, val) == pytest.approx(metrics["final_val_loss"], abs=1e-3)

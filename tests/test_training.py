@@ -10,7 +10,8 @@ import torch
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
 from stages.training import checkpoint as ckpt
-from stages.training.loop import build_optimizer, evaluate_loss, lr_at, resolve_device, train
+from stages.training.loop import build_optimizer, lr_at, resolve_device, train
+from stages.training.loss import evaluate_loss
 from tests._numeric import approx, assert_close
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 

@@ -23,13 +23,12 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stages.core.config import TrainConfig
@@ -41,6 +40,7 @@ from stages.training import distributed, perf
 from stages.training.batches import for_rank
 from stages.training.checkpoint import find_gpt
 from stages.training.checkpointer import Checkpointer
+from stages.training.loss import token_loss_sum
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
 from stages.training.perf import resolve_device
 from stages.training.state import Hardware, LogWindow, TrainResult, TrainState, Update
@@ -54,37 +54,6 @@ class Batches(Protocol):
     """Training data as a pure function of (step, micro-step): CPU LongTensors (batch, length)."""
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-# --- loss -------------------------------------------------------------------------------------
-
-
-def token_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over targets that are not IGNORE (fp32 logits for the softmax)."""
-    logits = model(x)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss per scored token over ``batches`` (fixed held-out batches), in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with perf.scoring_autocast(device):
-                total += float(token_loss_sum(model, x, y))
-            count += int((y != IGNORE).sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise TrainingError("evaluation batches hold no scored tokens (every target is -100)")
-    return total / count
 
 
 # --- reporting: tracker, progress bar, one-line notes (rank 0 only) ---------------------------
