@@ -50,7 +50,7 @@ from stages.lm.model import GPT
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
-from stages.training.checkpoint import load_model, model_directory
+from stages.training.checkpoint_format import load_model, model_directory
 from stages.training.perf import set_threads
 from stages.viewer import architecture_svg
 

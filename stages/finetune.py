@@ -12,7 +12,7 @@ plain checkpoint. The largest logit difference merged vs unmerged is recorded as
 ``replay_fraction`` of every batch's rows are windows of pretraining text (``ReplayMix``), so
 the model keeps its language modelling while it learns the chat format.
 
-Outputs: ``model/`` (checkpoint.save_model), ``heldout.jsonl`` (the held-out conversations,
+Outputs: ``model/`` (``checkpoint_format.save_model``), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
 
 While it trains, resumable checkpoints go to the work directory's ``checkpoints/``, which the
@@ -44,7 +44,7 @@ from stages.lm.tasks import check_tasks, make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
-from stages.training import checkpoint
+from stages.training import checkpoint_format as checkpoint
 from stages.training.batches import RandomWindows
 from stages.training.loop import train
 from stages.training.loss import evaluate_loss

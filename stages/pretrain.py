@@ -3,8 +3,8 @@
 Output artifact::
 
     model/              the final checkpoint: model.safetensors + model.json (what
-                        ``checkpoint.load_model`` reads) + optimizer.pt + trainer.json
-                        (what ``checkpoint.load_checkpoint`` reads to continue training)
+                        ``checkpoint_format.load_model`` reads) + optimizer.pt + trainer.json
+                        (what ``checkpoint_format.load_checkpoint`` reads to continue training)
     curve.json          every logged point: train loss, lr, grad norm, tokens/s, val loss
 
 Under torchrun every rank runs this stage: each trains on its own slice of every batch, rank 0
@@ -32,10 +32,10 @@ from stages.core.tracking import Tracker
 from stages.lm.model import GPT, GPTConfig
 from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training import distributed
 from stages.training.batches import RandomWindows, fixed_windows
-from stages.training.checkpoint import MODEL_DIR
+from stages.training.checkpoint_format import MODEL_DIR
 from stages.training.loop import train
 from stages.training.loss import evaluate_loss
 from stages.training.perf import set_threads

@@ -20,7 +20,7 @@ from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.storage.stores import LocalStore
 from stages.tokenizer import train_model, write_artifact
-from stages.training.checkpoint import save_model
+from stages.training.checkpoint_format import save_model
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.
 MICRO = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}

@@ -13,7 +13,7 @@ from stages.core.errors import DataError
 from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage
 from stages.storage.stores import LocalStore
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards
 
 

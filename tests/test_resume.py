@@ -12,7 +12,7 @@ import torch
 
 from stages.core.errors import TrainingError
 from stages.core.tracking import MemoryTracker
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training.loop import train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 

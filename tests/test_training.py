@@ -9,7 +9,7 @@ import torch
 
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training.loop import build_optimizer, lr_at, resolve_device, train
 from stages.training.loss import evaluate_loss
 from tests._numeric import approx, assert_close

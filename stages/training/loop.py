@@ -38,8 +38,8 @@ from stages.core.tracking import Tracker
 from stages.lm.targets import IGNORE
 from stages.training import distributed, perf
 from stages.training.batches import for_rank
-from stages.training.checkpoint import find_gpt
-from stages.training.checkpointer import Checkpointer
+from stages.training.checkpoint_format import find_gpt
+from stages.training.checkpoint_policy import Checkpointer
 from stages.training.loss import token_loss_sum
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
 from stages.training.perf import resolve_device

@@ -1,6 +1,6 @@
 """The training run's checkpoints: the one component the loop calls to save, resume and prune.
 
-``checkpoint.py`` is the format (what a checkpoint directory holds, read by every stage);
+``checkpoint_format.py`` is the format (what a checkpoint directory holds, read by every stage);
 this is its use during one run, torchtitan's ``CheckpointManager`` in small:
 
 * ``save(step, state)`` writes ``<root>/step_00000050`` — weights and optimizer (gathered from
@@ -10,7 +10,7 @@ this is its use during one run, torchtitan's ``CheckpointManager`` in small:
   restores the RNGs and returns what the trainer saved, or None to start from scratch;
 * ``latest()`` names that checkpoint (error messages point at it).
 
-Step numbers live in the directory names; only ``checkpoint.list_checkpoints`` reads them, so no
+Step numbers live in the directory names; only ``checkpoint_format.list_checkpoints`` reads them, so no
 caller parses a name. Without a root (``None``) every call is a no-op and nothing is resumable.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from stages.core.errors import TrainingError
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training import distributed
 
 
