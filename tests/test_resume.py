@@ -68,3 +68,29 @@ def test_a_resumed_pretraining_says_so_in_one_line(tmp_path, caplog):
     resumed = [r.getMessage() for r in records if "resuming" in r.getMessage()]
     assert resumed == [f"pretrain: resuming from step 4, checkpoint {work / ckpt.step_dirname(4)}"]
     assert result.manifest.metrics["steps"] == 8
+
+
+def test_the_checkpointer_decides_which_steps_to_write_and_which_to_keep(tmp_path):
+    """The loop calls save() after every step; the interval, the last step, SIGTERM and pruning are the checkpointer's."""
+    from stages.training.checkpoint_policy import Checkpointer
+    from stages.training.optimizer import build_optimizer
+
+    def never_built():
+        raise AssertionError("the trainer state is built only for a checkpoint that is written")
+
+    model = micro_model()
+    optimizer = build_optimizer(model, micro_config())
+    checkpointer = Checkpointer(tmp_path, model, optimizer, interval=3, keep=2)
+    written = [
+        step
+        for step in range(1, 11)
+        if checkpointer.save(step, lambda step=step: {"step": step}, last_step=step == 10) is not None
+    ]
+    assert written == [3, 6, 9, 10]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [9, 10]
+    assert checkpointer.save(11, never_built) is None
+    assert checkpointer.save(11, lambda: {"step": 11}, force=True) == tmp_path / ckpt.step_dirname(11)
+    assert checkpointer.resume_latest().state["step"] == 11
+
+    off = Checkpointer(None, model, optimizer, interval=1)
+    assert off.save(3, never_built, force=True) is None and off.resume_latest() is None

@@ -4,6 +4,8 @@
 resumes from the newest checkpoint and hands over to ``_loop``, which reads in the order of one
 optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at the end) → the
 update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint, each a named function.
+The checkpoint step is a call to the ``Checkpointer`` (``checkpoint_policy.py``) after every
+update: it owns the interval, the last step's checkpoint, SIGTERM's and which ones are kept.
 What a step carries to the next is a ``TrainState`` — exactly what a checkpoint carries on.
 
 What differs between pretraining and fine-tuning stays outside: the caller builds the model,
@@ -25,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,8 +149,12 @@ class Preempted(TrainingError):
 
 
 def _loop(run: _Run, state: TrainState) -> None:
-    """Optimizer steps from ``state.step`` to ``max_steps``, then the final evaluation and checkpoint."""
+    """Optimizer steps from ``state.step`` to ``max_steps``; the last one ends with the final evaluation.
+
+    The checkpointer sees every step and decides whether to write it; SIGTERM makes it write at once.
+    """
     cfg, started = run.cfg, time.perf_counter() - state.seconds
+    trainer_state = partial(_trainer_state, run, state)
     with run.report.start_bar(cfg.max_steps, state.step, cfg.log_interval):
         for step in range(state.step, cfg.max_steps):
             lr = set_lr(run.optimizer, step, cfg)
@@ -156,17 +163,16 @@ def _loop(run: _Run, state: TrainState) -> None:
             update = _update(run, step)
             state.record_step(update.loss, update.tokens, update.seconds)
             run.report.advance(update, state.window)
-            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+            last = state.step == cfg.max_steps
+            if state.step % cfg.log_interval == 0 or last:
                 _log_training(run, state, update, lr)
+            if last:
+                _evaluate(run, state, state.step)  # before the last checkpoint, which records it
             state.seconds = time.perf_counter() - started
             alone_and_signalled = run.info.world_size == 1 and run.guard.requested  # e.g. during logging
-            if state.step < cfg.max_steps and (update.stop or alone_and_signalled):
-                raise _preempted(run, state)
-            if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0 and state.step < cfg.max_steps:
-                _save(run, state)
-        _evaluate(run, state, cfg.max_steps)
-        state.seconds = time.perf_counter() - started
-        _save(run, state)
+            if not last and (update.stop or alone_and_signalled):
+                raise _preempted(run, state, trainer_state)
+            run.checkpointer.save(state.step, trainer_state, last_step=last)
 
 
 def _evaluate(run: _Run, state: TrainState, step: int) -> None:
@@ -256,22 +262,17 @@ def _log_training(run: _Run, state: TrainState, update: Update, lr: float) -> No
     state.window = LogWindow()
 
 
-def _save(run: _Run, state: TrainState) -> Path | None:
-    """Checkpoint the state after ``state.step`` updates (None when checkpointing is off)."""
+def _trainer_state(run: _Run, state: TrainState) -> dict[str, Any]:
+    """What a checkpoint carries besides weights, optimizer and RNGs: trainer.json (built only when one is written)."""
     step = state.step
-    return run.checkpointer.save(
-        step,
-        {
-            **state.to_json(),
-            # Batches are a function of the step, so the step is the data cursor; stateful batch
-            # sources may add their own state through state_dict()/load_state_dict().
-            "data": run.batches.state_dict()
-            if hasattr(run.batches, "state_dict")
-            else {"cursor": "step", "step": step},
-            "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        },
-    )
+    return {
+        **state.to_json(),
+        # Batches are a function of the step, so the step is the data cursor; stateful batch
+        # sources may add their own state through state_dict()/load_state_dict().
+        "data": run.batches.state_dict() if hasattr(run.batches, "state_dict") else {"cursor": "step", "step": step},
+        "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+    }
 
 
 def _resume(run: _Run) -> tuple[TrainState, int | None]:
@@ -293,8 +294,8 @@ def _resume(run: _Run) -> tuple[TrainState, int | None]:
     return state, state.step
 
 
-def _preempted(run: _Run, state: TrainState) -> Preempted:
-    written = _save(run, state)
+def _preempted(run: _Run, state: TrainState, trainer_state: Callable[[], dict[str, Any]]) -> Preempted:
+    written = run.checkpointer.save(state.step, trainer_state, force=True)
     where = (
         f"checkpoint {written} written; rerun the same command to resume"
         if written
@@ -331,8 +332,8 @@ def train(
 
     The model is moved to ``cfg.device``. When ``checkpoint_dir`` holds a checkpoint, training
     continues from its step with its weights, optimizer, RNG and data cursor, and says so in one
-    line; a checkpoint is written every ``checkpoint_interval`` steps, after the last one, and
-    when SIGTERM arrives (then ``Preempted`` is raised). ``evaluate`` runs at step 0, every
+    line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
+    when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``. ``evaluate`` runs at step 0, every
     ``eval_interval`` steps and at the end; its ``val_loss`` becomes best/final. ``optimizer``
     defaults to ``build_optimizer`` (after the move to the device); a caller's own one gets the
     scheduled lr times each group's optional ``lr_scale`` at every step. ``name`` labels the
@@ -375,7 +376,15 @@ def train(
             evaluate=evaluate,
             report=report,
             guard=guard,
-            checkpointer=Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device),
+            checkpointer=Checkpointer(
+                checkpoint_dir,
+                net,
+                optimizer,
+                interval=cfg.checkpoint_interval,
+                keep=cfg.keep_checkpoints,
+                info=info,
+                device=device,
+            ),
         )
         report.params(
             settings.describe()
