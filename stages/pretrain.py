@@ -119,7 +119,7 @@ def run(cfg: PipelineConfig, inputs: dict[str, Path], out: Path, tracker: Tracke
     return {
         "initial_loss": round(result.initial_loss, 4),
         "ln_vocab": round(math.log(vocab), 4),
-        "final_train_loss": round(result.final_loss, 4),
+        "final_train_loss": round(result.final_train_loss, 4),
         "final_val_loss": None if result.final_val_loss is None else round(result.final_val_loss, 4),
         "best_val_loss": None if result.best_val_loss is None else round(result.best_val_loss, 4),
         "params": model.num_params(non_embedding=False),

@@ -133,6 +133,7 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
     out = result.ref.uri
     metrics = result.manifest.metrics
     assert metrics["method"] == "full" and metrics["steps"] == cfg.finetune.max_steps
+    assert metrics.keys() >= {"final_train_loss", "final_val_loss", "tokens_per_s"}  # the names pretrain reports
     assert metrics["train_conversations"] == cfg.finetune.train_items
     model = load_model(f"{out}/model")
     assert isinstance(model, GPT)

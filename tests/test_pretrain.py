@@ -14,6 +14,7 @@ from stages.core.tracking import MemoryTracker
 from stages.runner import run_stage
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint_format as ckpt
+from stages.training.state import TrainResult
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards
 
 
@@ -54,6 +55,8 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     assert metrics["final_val_loss"] < 0.5 * metrics["initial_loss"]
     assert metrics["final_train_loss"] < 0.5 * metrics["initial_loss"]
     assert metrics["tokens_per_s"] > 0 and metrics["params"] > 0
+    # One name per fact: what the stage reports of its training is named as TrainResult (finetune's summary()) names it.
+    assert set(metrics) - {"ln_vocab", "params", "vocab_size", "device"} <= TrainResult.__dataclass_fields__.keys()
 
     # Layout: model/ is both a model and a resumable checkpoint; curve.json; nothing else.
     assert sorted(result.manifest.files) == [

@@ -410,7 +410,7 @@ def _result(run: _Run, state: TrainState, resumed_from: int | None) -> TrainResu
         seconds=round(state.seconds, 3),
         tokens_per_s=tokens_per_s,
         initial_loss=float("nan") if state.initial_loss is None else state.initial_loss,
-        final_loss=float("nan") if state.final_loss is None else state.final_loss,
+        final_train_loss=float("nan") if state.final_loss is None else state.final_loss,
         best_val_loss=state.best_val_loss,
         final_val_loss=state.final_val_loss,
         resumed_from=resumed_from,
