@@ -10,12 +10,13 @@ import torch
 from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
 from stages.core.tracking import MemoryTracker
-from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack
+from stages.finetune import apply_lora, load_conversations, merge_lora
 from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
 from stages.lm.tasks import is_heldout
 from stages.runner import run_stage
+from stages.training.chat_batches import PackedBatches, ReplayMix, pack
 from stages.training.checkpoint_format import load_model
 from stages.training.loop import train
 from tests._numeric import rtol_for
