@@ -94,3 +94,20 @@ def test_the_checkpointer_decides_which_steps_to_write_and_which_to_keep(tmp_pat
 
     off = Checkpointer(None, model, optimizer, interval=1)
     assert off.save(3, never_built, force=True) is None and off.resume_latest() is None
+
+
+def test_a_run_resumed_from_its_last_checkpoint_trains_and_scores_nothing_again(tmp_path):
+    """The last checkpoint already holds the final evaluation: a rerun (say, killed before publishing) repeats nothing."""
+    stream = repetitive_stream()
+    cfg = micro_config(max_steps=4, eval_interval=2)
+    scored = []
+
+    def evaluate(model):
+        scored.append(1)
+        return {"val_loss": 1.0}
+
+    first = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    assert len(scored) == 3 and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    again = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    assert len(scored) == 3 and again.resumed_from == 4 and again.curve == first.curve
+    assert again.final_train_loss == first.final_train_loss and again.final_val_loss == 1.0

@@ -4,8 +4,9 @@
 resumes from the newest checkpoint and hands over to ``_loop``, which reads in the order of one
 optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at the end) → the
 update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint, each a named function.
-The checkpoint step is a call to the ``Checkpointer`` (``checkpoint_policy.py``) after every
-update: it owns the interval, the last step's checkpoint, SIGTERM's and which ones are kept.
+That checkpoint step calls the ``Checkpointer`` (``checkpoint_policy.py``) after every update;
+it decides whether one is due (every ``checkpoint_interval`` steps, the last step, SIGTERM) and
+which ones stay on disk.
 What a step carries to the next is a ``TrainState`` — exactly what a checkpoint carries on.
 
 What differs between pretraining and fine-tuning stays outside: the caller builds the model,
@@ -333,8 +334,9 @@ def train(
     The model is moved to ``cfg.device``. When ``checkpoint_dir`` holds a checkpoint, training
     continues from its step with its weights, optimizer, RNG and data cursor, and says so in one
     line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
-    when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``. ``evaluate`` runs at step 0, every
-    ``eval_interval`` steps and at the end; its ``val_loss`` becomes best/final. ``optimizer``
+    when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``.
+    ``evaluate`` runs at step 0, every ``eval_interval`` steps and at the end (before the last
+    checkpoint, which records it); its ``val_loss`` becomes best/final. ``optimizer``
     defaults to ``build_optimizer`` (after the move to the device); a caller's own one gets the
     scheduled lr times each group's optional ``lr_scale`` at every step. ``name`` labels the
     progress bar and the resume line (default: ``metric_prefix`` without its slash, or "train").
