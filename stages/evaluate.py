@@ -37,10 +37,10 @@ from stages.lm.model import GPT
 from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.shards import TokenShards
-from stages.training import checkpoint
+from stages.training import checkpoint_format as checkpoint
 from stages.training.batches import fixed_windows
-from stages.training.loop import evaluate_loss, resolve_device
-from stages.training.perf import set_threads
+from stages.training.loss import evaluate_loss
+from stages.training.perf import resolve_device, set_threads
 from stages.viewer.plots import plot_curves, read_curve
 
 log = logging.getLogger("gptpipe.evaluate")

@@ -50,7 +50,7 @@ from stages.lm.onnx_int8 import heldout_loss_change, quantize_int8
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
-from stages.training.checkpoint import HELDOUT, load_model, model_directory
+from stages.training.checkpoint_format import HELDOUT, load_model, model_directory
 from stages.training.perf import set_threads
 from stages.viewer import architecture_svg
 

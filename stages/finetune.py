@@ -3,7 +3,7 @@
 Only assistant tokens are trained: the chat template's loss mask becomes -100 targets, which
 the one training loop (``stages.training.loop.train``) skips. Conversations are packed whole into
 rows of ``block_size`` + 1 tokens (never split across rows) and the tail of each row is padding
-with -100 targets, so no compute is spent on a row per conversation.
+with -100 targets, so no compute is spent on a row per conversation (``stages.training.chat_batches``).
 
 ``method: lora`` wraps the GPT's linear layers with peft LoRA adapters, trains only those,
 and merges them into the weights at the end (``merge_and_unload``): later stages always get one
@@ -12,7 +12,7 @@ plain checkpoint. The largest logit difference merged vs unmerged is recorded as
 ``replay_fraction`` of every batch's rows are windows of pretraining text (``ReplayMix``), so
 the model keeps its language modelling while it learns the chat format.
 
-Outputs: ``model/`` (checkpoint.save_model), ``heldout.jsonl`` (the held-out conversations,
+Outputs: ``model/`` (``checkpoint_format.save_model``), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
 
 While it trains, resumable checkpoints go to the work directory's ``checkpoints/``, which the
@@ -31,7 +31,6 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,10 +44,12 @@ from stages.lm.tasks import check_tasks, make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
-from stages.training import checkpoint
+from stages.training import checkpoint_format as checkpoint
 from stages.training.batches import RandomWindows
-from stages.training.loop import evaluate_loss, resolve_device, train
-from stages.training.perf import set_threads
+from stages.training.chat_batches import PackedBatches, ReplayMix, fixed_batches, pack
+from stages.training.loop import train
+from stages.training.loss import evaluate_loss
+from stages.training.perf import resolve_device, set_threads
 from stages.training.replay import replay_rows
 
 log = logging.getLogger("gptpipe.finetune")
@@ -124,77 +125,6 @@ def render_all(
             f"({block_size} tokens); shorten them or pretrain with a larger pretrain.model.block_size"
         )
     return rendered
-
-
-def pack(rendered: list[Rendered], row_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack whole conversations into rows of ``row_len`` ids -> (x, y), each (rows, row_len - 1).
-
-    y is the next id where the mask trains it and -100 elsewhere (prompt, role markers, padding).
-    """
-    rows: list[tuple[list[int], list[bool]]] = []
-    ids: list[int] = []
-    mask: list[bool] = []
-    for r in rendered:
-        if ids and len(ids) + len(r.ids) > row_len:
-            rows.append((ids, mask))
-            ids, mask = [], []
-        ids = ids + r.ids
-        mask = mask + r.mask
-    if ids:
-        rows.append((ids, mask))
-    tokens = np.full((len(rows), row_len), pad_id, dtype=np.int64)
-    trained = np.zeros((len(rows), row_len), dtype=bool)
-    for i, (row_ids, row_mask) in enumerate(rows):
-        tokens[i, : len(row_ids)] = row_ids
-        trained[i, : len(row_mask)] = row_mask
-    x = torch.from_numpy(tokens[:, :-1].copy())
-    y = torch.from_numpy(np.where(trained[:, 1:], tokens[:, 1:], IGNORE))
-    return x, y
-
-
-class PackedBatches:
-    """Rows in a fresh seeded order each epoch; ``get(step, micro)`` is a pure function of its args."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, grad_accum: int, seed: int):
-        self.x, self.y = x, y
-        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
-        return self._orders[epoch]
-
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = (step * self.grad_accum + micro) * self.batch_size
-        n = len(self.x)
-        rows = [int(self._order(g // n)[g % n]) for g in range(start, start + self.batch_size)]
-        return self.x[rows], self.y[rows]
-
-
-class ReplayMix:
-    """Each micro-batch: ``sft`` rows of chat data, then ``replay`` rows of pretraining text.
-
-    Training on nothing but chat data overwrites what pretraining learned (on the tiny recipe the
-    validation loss on code rose from 4.3 to 17.6). Mixing a few rows of the pretraining
-    distribution into every batch — "replay" — keeps it. Replay rows train every token; chat
-    rows only the assistant's. Both halves are pure functions of (step, micro), so resume stays exact.
-    """
-
-    def __init__(self, sft: PackedBatches, replay: RandomWindows):
-        self.sft, self.replay = sft, replay
-
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.sft.get(step, micro)
-        rx, ry = self.replay.get(step, micro)
-        return torch.cat([x, rx]), torch.cat([y, ry])
-
-
-def fixed_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, limit: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``limit`` batches of rows in order: a fixed held-out set for the loss curve."""
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)][:limit]
 
 
 # --- LoRA -------------------------------------------------------------------------------------
@@ -347,7 +277,7 @@ STAGE = Stage(
         Output(DATA_FILE, "conversation and token counts"),
     ),
     run=run,
-    headline=("final_loss", "final_val_loss", "tokens_per_s"),
+    headline=("final_train_loss", "final_val_loss", "tokens_per_s"),
     headline_when_set=("lora_merge_max_abs_dlogits",),  # finetune.method = lora
     choose_inputs=_inputs,
     check=_problems,

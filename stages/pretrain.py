@@ -3,8 +3,8 @@
 Output artifact::
 
     model/              the final checkpoint: model.safetensors + model.json (what
-                        ``checkpoint.load_model`` reads) + optimizer.pt + trainer.json
-                        (what ``checkpoint.load_checkpoint`` reads to continue training)
+                        ``checkpoint_format.load_model`` reads) + optimizer.pt + trainer.json
+                        (what ``checkpoint_format.load_checkpoint`` reads to continue training)
     curve.json          every logged point: train loss, lr, grad norm, tokens/s, val loss
 
 Under torchrun every rank runs this stage: each trains on its own slice of every batch, rank 0
@@ -32,11 +32,12 @@ from stages.core.tracking import Tracker
 from stages.lm.model import GPT, GPTConfig
 from stages.storage.artifacts import CHECKPOINTS
 from stages.storage.shards import TokenShards
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training import distributed
 from stages.training.batches import RandomWindows, fixed_windows
-from stages.training.checkpoint import CURVE, MODEL_DIR
-from stages.training.loop import evaluate_loss, train
+from stages.training.checkpoint_format import CURVE, MODEL_DIR
+from stages.training.loop import train
+from stages.training.loss import evaluate_loss
 from stages.training.perf import set_threads
 
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
@@ -117,7 +118,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     return {
         "initial_loss": round(result.initial_loss, 4),
         "ln_vocab": round(math.log(vocab), 4),
-        "final_train_loss": round(result.final_loss, 4),
+        "final_train_loss": round(result.final_train_loss, 4),
         "final_val_loss": None if result.final_val_loss is None else round(result.final_val_loss, 4),
         "best_val_loss": None if result.best_val_loss is None else round(result.best_val_loss, 4),
         "params": model.num_params(non_embedding=False),

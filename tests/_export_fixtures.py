@@ -19,7 +19,7 @@ from stages.lm.tokenizer import Tokenizer
 from stages.lm.tokenizer_training import train_model, write_artifact
 from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
 from stages.storage.stores import LocalStore
-from stages.training.checkpoint import save_model
+from stages.training.checkpoint_format import save_model
 from tests._sft_fixtures import write_chat_jsonl
 
 # The shape every export test uses: small enough that one export takes seconds on 2 cores.

@@ -57,7 +57,7 @@ class SignallingTracker:
 
 def die_inside_checkpoint(step: int) -> None:
     """SIGKILL when the checkpoint of ``step`` has its weights written but not its optimizer state."""
-    from stages.training import checkpoint as ckpt
+    from stages.training import checkpoint_format as ckpt
 
     real_save = torch.save
     marker = f".tmp-{ckpt.step_dirname(step)}-"

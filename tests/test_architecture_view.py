@@ -23,7 +23,7 @@ from stages.lm.generate import generate_ids
 from stages.lm.onnx_runtime import open_session
 from stages.lm.tokenizer import Tokenizer
 from stages.publish import netron_package
-from stages.training.checkpoint import load_model
+from stages.training.checkpoint_format import load_model
 from stages.viewer import netron_page
 
 N_LAYER = 4

@@ -21,7 +21,7 @@ from stages.executor import StageCall, execute, run_stage
 from stages.launchers import command_line, needs_torchrun, torchrun_args
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training.batches import RandomWindows, for_rank
 from tests._numeric import approx
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker

@@ -136,3 +136,12 @@ def test_report_names_the_dominant_answer_when_fine_tuning_learned_only_the_form
     # Each model's time is in the report, and generation stopped early for the items that stopped.
     for prefix in ("base", "sft"):
         assert result.manifest.metrics[f"{prefix}_seconds"] > 0
+
+
+def test_the_evaluate_key_does_not_cover_the_training_loop():
+    """Evaluation scores with ``stages.training.loss``: a change to the loop must not re-key (and rerun) it."""
+    from stages.storage.artifacts import code_modules
+
+    modules = set(code_modules("stages.evaluate"))
+    assert "stages.training.loss" in modules
+    assert not modules & {"stages.training.loop", "stages.training.optimizer", "stages.training.state"}

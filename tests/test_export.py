@@ -24,7 +24,7 @@ from stages.lm.onnx_runtime import OnnxGenerator
 from stages.lm.tokenizer import Tokenizer
 from stages.registry import stage
 from stages.storage.stores import LocalStore
-from stages.training.checkpoint import load_model
+from stages.training.checkpoint_format import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,13 @@ from stages.core.config import FinetuneConfig
 from stages.core.errors import ConfigError, DataError
 from stages.core.tracking import MemoryTracker
 from stages.executor import run_stage
-from stages.finetune import PackedBatches, ReplayMix, apply_lora, load_conversations, merge_lora, pack
+from stages.finetune import apply_lora, load_conversations, merge_lora
 from stages.lm.chat import ChatTemplate, read_chat_jsonl
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
 from stages.lm.tasks import is_heldout
-from stages.training import checkpoint
+from stages.training.chat_batches import PackedBatches, ReplayMix, pack
+from stages.training.checkpoint_format import load_model
 from stages.training.loop import train
 from tests._numeric import rtol_for
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
@@ -133,8 +134,9 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
     out = result.ref.uri
     metrics = result.manifest.metrics
     assert metrics["method"] == "full" and metrics["steps"] == cfg.finetune.max_steps
+    assert metrics.keys() >= {"final_train_loss", "final_val_loss", "tokens_per_s"}  # the names pretrain reports
     assert metrics["train_conversations"] == cfg.finetune.train_items
-    model = checkpoint.load_model(f"{out}/model")
+    model = load_model(f"{out}/model")
     assert isinstance(model, GPT)
     assert len(read_chat_jsonl(f"{out}/heldout.jsonl")) == cfg.finetune.heldout_items
     records = [json.loads(line) for line in open(f"{out}/heldout.jsonl")]
@@ -146,12 +148,12 @@ def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
     lora_cfg = micro_config("finetune.method=lora", "finetune.lora_r=4")
     lora = run_stage("finetune", lora_cfg, refs, store)
     assert lora.ref.uri != out
-    merged = checkpoint.load_model(f"{lora.ref.uri}/model").eval()
+    merged = load_model(f"{lora.ref.uri}/model").eval()
     with torch.no_grad():  # the merge error, against the size of the logits it perturbs
         scale = float(merged(torch.randint(0, merged.cfg.vocab_size, (4, 16))).abs().max())
     assert lora.manifest.metrics["lora_merge_max_abs_dlogits"] <= rtol_for(torch.float32) * max(1.0, scale)
     assert lora.manifest.metrics["trainable_params"] < metrics["trainable_params"]
-    merged = checkpoint.load_model(f"{lora.ref.uri}/model")
+    merged = load_model(f"{lora.ref.uri}/model")
     assert set(merged.state_dict()) == set(model.state_dict())
 
 

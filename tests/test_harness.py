@@ -31,8 +31,8 @@ from stages.lm.chat import ChatTemplate
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
-from stages.training.checkpoint import load_model
-from stages.training.loop import evaluate_loss
+from stages.training.checkpoint_format import load_model
+from stages.training.loss import evaluate_loss
 
 pytest.importorskip("lm_eval")
 

@@ -27,7 +27,7 @@ from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
-from stages.training.checkpoint import load_model
+from stages.training.checkpoint_format import load_model
 
 
 @pytest.fixture(scope="module")

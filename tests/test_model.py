@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages.core.errors import ArtifactError
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training.loop import build_optimizer
 from tests._numeric import assert_close
 from tests._training_fixtures import VOCAB, micro_config, micro_model

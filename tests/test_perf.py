@@ -110,7 +110,7 @@ def test_activation_checkpointing_keeps_names_and_gives_the_same_training():
     )
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints stay interchangeable
     assert all(getattr(b, "_gptpipe_ac", False) for b in model.blocks)
-    assert recomputed.final_loss == approx(plain.final_loss)  # dropout replayed identically
+    assert recomputed.final_train_loss == approx(plain.final_train_loss)  # dropout replayed identically
 
 
 def test_compile_is_selectable_on_the_cpu_and_trains_the_same(monkeypatch):
@@ -130,7 +130,7 @@ def test_compile_is_selectable_on_the_cpu_and_trains_the_same(monkeypatch):
     result = train(model, batches, micro_config(max_steps=3, compile="on"), MemoryTracker(), progress=False)
     assert compiled == ["Block", "Block"] and result.compiled
     assert "_orig_mod" not in "".join(model.state_dict())
-    assert result.final_loss == approx(eager.final_loss)
+    assert result.final_train_loss == approx(eager.final_train_loss)
 
 
 def test_fused_adamw_is_selectable_on_the_cpu():

@@ -13,7 +13,8 @@ from stages.core.errors import DataError
 from stages.core.tracking import MemoryTracker
 from stages.executor import run_stage
 from stages.storage.stores import LocalStore
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
+from stages.training.state import TrainResult
 from tests._training_fixtures import VOCAB, fake_artifact, repetitive_stream, write_shards
 
 
@@ -54,6 +55,8 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     assert metrics["final_val_loss"] < 0.5 * metrics["initial_loss"]
     assert metrics["final_train_loss"] < 0.5 * metrics["initial_loss"]
     assert metrics["tokens_per_s"] > 0 and metrics["params"] > 0
+    # One name per fact: what the stage reports of its training is named as TrainResult (finetune's summary()) names it.
+    assert set(metrics) - {"ln_vocab", "params", "vocab_size", "device"} <= TrainResult.__dataclass_fields__.keys()
 
     # Layout: model/ is both a model and a resumable checkpoint; curve.json; nothing else.
     assert sorted(result.manifest.files) == [
@@ -74,7 +77,7 @@ def test_pretrain_stage_trains_writes_a_loadable_model_and_is_reused(tmp_path):
     # Loaded weights reproduce the recorded final validation loss (same fixed val windows).
     from stages.storage.shards import TokenShards
     from stages.training.batches import fixed_windows
-    from stages.training.loop import evaluate_loss
+    from stages.training.loss import evaluate_loss
 
     val = fixed_windows(TokenShards(inputs["data"].uri, "val"), 32, 8, 2)
     assert evaluate_loss(model, val) == pytest.approx(metrics["final_val_loss"], abs=1e-3)

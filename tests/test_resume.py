@@ -12,7 +12,7 @@ import torch
 
 from stages.core.errors import TrainingError
 from stages.core.tracking import MemoryTracker
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training.loop import train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
@@ -68,3 +68,46 @@ def test_a_resumed_pretraining_says_so_in_one_line(tmp_path, caplog):
     resumed = [r.getMessage() for r in records if "resuming" in r.getMessage()]
     assert resumed == [f"pretrain: resuming from step 4, checkpoint {work / ckpt.step_dirname(4)}"]
     assert result.manifest.metrics["steps"] == 8
+
+
+def test_the_checkpointer_decides_which_steps_to_write_and_which_to_keep(tmp_path):
+    """The loop calls save() after every step; the interval, the last step, SIGTERM and pruning are the checkpointer's."""
+    from stages.training.checkpoint_policy import Checkpointer
+    from stages.training.optimizer import build_optimizer
+
+    def never_built():
+        raise AssertionError("the trainer state is built only for a checkpoint that is written")
+
+    model = micro_model()
+    optimizer = build_optimizer(model, micro_config())
+    checkpointer = Checkpointer(tmp_path, model, optimizer, interval=3, keep=2)
+    written = [
+        step
+        for step in range(1, 11)
+        if checkpointer.save(step, lambda step=step: {"step": step}, last_step=step == 10) is not None
+    ]
+    assert written == [3, 6, 9, 10]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [9, 10]
+    assert checkpointer.save(11, never_built) is None
+    assert checkpointer.save(11, lambda: {"step": 11}, force=True) == tmp_path / ckpt.step_dirname(11)
+    assert checkpointer.resume_latest().state["step"] == 11
+
+    off = Checkpointer(None, model, optimizer, interval=1)
+    assert off.save(3, never_built, force=True) is None and off.resume_latest() is None
+
+
+def test_a_run_resumed_from_its_last_checkpoint_trains_and_scores_nothing_again(tmp_path):
+    """The last checkpoint already holds the final evaluation: a rerun (say, killed before publishing) repeats nothing."""
+    stream = repetitive_stream()
+    cfg = micro_config(max_steps=4, eval_interval=2)
+    scored = []
+
+    def evaluate(model):
+        scored.append(1)
+        return {"val_loss": 1.0}
+
+    first = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    assert len(scored) == 3 and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
+    again = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    assert len(scored) == 3 and again.resumed_from == 4 and again.curve == first.curve
+    assert again.final_train_loss == first.final_train_loss and again.final_val_loss == 1.0

@@ -9,8 +9,9 @@ import torch
 
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
-from stages.training import checkpoint as ckpt
-from stages.training.loop import build_optimizer, evaluate_loss, lr_at, resolve_device, train
+from stages.training import checkpoint_format as ckpt
+from stages.training.loop import build_optimizer, lr_at, resolve_device, train
+from stages.training.loss import evaluate_loss
 from tests._numeric import approx, assert_close
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
@@ -39,7 +40,7 @@ def test_loss_falls_on_a_repetitive_stream_and_metrics_are_logged():
     )
     assert result.steps == 30 and result.tokens == 30 * 8 * 32
     assert abs(result.initial_loss - math.log(500)) < 0.1 * math.log(500)
-    assert result.final_loss < 0.5 * result.initial_loss
+    assert result.final_train_loss < 0.5 * result.initial_loss
     assert result.final_val_loss < 0.5 * result.curve[0]["val_loss"]
     assert result.best_val_loss <= result.final_val_loss
     assert [s for s, _ in tracker.metrics["train_loss"]] == [5, 10, 15, 20, 25, 30]
@@ -118,7 +119,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(tmp_path):
     assert again.resumed_from == 8 and again.steps == 12
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert again.final_loss == full.final_loss and again.initial_loss == full.initial_loss
+    assert again.final_train_loss == full.final_train_loss and again.initial_loss == full.initial_loss
     assert [p for p in again.curve if "train_loss" in p][-1]["step"] == 12
     assert [p["step"] for p in again.curve if "train_loss" in p] == [p["step"] for p in full.curve if "train_loss" in p]
 

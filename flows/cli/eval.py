@@ -22,7 +22,7 @@ from stages.core.errors import ArtifactError, GptpipeError
 
 def _heldout_records(model_dir: Path, count: int) -> list[dict]:
     from stages.lm.tasks import make_items
-    from stages.training.checkpoint import HELDOUT
+    from stages.training.checkpoint_format import HELDOUT
 
     path = model_dir / HELDOUT
     if path.is_file():
@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise GptpipeError("gptpipe eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'") from None
     from stages.lm import harness
     from stages.lm.tokenizer import Tokenizer
-    from stages.training.checkpoint import load_model, model_directory
+    from stages.training.checkpoint_format import load_model, model_directory
 
     model_dir = Path(args.model) if args.model else newest_artifact(Path(args.store), args.stage)
     tokenizer = Tokenizer.load(Path(args.tokenizer) if args.tokenizer else tokenizer_dir_for(model_dir))

@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from stages.lm.generate import generate
     from stages.lm.tokenizer import Tokenizer
-    from stages.training.checkpoint import load_model, model_directory
+    from stages.training.checkpoint_format import load_model, model_directory
 
     model_dir = Path(args.model) if args.model else newest_artifact(store, args.stage)
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else tokenizer_dir_for(model_dir)

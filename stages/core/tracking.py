@@ -1,6 +1,8 @@
 """The one MLflow adapter.
 
-Stages log through the small ``Tracker`` interface; only this module imports mlflow.
+Stages log through the small ``Tracker`` interface. Within ``stages/`` only this module (inside
+functions) and the model code it registers, ``mlflow_model.py``, import mlflow, as
+tests/test_boundary.py checks; outside, ``gptpipe ui`` (flows/cli/main.py) looks up an experiment.
 Runs are addressed by explicit run ids through ``MlflowClient`` — never MLflow's
 thread-local "active run", which breaks under Prefect's thread-pool task runner.
 """

@@ -18,7 +18,8 @@ from typing import Any
 from stages.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
-# Inside a stage's work directory: resumable state that survives a failed attempt (see stores.py).
+# Inside a stage's work directory: resumable state that survives a failed attempt (``Store.scratch`` and
+# ``Store.discard`` in stores.py keep it).
 CHECKPOINTS = "checkpoints"
 _CHUNK = 1 << 20
 

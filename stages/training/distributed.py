@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stages.core.errors import ConfigError
-from stages.training.checkpoint import is_fsdp
+from stages.training.checkpoint_format import is_fsdp
 from stages.training.perf import RuntimeSettings, compile_blocks, enable_activation_checkpointing
 
 

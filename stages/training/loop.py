@@ -4,6 +4,9 @@
 resumes from the newest checkpoint and hands over to ``_loop``, which reads in the order of one
 optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at the end) → the
 update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint, each a named function.
+That checkpoint step calls the ``Checkpointer`` (``checkpoint_policy.py``) after every update;
+it decides whether one is due (every ``checkpoint_interval`` steps, the last step, SIGTERM) and
+which ones stay on disk.
 What a step carries to the next is a ``TrainState`` — exactly what a checkpoint carries on.
 
 What differs between pretraining and fine-tuning stays outside: the caller builds the model,
@@ -23,13 +26,13 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stages.core.errors import ConfigError, TrainingError
@@ -39,8 +42,9 @@ from stages.core.tracking import Tracker
 from stages.lm.targets import IGNORE
 from stages.training import distributed, perf
 from stages.training.batches import for_rank
-from stages.training.checkpoint import find_gpt
-from stages.training.checkpointer import Checkpointer
+from stages.training.checkpoint_format import find_gpt
+from stages.training.checkpoint_policy import Checkpointer
+from stages.training.loss import token_loss_sum
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
 from stages.training.perf import resolve_device
 from stages.training.state import Hardware, LogWindow, TrainResult, TrainState, Update
@@ -54,37 +58,6 @@ class Batches(Protocol):
     """Training data as a pure function of (step, micro-step): CPU LongTensors (batch, length)."""
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-# --- loss -------------------------------------------------------------------------------------
-
-
-def token_loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over targets that are not IGNORE (fp32 logits for the softmax)."""
-    logits = model(x)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss per scored token over ``batches`` (fixed held-out batches), in eval mode."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with perf.scoring_autocast(device):
-                total += float(token_loss_sum(model, x, y))
-            count += int((y != IGNORE).sum())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise TrainingError("evaluation batches hold no scored tokens (every target is -100)")
-    return total / count
 
 
 # --- reporting: tracker, progress bar, one-line notes (rank 0 only) ---------------------------
@@ -177,8 +150,12 @@ class Preempted(TrainingError):
 
 
 def _loop(run: _Run, state: TrainState) -> None:
-    """Optimizer steps from ``state.step`` to ``max_steps``, then the final evaluation and checkpoint."""
+    """Optimizer steps from ``state.step`` to ``max_steps``; the last one ends with the final evaluation.
+
+    The checkpointer sees every step and decides whether to write it; SIGTERM makes it write at once.
+    """
     cfg, started = run.cfg, time.perf_counter() - state.seconds
+    trainer_state = partial(_trainer_state, run, state)
     with run.report.start_bar(cfg.max_steps, state.step, cfg.log_interval):
         for step in range(state.step, cfg.max_steps):
             lr = set_lr(run.optimizer, step, cfg)
@@ -187,17 +164,16 @@ def _loop(run: _Run, state: TrainState) -> None:
             update = _update(run, step)
             state.record_step(update.loss, update.tokens, update.seconds)
             run.report.advance(update, state.window)
-            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+            last = state.step == cfg.max_steps
+            if state.step % cfg.log_interval == 0 or last:
                 _log_training(run, state, update, lr)
+            if last:
+                _evaluate(run, state, state.step)  # before the last checkpoint, which records it
             state.seconds = time.perf_counter() - started
             alone_and_signalled = run.info.world_size == 1 and run.guard.requested  # e.g. during logging
-            if state.step < cfg.max_steps and (update.stop or alone_and_signalled):
-                raise _preempted(run, state)
-            if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0 and state.step < cfg.max_steps:
-                _save(run, state)
-        _evaluate(run, state, cfg.max_steps)
-        state.seconds = time.perf_counter() - started
-        _save(run, state)
+            if not last and (update.stop or alone_and_signalled):
+                raise _preempted(run, state, trainer_state)
+            run.checkpointer.save(state.step, trainer_state, last_step=last)
 
 
 def _evaluate(run: _Run, state: TrainState, step: int) -> None:
@@ -287,22 +263,17 @@ def _log_training(run: _Run, state: TrainState, update: Update, lr: float) -> No
     state.window = LogWindow()
 
 
-def _save(run: _Run, state: TrainState) -> Path | None:
-    """Checkpoint the state after ``state.step`` updates (None when checkpointing is off)."""
+def _trainer_state(run: _Run, state: TrainState) -> dict[str, Any]:
+    """What a checkpoint carries besides weights, optimizer and RNGs: trainer.json (built only when one is written)."""
     step = state.step
-    return run.checkpointer.save(
-        step,
-        {
-            **state.to_json(),
-            # Batches are a function of the step, so the step is the data cursor; stateful batch
-            # sources may add their own state through state_dict()/load_state_dict().
-            "data": run.batches.state_dict()
-            if hasattr(run.batches, "state_dict")
-            else {"cursor": "step", "step": step},
-            "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        },
-    )
+    return {
+        **state.to_json(),
+        # Batches are a function of the step, so the step is the data cursor; stateful batch
+        # sources may add their own state through state_dict()/load_state_dict().
+        "data": run.batches.state_dict() if hasattr(run.batches, "state_dict") else {"cursor": "step", "step": step},
+        "schedule": {"kind": "warmup-cosine", "next_lr": lr_at(step, run.cfg), "max_steps": run.cfg.max_steps},
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+    }
 
 
 def _resume(run: _Run) -> tuple[TrainState, int | None]:
@@ -324,8 +295,8 @@ def _resume(run: _Run) -> tuple[TrainState, int | None]:
     return state, state.step
 
 
-def _preempted(run: _Run, state: TrainState) -> Preempted:
-    written = _save(run, state)
+def _preempted(run: _Run, state: TrainState, trainer_state: Callable[[], dict[str, Any]]) -> Preempted:
+    written = run.checkpointer.save(state.step, trainer_state, force=True)
     where = (
         f"checkpoint {written} written; rerun the same command to resume"
         if written
@@ -362,9 +333,10 @@ def train(
 
     The model is moved to ``cfg.device``. When ``checkpoint_dir`` holds a checkpoint, training
     continues from its step with its weights, optimizer, RNG and data cursor, and says so in one
-    line; a checkpoint is written every ``checkpoint_interval`` steps, after the last one, and
-    when SIGTERM arrives (then ``Preempted`` is raised). ``evaluate`` runs at step 0, every
-    ``eval_interval`` steps and at the end; its ``val_loss`` becomes best/final. ``optimizer``
+    line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
+    when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``.
+    ``evaluate`` runs at step 0, every ``eval_interval`` steps and at the end (before the last
+    checkpoint, which records it); its ``val_loss`` becomes best/final. ``optimizer``
     defaults to ``build_optimizer`` (after the move to the device); a caller's own one gets the
     scheduled lr times each group's optional ``lr_scale`` at every step. ``name`` labels the
     progress bar and the resume line (default: ``metric_prefix`` without its slash, or "train").
@@ -406,7 +378,15 @@ def train(
             evaluate=evaluate,
             report=report,
             guard=guard,
-            checkpointer=Checkpointer(checkpoint_dir, cfg.keep_checkpoints, net, optimizer, info, device),
+            checkpointer=Checkpointer(
+                checkpoint_dir,
+                net,
+                optimizer,
+                interval=cfg.checkpoint_interval,
+                keep=cfg.keep_checkpoints,
+                info=info,
+                device=device,
+            ),
         )
         report.params(
             settings.describe()
@@ -432,7 +412,7 @@ def _result(run: _Run, state: TrainState, resumed_from: int | None) -> TrainResu
         seconds=round(state.seconds, 3),
         tokens_per_s=tokens_per_s,
         initial_loss=float("nan") if state.initial_loss is None else state.initial_loss,
-        final_loss=float("nan") if state.final_loss is None else state.final_loss,
+        final_train_loss=float("nan") if state.final_loss is None else state.final_loss,
         best_val_loss=state.best_val_loss,
         final_val_loss=state.final_val_loss,
         resumed_from=resumed_from,

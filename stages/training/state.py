@@ -14,14 +14,18 @@ from typing import Any
 
 @dataclass
 class TrainResult:
-    """What one ``train`` call did. ``curve`` holds every logged point, for plots."""
+    """What one ``train`` call did. ``curve`` holds every logged point, for plots.
+
+    The field names are the metric names: both training stages report these facts under them
+    (``summary()``), so pretrain and finetune manifests, MLflow and the report card agree.
+    """
 
     steps: int
     tokens: int
     seconds: float
     tokens_per_s: float
     initial_loss: float
-    final_loss: float
+    final_train_loss: float
     best_val_loss: float | None
     final_val_loss: float | None
     resumed_from: int | None = None
@@ -78,7 +82,7 @@ class TrainState:
     seconds: float = 0.0  # wall time of the run, over every attempt
     train_seconds: float = 0.0  # inside optimizer steps only: the tokens/s denominator
     initial_loss: float | None = None
-    final_loss: float | None = None
+    final_loss: float | None = None  # the last step's training loss (trainer.json's name for final_train_loss)
     best_val_loss: float | None = None
     final_val_loss: float | None = None
     curve: list[dict[str, float]] = field(default_factory=list)

@@ -25,7 +25,7 @@ def chat_inputs(tmp_path_factory):
     from stages.lm.model import GPT, GPTConfig
     from stages.lm.tokenizer import Tokenizer
     from stages.storage.stores import LocalStore
-    from stages.training import checkpoint
+    from stages.training.checkpoint_format import save_model
     from tests._data_fixtures import micro_config
     from tests._training_fixtures import fake_artifact
 
@@ -33,7 +33,7 @@ def chat_inputs(tmp_path_factory):
     tokenizer = run_stage("tokenizer", micro_config("corpus.max_bytes=200000"), {}, store).ref
     vocab = Tokenizer.load(tokenizer.uri).vocab_size
     model = GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, block_size=64))
-    pretrain = fake_artifact(store, "pretrain", lambda d: checkpoint.save_model(d / "model", model))
+    pretrain = fake_artifact(store, "pretrain", lambda d: save_model(d / "model", model))
     return tokenizer, pretrain
 
 

@@ -15,7 +15,7 @@ from stages.core.errors import ArtifactError
 from stages.core.tracking import MemoryTracker
 from stages.executor import StageCall, call_key, run_stage
 from stages.storage.stores import LocalStore
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 
 from ._failure_checks import one_line
 

@@ -18,7 +18,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from tests._scale_fixtures import result_of, run_worker
 
 # Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and

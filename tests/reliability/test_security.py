@@ -21,7 +21,7 @@ import torch
 from stages.core.errors import ArtifactError
 from stages.storage.artifacts import Manifest, files_digest, hash_files, verify
 from stages.storage.stores import LocalStore
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 
 from ._failure_checks import one_line
 from .conftest import ROOT, clean_env

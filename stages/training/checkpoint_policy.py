@@ -1,22 +1,27 @@
-"""The training run's checkpoints: the one component the loop calls to save, resume and prune.
+"""The checkpoint policy of one training run: when to write a checkpoint, what goes in it, which
+ones stay on disk, and resuming from the newest — torchtitan's ``CheckpointManager`` in small.
 
-``checkpoint.py`` is the format (what a checkpoint directory holds, read by every stage);
-this is its use during one run, torchtitan's ``CheckpointManager`` in small:
+``checkpoint_format.py`` is the format (what a checkpoint directory holds, read by every stage);
+this component decides how one run uses it. The loop hands it every step and asks nothing:
 
-* ``save(step, state)`` writes ``<root>/step_00000050`` — weights and optimizer (gathered from
-  the shards under FSDP2), every RNG and the caller's trainer state — on rank 0, then prunes to
-  ``keep`` checkpoints; every rank waits until the write is complete;
+* ``save(step, state, last_step=…)`` is called after every optimizer step. It writes
+  ``<root>/step_00000050`` when the step is due — every ``interval`` steps (0: none between), the
+  last step, or ``force`` (SIGTERM) — and otherwise returns None without calling ``state``. A
+  checkpoint holds the weights and optimizer (gathered from the shards under FSDP2), every RNG,
+  the world size and the trainer's own ``state()`` (JSON); rank 0 writes it, then prunes to the
+  newest ``keep`` and removes leftovers of interrupted writes; every rank waits for the write;
 * ``resume_latest()`` loads the newest complete checkpoint into the model and optimizer,
   restores the RNGs and returns what the trainer saved, or None to start from scratch;
 * ``latest()`` names that checkpoint (error messages point at it).
 
-Step numbers live in the directory names; only ``checkpoint.list_checkpoints`` reads them, so no
-caller parses a name. Without a root (``None``) every call is a no-op and nothing is resumable.
+Step numbers live in the directory names; only ``checkpoint_format.list_checkpoints`` reads them,
+so no caller parses a name. Without a root (``None``) nothing is written and nothing is resumable.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ import torch
 from torch import nn
 
 from stages.core.errors import TrainingError
-from stages.training import checkpoint as ckpt
+from stages.training import checkpoint_format as ckpt
 from stages.training import distributed
 
 
@@ -39,19 +44,24 @@ class Resumed:
 
 
 class Checkpointer:
-    """Resumable checkpoints of ``model`` + ``optimizer`` under ``root`` (None: checkpointing off)."""
+    """When and what to checkpoint of ``model`` + ``optimizer`` under ``root`` (None: checkpointing off)."""
 
     def __init__(
         self,
         root: Path | None,
-        keep: int,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
+        *,
+        interval: int = 0,
+        keep: int = 1,
         info: distributed.DistInfo | None = None,
         device: torch.device | None = None,
     ):
+        if interval < 0 or keep < 1:
+            raise ValueError(f"checkpoint interval {interval} must be >= 0 and keep {keep} >= 1")
         self.root = Path(root) if root is not None else None
-        self.keep, self.model, self.optimizer = keep, model, optimizer
+        self.model, self.optimizer = model, optimizer
+        self.interval, self.keep = interval, keep
         self.info = info or distributed.DistInfo()  # one process unless told otherwise
         self.device = device or torch.device("cpu")
 
@@ -64,9 +74,18 @@ class Checkpointer:
         found = ckpt.list_checkpoints(self.root) if self.root is not None else []
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path | None:
-        """Write the checkpoint of ``step`` with the trainer's ``state`` (JSON); collective under torchrun."""
+    def due(self, step: int, last_step: bool = False, force: bool = False) -> bool:
+        """Whether the checkpoint of ``step`` is written: every ``interval`` steps, the last step, or forced."""
         if self.root is None:
+            return False
+        return force or last_step or (self.interval > 0 and step % self.interval == 0)
+
+    def save(
+        self, step: int, state: Callable[[], dict[str, Any]], *, last_step: bool = False, force: bool = False
+    ) -> Path | None:
+        """Called after every step: write the checkpoint of ``step`` when it is ``due``, with the trainer's
+        ``state()`` (JSON), and return its directory; else None. Collective under torchrun."""
+        if not self.due(step, last_step, force):
             return None
         directory = self.root / ckpt.step_dirname(step)
         if ckpt.is_fsdp(self.model):
@@ -74,7 +93,7 @@ class Checkpointer:
         else:
             weights, optimizer_state = distributed.unwrap(self.model), None
         if self.info.is_main:
-            saved = {**state, "rng": ckpt.rng_state(), "world_size": self.info.world_size}
+            saved = {**state(), "rng": ckpt.rng_state(), "world_size": self.info.world_size}
             ckpt.save_checkpoint(directory, weights, self.optimizer, saved, optimizer_state=optimizer_state)
             self.prune()
         distributed.barrier()  # no rank may exit (or be killed by torchrun) while rank 0 writes

@@ -15,6 +15,7 @@ of them, and loading scatters it back into each rank's shard.
 Every write is atomic: the directory is built under a hidden temporary sibling and renamed
 into place, so a crash leaves either the old checkpoint or the new one, never half of one.
 Resumable checkpoints of one run live under a root as ``step_00000100/`` directories.
+When a run writes one, which it keeps and how it resumes is ``checkpoint_policy.py``'s part.
 """
 
 from __future__ import annotations
