@@ -41,6 +41,7 @@ from stages.training import checkpoint_format as checkpoint
 from stages.training.batches import fixed_windows
 from stages.training.loss import evaluate_loss
 from stages.training.perf import resolve_device, set_threads
+from stages.viewer.eval_report import evaluation_markdown
 from stages.viewer.plots import plot_curves, read_curve
 
 log = logging.getLogger("gptpipe.evaluate")
@@ -60,7 +61,8 @@ def read_heldout(path: Path) -> list[dict]:
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; the finetune artifact has no held-out set — rerun stage 'finetune'")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # '\n' only: json.dumps(..., ensure_ascii=False) leaves U+2028 in a line, which splitlines() breaks at
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if line.strip():
             record = json.loads(line)
             record["messages"] = validate_messages(record, f"{path}:{number}")
@@ -131,41 +133,6 @@ def lm_eval_figures(
             tasks_dir, records, harness.validation_texts(val, tokenizer, budget), cfg.max_new_tokens
         )
     return harness.run_tasks(model, tokenizer, cfg.lm_eval_tasks, tasks_dir, batch_size=cfg.batch_size)
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    base, tuned = report["base"], report["finetuned"]
-    rows = [
-        ("validation loss (nats/token)", "val_loss", "{:.4f}"),
-        ("perplexity", "perplexity", "{:.2f}"),
-        ("bits per byte", "bits_per_byte", "{:.4f}"),
-        (f"task exact match ({report['task_items']} held-out items)", "accuracy", "{:.1%}"),
-    ]
-    lines = ["# Evaluation: base vs fine-tuned", "", "| metric | base | fine-tuned |", "|---|---:|---:|"]
-    lines += [f"| {label} | {fmt.format(base[key])} | {fmt.format(tuned[key])} |" for label, key, fmt in rows]
-    for task, figures in tuned.get("lm_eval", {}).items():  # lm-evaluation-harness, beside gptpipe's own
-        for key, value in figures.items():
-            lines.append(f"| lm-eval {task}: {key} | {base['lm_eval'][task][key]:.4f} | {value:.4f} |")
-    for task in tuned["per_task"]:
-        lines.append(f"| exact match: {task} | {base['per_task'].get(task, 0):.1%} | {tuned['per_task'][task]:.1%} |")
-    lines.append(f"| time: loss + generation (s) | {base['seconds']:.1f} | {tuned['seconds']:.1f} |")
-    lines += [
-        "",
-        f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.",
-        "",
-    ]
-    lines += ["## Diagnosis", ""]
-    lines += [f"- {finding}" for finding in report["diagnosis"]] or ["- nothing to flag"]
-    lines += [""]
-    lines += ["## Samples", ""]
-    for sample in report["samples"]:
-        lines += [
-            f"- **prompt** `{sample['prompt']}` — expected `{sample['expected']}`",
-            f"  - base: `{sample['base']}`",
-            f"  - fine-tuned: `{sample['finetuned']}`",
-        ]
-    lines += ["", "![loss curves](curves.png)", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def evaluate_model(
@@ -266,7 +233,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         "samples": samples,
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_markdown(report, out / REPORT_MD)
+    (out / REPORT_MD).write_text(evaluation_markdown(report, CURVES_PNG), encoding="utf-8")
     plot_curves(
         {
             "pretrain": read_curve(inputs["pretrain"] / checkpoint.CURVE),

@@ -7,7 +7,6 @@ import math
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from stages.core.tracking import MemoryTracker
@@ -62,12 +61,6 @@ def test_generated_answers_stop_at_the_end_token():
     assert score([_record("Reverse: a b", "b a", "reverse")], answers.texts)["accuracy"] == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=json.JSONDecodeError,
-    reason="read_heldout splits lines with str.splitlines(), which breaks at the U+2028 that finetune's "
-    "json.dumps(..., ensure_ascii=False) leaves unescaped; read_chat_jsonl splits on '\\n' only",
-)
 def test_heldout_jsonl_with_a_line_separator_reads_back(tmp_path):
     record = _record("Reverse: a\u2028b", "b\u2028a", "reverse")
     path = tmp_path / "heldout.jsonl"

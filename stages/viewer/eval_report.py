@@ -1,0 +1,39 @@
+"""The evaluation report as a person reads it: one Markdown page of base vs fine-tuned figures."""
+
+from __future__ import annotations
+
+
+def evaluation_markdown(report: dict, curves_image: str) -> str:
+    """The evaluate stage's report as Markdown: base vs fine-tuned, the diagnosis, samples, the curves."""
+    base, tuned = report["base"], report["finetuned"]
+    rows = [
+        ("validation loss (nats/token)", "val_loss", "{:.4f}"),
+        ("perplexity", "perplexity", "{:.2f}"),
+        ("bits per byte", "bits_per_byte", "{:.4f}"),
+        (f"task exact match ({report['task_items']} held-out items)", "accuracy", "{:.1%}"),
+    ]
+    lines = ["# Evaluation: base vs fine-tuned", "", "| metric | base | fine-tuned |", "|---|---:|---:|"]
+    lines += [f"| {label} | {fmt.format(base[key])} | {fmt.format(tuned[key])} |" for label, key, fmt in rows]
+    for task, figures in tuned.get("lm_eval", {}).items():  # lm-evaluation-harness, beside gptpipe's own
+        for key, value in figures.items():
+            lines.append(f"| lm-eval {task}: {key} | {base['lm_eval'][task][key]:.4f} | {value:.4f} |")
+    for task in tuned["per_task"]:
+        lines.append(f"| exact match: {task} | {base['per_task'].get(task, 0):.1%} | {tuned['per_task'][task]:.1%} |")
+    lines.append(f"| time: loss + generation (s) | {base['seconds']:.1f} | {tuned['seconds']:.1f} |")
+    lines += [
+        "",
+        f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.",
+        "",
+    ]
+    lines += ["## Diagnosis", ""]
+    lines += [f"- {finding}" for finding in report["diagnosis"]] or ["- nothing to flag"]
+    lines += [""]
+    lines += ["## Samples", ""]
+    for sample in report["samples"]:
+        lines += [
+            f"- **prompt** `{sample['prompt']}` — expected `{sample['expected']}`",
+            f"  - base: `{sample['base']}`",
+            f"  - fine-tuned: `{sample['finetuned']}`",
+        ]
+    lines += ["", f"![loss curves]({curves_image})", ""]
+    return "\n".join(lines)
