@@ -231,11 +231,11 @@ def main() -> None:
             "tokenizer_sampled_fraction": tokenizer["result"]["metrics"]["sampled_fraction"],
             "data_peak_rss_mb": round(data["peak_rss_mb"], 1),
             "data_mb_per_s_end_to_end": round(source_mb / data["seconds"], 2),
-            "data_mb_per_s_stage": metrics["mb_per_second"],
+            "data_mb_per_s_stage": metrics["mb_per_s"],
             "plain_encode_mb_per_s": round(limit, 2),
             "plain_encode_before_after": [round(before, 2), round(after, 2)],
             "ratio_end_to_end": round(source_mb / data["seconds"] / limit, 3),
-            "ratio_stage": round(metrics["mb_per_second"] / limit, 3),
+            "ratio_stage": round(metrics["mb_per_s"] / limit, 3),
         }
         row.update(interleaved_ratio(model, corpus))
         rows.append(row)

@@ -111,7 +111,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         "seen_documents": stats.documents,
         "seen_bytes": stats.bytes,
         "sampled_fraction": round(sample_bytes / max(stats.bytes, 1), 4),
-        "read_mb_per_second": round(stats.bytes / 1e6 / max(read_seconds, 1e-9), 3),
+        "read_mb_per_s": round(stats.bytes / 1e6 / max(read_seconds, 1e-9), 3),
         "peak_rss_mb": peak.megabytes,
         **measured,
         **stats.as_metrics(),
