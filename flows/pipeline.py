@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.containers import check_containers_mode, run_stage_in_container
+from flows.embedded import prepare_mlflow
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
 from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
@@ -54,6 +55,7 @@ def ordered_stages(cfg: PipelineConfig) -> list[str]:
 
 def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
     artifact_root = runs_dir(cfg) / "mlartifacts" if uri.startswith("sqlite:") else None
+    prepare_mlflow(uri, cfg.tracking.experiment, artifact_root)  # concurrent runs on one SQLite file
     parent = start_run(
         uri,
         cfg.tracking.experiment,

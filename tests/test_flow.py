@@ -45,7 +45,7 @@ def test_mlflow_holds_parent_and_child_runs(flow_run):
 
     root, report, _ = flow_run
     client = MlflowClient(tracking_uri=report["tracking_uri"])
-    assert report["tracking_uri"] == f"sqlite:///{root / 'mlflow.db'}"
+    assert report["tracking_uri"] == f"sqlite:///{root / 'mlflow.db'}?timeout=60"
     parent = client.get_run(report["parent_run_id"])
     assert parent.info.status == "FINISHED"
     children = client.search_runs(

@@ -45,8 +45,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
     if not args.no_track:  # ...and on a tracking server that does not answer (the default SQLite needs none)
         check_reachable(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
+    from flows.embedded import prepare_prefect
     from flows.pipeline import pipeline
     from flows.report import render_report
+
+    prepare_prefect()  # several runs may share this machine's embedded Prefect database
 
     report = pipeline(config_path=args.config, overrides=args.overrides, force=args.force, track=not args.no_track)
     print(render_report(report))

@@ -83,8 +83,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def default_tracking_uri(runs_dir: str | Path) -> str:
-    """Embedded default: a SQLite file under the runs directory (no server to start)."""
-    return f"sqlite:///{(Path(runs_dir).resolve() / 'mlflow.db').as_posix()}"
+    """Embedded default: a SQLite file under the runs directory (no server to start). A writer waits
+    up to a minute for SQLite's lock (the driver's default is 5 s), so concurrent runs queue, not fail."""
+    return f"sqlite:///{(Path(runs_dir).resolve() / 'mlflow.db').as_posix()}?timeout=60"
 
 
 class MlflowTracker:
@@ -209,9 +210,15 @@ def connect(uri: str, experiment: str, artifact_root: str | Path | None = None) 
                 client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, found.experiment_id
         location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-        return client, client.create_experiment(
-            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-        )
+        try:
+            created = client.create_experiment(
+                experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            created = client.get_experiment_by_name(experiment).experiment_id  # another run made it first
+        return client, created
     except MlflowException as exc:
         raise GptpipeError(f"MLflow at {redact_uri(uri)}: {str(exc).splitlines()[0]}") from None
 
