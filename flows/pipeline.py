@@ -53,14 +53,14 @@ def ordered_stages(cfg: PipelineConfig) -> list[str]:
     return [name for name in ORDER if name in cfg.stages]
 
 
-def open_parent_run(cfg: PipelineConfig, uri: str) -> MlflowTracker:
+def open_parent_run(cfg: PipelineConfig, uri: str, sweep_run_id: str | None = None) -> MlflowTracker:
     artifact_root = runs_dir(cfg) / "mlartifacts" if uri.startswith("sqlite:") else None
     prepare_mlflow(uri, cfg.tracking.experiment, artifact_root)  # concurrent runs on one SQLite file
     parent = start_run(
         uri,
         cfg.tracking.experiment,
         run_name=f"{cfg.name}",
-        tags={"gptpipe.recipe": cfg.name},
+        tags={"gptpipe.recipe": cfg.name, **({"mlflow.parentRunId": sweep_run_id} if sweep_run_id else {})},
         artifact_root=artifact_root,
     )
     parent.log_params({"recipe": cfg.name, "stages": ",".join(cfg.stages)})
@@ -105,6 +105,7 @@ def pipeline(
     overrides: list[str] | None = None,
     force: bool = False,
     track: bool = True,
+    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
     forward_stage_logs()
@@ -113,7 +114,7 @@ def pipeline(
     if cfg.execution.mode == "containers":
         check_containers_mode(cfg)
     uri = tracking_uri(cfg) if track else None
-    parent = open_parent_run(cfg, uri) if uri else None
+    parent = open_parent_run(cfg, uri, parent_run_id) if uri else None
     config = cfg.model_dump(mode="json")
     results: dict[str, dict[str, Any]] = {}
     ok = False

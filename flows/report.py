@@ -28,8 +28,10 @@ def registered(model: dict[str, Any]) -> str:
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     out = []
     for name, result in report["stages"].items():
-        status = "reused" if result["reused"] else "ran"
-        wall = "-" if result["reused"] else f"{result['wall_time_s']:.1f}s"
+        status = result.get("status") or ("reused" if result["reused"] else "ran")
+        wall = f"{result['wall_time_s']:.1f}s" if status == "ran" else "-"
+        if status == "waited":
+            status = f"waited {result['waited_s']:.0f}s"
         out.append((name, status, wall, _headline(name, result["metrics"]), result["ref"]["uri"]))
     return out
 

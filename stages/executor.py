@@ -137,6 +137,14 @@ class StageResult:
     wall_time_s: float
     run_id: str | None = None  # the stage's MLflow run, when tracked
     experiment_id: str | None = None
+    waited_s: float = 0.0  # time spent waiting for another run that held the key's lease
+
+    @property
+    def status(self) -> str:
+        """``ran`` (built here), ``waited`` (another run built it while this one waited) or ``reused``."""
+        if not self.reused:
+            return "ran"
+        return "waited" if self.waited_s > 0 else "reused"
 
     def record(self) -> dict[str, Any]:
         """The result as plain data: what the flow hands the next stage and the report card."""
@@ -144,6 +152,8 @@ class StageResult:
             "stage": self.manifest.stage,
             "ref": self.ref.to_dict(),
             "reused": self.reused,
+            "status": self.status,
+            "waited_s": round(self.waited_s, 1),
             "wall_time_s": 0.0 if self.reused else round(self.wall_time_s, 2),
             "metrics": self.manifest.metrics,
             "run_id": self.run_id,

@@ -51,8 +51,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prepare_prefect()  # several runs may share this machine's embedded Prefect database
 
-    report = pipeline(config_path=args.config, overrides=args.overrides, force=args.force, track=not args.no_track)
+    report = pipeline(
+        config_path=args.config,
+        overrides=args.overrides,
+        force=args.force,
+        track=not args.no_track,
+        parent_run_id=args.parent_run_id,
+    )
     print(render_report(report))
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
 
@@ -155,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(run)
     run.add_argument("--force", action="store_true", help="recompute every stage even if a finished output exists")
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    run.add_argument("--report-json", metavar="PATH", help="also write the report card as JSON to PATH")
+    run.add_argument(
+        "--parent-run-id", default=None, help="nest the pipeline's MLflow run under this run (what a sweep does)"
+    )
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser("config", help="validate a recipe and print it fully resolved")
@@ -201,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli.eval import add_eval_command
 
     add_eval_command(sub)
+
+    from flows.cli.sweep import add_sweep_command
+
+    add_sweep_command(sub)
     return parser
 
 
