@@ -53,6 +53,12 @@ StageName = registry.StageName
 
 class ArtifactsConfig(Section):
     store: str = Field("runs/store", description="Local directory (or s3://bucket/prefix) holding stage outputs.")
+    lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a run's claim on a stage output it is building lasts without a heartbeat (renewed "
+        "every third of it); past that another run takes the work over and resumes from its checkpoints.",
+    )
 
 
 class TrackingConfig(Section):
