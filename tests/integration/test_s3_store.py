@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,8 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
         stage="blob", key="k1", config={}, inputs={}, code_version="t", files=files, digest=files_digest(files)
     )
     ref = store.commit(work, manifest)
-    head = endpoint["direct"].head_object(Bucket=BUCKET, Key="parts/blob/k1/weights.bin")
+    folder = f"parts/blob/k1/{manifest.digest}"  # files go up under the digest of the manifest that lists them
+    head = endpoint["direct"].head_object(Bucket=BUCKET, Key=f"{folder}/weights.bin")
     assert head["ETag"].strip('"').endswith("-2"), "a file over the threshold is a 2-part multipart upload"
 
     reader = S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "b")
@@ -135,7 +137,7 @@ def test_large_files_go_up_in_parts_and_downloads_are_verified(endpoint, tmp_pat
     assert (local / "weights.bin").read_bytes() == payload
     assert (local / "small.txt").read_text() == "hello\n"
 
-    endpoint["direct"].put_object(Bucket=BUCKET, Key="parts/blob/k1/small.txt", Body=b"tampered\n")
+    endpoint["direct"].put_object(Bucket=BUCKET, Key=f"{folder}/small.txt", Body=b"tampered\n")
     with pytest.raises(ArtifactError, match="does not match the manifest"):
         S3Store(f"s3://{BUCKET}/parts", cache_dir=tmp_path / "c").materialize(ref)
 
@@ -168,3 +170,95 @@ def test_missing_bucket_is_one_clear_line(endpoint):
     with pytest.raises(ArtifactError, match="bucket does not exist") as failure:
         S3Store("s3://no-such-bucket/x").find("tokenizer", "k")
     assert not getattr(failure.value, "transient", False)
+
+
+# --- several runs after one key: leases and conditional publication against the S3 endpoint ---------
+
+
+def _objects(client, prefix: str) -> dict[str, str]:
+    """``{key: ETag}`` of every object under ``prefix``."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {item["Key"]: item["ETag"] for page in pages for item in page.get("Contents", [])}
+
+
+def test_s3_claims_have_one_winner_and_a_stale_lease_one_taker(endpoint, tmp_path):
+    from stages.storage.lease import LeaseHolder, LeaseLost
+    from stages.storage.stores import S3Store
+    from tests._lease_workers import race
+
+    uri = f"s3://{BUCKET}/leases"
+    for attempt in range(3):
+        reports = race(f"{uri}-{attempt}", "claim", tmp_path, 4, "30")
+        assert sum(r["won"] for r in reports) == 1, reports
+
+    store = S3Store(uri, cache_dir=tmp_path / "c")
+    stalled = store.claim("race", "k", LeaseHolder("gone", "another-host", 1), lease_s=0.3)
+    assert stalled is not None and store.claim("race", "k", lease_s=30) is None
+    assert "leases/.leases/race/k.json" in _objects(endpoint["direct"], "leases/.leases/")
+    time.sleep(0.5)
+    reports = race(uri, "claim", tmp_path, 4, "30")
+    assert sum(r["won"] for r in reports) == 1, reports
+    taker = store.lease_holder("race", "k")
+    assert taker.run_id.startswith("worker-")
+    with pytest.raises(LeaseLost, match=f"now held by run {taker.run_id}"):
+        stalled.renew()
+    stalled.release()  # If-Match on its old ETag: the taker's record stays
+    assert store.lease_holder("race", "k").token == taker.token
+
+
+def test_s3_concurrent_commits_publish_one_output_and_losers_remove_only_their_own_files(endpoint, tmp_path):
+    from stages.storage.artifacts import verify
+    from stages.storage.stores import S3Store
+    from tests._lease_workers import race
+
+    direct = endpoint["direct"]
+    reports = race(f"s3://{BUCKET}/own", "commit", tmp_path, 4, "own")
+    published = {r["published"] for r in reports}
+    assert len(published) == 1 and published <= {r["mine"] for r in reports}, reports
+    (digest,) = published
+    left = _objects(direct, "own/race/k/")
+    assert set(left) == {"own/race/k/manifest.json", f"own/race/k/{digest}/out.txt"}, "losers deleted their folders"
+    store = S3Store(f"s3://{BUCKET}/own", cache_dir=tmp_path / "fresh")
+    assert verify(store.materialize(store.ref(store.find("race", "k")))).digest == digest
+
+    reports = race(f"s3://{BUCKET}/same", "commit", tmp_path, 4, "same")
+    assert len({r["published"] for r in reports} | {r["mine"] for r in reports}) == 1, "same bytes, one digest"
+    (digest,) = {r["published"] for r in reports}
+    assert set(_objects(direct, "same/race/k/")) == {"same/race/k/manifest.json", f"same/race/k/{digest}/out.txt"}
+
+
+def test_s3_commit_to_a_finished_key_keeps_its_objects_and_readers(endpoint, tmp_path):
+    import threading
+
+    from stages.storage.artifacts import Manifest, files_digest, hash_files
+    from stages.storage.stores import S3Store
+    from tests._lease_workers import race
+
+    uri = f"s3://{BUCKET}/kept"
+    store = S3Store(uri, cache_dir=tmp_path / "writer")
+    work = store.scratch("race", "k")
+    (work / "out.txt").write_text("first\n")
+    files = hash_files(work)
+    first = store.publish(work, Manifest("race", "k", {}, {}, "t", files=files, digest=files_digest(files)))
+    before = _objects(endpoint["direct"], "kept/race/k/")
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def download_all_the_time():  # a reader on another machine: a fresh cache for every copy
+        while not stop.is_set():
+            try:
+                reader = S3Store(uri, cache_dir=tmp_path / f"reader-{reads[0]}")
+                assert (reader.materialize(store.ref(first)) / "out.txt").read_text() == "first\n"
+                reads[0] += 1
+            except Exception as exc:
+                errors.append(exc)
+
+    reader = threading.Thread(target=download_all_the_time)
+    reader.start()
+    try:
+        reports = race(uri, "commit", tmp_path, 4, "own")
+    finally:
+        stop.set()
+        reader.join()
+    assert {r["published"] for r in reports} == {first.digest}
+    assert errors == [] and reads[0] > 0
+    assert _objects(endpoint["direct"], "kept/race/k/") == before, "not one object written or deleted"

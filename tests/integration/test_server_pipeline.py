@@ -159,7 +159,8 @@ def test_store_outputs_have_manifests(services, server_pipeline):
             o["Key"][len(key) - len("manifest.json") :]
             for o in s3.list_objects_v2(Bucket="gptpipe", Prefix=key[: -len("manifest.json")])["Contents"]
         }
-        assert set(manifest["files"]) | {"manifest.json"} == listed, stage
+        # Files sit under the digest of the manifest that lists them (stages.storage.stores).
+        assert {f"{manifest['digest']}/{rel}" for rel in manifest["files"]} | {"manifest.json"} == listed, stage
 
 
 def test_second_run_reuses_every_stage(services, server_pipeline):
