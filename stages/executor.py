@@ -29,6 +29,7 @@ from stages.core.errors import ArtifactError
 from stages.core.stage import Sections, Stage
 from stages.core.tracking import MemoryTracker, Tracker
 from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
+from stages.storage.lease import DEFAULT_LEASE_S, STALE, Lease, LeaseHolder, LeaseRecord, wait_for
 from stages.storage.stores import LocalStore, Store, open_store
 
 log = logging.getLogger("gptpipe.executor")
@@ -63,7 +64,8 @@ class StageCall:
     inputs: dict[str, ArtifactRef]
     store: str  # artifacts.store: a local directory or s3://bucket/prefix
     tracking: Tracking | None = None
-    force: bool = False  # recompute even when a finished output exists
+    force: bool = False  # recompute even when a finished output exists (a finished output is never replaced)
+    lease_s: float = DEFAULT_LEASE_S  # artifacts.lease_s: how long a claim on the key lasts without a heartbeat
 
     @classmethod
     def for_recipe(
@@ -95,6 +97,7 @@ class StageCall:
             store=store or cfg.artifacts.store,
             tracking=tracking,
             force=force,
+            lease_s=cfg.artifacts.lease_s,
         )
 
     @property
@@ -114,6 +117,7 @@ class StageCall:
             "store": self.store,
             "tracking": self.tracking.to_dict() if self.tracking else None,
             "force": self.force,
+            "lease_s": self.lease_s,
         }
 
     @classmethod
@@ -126,6 +130,7 @@ class StageCall:
             store=data["store"],
             tracking=Tracking(**tracking) if tracking else None,
             force=bool(data.get("force", False)),
+            lease_s=float(data.get("lease_s", DEFAULT_LEASE_S)),
         )
 
 
@@ -218,22 +223,77 @@ def run_stage(
 
 
 def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResult:
+    """Reuse the key's output; else claim the key (or wait for the run that holds it) and build it."""
     declared = call.declared
     config, needed = key_config(call), needed_inputs(call)
     version = code_version(declared.module)
     key = cache_key(call.stage, config, needed, version)
-    if not call.force:
-        existing = store.find(call.stage, key)
-        if existing is not None:
-            log.info("stage %s: reusing finished output %s (key %s)", call.stage, store.ref(existing).uri, key)
-            return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
+    if not call.force and (existing := store.find(call.stage, key)) is not None:
+        log.info("stage %s: reusing finished output %s (key %s)", call.stage, store.ref(existing).uri, key)
+        return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
 
+    lease, finished, waited = _claim(call, store, key, getattr(tracker, "run_id", ""))
+    if finished is not None:
+        return StageResult(store.ref(finished), finished, reused=True, wall_time_s=0.0, waited_s=waited)
+    try:
+        with lease.keep_alive():
+            # The previous holder may have published just before letting the key go.
+            if not call.force and (existing := store.find(call.stage, key)) is not None:
+                return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0, waited_s=waited)
+            manifest, wall = _build(call, store, key, config, needed, version, lease, tracker)
+    finally:
+        lease.release()
+    log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, store.ref(manifest).uri)
+    return StageResult(store.ref(manifest), manifest, reused=False, wall_time_s=wall, waited_s=waited)
+
+
+def _claim(call: StageCall, store: Store, key: str, run_id: str) -> tuple[Lease | None, Manifest | None, float]:
+    """The key's lease, or the output another run finished while this one waited for it.
+
+    A run that finds the key held waits (a line every ~15 s names the holder) until the holder
+    publishes — then it reuses that output — or stops renewing its lease (it died): then this run
+    takes the lease over and, for a training stage, resumes from the holder's checkpoints.
+    """
+    holder = LeaseHolder.current(run_id or "")
+    started = time.monotonic()
+    last_line = [0.0]
+
+    def progress(record: LeaseRecord, waited: float) -> None:
+        if waited - last_line[0] >= 15 or last_line[0] == 0:
+            last_line[0] = max(waited, 1e-9)
+            log.info("stage %s: waiting for %s, which is building key %s", call.stage, record.describe(), key)
+
+    while True:
+        lease = store.claim(call.stage, key, holder, call.lease_s)
+        if lease is not None:  # stages.storage.lease logs a takeover, naming the run it took over from
+            waited = time.monotonic() - started if last_line[0] else 0.0
+            return lease, None, waited
+        outcome = wait_for(store, call.stage, key, call.lease_s, progress)
+        if outcome != STALE and not call.force:
+            waited = max(time.monotonic() - started, 1e-3)
+            log.info(
+                "stage %s: reusing key %s, built by another run while this one waited %.0fs", call.stage, key, waited
+            )
+            return None, outcome, waited
+
+
+def _build(
+    call: StageCall,
+    store: Store,
+    key: str,
+    config: dict[str, Any],
+    needed: dict[str, ArtifactRef],
+    version: str,
+    lease: Lease,
+    tracker: Tracker,
+) -> tuple[Manifest, float]:
+    """Run the stage into the lease holder's work directory, then hash and publish it."""
     local_inputs = {need: store.materialize(ref) for need, ref in needed.items()}
-    scratch = store.scratch(call.stage, key)
+    scratch = store.scratch(call.stage, key, lease)
     started = time.perf_counter()
     try:
         metrics = _launch(call, key, local_inputs, scratch, tracker)
-        _check_headline(declared, metrics)
+        _check_headline(call.declared, metrics)
         wall = time.perf_counter() - started
         files = hash_files(scratch)
         manifest = Manifest(
@@ -247,12 +307,10 @@ def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResu
             wall_time_s=round(wall, 3),
             digest=files_digest(files),
         )
-        ref = store.commit(scratch, manifest)
+        return store.publish(scratch, manifest), wall
     except BaseException:
         store.discard(scratch)
         raise
-    log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, ref.uri)
-    return StageResult(ref, manifest, reused=False, wall_time_s=wall)
 
 
 def _launch(call: StageCall, key: str, inputs: dict[str, Path], scratch: Path, tracker: Tracker) -> dict[str, Any]:

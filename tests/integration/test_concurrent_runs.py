@@ -32,7 +32,7 @@ def start_runs(count: int, cwd: Path, env: dict[str, str], *overrides: str) -> l
         cmd = [sys.executable, "-m", "flows.cli.main", "run", "--config", str(MICRO), "--report-json", str(report)]
         for item in overrides:
             cmd += ["--set", item]
-        log = open(cwd / f"run-{index}.log", "w")  # noqa: SIM115 — closed with the process
+        log = open(cwd / f"run-{index}.log", "w")
         runs.append((subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT), report))
     return runs
 
