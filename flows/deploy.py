@@ -57,6 +57,10 @@ class DeploySpec:
     env: dict[str, str] = field(default_factory=dict)
     paused: bool = False
     tags: list[str] = field(default_factory=list)
+    # Overlapping schedules: at most this many runs of the deployment at once (None = no limit);
+    # a run due while the limit is reached waits in the queue ("enqueue") or is cancelled ("cancel").
+    concurrency_limit: int | None = 1
+    collision_strategy: str = "enqueue"
 
     def parameters(self) -> dict[str, Any]:
         return {"config_path": self.config_path, "overrides": list(self.overrides), "force": self.force}
@@ -126,6 +130,14 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
     check_spec(spec)
     pool_of_type(spec.pool, spec.pool_type)
     schedules = [CronSchedule(cron=spec.cron, timezone=spec.timezone)] if spec.cron else None
+    limit = None
+    if spec.concurrency_limit:
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+        strategy = {"enqueue": ConcurrencyLimitStrategy.ENQUEUE, "cancel": ConcurrencyLimitStrategy.CANCEL_NEW}[
+            spec.collision_strategy
+        ]
+        limit = ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=strategy)
     common = dict(
         name=spec.name,
         work_pool_name=spec.pool,
@@ -133,6 +145,7 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
         parameters=spec.parameters(),
         job_variables=spec.job_variables(),
         paused=spec.paused,
+        concurrency_limit=limit,
         tags=["gptpipe", *spec.tags],
         description=f"gptpipe pipeline, recipe {spec.config_path}",
         print_next_steps=False,
@@ -159,6 +172,8 @@ def deploy(spec: DeploySpec) -> dict[str, Any]:
         "cron": spec.cron,
         "timezone": spec.timezone,
         "parameters": spec.parameters(),
+        "concurrency_limit": spec.concurrency_limit,
+        "collision_strategy": spec.collision_strategy if spec.concurrency_limit else None,
     }
 
 
@@ -222,6 +237,19 @@ def add_deploy_command(sub: Any) -> None:
     )
     parser.add_argument("--paused", action="store_true", help="create the schedule paused")
     parser.add_argument(
+        "--concurrency-limit",
+        type=int,
+        default=DeploySpec.concurrency_limit,
+        help="at most this many runs of the deployment at once; 0 = no limit (default: %(default)s, so a "
+        "schedule that fires while the last run is still going does not start a second one)",
+    )
+    parser.add_argument(
+        "--collision-strategy",
+        choices=["enqueue", "cancel"],
+        default=DeploySpec.collision_strategy,
+        help="a run due while the limit is reached: wait for a slot (enqueue) or be cancelled (default: %(default)s)",
+    )
+    parser.add_argument(
         "--stages",
         nargs="?",
         const="all",
@@ -256,6 +284,8 @@ def cmd_deploy(args: Any) -> int:
         image=args.image,
         env=env,
         paused=args.paused,
+        concurrency_limit=args.concurrency_limit or None,
+        collision_strategy=args.collision_strategy,
     )
     result = deploy(spec)
     print(json.dumps(result, indent=2))

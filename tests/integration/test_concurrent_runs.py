@@ -89,7 +89,13 @@ def test_two_runs_on_one_s3_store_build_each_key_once(tmp_path, moto):
     }
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "GPTPIPE_S3_CACHE"):
         env.pop(name, None)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto}", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{moto}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket="concurrent")
     # Two runs, each in its own directory (its own S3 cache under its own HOME), one store.
     runs, dirs = [], []

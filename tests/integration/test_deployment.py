@@ -45,10 +45,17 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
         "stages=[tokenizer]",
         "--set",
         f"artifacts.store={store}",
+        "--concurrency-limit",
+        "1",
+        "--collision-strategy",
+        "cancel",
     )
     created = json.loads(done.stdout[done.stdout.index("{\n") : done.stdout.rindex("}") + 1])
     deployment = http_json(f"{services.prefect_url}/deployments/name/gptpipe/itest")
     assert deployment["id"] == created["id"]
+    # Overlapping schedules: one run at a time; a run due while one is going is cancelled, not stacked.
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert deployment["work_pool_name"] == "gptpipe"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
     assert deployment["parameters"]["overrides"] == ["stages=[tokenizer]", f"artifacts.store={store}"]
