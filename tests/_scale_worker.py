@@ -13,7 +13,9 @@ the point of interruption is exact and the test needs no timing:
 * ``--sigkill-at N``: SIGKILL right after step N is logged (a machine that vanished);
 * ``--sigkill-in-checkpoint N``: SIGKILL halfway through writing the checkpoint of step N,
   after its weights file is on disk and before its optimizer state is (the worst moment);
-* ``--sigterm-at N``: SIGTERM after step N (a spot reclaim: the trainer checkpoints and exits 2).
+* ``--sigterm-at N``: SIGTERM after step N (a spot reclaim: the trainer checkpoints and exits 2);
+* ``--sigstop-at N``: SIGSTOP after step N (a machine that hangs: alive, but its lease's heartbeat
+  stops, so after ``--lease-s`` another run takes the key over).
 
 Works under torchrun too: every rank runs it, rank 0 alone logs.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -33,8 +36,8 @@ import torch
 class SignallingTracker:
     """Appends metrics to a JSONL file; signals this process after a chosen training step."""
 
-    def __init__(self, path: Path, kill_at: int | None, term_at: int | None):
-        self.path, self.kill_at, self.term_at = path, kill_at, term_at
+    def __init__(self, path: Path, kill_at: int | None, term_at: int | None, stop_at: int | None = None):
+        self.path, self.kill_at, self.term_at, self.stop_at = path, kill_at, term_at, stop_at
 
     def log_params(self, params):
         pass
@@ -47,6 +50,8 @@ class SignallingTracker:
             os.kill(os.getpid(), signal.SIGKILL)
         if trained and step == self.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if trained and step == self.stop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def log_artifact(self, path, artifact_path=None):
         pass
@@ -77,9 +82,11 @@ def main() -> int:
     parser.add_argument("--pretrain", default="{}", help="JSON of pretrain fields")
     parser.add_argument("--finetune", default=None, help="JSON of finetune fields: run stage finetune instead")
     parser.add_argument("--model", default=None, help="the pretrain artifact (with --finetune)")
-    for name in ("--sigkill-at", "--sigkill-in-checkpoint", "--sigterm-at"):
+    for name in ("--sigkill-at", "--sigkill-in-checkpoint", "--sigterm-at", "--sigstop-at"):
         parser.add_argument(name, type=int, default=None)
+    parser.add_argument("--lease-s", type=float, default=None, help="artifacts.lease_s of the run")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from stages.core.config import load_config, parse_config
@@ -102,14 +109,15 @@ def main() -> int:
         "threads": 1,
     }
     section.update(json.loads(args.pretrain))
-    stage, cfg = "pretrain", parse_config({"name": "scale-test", "pretrain": section})
+    artifacts = {"lease_s": args.lease_s} if args.lease_s else {}
+    stage, cfg = "pretrain", parse_config({"name": "scale-test", "pretrain": section, "artifacts": artifacts})
     inputs = {"tokenizer": ref_from_path(args.tokenizer), "data": ref_from_path(args.data)}
     if args.finetune is not None:
         fields = [f"finetune.{key}={json.dumps(value)}" for key, value in json.loads(args.finetune).items()]
         recipe = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
         stage, cfg = "finetune", load_config(recipe, ["tokenizer.threads=1", "pretrain.threads=1", *fields])
         inputs["pretrain"] = ref_from_path(args.model)
-    tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at)
+    tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at, args.sigstop_at)
     try:
         result = run_stage(stage, cfg, inputs, LocalStore(args.store), tracker)
     except GptpipeError as exc:

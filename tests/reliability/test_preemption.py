@@ -12,6 +12,7 @@ import json
 import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,48 @@ def test_finetune_killed_between_checkpoints_resumes_to_identical_weights(method
     assert _curve(final["uri"]) == _curve(reference["uri"]), "every step once, as uninterrupted"
     assert final["metrics"]["tokens"] == reference["metrics"]["tokens"]
     assert not list(Path(final["uri"]).glob("checkpoints")), "the published artifact holds no resumable checkpoints"
+
+
+def test_a_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(reference, tiny_inputs, tmp_path):
+    """A run that stops renewing its lease (frozen with SIGSTOP: alive, silent) loses the key after
+    ``artifacts.lease_s``; a second run takes it over, resumes from the frozen run's checkpoint,
+    says both, and ends with an uninterrupted run's weights. The frozen run can never publish."""
+    import os
+    import sys
+
+    from tests._scale_fixtures import ROOT, worker_args, worker_env
+
+    store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, *worker_args(store, tiny_inputs, metrics, PRETRAIN, "--sigstop-at", "6", "--lease-s", "2")],
+        env=worker_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while _state(holder.pid) != "T":  # stopped after step 6; the step-4 checkpoint is on disk
+            assert holder.poll() is None and time.monotonic() < deadline, "the holder never reached step 6"
+            time.sleep(0.2)
+        assert _checkpoints(store)[0] == [4]
+        leases = list((store / ".leases" / "pretrain").glob("*.json"))
+        assert [json.loads(p.read_text())["pid"] for p in leases] == [holder.pid], "the frozen run holds the key"
+
+        taker = _run(store, tiny_inputs, metrics, "--lease-s", "2")
+        result = result_of(taker)
+        assert "took over the stale lease" in taker.stderr and f"pid {holder.pid}" in taker.stderr, taker.stderr
+        assert "pretrain: resuming from step 4" in taker.stderr, taker.stderr
+        ours, theirs = _weights(result["uri"]), _weights(reference["uri"])
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert _curve(result["uri"]) == _curve(reference["uri"])
+        assert _published(store) == [Path(result["uri"]).name]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc (``T`` = stopped by a signal)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rsplit(")", 1)[1].split()[0]
