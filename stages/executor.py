@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from stages import registry
 from stages.core.errors import ArtifactError
@@ -228,6 +229,8 @@ def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResu
     config, needed = key_config(call), needed_inputs(call)
     version = code_version(declared.module)
     key = cache_key(call.stage, config, needed, version)
+    if worker_rank():
+        _run_worker_rank(call, store, key, needed, tracker)
     if not call.force and (existing := store.find(call.stage, key)) is not None:
         log.info("stage %s: reusing finished output %s (key %s)", call.stage, store.ref(existing).uri, key)
         return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0)
@@ -245,6 +248,28 @@ def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResu
         lease.release()
     log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, store.ref(manifest).uri)
     return StageResult(store.ref(manifest), manifest, reused=False, wall_time_s=wall, waited_s=waited)
+
+
+def worker_rank() -> bool:
+    """A non-zero rank of a torchrun job that runs the executor on every rank (``torchrun -m stages``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
+def _run_worker_rank(
+    call: StageCall, store: Store, key: str, needed: dict[str, ArtifactRef], tracker: Tracker
+) -> NoReturn:
+    """Train beside rank 0 in the key's work directory; rank 0 alone claims, logs and publishes.
+
+    The stage ends a worker rank itself once its collective work is done (``exit_worker``); a
+    stage that returns on a worker rank has nothing to publish from here, so the process ends.
+    """
+    if not call.force and store.find(call.stage, key) is not None:
+        raise SystemExit(0)  # rank 0 reuses it: nothing to train
+    local_inputs = {need: store.materialize(ref) for need, ref in needed.items()}
+    out = store.resume_dir(call.stage, key)  # rank 0's directory too: the same checkpoints to resume
+    out.mkdir(parents=True, exist_ok=True)
+    call.declared.run(call.sections(), local_inputs, out, MemoryTracker())
+    raise SystemExit(0)
 
 
 def _claim(call: StageCall, store: Store, key: str, run_id: str) -> tuple[Lease | None, Manifest | None, float]:

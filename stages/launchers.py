@@ -46,6 +46,8 @@ def needs_torchrun(declared: Stage, sections: Sections) -> bool:
     """True when the stage's own section asks for several processes. The recipe's validation
     already refused that for any stage not declared ``torchrun``, before any stage ran."""
     own = sections._values.get(declared.name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False  # already one rank of a torchrun job (`torchrun -m stages NAME`): do not nest
     return declared.torchrun and (getattr(own, "nproc_per_node", 1) > 1 or getattr(own, "nnodes", 1) > 1)
 
 

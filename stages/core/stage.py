@@ -99,12 +99,6 @@ class Stage:
     def inputs_for(self, sections: Sections) -> tuple[str, ...]:
         return tuple(self.choose_inputs(sections)) if self.choose_inputs else self.inputs
 
-    def output(self, name: str) -> Output:
-        for declared in self.outputs:
-            if declared.name == name:
-                return declared
-        raise KeyError(f"stage {self.name!r} declares no output {name!r}")
-
     def problems(self, sections: Sections) -> list[str]:
         """What is wrong with these sections for this stage, one line each (empty: runnable)."""
         problems = []
