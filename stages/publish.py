@@ -220,5 +220,6 @@ STAGE = Stage(
         Output(BUNDLE_FILE, "what is in the bundle: graph files, sizes, Netron version"),
     ),
     run=run,
-    headline=("graphs", "netron_version"),
+    headline=("enabled",),
+    headline_when_set=("graphs", "netron_version"),  # publish.enabled
 )

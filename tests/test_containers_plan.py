@@ -102,6 +102,7 @@ def test_a_stage_container_that_never_finishes_is_a_container_error(prefect_harn
 
     from flows.containers import deploy_stages, run_stage_in_container
     from stages.core.errors import ContainerError
+    from stages.executor import StageCall
 
     async def make_pool() -> None:
         async with get_client() as client:
@@ -113,6 +114,6 @@ def test_a_stage_container_that_never_finishes_is_a_container_error(prefect_harn
         {"artifacts": {"store": str(tmp_path / "store")}, "execution": {"mode": "containers", "timeout_s": 1}}
     )
     with pytest.raises(ContainerError) as err:
-        run_stage_in_container("tokenizer", cfg.model_dump(mode="json"), {}, None, None)
+        run_stage_in_container(StageCall.for_recipe("tokenizer", cfg, {}), cfg)
     message = str(err.value)
     assert "stage tokenizer" in message and "gptpipe-stage/tokenizer" in message and "\n" not in message, message
