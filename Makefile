@@ -20,7 +20,7 @@ help:
 	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
 	@echo "make test   - run the test suite"
 	@echo "make lint   - ruff check + ruff format --check (configured in pyproject.toml)"
-	@echo "make services / services-down - local Prefect + MLflow + S3 servers (see README)"
+	@echo "make services / services-down - local Prefect + MLflow + S3 servers (see docs/deployment.md)"
 	@echo "make clean  - remove runs/ and Prefect state (keeps .venv)"
 
 $(STAMP): pyproject.toml

@@ -247,7 +247,7 @@ def _describe(error: dict, source: str) -> str:
             if close
             else "check the spelling; "
         )
-        return f"{source}: unknown key '{field}' ({hint}see the recipe reference in README.md)"
+        return f"{source}: unknown key '{field}' ({hint}see the recipe reference in docs/reference.md)"
     value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
     if isinstance(value, dict):  # a check across fields: its message names them (the input is a whole section)

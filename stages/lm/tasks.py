@@ -100,7 +100,7 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "last_minus": _last_minus,
 }
 # The default mix: learnable to >= 90 % exact match in a few minutes of CPU fine-tuning of the
-# tiny recipe (see README). reverse/sort/repeat/add are there for longer runs and bigger models.
+# tiny recipe (see docs/recipes-and-results.md). reverse/sort/repeat/add are there for longer runs and bigger models.
 DEFAULT_TASKS = ("last", "last_plus")
 
 
