@@ -15,8 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from flows.cli.generate import newest_artifact, tokenizer_dir_for
-from stages import registry
+from flows.cli.generate import model_stage, newest_artifact, tokenizer_dir_for
 from stages.core.errors import ArtifactError, GptpipeError
 
 
@@ -83,7 +82,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a finished checkpoint")
     ev.add_argument("--tasks", required=True, help="comma-separated harness tasks, e.g. gptpipe_heldout,gptpipe_bpb")
     ev.add_argument("--model", help="pretrain/finetune artifact directory (default: newest in the store)")
-    ev.add_argument("--stage", default="finetune", choices=registry.model_stages())
+    ev.add_argument("--stage", default="finetune", type=model_stage, help="a stage that makes a model")
     ev.add_argument("--tokenizer", help="tokenizer artifact (default: the one recorded in the model's manifest)")
     ev.add_argument("--store", default="runs/store", help="local artifact store (default: runs/store)")
     ev.add_argument("--include", help="a folder of your own harness task YAML files")

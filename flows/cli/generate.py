@@ -58,6 +58,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_stage(name: str) -> str:
+    """``--stage``: a stage that makes a model (read from the registry only when the flag is parsed,
+    so ``gptpipe --help`` does not import every stage)."""
+    makers = registry.model_stages()
+    if name not in makers:
+        raise argparse.ArgumentTypeError(f"{name!r} makes no model; choose from {', '.join(makers)}")
+    return name
+
+
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate a reply from a trained model (chat template applied)")
     gen.add_argument("--prompt", "-p", required=True, help="the user message")
@@ -65,7 +74,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--stage",
         default="finetune",
-        choices=registry.model_stages(),
+        type=model_stage,
         help="which stage's newest output to use when --model is not given",
     )
     gen.add_argument("--tokenizer", help="tokenizer artifact (default: the one recorded in the model's manifest)")
