@@ -10,6 +10,8 @@ the model-training sidebar, in any browser, with nothing saved in it.
 
 from __future__ import annotations
 
+import shlex
+
 MODE_QUERY = "?workflowType=machine_learning"
 LOCAL_UI_PORT = 5000
 
@@ -55,4 +57,4 @@ def ui_command(uri: str | None, port: int = LOCAL_UI_PORT) -> str | None:
         return None
     if _server(uri):
         return f"open {_server(uri)}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {port}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port {port}"
