@@ -301,12 +301,12 @@ def deploy_stage_flows(args: Any, env: dict[str, str]) -> int:
     import json
 
     from flows.containers import deploy_stages
-    from stages.registry import STAGE_ORDER
+    from stages.registry import ORDER
 
-    wanted = list(STAGE_ORDER) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in STAGE_ORDER]
+    wanted = list(ORDER) if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in ORDER]
     if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(STAGE_ORDER)}")
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)}; expected some of {', '.join(ORDER)}")
     require_image(args.pool_type, args.image)
     pool_of_type(args.pool, args.pool_type)
     try:

@@ -245,7 +245,7 @@ def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResu
                 return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0, waited_s=waited)
             manifest, wall = _build(call, store, key, config, needed, version, lease, tracker)
     finally:
-        lease.release()
+        _release(lease)
     log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, store.ref(manifest).uri)
     return StageResult(store.ref(manifest), manifest, reused=False, wall_time_s=wall, waited_s=waited)
 
@@ -270,6 +270,15 @@ def _run_worker_rank(
     out.mkdir(parents=True, exist_ok=True)
     call.declared.run(call.sections(), local_inputs, out, MemoryTracker())
     raise SystemExit(0)
+
+
+def _release(lease: Lease) -> None:
+    """Free the key for the next run. A release that fails (the store is unreachable) must not hide
+    the stage's own outcome or error: the lease then goes stale after ``lease_s`` and is taken over."""
+    try:
+        lease.release()
+    except Exception as exc:
+        log.warning("stage %s: could not release the lease on key %s (%s)", lease.stage, lease.key, exc)
 
 
 def _claim(call: StageCall, store: Store, key: str, run_id: str) -> tuple[Lease | None, Manifest | None, float]:
