@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _export_fixtures import export_config, exported
+from _export_fixtures import export_config, exported, tokenizer_documents
 from safetensors import safe_open
 
 from stages import export
@@ -25,7 +25,7 @@ from stages.executor import run_stage
 from stages.lm import hf_checkpoint, hf_gate
 from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
-from stages.lm.tokenizer import Tokenizer
+from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint_format import load_model
 
@@ -118,6 +118,62 @@ def test_tokenization_is_identical_on_held_out_text(good, loaded):
     assert ids == ChatTemplate(tokenizer).render_prompt(messages)
 
 
+def test_chat_markers_are_special_so_skip_special_tokens_gives_the_bare_answer(good, loaded):
+    hf_model, hf_tokenizer = loaded
+    tokenizer = Tokenizer.load(good.export_dir / "tokenizer")
+    hf_dir = good.export_dir / "hf"
+    added = {t["content"]: t["special"] for t in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]}
+    assert added == {**dict.fromkeys(SPECIAL_TOKENS, True), "\n": False}  # no control piece is matched in text
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == "<|end|>" and set(config["additional_special_tokens"]) == set(SPECIAL_TOKENS) - {
+        "<|end|>"
+    }
+    assert hf_tokenizer.eos_token_id == tokenizer.special["<|end|>"]
+
+    messages = [{"role": "user", "content": "Reverse: a b c"}]
+    chat = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = hf_model.generate(**chat, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_id)
+    answer = out[0, chat["input_ids"].shape[1] :].tolist()
+    ids = chat["input_ids"][0].tolist() + answer + [tokenizer.special["<|end|>"], tokenizer.eos_id, tokenizer.pad_id]
+    bare = hf_tokenizer.decode(ids, skip_special_tokens=True)
+    assert not any(marker in bare for marker in SPECIAL_TOKENS)
+    assert bare == tokenizer.decode(ids) and bare.startswith("Reverse: a b c")
+    assert hf_tokenizer.decode(answer + [tokenizer.special["<|end|>"]], skip_special_tokens=True) == tokenizer.decode(
+        answer
+    )
+    assert hf_tokenizer.decode(ids) == tokenizer.decode(ids, keep_special=True)  # markers kept, BOS/EOS/PAD dropped
+
+
+def test_marker_strings_in_text_encode_as_in_sentencepiece(good, loaded):
+    """A typed ``<|end|>`` is the marker (a SentencePiece user-defined symbol); a typed ``</s>`` is text."""
+    _, hf_tokenizer = loaded
+    tokenizer = Tokenizer.load(good.export_dir / "tokenizer")
+    for text in ["x<|end|>y", "<|user|>", "<s></s><pad><unk>", "a</s>\n<|assistant|>b"]:
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
+    assert tokenizer.special["<|end|>"] in tokenizer.encode("x<|end|>y")
+    assert not {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id} & set(tokenizer.encode("<s></s><pad>"))
+
+
+def test_a_unigram_tokenizer_also_keeps_control_strings_as_text(tmp_path):
+    """The Unigram model holds the control pieces too: no segmentation may choose them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from stages.core.config import TokenizerConfig
+    from stages.lm.tokenizer_training import train_model
+
+    tokenizer = Tokenizer(
+        train_model(tokenizer_documents(), TokenizerConfig(vocab_size=400, threads=1, model_type="unigram"))
+    )
+    (tmp_path / "tokenizer.json").write_text(json.dumps(hf_checkpoint.tokenizer_json(tokenizer)), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(hf_checkpoint.tokenizer_config(64)), encoding="utf-8")
+    hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path, local_files_only=True)
+    for text in [hf_gate.PROBE_TEXT, "<s>", "x</s>y<pad><unk>"]:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == ids, text
+        assert hf_tokenizer.decode(ids) == text
+
+
 def _reuse_graphs(good_dir: Path):
     """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes)."""
 
@@ -147,11 +203,26 @@ def _drop_merges(definition):
     return changed
 
 
+def _markers_as_plain_tokens(definition):
+    def changed(tokenizer):
+        tokens = definition(tokenizer)
+        for token in tokens["added_tokens"]:
+            token["special"] = False
+        return tokens
+
+    return changed
+
+
 @pytest.mark.parametrize(
     "target, breaker, expected",
     [
         ("llama_weights", _bump_one_weight, r"Hugging Face checkpoint .* logits 1x1: .* above export.tolerance"),
         ("tokenizer_json", _drop_merges, r"Hugging Face checkpoint .* tokenization differs on \d+/\d+ held-out texts"),
+        (
+            "tokenizer_json",
+            _markers_as_plain_tokens,
+            r"Hugging Face checkpoint .* decode with or without skip_special_tokens differs from gptpipe's on \d+/\d+",
+        ),
     ],
 )
 def test_a_corrupted_checkpoint_fails_the_gate_and_publishes_nothing(

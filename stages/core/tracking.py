@@ -433,8 +433,9 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
     ``stages/core/mlflow_model.py`` is the model code; the export's graphs, ``export.json`` and
     tokenizer go to ``artifacts/onnx``; the few ``stages`` modules generation needs go to
     ``code/stages``; requirements are onnxruntime, sentencepiece and numpy pinned to the
-    versions here (MLflow adds itself). The signature takes ``prompt`` or ``messages`` and the
-    params ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``; the output is the reply text.
+    versions here (MLflow adds itself). The signature has no input schema (the model takes a
+    string, strings, ``prompt`` or ``messages`` rows and checks them itself), the params
+    ``max_new_tokens``, ``temperature``, ``top_k``, ``seed``, and the reply text as output.
     """
     import shutil
     import tempfile
@@ -443,7 +444,7 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     with warnings.catch_warnings():  # "add type hints to predict": deliberately absent (see mlflow_model)
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
@@ -468,11 +469,14 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
         for relative in module_files(code_modules(PYFUNC_ENTRY, leave_out=())):
             (code / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(package / relative, code / relative)
-        message = Object([Property("role", "string"), Property("content", "string")])
+        # No input schema, on purpose: MLflow enforces one on every predict input before the model
+        # sees it, and no schema lets the four accepted shapes through. With the named columns
+        # prompt/messages, a string or a list of strings became column 0, which enforcement drops
+        # with only a warning: predict("...") answered []. The model checks its input itself
+        # (mlflow_model.requests: the shapes it takes, a one-line error for anything else). The
+        # params schema stays (without it MLflow drops params) and the input example shows a call.
         signature = ModelSignature(
-            inputs=Schema(
-                [ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
-            ),
+            inputs=None,
             outputs=Schema([ColSpec("string")]),
             params=ParamSchema(
                 [

@@ -11,8 +11,25 @@ The tokenizer becomes a ``tokenizers`` JSON that reproduces SentencePiece exactl
 normalization but spaces to ``▁`` (identity rules, no dummy prefix, no whitespace squeezing), no
 pre-tokenizer split (SentencePiece's BPE merges over the whole string too), merges ranked by
 piece score, byte fallback, the chat markers and ``"\\n"`` as atomic added tokens (SentencePiece's
-user-defined symbols), ``<s>``/``</s>`` never matched in text (``split_special_tokens``). The chat
-template in ``tokenizer_config.json`` renders exactly what ``stages.lm.chat.ChatTemplate`` does.
+user-defined symbols). The chat template in ``tokenizer_config.json`` renders exactly what
+``stages.lm.chat.ChatTemplate`` does.
+
+Special tokens follow what SentencePiece does with each piece type, within what ``tokenizers``
+can say. There, one flag (``special``) decides both that ``decode(skip_special_tokens=True)``
+drops a token and that ``split_special_tokens=True`` stops matching it in text, so:
+
+- the chat markers are special added tokens, matched in text (``split_special_tokens`` False, the
+  transformers default): a literal ``<|end|>`` in a message is the marker id, as in SentencePiece,
+  and ``skip_special_tokens=True`` gives the bare answer, as ``Tokenizer.decode`` does;
+- the control pieces ``<s>``, ``</s>``, ``<pad>`` and ``<unk>`` are not added tokens at all, since
+  SentencePiece never matches them in text (``"<s>"`` typed in a message is plain text): BPE has no
+  merge that builds them and the Unigram lattice gets them at a score no path takes. For the same
+  reason ``tokenizer_config.json`` names none of them (transformers would add a named special token
+  to the matched vocabulary): ``eos_token`` is ``<|end|>`` (where a reply ends and generation stops),
+  and there is no ``bos_token`` (gptpipe adds none to a prompt), ``unk_token`` (byte fallback) or
+  ``pad_token`` (choose one for batches; ``eos`` is a common choice for inference, but a
+  collator that masks pad labels would then never train the stop). The decoder drops BOS/EOS/PAD as
+  SentencePiece does, so a generation that ends at ``</s>`` or is padded decodes to bare text too.
 
 Writing needs only torch, safetensors and the tokenizer; ``stages.lm.hf_gate`` loads the directory
 with transformers and checks it is the same model and tokenizer.
@@ -21,6 +38,7 @@ with transformers and checks it is the same model and tokenizer.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +48,7 @@ from safetensors.torch import save_file
 from stages.core.errors import ConfigError
 from stages.lm.chat import END_TOKEN, ROLE_TOKENS
 from stages.lm.model import GPT
-from stages.lm.tokenizer import MODEL_FILE, Tokenizer
+from stages.lm.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 # The ChatTemplate, as Jinja: <|role|>content<|end|> per message, then <|assistant|> to generate.
@@ -40,6 +58,8 @@ CHAT_TEMPLATE = (
 )
 # SentencePiece piece types (sentencepiece_model.proto).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# A Unigram score no segmentation takes: SentencePiece leaves control pieces out of its lattice.
+NEVER_MATCHED = -1e9
 
 
 def rms_norm_eps(model: GPT) -> float:
@@ -122,11 +142,12 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
             "lstrip": False,
             "rstrip": False,
             "normalized": False,
-            "special": kind in (CONTROL, UNKNOWN),
+            "special": piece in SPECIAL_TOKENS,
         }
         for i, (piece, _, kind) in enumerate(pieces)
-        if kind in (CONTROL, UNKNOWN, USER_DEFINED)
+        if kind == USER_DEFINED
     ]
+    hidden = [pieces[i][0] for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)]
     byte_fallback = bool(proto.trainer_spec.byte_fallback)
     if proto.trainer_spec.model_type == 2:  # BPE
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
@@ -156,7 +177,9 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
             "type": "Unigram",
             "unk_id": tokenizer.unk_id,
             "byte_fallback": byte_fallback,
-            "vocab": [[piece, float(score)] for piece, score, _ in pieces],
+            "vocab": [
+                [piece, NEVER_MATCHED if kind in (CONTROL, UNKNOWN) else float(score)] for piece, score, kind in pieces
+            ],
         }
     return {
         "version": "1.0",
@@ -169,6 +192,12 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
         "decoder": {
             "type": "Sequence",
             "decoders": [
+                # A whole BOS/EOS/PAD token decodes to nothing, as in SentencePiece (per token: \A...\z).
+                {
+                    "type": "Replace",
+                    "pattern": {"Regex": rf"\A(?:{'|'.join(map(re.escape, hidden))})\z"},
+                    "content": "",
+                },
                 {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
                 {"type": "ByteFallback"},
                 {"type": "Fuse"},
@@ -188,6 +217,24 @@ def check_tokenizer_spec(tokenizer: Tokenizer) -> None:
         )
 
 
+def tokenizer_config(max_length: int) -> dict[str, Any]:
+    """``tokenizer_config.json``: the fast tokenizer, its special tokens and the chat template."""
+    # No bos/unk/pad token and eos = <|end|>: a control piece named here would be matched in text
+    # (module docstring). additional_special_tokens, not v5's extra_special_tokens: transformers 4
+    # reads that key as a dict of named tokens.
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": END_TOKEN,
+        "additional_special_tokens": [token for token in SPECIAL_TOKENS if token != END_TOKEN],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
 def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
     """Write the checkpoint directory ``out``: config, weights, tokenizer files, generation config."""
     check_tokenizer_spec(tokenizer)
@@ -198,20 +245,7 @@ def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
         json.dumps(tokenizer_json(tokenizer), ensure_ascii=False) + "\n", encoding="utf-8"
     )
     (out / MODEL_FILE).write_bytes(tokenizer.model_proto)  # what llama.cpp's GGUF converter reads
-    name = tokenizer.processor.id_to_piece
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name(tokenizer.bos_id),
-        "eos_token": name(tokenizer.eos_id),
-        "unk_token": name(tokenizer.unk_id),
-        "pad_token": name(tokenizer.pad_id),
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "split_special_tokens": True,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model.cfg.block_size,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    config = tokenizer_config(model.cfg.block_size)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     stops = [tokenizer.special[END_TOKEN], tokenizer.eos_id]
     generation = {

@@ -20,7 +20,7 @@ import torch
 
 from stages.core.errors import ParityError
 from stages.lm import parity
-from stages.lm.chat import ChatTemplate
+from stages.lm.chat import END_TOKEN, ChatTemplate
 from stages.lm.export_layout import HF_DIR
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
@@ -69,8 +69,9 @@ def check_checkpoint(
     Logits within ``tolerance`` on each id matrix of ``inputs``; greedy ``generate`` token-identical
     to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the
     new tokens: HF does not crop, gptpipe does); ``encode`` ids identical on every held-out message
-    and ``PROBE_TEXT``, ``decode`` giving the text back, and ``apply_chat_template`` giving
-    ``ChatTemplate.render_prompt``'s ids. Raises ``ParityError`` naming what differs, else returns
+    and ``PROBE_TEXT``, ``decode`` giving the text back (and, on those ids and on chat prompts
+    with a reply's end, what ``Tokenizer.decode`` gives with ``skip_special_tokens`` as
+    ``not keep_special``), and ``apply_chat_template`` giving ``ChatTemplate.render_prompt``'s ids. Raises ``ParityError`` naming what differs, else returns
     the figures.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask a hub
@@ -100,17 +101,30 @@ def check_checkpoint(
 
     texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
     encode = parity.agreement(lambda text: hf_tokenizer.encode(text, add_special_tokens=False), tokenizer.encode, texts)
+    chats = [messages[:-1] or messages for messages in conversations]
+    # Each text's ids and each chat prompt's ids with a reply's end (the marker, then EOS and PAD as
+    # a padded batch ends) decode as gptpipe decodes them: the text back with the markers kept,
+    # and without them under skip_special_tokens (the bare reply).
+    ending = [tokenizer.special[END_TOKEN], tokenizer.eos_id, tokenizer.pad_id]
+    decoded = [tokenizer.encode(text) for text in texts] + [template.render_prompt(c) + ending for c in chats]
     decode = parity.agreement(
-        lambda text: hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False), lambda text: text, texts
+        lambda ids: (hf_tokenizer.decode(ids), hf_tokenizer.decode(ids, skip_special_tokens=True)),
+        lambda ids: (tokenizer.decode(ids, keep_special=True), tokenizer.decode(ids)),
+        decoded,
     )
+    round_trip = parity.agreement(lambda text: hf_tokenizer.decode(tokenizer.encode(text)), lambda text: text, texts)
     if encode.differ:
         failures.append(
             f"tokenization differs on {len(encode.differ)}/{len(texts)} held-out texts "
             f"(first: {texts[encode.differ[0]][:40]!r})"
         )
+    if round_trip.differ:
+        failures.append(f"decode differs on {len(round_trip.differ)}/{len(texts)} held-out texts")
     if decode.differ:
-        failures.append(f"decode differs on {len(decode.differ)}/{len(texts)} held-out texts")
-    chats = [messages[:-1] or messages for messages in conversations]
+        failures.append(
+            f"decode with or without skip_special_tokens differs from gptpipe's on "
+            f"{len(decode.differ)}/{len(decoded)} texts and chat prompts"
+        )
     chat = parity.agreement(
         lambda messages: _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)),
         template.render_prompt,

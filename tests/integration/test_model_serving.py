@@ -4,7 +4,9 @@ After the micro pipeline against the real MLflow server (the session's ``server_
 registry version ``models:/gptpipe-micro/<v>`` is loaded with ``mlflow.pyfunc.load_model`` in a
 fresh process (no torch imported, generation code from the model's own ``code/`` folder) and
 served with ``mlflow models serve --env-manager local`` on 127.0.0.1; both must give exactly the
-text ``gptpipe generate --onnx`` prints for the same prompt with greedy settings.
+text ``gptpipe generate --onnx`` prints for the same prompt with greedy settings, whichever input
+shape asks (a string, a list of strings, ``prompt`` rows, ``messages`` rows), and an input of no
+accepted shape is a one-line error (HTTP 400 when served), never an empty answer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -29,12 +32,26 @@ NEW_TOKENS = 24
 LOAD_AND_PREDICT = """
 import json, sys
 import mlflow.pyfunc
+import pandas as pd
+from mlflow.exceptions import MlflowException
 model = mlflow.pyfunc.load_model(sys.argv[1])
-texts = model.predict([{"prompt": p} for p in json.loads(sys.argv[2])], params={"max_new_tokens": int(sys.argv[3])})
-chat = model.predict([{"messages": [{"role": "user", "content": json.loads(sys.argv[2])[0]}]}],
-                     params={"max_new_tokens": int(sys.argv[3])})
+prompts, params = json.loads(sys.argv[2]), {"max_new_tokens": int(sys.argv[3])}
+chat = [{"role": "user", "content": prompts[0]}]
+shapes = {
+    "prompt rows": [{"prompt": p} for p in prompts],
+    "a string": prompts[0],
+    "a list of strings": prompts,
+    "a prompt DataFrame": pd.DataFrame({"prompt": prompts}),
+    "message rows": [{"messages": chat}],
+    "a messages DataFrame": pd.DataFrame({"messages": [chat]}),
+}
+answers = {name: list(model.predict(value, params=params)) for name, value in shapes.items()}
+try:
+    refused = repr(model.predict([{"question": prompts[0]}], params=params))
+except MlflowException as exc:
+    refused = exc.message
 runtime = sys.modules["stages.lm.onnx_runtime"].__file__
-print(json.dumps({"texts": list(texts), "chat": list(chat), "torch": "torch" in sys.modules, "runtime": runtime}))
+print(json.dumps({"answers": answers, "refused": refused, "torch": "torch" in sys.modules, "runtime": runtime}))
 """
 
 
@@ -109,8 +126,13 @@ def test_pyfunc_load_model_predicts_what_gptpipe_generate_prints(services, clien
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["texts"] == expected
-    assert result["chat"] == expected[:1], "a messages list with one user turn is the same conversation"
+    answers = result["answers"]
+    assert answers["prompt rows"] == answers["a list of strings"] == answers["a prompt DataFrame"] == expected
+    assert answers["a string"] == expected[:1]
+    # a messages list with one user turn is the same conversation
+    assert answers["message rows"] == answers["a messages DataFrame"] == expected[:1]
+    assert "got a row with unknown fields ['question']; it accepts a string" in result["refused"]
+    assert "\n" not in result["refused"]
     assert result["torch"] is False, "serving must not need torch"
     assert "/code/stages/lm/onnx_runtime.py" in result["runtime"], result["runtime"]
 
@@ -160,11 +182,28 @@ def test_mlflow_models_serve_answers_invocations_with_the_same_text(services, cl
         body = {"dataframe_records": [{"prompt": p} for p in PROMPTS], "params": {"max_new_tokens": NEW_TOKENS}}
         answer = http_json(f"http://127.0.0.1:{port}/invocations", body)
         assert answer["predictions"] == expected
-        split = http_json(
-            f"http://127.0.0.1:{port}/invocations",
-            {"inputs": {"prompt": PROMPTS}, "params": {"max_new_tokens": NEW_TOKENS}},
-        )
-        assert split["predictions"] == expected
+        params = {"max_new_tokens": NEW_TOKENS}
+        chat = [{"role": "user", "content": PROMPTS[0]}]
+        shapes = {
+            "prompt columns": ({"inputs": {"prompt": PROMPTS}, "params": params}, expected),
+            "a string": ({"inputs": PROMPTS[0], "params": params}, expected[:1]),
+            "a list of strings": ({"inputs": PROMPTS, "params": params}, expected),
+            "prompt instances": ({"instances": [{"prompt": p} for p in PROMPTS], "params": params}, expected),
+            "message rows": ({"dataframe_records": [{"messages": chat}], "params": params}, expected[:1]),
+            "message instances": ({"instances": [{"messages": chat}], "params": params}, expected[:1]),
+        }
+        for name, (body, wanted) in shapes.items():
+            assert http_json(f"http://127.0.0.1:{port}/invocations", body)["predictions"] == wanted, name
+        # MLflow's unified LLM request: the fields at the top level, the reply list unwrapped
+        assert http_json(f"http://127.0.0.1:{port}/invocations", {"prompt": PROMPTS[0], **params}) == expected[:1]
+        assert http_json(f"http://127.0.0.1:{port}/invocations", {"messages": chat, **params}) == expected[:1]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_json(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"question": PROMPTS[0]}]})
+        assert refused.value.code == 400
+        error = json.loads(refused.value.read().decode())
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+        line = error["message"].splitlines()[-1]  # MLflow's own 'Failed to predict data ...' line comes first
+        assert "got a row with unknown fields ['question']; it accepts a string" in line, error["message"]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
