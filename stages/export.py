@@ -13,6 +13,7 @@ Outputs (one self-contained directory)::
     tokenizer/        the tokenizer artifact's files, so the export runs on its own
     export.json       shapes, tensor names and graph files: what ``stages.lm.onnx_runtime`` reads
     hf/               a Hugging Face LlamaForCausalLM checkpoint with its tokenizer (export.hf; gated too)
+    model.gguf        the model and its tokenizer as one GGUF file (f32) for llama.cpp (export.gguf; gated too)
 
 The graphs are written by ``stages.lm.onnx_export``, the int8 twin by ``stages.lm.onnx_int8``.
 
@@ -20,8 +21,9 @@ The gate fails the stage with ``ParityError`` — so the runner publishes nothin
 ``onnx.checker`` accepts every graph, ORT logits (and KV presents) match PyTorch within
 ``export.tolerance`` for every checked shape, and greedy ORT+KV generation gives exactly
 PyTorch's token ids for every prompt (``stages.lm.onnx_gate``); the Hugging Face checkpoint
-passes the same checks in transformers (``stages.lm.hf_gate``). Both gates compare with
-``stages.lm.parity``.
+passes the same checks in transformers (``stages.lm.hf_gate``), and so does the GGUF file
+(``stages.lm.gguf_export`` writes it, ``stages.lm.gguf_gate`` reads it with transformers' GGUF
+loader). Every gate compares with ``stages.lm.parity``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from stages.core.sections import ExportConfig
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm import export_layout as layout
-from stages.lm import hf_checkpoint, hf_gate, onnx_architecture, parity
+from stages.lm import gguf_export, gguf_gate, hf_checkpoint, hf_gate, onnx_architecture, parity
 from stages.lm.chat import Message, read_chat_jsonl
 from stages.lm.export_layout import INT8_FILE, PT2_FILE
 from stages.lm.model import GPT
@@ -69,7 +71,7 @@ def file_sizes(out: Path) -> dict[str, int]:
     return {
         p.name: p.stat().st_size
         for p in sorted(out.iterdir())
-        if p.is_file() and p.suffix in (".onnx", ".pt2", ".data")
+        if p.is_file() and p.suffix in (".onnx", ".pt2", ".data", ".gguf")
     }
 
 
@@ -81,19 +83,40 @@ def heldout_conversations(model_artifact: Path, count: int, seed: int) -> tuple[
     return [item.messages() for item in make_items(count, "heldout", seed)], "synthetic tasks"
 
 
-def export_hf(
-    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
-) -> dict:
-    """Write ``hf/`` and check it with transformers on the gate's shapes, prompts and held-out items."""
+def gate_checks(
+    model: GPT, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """The gate's id matrices and prompts: the same for every format checked against transformers."""
     block = model.cfg.block_size
-    started = time.perf_counter()
-    hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / layout.HF_DIR)
     inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, np.random.default_rng(cfg.seed))
     prompts = parity.parity_prompts(
         tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
     )
+    return inputs, prompts
+
+
+def export_hf(
+    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
+    """Write ``hf/`` and check it with transformers on the gate's shapes, prompts and held-out items."""
+    started = time.perf_counter()
+    hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / layout.HF_DIR)
+    inputs, prompts = gate_checks(model, tokenizer, cfg, conversations)
     figures = hf_gate.check_checkpoint(
         model, tokenizer, hf_dir, cfg.tolerance, inputs, prompts, cfg.generation_tokens, conversations
+    )
+    return {**figures, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def export_gguf(
+    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
+    """Write ``model.gguf`` and check it through transformers' GGUF loader like ``hf/``."""
+    started = time.perf_counter()
+    path = gguf_export.write_gguf(model, tokenizer, out / layout.GGUF_FILE)
+    inputs, prompts = gate_checks(model, tokenizer, cfg, conversations)
+    figures = gguf_gate.check_gguf(
+        model, tokenizer, path, cfg.tolerance, inputs, prompts, cfg.generation_tokens, conversations
     )
     return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
@@ -111,6 +134,8 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     set_threads(ecfg.threads)
     model = load_model(model_directory(inputs[ecfg.source]), "cpu").float().eval()
     tokenizer = Tokenizer.load(inputs["tokenizer"])
+    if ecfg.gguf:
+        gguf_export.check_tokenizer(tokenizer)  # before the graphs: a tokenizer GGUF cannot hold fails fast
     copy_tokenizer(inputs["tokenizer"], out)
 
     external = ecfg.external_data or weight_bytes(model) > PROTOBUF_LIMIT
@@ -138,6 +163,17 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
             {
                 "export.hf_max_abs_diff": metrics["hf"]["max_abs_diff"],
                 "export.hf_tokenizer_matches": metrics["hf"]["tokenizer_matches"],
+            }
+        )
+
+    if ecfg.gguf:  # ---- GGUF for llama.cpp, behind its own gate (stages/lm/gguf_gate.py)
+        metrics["gguf"] = export_gguf(model, tokenizer, out, ecfg, conversations)
+        tracker.log_artifact(out / layout.GGUF_FILE, "gguf")
+        tracker.log_metrics(
+            {
+                "export.gguf_max_abs_diff": metrics["gguf"]["max_abs_diff"],
+                "export.gguf_generation_matches": metrics["gguf"]["generation_matches"],
+                "export.gguf_tokenizer_matches": metrics["gguf"]["tokenizer_matches"],
             }
         )
 
@@ -194,6 +230,7 @@ STAGE = Stage(
         Output(layout.TOKENIZER_DIR, "the tokenizer artifact's files, so the export runs on its own"),
         Output(layout.META_FILE, "shapes, tensor names and graph files"),
         Output(layout.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
+        Output(layout.GGUF_FILE, "model and tokenizer as one f32 GGUF file for llama.cpp (export.gguf; gated too)"),
     ),
     run=run,
     headline=("max_abs_diff", "generation_matches"),

@@ -4,7 +4,7 @@ Bundle layout (open ``index.html`` through any static HTTP server)::
 
     index.html          landing page: one link per graph, opening it in the bundled Netron
     netron/             Netron's static web app, copied from the installed ``netron`` package
-    graphs/             architecture.onnx, model.onnx, model_kv.onnx, model.pt2, ... (+ .onnx.data side files)
+    graphs/             architecture.onnx, model.onnx, model_kv.onnx, model.pt2, model.gguf, ... (+ .onnx.data side files)
     standalone/         <graph>.html per ONNX graph: one self-contained file each (Netron + the graph's
                         structure without weight values), the copy logged to MLflow (stages.viewer.netron_page)
     bundle.json         what is in the bundle (graph files, sizes, Netron version)
@@ -31,7 +31,15 @@ from pathlib import Path
 from stages.core.errors import ArtifactError
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
-from stages.lm.export_layout import ARCHITECTURE_GRAPH, INT8_FILE, KV_GRAPH, LOGITS_GRAPH, META_FILE, PT2_FILE
+from stages.lm.export_layout import (
+    ARCHITECTURE_GRAPH,
+    GGUF_FILE,
+    INT8_FILE,
+    KV_GRAPH,
+    LOGITS_GRAPH,
+    META_FILE,
+    PT2_FILE,
+)
 from stages.viewer import netron_page
 from stages.viewer.serve import LANDING
 
@@ -48,6 +56,8 @@ DESCRIPTIONS = {  # the graphs a bundle shows by default, in order
     KV_GRAPH: "KV-cache step: input ids + past keys/values -> logits + present keys/values",
     PT2_FILE: "torch.export program of the logits model",
     INT8_FILE: f"dynamic int8 quantization of {LOGITS_GRAPH}",
+    GGUF_FILE: "the GGUF file llama.cpp runs: tokenizer, embedding, then per layer RMS norm -> attention -> add "
+    "-> RMS norm -> gate/up/down matmuls -> add",
 }
 
 # Sets Netron's own consent cookie, so it never asks ipinfo.io where the viewer is.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _export_fixtures import exported
+from _export_fixtures import MICRO, exported
 
 from stages import publish
 from stages.core.config import parse_config
@@ -36,14 +36,14 @@ def bundle(tmp_path_factory):
 
 def test_bundle_layout_and_offline_patches(bundle):
     out, metrics = bundle
-    assert metrics["graphs"] == 5 and metrics["netron_version"]
-    for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx"):
+    assert metrics["graphs"] == 6 and metrics["netron_version"]
+    for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.pt2", "model.int8.onnx", "model.gguf"):
         assert (out / "graphs" / name).is_file()
     for name in ("architecture.onnx", "model.onnx", "model_kv.onnx", "model.int8.onnx"):  # ONNX graphs only
         assert (
             metrics["standalone"][name] == f"standalone/{name}.html" and (out / "standalone" / f"{name}.html").is_file()
         )
-    assert "model.pt2" not in metrics["standalone"]
+    assert "model.pt2" not in metrics["standalone"] and "model.gguf" not in metrics["standalone"]
     assert not list((out / "netron").glob("*.py"))  # the web app only, not Netron's Python server
     index = (out / "netron" / "index.html").read_text()
     assert '<meta name="version" content="0.0.0">' in index  # Netron then sends no telemetry
@@ -52,6 +52,7 @@ def test_bundle_layout_and_offline_patches(bundle):
     landing = (out / "index.html").read_text()
     assert 'href="netron/index.html?url=../graphs/model.onnx"' in landing
     assert 'href="standalone/model.onnx.html"' in landing
+    assert 'href="netron/index.html?url=../graphs/model.gguf"' in landing and 'href="graphs/model.gguf"' in landing
     assert json.loads((out / "bundle.json").read_text())["graphs"][0]["file"] == "architecture.onnx"
 
 
@@ -127,6 +128,46 @@ def test_netron_renders_model_onnx_offline(bundle, tmp_path):
     assert outside == [], f"requests left 127.0.0.1: {outside}"
     assert failures == [] and missing == [] and errors == []
     assert (REPO / "test-artifacts" / "netron_model_onnx.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_netron_renders_model_gguf_offline(bundle):
+    """The bundled Netron draws the GGUF as llama.cpp sees it: tokenizer, then one block of ops per layer."""
+    from playwright.sync_api import sync_playwright
+
+    out, _ = bundle
+    server = serve_bundle(out, 0)
+    origin = f"http://127.0.0.1:{server.server_address[1]}/"
+    requests: list[str] = []
+    errors: list[str] = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            context.on("request", lambda request: requests.append(request.url))
+            page = context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(origin + "index.html", wait_until="networkidle")
+            link = page.locator("a", has_text="model.gguf").first.get_attribute("href")
+            assert link == "netron/index.html?url=../graphs/model.gguf"
+            page.goto(origin + link)  # the landing page's viewer link: no clicking, no file dialog
+            page.locator("g.node").nth(5).wait_for(timeout=90_000)
+            page.locator("body.default").wait_for(timeout=90_000)  # layout finished, spinner gone
+            labels = _labels(page)
+            artifacts = REPO / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "netron_model_gguf.png"))
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert labels[0] == "tokenizer", labels
+    assert {"EMBEDDING", "RMS_NORM", "MULTI_HEAD_ATTENTION", "ADD", "MUL_MAT"} <= set(labels), labels
+    assert labels.count("MULTI_HEAD_ATTENTION") == MICRO["n_layer"], labels
+    assert any(url.startswith(origin + "graphs/model.gguf") for url in requests)
+    outside = [url for url in requests if not url.startswith(origin)]
+    assert outside == [] and errors == [], (outside, errors)
 
 
 # ---------------------------------------------------------------------------- architecture view, 4 layers

@@ -316,6 +316,12 @@ class ExportConfig(Section):
         description="Also write hf/, a Hugging Face LlamaForCausalLM checkpoint (weights, tokenizer, chat "
         "template), gated like the graphs: logits, greedy ids and tokenization checked with transformers.",
     )
+    gguf: bool = Field(
+        True,
+        description="Also write model.gguf (f32, llama architecture, gptpipe's tokenizer with the chat markers "
+        "as user-defined tokens) for llama.cpp and ollama, gated like hf/: logits, greedy ids, tokenization and "
+        "chat template checked through transformers' GGUF loader. Needs a BPE tokenizer.",
+    )
 
 
 class PublishConfig(Section):
@@ -325,5 +331,5 @@ class PublishConfig(Section):
     graphs: list[str] | None = Field(
         None,
         description="Export files shown in the bundle (default: every graph the export stage declares: "
-        "architecture, logits, KV step, torch.export program, int8 copy); those it did not write are skipped.",
+        "architecture, logits, KV step, torch.export program, int8 copy, GGUF file); those it did not write are skipped.",
     )

@@ -13,5 +13,6 @@ INT8_FILE = "model.int8.onnx"  # dynamic int8 copy of the logits graph
 META_FILE = "export.json"  # shapes, tensor names and graph files: what ONNX Runtime generation reads
 TOKENIZER_DIR = "tokenizer"  # the tokenizer artifact's files, so the export runs on its own
 HF_DIR = "hf"  # a Hugging Face LlamaForCausalLM checkpoint
+GGUF_FILE = "model.gguf"  # the model and tokenizer as one GGUF file (f32) for llama.cpp and ollama
 SVG_FILE = "architecture.svg"  # a static picture of the architecture for the report
 EXTERNAL_DATA_SUFFIX = ".data"  # weights beside a graph over 2 GB: <graph>.data
