@@ -27,7 +27,8 @@ def test_sweep_runs_upstream_once_and_every_variant_under_one_mlflow_run(tmp_pat
     store = tmp_path / "runs" / "store"
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli.main", "sweep", "--config", str(ROOT / "configs" / "micro.yaml")]
-        + ["--set", f"artifacts.store={store}", "--grid", "finetune.lr=0.001,0.003", "--report-json", str(summary)],
+        + ["--set", f"artifacts.store={store}", "--grid", "finetune.lr=0.001,0.003", "--parallel", "2"]
+        + ["--report-json", str(summary)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
