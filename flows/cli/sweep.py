@@ -61,7 +61,7 @@ def oversubscribed(cfg: Any, parallel: int, cores: int | None = None) -> str | N
     """A warning when ``parallel`` variants, each with the recipe's CPU threads, exceed the cores.
 
     Measured on 2 cores (tiny recipe, threads 2): two fine-tunes side by side took 372 s each
-    against 73 s alone; with threads 1 each, the pair finished in 184 s against 245 s in a row.
+    against 73 s alone; with threads 1 each, the sweep took 196 s against 245 s in a row (README).
     """
     cores = cores or os.cpu_count() or 1
     sections = [getattr(cfg, name) for name in registry.ORDER if hasattr(cfg, name)]
