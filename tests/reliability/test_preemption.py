@@ -186,18 +186,22 @@ def test_finetune_killed_between_checkpoints_resumes_to_identical_weights(method
     assert not list(Path(final["uri"]).glob("checkpoints")), "the published artifact holds no resumable checkpoints"
 
 
-def test_a_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(reference, tiny_inputs, tmp_path):
-    """A run that stops renewing its lease (frozen with SIGSTOP: alive, silent) loses the key after
-    ``artifacts.lease_s``; a second run takes it over, resumes from the frozen run's checkpoint,
-    says both, and ends with an uninterrupted run's weights. The frozen run can never publish."""
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(
+    signal_name, reference, tiny_inputs, tmp_path
+):
+    """The run holding pretraining's lease is killed (SIGKILL: its process is gone) or frozen (SIGSTOP:
+    alive, silent, its heartbeat stops for ``artifacts.lease_s``); a second run takes the key over,
+    resumes from the first run's checkpoint, says both, and ends with an uninterrupted run's weights."""
     import os
     import sys
 
     from tests._scale_fixtures import ROOT, worker_args, worker_env
 
     store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
+    at = "--sigkill-at" if signal_name == "SIGKILL" else "--sigstop-at"
     holder = subprocess.Popen(
-        [sys.executable, *worker_args(store, tiny_inputs, metrics, PRETRAIN, "--sigstop-at", "6", "--lease-s", "2")],
+        [sys.executable, *worker_args(store, tiny_inputs, metrics, PRETRAIN, at, "6", "--lease-s", "2")],
         env=worker_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -205,12 +209,12 @@ def test_a_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(reference
     )
     try:
         deadline = time.monotonic() + 240
-        while _state(holder.pid) != "T":  # stopped after step 6; the step-4 checkpoint is on disk
-            assert holder.poll() is None and time.monotonic() < deadline, "the holder never reached step 6"
+        while holder.poll() is None and _state(holder.pid) != "T":  # killed, or stopped, after step 6
+            assert time.monotonic() < deadline, "the holder never reached step 6"
             time.sleep(0.2)
         assert _checkpoints(store)[0] == [4]
         leases = list((store / ".leases" / "pretrain").glob("*.json"))
-        assert [json.loads(p.read_text())["pid"] for p in leases] == [holder.pid], "the frozen run holds the key"
+        assert [json.loads(p.read_text())["pid"] for p in leases] == [holder.pid], "the first run holds the key"
 
         taker = _run(store, tiny_inputs, metrics, "--lease-s", "2")
         result = result_of(taker)
@@ -221,7 +225,8 @@ def test_a_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(reference
         assert _curve(result["uri"]) == _curve(reference["uri"])
         assert _published(store) == [Path(result["uri"]).name]
     finally:
-        os.kill(holder.pid, signal.SIGKILL)
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
 
 
