@@ -24,7 +24,6 @@ transformers is imported on use: writing the file (``stages.lm.gguf_export``) do
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,8 @@ import torch
 
 from stages.core.errors import ArtifactError, ParityError
 from stages.lm import parity
-from stages.lm.chat import ChatTemplate
 from stages.lm.export_layout import GGUF_FILE
-from stages.lm.generate import generate_ids
-from stages.lm.hf_gate import PROBE_TEXT, _greedy, _ids
+from stages.lm.hf_gate import held_out_texts, transformers_parity
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 
@@ -107,59 +104,19 @@ def check_gguf(
     if metadata.get("add_prefix_space", True) is not False:
         failures.append("tokenizer.ggml.add_space_prefix is not false (gptpipe's tokenizer adds no space)")
 
-    logits = parity.logits_parity(
-        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs
+    found, figures = transformers_parity(
+        hf_model, hf_tokenizer, model, tokenizer, tolerance, inputs, prompts, new_tokens, conversations
     )
-    failures += [
-        f"logits {shape}: {diff:.2e} above export.tolerance={tolerance:g}"
-        for shape, diff in logits.above(tolerance).items()
-    ]
-
-    template = ChatTemplate(tokenizer)
-    block = model.cfg.block_size
-    cropped = [prompt[-max(1, block - new_tokens) :] for prompt in prompts]
-    generation = parity.generation_parity(
-        partial(_greedy, hf_model, new_tokens, list(template.stop_ids), tokenizer.pad_id),
-        lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
-        cropped,
-    )
-    failures += [
-        f"greedy prompt {d.prompt} ({d.prompt_length} ids) diverges at new token {d.at}" for d in generation.divergences
-    ]
-
-    texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
-    encode = parity.agreement(lambda text: hf_tokenizer.encode(text, add_special_tokens=False), tokenizer.encode, texts)
+    failures += found
+    texts = held_out_texts(conversations)
     decode = parity.agreement(
         lambda text: hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False), lambda text: text, texts
     )
-    if encode.differ:
-        failures.append(
-            f"tokenization differs on {len(encode.differ)}/{len(texts)} held-out texts "
-            f"(first: {texts[encode.differ[0]][:40]!r})"
-        )
     if decode.differ:
         failures.append(f"decode differs on {len(decode.differ)}/{len(texts)} held-out texts")
-    chats = [messages[:-1] or messages for messages in conversations]
-    chat = parity.agreement(
-        lambda messages: _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)),
-        template.render_prompt,
-        chats,
-    )
-    if chat.differ:
-        failures.append(f"chat template ids differ on {len(chat.differ)}/{len(chats)} held-out conversations")
     if failures:
         raise ParityError(
             f"export parity gate: {GGUF_FILE} (read with transformers' GGUF loader) differs from gptpipe: "
             f"{'; '.join(failures)} — nothing was published"
         )
-    return {
-        "max_abs_diff": logits.worst,
-        "max_abs_diff_by_shape": logits.by_shape,
-        "generation_prompts": generation.prompts,
-        "generation_matches": generation.matches,
-        "tokenizer_texts": len(texts),
-        "tokenizer_chars": sum(len(t) for t in texts),
-        "tokenizer_matches": encode.matches,
-        "chat_template_matches": chat.matches,
-        "reader": "transformers GGUF loader",
-    }
+    return {**figures, "reader": "transformers GGUF loader"}

@@ -54,6 +54,72 @@ def _greedy(hf_model: Any, new_tokens: int, stop_ids: list[int], pad_id: int, pr
 
 
 @torch.no_grad()
+def transformers_parity(
+    hf_model: Any,
+    hf_tokenizer: Any,
+    model: GPT,
+    tokenizer: Tokenizer,
+    tolerance: float,
+    inputs: list[np.ndarray],
+    prompts: list[list[int]],
+    new_tokens: int,
+    conversations: list[list[dict[str, str]]],
+) -> tuple[list[str], dict[str, Any]]:
+    """What every transformers-loaded format must match (the ``hf/`` checkpoint, the GGUF): logits
+    within ``tolerance`` on each of ``inputs``; greedy ``generate`` token-identical to gptpipe's on
+    each prompt (cropped to fit ``block_size`` with the new tokens: HF does not crop, gptpipe does);
+    ``encode`` ids identical on every held-out message and ``PROBE_TEXT``; ``apply_chat_template``
+    giving ``ChatTemplate.render_prompt``'s ids. Returns one line per failure and the figures."""
+    logits = parity.logits_parity(
+        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs
+    )
+    failures = [
+        f"logits {shape}: {diff:.2e} above export.tolerance={tolerance:g}"
+        for shape, diff in logits.above(tolerance).items()
+    ]
+    template = ChatTemplate(tokenizer)
+    cropped = [prompt[-max(1, model.cfg.block_size - new_tokens) :] for prompt in prompts]
+    generation = parity.generation_parity(
+        partial(_greedy, hf_model, new_tokens, list(template.stop_ids), tokenizer.pad_id),
+        lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
+        cropped,
+    )
+    failures += [
+        f"greedy prompt {d.prompt} ({d.prompt_length} ids) diverges at new token {d.at}" for d in generation.divergences
+    ]
+    texts = held_out_texts(conversations)
+    encode = parity.agreement(lambda text: hf_tokenizer.encode(text, add_special_tokens=False), tokenizer.encode, texts)
+    if encode.differ:
+        failures.append(
+            f"tokenization differs on {len(encode.differ)}/{len(texts)} held-out texts "
+            f"(first: {texts[encode.differ[0]][:40]!r})"
+        )
+    chats = [messages[:-1] or messages for messages in conversations]
+    chat = parity.agreement(
+        lambda messages: _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)),
+        template.render_prompt,
+        chats,
+    )
+    if chat.differ:
+        failures.append(f"chat template ids differ on {len(chat.differ)}/{len(chats)} held-out conversations")
+    return failures, {
+        "max_abs_diff": logits.worst,
+        "max_abs_diff_by_shape": logits.by_shape,
+        "generation_prompts": generation.prompts,
+        "generation_matches": generation.matches,
+        "tokenizer_texts": len(texts),
+        "tokenizer_chars": sum(len(t) for t in texts),
+        "tokenizer_matches": encode.matches,
+        "chat_template_matches": chat.matches,
+    }
+
+
+def held_out_texts(conversations: list[list[dict[str, str]]]) -> list[str]:
+    """The texts a tokenizer check covers: every held-out message, and ``PROBE_TEXT``."""
+    return [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
+
+
+@torch.no_grad()
 def check_checkpoint(
     model: GPT,
     tokenizer: Tokenizer,
@@ -79,32 +145,16 @@ def check_checkpoint(
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).float().eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-    logits = parity.logits_parity(
-        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs
+    failures, figures = transformers_parity(
+        hf_model, hf_tokenizer, model, tokenizer, tolerance, inputs, prompts, new_tokens, conversations
     )
-    failures = [
-        f"logits {shape}: {diff:.2e} above export.tolerance={tolerance:g}"
-        for shape, diff in logits.above(tolerance).items()
-    ]
-
+    # Only this format carries a tokenizer of its own to decode with: each text's ids and each chat
+    # prompt's ids with a reply's end (the marker, then EOS and PAD as a padded batch ends) decode as
+    # gptpipe decodes them: the text back with the markers kept, and without them under
+    # skip_special_tokens (the bare reply).
     template = ChatTemplate(tokenizer)
-    block = model.cfg.block_size
-    cropped = [prompt[-max(1, block - new_tokens) :] for prompt in prompts]
-    generation = parity.generation_parity(
-        partial(_greedy, hf_model, new_tokens, list(template.stop_ids), tokenizer.pad_id),
-        lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
-        cropped,
-    )
-    failures += [
-        f"greedy prompt {d.prompt} ({d.prompt_length} ids) diverges at new token {d.at}" for d in generation.divergences
-    ]
-
-    texts = [message["content"] for messages in conversations for message in messages] + [PROBE_TEXT]
-    encode = parity.agreement(lambda text: hf_tokenizer.encode(text, add_special_tokens=False), tokenizer.encode, texts)
+    texts = held_out_texts(conversations)
     chats = [messages[:-1] or messages for messages in conversations]
-    # Each text's ids and each chat prompt's ids with a reply's end (the marker, then EOS and PAD as
-    # a padded batch ends) decode as gptpipe decodes them: the text back with the markers kept,
-    # and without them under skip_special_tokens (the bare reply).
     ending = [tokenizer.special[END_TOKEN], tokenizer.eos_id, tokenizer.pad_id]
     decoded = [tokenizer.encode(text) for text in texts] + [template.render_prompt(c) + ending for c in chats]
     decode = parity.agreement(
@@ -113,11 +163,6 @@ def check_checkpoint(
         decoded,
     )
     round_trip = parity.agreement(lambda text: hf_tokenizer.decode(tokenizer.encode(text)), lambda text: text, texts)
-    if encode.differ:
-        failures.append(
-            f"tokenization differs on {len(encode.differ)}/{len(texts)} held-out texts "
-            f"(first: {texts[encode.differ[0]][:40]!r})"
-        )
     if round_trip.differ:
         failures.append(f"decode differs on {len(round_trip.differ)}/{len(texts)} held-out texts")
     if decode.differ:
@@ -125,25 +170,9 @@ def check_checkpoint(
             f"decode with or without skip_special_tokens differs from gptpipe's on "
             f"{len(decode.differ)}/{len(decoded)} texts and chat prompts"
         )
-    chat = parity.agreement(
-        lambda messages: _ids(hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)),
-        template.render_prompt,
-        chats,
-    )
-    if chat.differ:
-        failures.append(f"chat template ids differ on {len(chat.differ)}/{len(chats)} held-out conversations")
     if failures:
         raise ParityError(
             f"export parity gate: the Hugging Face checkpoint ({HF_DIR}/, loaded with "
             f"transformers) differs from gptpipe: {'; '.join(failures)} — nothing was published"
         )
-    return {
-        "max_abs_diff": logits.worst,
-        "max_abs_diff_by_shape": logits.by_shape,
-        "generation_prompts": generation.prompts,
-        "generation_matches": generation.matches,
-        "tokenizer_texts": len(texts),
-        "tokenizer_chars": sum(len(t) for t in texts),
-        "tokenizer_matches": encode.matches,
-        "chat_template_matches": chat.matches,
-    }
+    return figures
