@@ -33,6 +33,7 @@ from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint_format import load_model
 from stages.training.loss import evaluate_loss
+from tests._token_bytes import token_bytes
 
 pytest.importorskip("lm_eval")
 
@@ -55,7 +56,7 @@ def own_bits_per_byte(model, tokenizer: Tokenizer, texts: list[str]) -> float:
     x = torch.tensor([ids[s : s + block] for s in starts])
     y = torch.tensor([ids[s + 1 : s + block + 1] for s in starts])
     loss = evaluate_loss(model, [(x, y)])
-    bytes_per_token = float(tokenizer.token_bytes(y.flatten().numpy()).sum()) / y.numel()
+    bytes_per_token = float(token_bytes(tokenizer, y.flatten().numpy()).sum()) / y.numel()
     return loss / math.log(2) / bytes_per_token
 
 

@@ -14,6 +14,7 @@ from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
 from stages.lm.tokenizer_training import train_model
 from stages.storage.splits import SplitRule
 from stages.tokenizer import HELDOUT_KEY, stream_sample
+from tests._token_bytes import token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_round_trip_is_exact_on_unseen_text(trained, text):
     _, tok = trained
     ids = tok.encode(text)
     assert tok.decode(ids) == text
-    assert int(tok.token_bytes(ids).sum()) == len(text.encode("utf-8"))
+    assert int(token_bytes(tok, ids).sum()) == len(text.encode("utf-8"))
 
 
 def test_round_trip_on_python_source(trained):

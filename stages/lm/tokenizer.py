@@ -13,11 +13,10 @@ trained and written by ``stages/lm/tokenizer_training.py``, which the stage ``st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sentencepiece as spm
 
 from stages.core.errors import ArtifactError
@@ -49,7 +48,6 @@ class Tokenizer:
             )
         self.newline_id: int = self.processor.piece_to_id(NEWLINE)
         self._hidden = {self.bos_id, self.eos_id, self.pad_id, *self.special.values()}
-        self._byte_lengths: np.ndarray | None = None
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -82,24 +80,3 @@ class Tokenizer:
 
     def piece_to_id(self, piece: str) -> int:
         return self.processor.piece_to_id(piece)
-
-    # -- byte accounting (bits per byte) ---------------------------------------------------
-
-    @property
-    def byte_lengths(self) -> np.ndarray:
-        """UTF-8 bytes each id contributes to decoded text (0 for control ids and chat markers)."""
-        if self._byte_lengths is None:
-            lengths = np.zeros(self.vocab_size, dtype=np.int64)
-            for i in range(self.vocab_size):
-                if i in self._hidden or self.processor.is_control(i) or self.processor.is_unknown(i):
-                    continue
-                if self.processor.is_byte(i):
-                    lengths[i] = 1
-                else:
-                    lengths[i] = len(self.processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-            self._byte_lengths = lengths
-        return self._byte_lengths
-
-    def token_bytes(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Per-id UTF-8 byte counts; ``token_bytes(ids).sum()`` is the byte size of the text."""
-        return self.byte_lengths[np.asarray(ids, dtype=np.int64)]

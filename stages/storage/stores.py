@@ -591,21 +591,6 @@ class S3Store:
 
         self.client.download_file(self.bucket, name, str(target), Config=s3.transfer_config())
 
-    def list_outputs(self, stage: str) -> dict[str, bool]:
-        """``{key: complete}`` for every output prefix of ``stage`` (complete = has a manifest)."""
-        from stages.storage.s3 import s3_errors
-
-        found: dict[str, bool] = {}
-        base = self._object(stage, "") + "/"
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                for item in page.get("Contents", []):
-                    key, _, rel = item["Key"][len(base) :].partition("/")
-                    found[key] = found.get(key, False) or rel == MANIFEST
-        except s3_errors() as exc:
-            raise self._fail(exc, "list", f"s3://{self.bucket}/{base}") from None
-        return found
-
 
 def open_store(uri: str) -> Store:
     """The store for a recipe's ``artifacts.store`` value: a local directory or ``s3://bucket/prefix``."""
