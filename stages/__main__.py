@@ -41,7 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", default=None, help="artifact store to write into (default: the recipe's artifacts.store)"
     )
-    parser.add_argument("--force", action="store_true", help="recompute even if a finished output exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute even if a finished output exists (which is kept: finished outputs are never replaced)",
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for a child run")
     parser.add_argument(
         "--parent-run-id", default=None, help="open a child run under this MLflow run (with --tracking-uri)"

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline (reuses finished stages by content key)")
     _recipe_args(run)
-    run.add_argument("--force", action="store_true", help="recompute every stage even if a finished output exists")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute every stage even if a finished output exists (a finished output is never replaced: "
+        "the recomputed copy is dropped; delete a store directory to rebuild it)",
+    )
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     run.add_argument("--report-json", metavar="PATH", help="also write the report card as JSON to PATH")
     run.add_argument(
