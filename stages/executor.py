@@ -18,9 +18,11 @@ container (``flows/stage_flow.py`` runs this function inside the container), and
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -199,9 +201,12 @@ def execute(call: StageCall, store: Store | None = None, tracker: Tracker | None
     replaces the call's MLflow run (e.g. an in-memory tracker for a library user).
     """
     store = store or open_store(call.store)
-    with _stage_run(call, tracker) as run_tracker:
+    # Computed once, on first use inside the MLflow run's guard (it fingerprints the corpus for the
+    # stages that read it; a corpus that cannot be read then fails the run rather than leaving it open).
+    config = functools.cache(lambda: key_config(call))
+    with _stage_run(call, config, tracker) as run_tracker:
         with _system_metrics(call, run_tracker):
-            result = _find_or_build(call, store, run_tracker)
+            result = _find_or_build(call, config, store, run_tracker)
         if hasattr(run_tracker, "run_id"):  # an MLflow run: label it and attach the small outputs
             result.run_id, result.experiment_id = run_tracker.run_id, run_tracker.experiment_id
             run_tracker.set_tags({"gptpipe.reused": str(result.reused).lower(), "gptpipe.artifact": result.ref.uri})
@@ -223,12 +228,14 @@ def run_stage(
     return execute(call, store, tracker or MemoryTracker())
 
 
-def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResult:
+def _find_or_build(
+    call: StageCall, config: Callable[[], dict[str, Any]], store: Store, tracker: Tracker
+) -> StageResult:
     """Reuse the key's output; else claim the key (or wait for the run that holds it) and build it."""
     declared = call.declared
-    config, needed = key_config(call), needed_inputs(call)
+    needed = needed_inputs(call)
     version = code_version(declared.module)
-    key = cache_key(call.stage, config, needed, version)
+    key = cache_key(call.stage, config(), needed, version)
     if worker_rank():
         _run_worker_rank(call, store, key, needed, tracker)
     if not call.force and (existing := store.find(call.stage, key)) is not None:
@@ -243,7 +250,7 @@ def _find_or_build(call: StageCall, store: Store, tracker: Tracker) -> StageResu
             # The previous holder may have published just before letting the key go.
             if not call.force and (existing := store.find(call.stage, key)) is not None:
                 return StageResult(store.ref(existing), existing, reused=True, wall_time_s=0.0, waited_s=waited)
-            manifest, wall = _build(call, store, key, config, needed, version, lease, tracker)
+            manifest, wall = _build(call, store, key, config(), needed, version, lease, tracker)
     finally:
         _release(lease)
     log.info("stage %s: finished in %.1fs -> %s", call.stage, wall, store.ref(manifest).uri)
@@ -374,7 +381,7 @@ def _check_headline(declared: Stage, metrics: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _stage_run(call: StageCall, tracker: Tracker | None):
+def _stage_run(call: StageCall, config: Callable[[], dict[str, Any]], tracker: Tracker | None):
     """The stage's MLflow run for the length of the block (or the given tracker, or an in-memory one)."""
     if tracker is not None or call.tracking is None:
         yield tracker or MemoryTracker()
@@ -388,7 +395,7 @@ def _stage_run(call: StageCall, tracker: Tracker | None):
         parent_run_id=tracking.parent_run_id,
         run_id=tracking.run_id,
         tags=tracking.tags,
-        params=lambda: key_config(call),
+        params=config,
     ) as run_tracker:
         yield run_tracker
 
