@@ -5,31 +5,46 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 
 def start_process(
     command: list[str], health: str | None = None, env: dict | None = None, timeout: float = 90
 ) -> subprocess.Popen:
-    """A child server; waits for its health URL (or a 'ready' line on stdout) before returning."""
+    """A child server; waits for its health URL (or a 'ready' line in its output) before returning.
+
+    Its output goes to a log file, never a pipe: nobody reads a pipe while the tests run, and a
+    server that logs every request (moto does) blocks in ``write`` once the 64 KiB pipe buffer is
+    full, which hung every request thread and looked like an unreachable endpoint.
+    """
     from flows.cli.services import wait_healthy
 
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-    )
+    log = tempfile.NamedTemporaryFile(prefix=f"{Path(command[0]).name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    log.close()
+    proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     if health is not None:
-        assert wait_healthy(health, timeout, proc), (
-            f"{command[0]} did not start: {proc.stdout.read()[-2000:] if proc.poll() is not None else ''}"
-        )
+        assert wait_healthy(health, timeout, proc), f"{command[0]} did not start: {_tail(proc)}"
     else:
-        assert proc.stdout.readline().strip() == b"ready"
+        deadline = time.monotonic() + timeout
+        while b"ready" not in proc.log_path.read_bytes().splitlines()[:1] and proc.poll() is None:
+            assert time.monotonic() < deadline, f"{command[0]} printed no 'ready' line in {timeout:.0f} s"
+            time.sleep(0.05)
+        assert proc.poll() is None, f"{command[0]} exited {proc.returncode}: {_tail(proc)}"
     return proc
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text(errors="replace")[-2000:]  # type: ignore[attr-defined]
 
 
 def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    proc.log_path.unlink(missing_ok=True)  # type: ignore[attr-defined]
 
 
 def moto_command(port: int) -> list[str]:

@@ -2,8 +2,7 @@
 
 Each stage key is computed by exactly one run (the others wait on its lease and reuse the output),
 every finished output verifies against its manifest, and the embedded Prefect and MLflow databases
-the runs share survive the concurrency. (Two runs on an ``s3://`` store passed here but failed once under
-load and once hung, with moto unreachable: that test is withheld until it is made reliable.)
+the runs share survive the concurrency. The same holds on an ``s3://`` store (moto over HTTP).
 """
 
 from __future__ import annotations
@@ -74,3 +73,40 @@ def test_three_runs_on_one_local_store_build_each_key_once(tmp_path):
         assert leftovers == [], f"stage {name}: work directories left behind {leftovers}"
     parents = {r["parent_run_id"] for r in reports}
     assert len(parents) == 3, "each run has its own MLflow run in the shared SQLite store"
+
+
+def test_two_runs_on_one_s3_store_build_each_key_once(tmp_path, moto):
+    import boto3
+
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PYTHONPATH": str(ROOT),
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{moto}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "GPTPIPE_S3_CACHE"):
+        env.pop(name, None)
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{moto}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket="concurrent")
+    # Two runs, each in its own directory (its own S3 cache under its own HOME), one store.
+    runs, dirs = [], []
+    for index in range(2):
+        cwd = tmp_path / f"run{index}"
+        cwd.mkdir()
+        dirs.append(cwd)
+        run_env = {**env, "HOME": str(cwd / "home"), "PREFECT_HOME": str(cwd / "prefect")}
+        runs += start_runs(1, cwd, run_env, "artifacts.store=s3://concurrent/store")
+    reports = [finish([run], cwd)[0] for run, cwd in zip(runs, dirs)]
+    assert_each_key_built_once(reports)
+    listed = client.list_objects_v2(Bucket="concurrent", Prefix="store/")
+    manifests = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith("/" + MANIFEST)]
+    assert len(manifests) == len(registry.ORDER), manifests
