@@ -14,6 +14,7 @@ Outputs (one self-contained directory)::
     export.json       shapes, tensor names and graph files: what ``stages.lm.onnx_runtime`` reads
     hf/               a Hugging Face LlamaForCausalLM checkpoint with its tokenizer (export.hf; gated too)
     model.gguf        the model and its tokenizer as one GGUF file (f32) for llama.cpp (export.gguf; gated too)
+    genai/            an onnxruntime-genai model folder built by its builder from hf/ (export.genai; gated too)
 
 The graphs are written by ``stages.lm.onnx_export``, the int8 twin by ``stages.lm.onnx_int8``.
 
@@ -23,13 +24,15 @@ The gate fails the stage with ``ParityError`` — so the runner publishes nothin
 PyTorch's token ids for every prompt (``stages.lm.onnx_gate``); the Hugging Face checkpoint
 passes the same checks in transformers (``stages.lm.hf_gate``), and so does the GGUF file
 (``stages.lm.gguf_export`` writes it, ``stages.lm.gguf_gate`` reads it with transformers' GGUF
-loader). Every gate compares with ``stages.lm.parity``.
+loader), and so does the onnxruntime-genai folder (``stages.lm.genai_package`` builds it,
+``stages.lm.genai_gate`` runs it with og.Model). Every gate compares with ``stages.lm.parity``.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +45,16 @@ from stages.core.sections import ExportConfig
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm import export_layout as layout
-from stages.lm import gguf_export, gguf_gate, hf_checkpoint, hf_gate, onnx_architecture, parity
+from stages.lm import (
+    genai_gate,
+    genai_package,
+    gguf_export,
+    gguf_gate,
+    hf_checkpoint,
+    hf_gate,
+    onnx_architecture,
+    parity,
+)
 from stages.lm.chat import Message, read_chat_jsonl
 from stages.lm.export_layout import INT8_FILE, PT2_FILE
 from stages.lm.model import GPT
@@ -121,6 +133,24 @@ def export_gguf(
     return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def export_genai(
+    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
+) -> dict:
+    """Build ``genai/`` from ``hf/`` (a scratch checkpoint when export.hf is off) and check it with og.Model."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gptpipe-hf-") as scratch:
+        hf_dir = out / layout.HF_DIR
+        if not hf_dir.is_dir():
+            hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, Path(scratch) / layout.HF_DIR)
+        folder = genai_package.build_package(hf_dir, out / layout.GENAI_DIR)
+        built = time.perf_counter() - started
+        _, prompts = gate_checks(model, tokenizer, cfg, conversations)
+        figures = genai_gate.check_package(
+            model, tokenizer, folder, hf_dir, cfg.tolerance, prompts, cfg.generation_tokens, conversations, cfg.threads
+        )
+    return {**figures, "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - started, 3)}
+
+
 # ---------------------------------------------------------------------------- stage
 
 
@@ -136,6 +166,8 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     tokenizer = Tokenizer.load(inputs["tokenizer"])
     if ecfg.gguf:
         gguf_export.check_tokenizer(tokenizer)  # before the graphs: a tokenizer GGUF cannot hold fails fast
+    if ecfg.genai:
+        genai_package.require_genai()  # before the graphs: a missing runtime fails fast, naming export.genai=false
     copy_tokenizer(inputs["tokenizer"], out)
 
     external = ecfg.external_data or weight_bytes(model) > PROTOBUF_LIMIT
@@ -174,6 +206,17 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
                 "export.gguf_max_abs_diff": metrics["gguf"]["max_abs_diff"],
                 "export.gguf_generation_matches": metrics["gguf"]["generation_matches"],
                 "export.gguf_tokenizer_matches": metrics["gguf"]["tokenizer_matches"],
+            }
+        )
+
+    if ecfg.genai:  # ---- onnxruntime-genai folder, behind its own gate (stages/lm/genai_gate.py)
+        metrics["genai"] = export_genai(model, tokenizer, out, ecfg, conversations)
+        tracker.log_artifact(out / layout.GENAI_DIR, layout.GENAI_DIR)
+        tracker.log_metrics(
+            {
+                "export.genai_max_abs_diff": metrics["genai"]["max_abs_diff"],
+                "export.genai_generation_matches": metrics["genai"]["generation_matches"],
+                "export.genai_tokenizer_matches": metrics["genai"]["tokenizer_matches"],
             }
         )
 
@@ -231,6 +274,7 @@ STAGE = Stage(
         Output(layout.META_FILE, "shapes, tensor names and graph files"),
         Output(layout.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
         Output(layout.GGUF_FILE, "model and tokenizer as one f32 GGUF file for llama.cpp (export.gguf; gated too)"),
+        Output(layout.GENAI_DIR, "an onnxruntime-genai model folder built from hf/ (export.genai; gated too)"),
     ),
     run=run,
     headline=("max_abs_diff", "generation_matches"),

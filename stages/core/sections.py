@@ -322,6 +322,12 @@ class ExportConfig(Section):
         "as user-defined tokens) for llama.cpp and ollama, gated like hf/: logits, greedy ids, tokenization and "
         "chat template checked through transformers' GGUF loader. Needs a BPE tokenizer.",
     )
+    genai: bool = Field(
+        True,
+        description="Also write genai/, an onnxruntime-genai model folder built by its model builder (fp32, CPU) "
+        "from the Hugging Face checkpoint, gated like hf/: logits after each gate prompt, greedy ids and og.Tokenizer "
+        "ids checked with og.Model. Needs onnxruntime-genai installed.",
+    )
 
 
 class PublishConfig(Section):

@@ -14,5 +14,6 @@ META_FILE = "export.json"  # shapes, tensor names and graph files: what ONNX Run
 TOKENIZER_DIR = "tokenizer"  # the tokenizer artifact's files, so the export runs on its own
 HF_DIR = "hf"  # a Hugging Face LlamaForCausalLM checkpoint
 GGUF_FILE = "model.gguf"  # the model and tokenizer as one GGUF file (f32) for llama.cpp and ollama
+GENAI_DIR = "genai"  # an onnxruntime-genai model folder, built by its builder from hf/
 SVG_FILE = "architecture.svg"  # a static picture of the architecture for the report
 EXTERNAL_DATA_SUFFIX = ".data"  # weights beside a graph over 2 GB: <graph>.data

@@ -1,0 +1,95 @@
+"""The export's onnxruntime-genai model folder: built by onnxruntime-genai's own model builder
+from the export's Hugging Face checkpoint (``hf/``), and opened for the gate and the benchmark.
+
+The builder (``python -m onnxruntime_genai.models.builder -i <hf dir> -o <out> -p <precision> -e cpu``)
+reads ``hf/`` as a ``LlamaForCausalLM`` and writes one ONNX graph with onnxruntime's fused
+operators (GroupQueryAttention, SkipSimplifiedLayerNormalization, rotary embedding), its weights
+beside it, ``genai_config.json`` (shapes, stop ids, search defaults) and the tokenizer files it
+copies from ``hf/`` (``tokenizer.json``, the chat template). ``og.Model``/``og.Generator`` run it.
+
+The builder runs in a child process: it prints progress freely and imports its model classes on
+use, and a failure must leave the export's own process as it was. ``stages.lm.genai_gate`` checks
+the folder against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from stages.core.errors import ArtifactError, ConfigError
+
+CONFIG_FILE = "genai_config.json"  # what og.Model reads first
+PRECISIONS = ("fp32", "int4", "int8")  # what the builder's -p accepts for the CPU provider
+
+
+def require_genai() -> Any:
+    """The ``onnxruntime_genai`` module, or ``ConfigError`` naming the way out when it is not installed."""
+    try:
+        import onnxruntime_genai
+    except ImportError as exc:
+        raise ConfigError(
+            f"export.genai: onnxruntime_genai cannot be imported ({exc}); "
+            "pip install 'onnxruntime-genai>=0.18' or set export.genai=false"
+        ) from None
+    return onnxruntime_genai
+
+
+def build_package(hf_dir: Path, out: Path, precision: str = "fp32") -> Path:
+    """Run onnxruntime-genai's model builder on ``hf_dir`` into ``out`` (CPU provider); returns ``out``.
+
+    ``ArtifactError`` with the builder's last output line when it fails or writes no config.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"genai precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    require_genai()
+    with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+        command += ["-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", cache]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not (out / CONFIG_FILE).is_file():
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else "no output"
+        raise ArtifactError(
+            f"onnxruntime-genai's builder failed on {hf_dir.name}/ (exit {done.returncode}): {last[:300]}"
+        )
+    return out
+
+
+def open_model(folder: Path, threads: int = 0) -> Any:
+    """``og.Model`` for ``folder``, its decoder on ``threads`` intra-op threads (0 = onnxruntime's default)."""
+    og = require_genai()
+    config = og.Config(str(folder))
+    if threads > 0:
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
+def greedy_ids(model: Any, prompt: list[int], new_tokens: int, context: int) -> list[int]:
+    """The new ids onnxruntime-genai's greedy search gives after ``prompt`` (stop id included, as
+    ``stages.lm.generate.generate_ids`` gives it), at most ``new_tokens`` and within ``context`` ids."""
+    og = require_genai()
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=min(context, len(prompt) + new_tokens))
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    new: list[int] = []
+    while not generator.is_done() and len(new) < new_tokens:
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    return new
+
+
+def last_logits(model: Any, prompt: list[int]) -> Any:
+    """The logits onnxruntime-genai computes for the position after ``prompt`` (vocab-sized numpy row)."""
+    og = require_genai()
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    return generator.get_logits().reshape(-1)
