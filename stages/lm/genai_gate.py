@@ -31,12 +31,10 @@ from stages.lm import genai_package, parity
 from stages.lm.chat import ChatTemplate
 from stages.lm.export_layout import GENAI_DIR
 from stages.lm.generate import generate_ids
+from stages.lm.hf_checkpoint import TOKENIZER_JSON
 from stages.lm.hf_gate import PROBE_TEXT
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
-
-TOKENIZER_JSON = "tokenizer.json"
-
 
 # What decides the ids and the text: the builder re-saves hf/'s tokenizer.json through transformers,
 # which adds a post-processor that adds nothing (TemplateProcessing with no special tokens).

@@ -51,6 +51,7 @@ from stages.lm.model import GPT
 from stages.lm.tokenizer import MODEL_FILE, SPECIAL_TOKENS, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_JSON = "tokenizer.json"  # the tokenizers JSON transformers (and onnxruntime-genai) load
 # The ChatTemplate, as Jinja: <|role|>content<|end|> per message, then <|assistant|> to generate.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}" + END_TOKEN + "{% endfor %}"
@@ -241,7 +242,7 @@ def write_checkpoint(model: GPT, tokenizer: Tokenizer, out: Path) -> Path:
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(llama_config(model, tokenizer), indent=2) + "\n", encoding="utf-8")
     save_file(llama_weights(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / "tokenizer.json").write_text(
+    (out / TOKENIZER_JSON).write_text(
         json.dumps(tokenizer_json(tokenizer), ensure_ascii=False) + "\n", encoding="utf-8"
     )
     (out / MODEL_FILE).write_bytes(tokenizer.model_proto)  # what llama.cpp's GGUF converter reads
