@@ -60,6 +60,10 @@ def render_report(report: dict[str, Any]) -> str:
     if diagnosis:
         lines.append("diagnosis:")
         lines += [f"  - {finding}" for finding in diagnosis]
+    certificate = _certificate(report)
+    if certificate:
+        lines.append("equivalence certificate (export):")
+        lines += [f"  {line}" for line in certificate.splitlines()]
     total = sum(r["wall_time_s"] for r in report["stages"].values())
     lines.append(f"pipeline time (stages): {total:.1f}s")
     reused = [n for n, r in report["stages"].items() if r["reused"]]
@@ -101,4 +105,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     diagnosis = findings(report)
     if diagnosis:
         lines += ["", "## Diagnosis", "", *[f"- {finding}" for finding in diagnosis]]
+    certificate = _certificate(report)
+    if certificate:
+        lines += ["", "## Equivalence certificate (export)", "", certificate.rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def _certificate(report: dict[str, Any]) -> str:
+    """The export's equivalence certificate as a Markdown table, or '' when no export ran with one."""
+    from stages.lm.certificate import certificate_markdown
+
+    export = report["stages"].get("export")
+    rows = export and export["metrics"].get("certificate")
+    return certificate_markdown(rows) if rows else ""

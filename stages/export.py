@@ -54,13 +54,17 @@ from stages.lm import (
     hf_gate,
     onnx_architecture,
     parity,
+    quantized_gate,
 )
+from stages.lm.certificate import certificate_markdown, certificate_rows
 from stages.lm.chat import Message, read_chat_jsonl
 from stages.lm.export_layout import INT8_FILE, PT2_FILE
+from stages.lm.genai_runtime import GenaiGenerator
 from stages.lm.model import GPT
 from stages.lm.onnx_export import PROTOBUF_LIMIT, export_graphs, quiet_exporter, weight_bytes, write_meta
 from stages.lm.onnx_gate import architecture_parity, check_graphs, check_parity
 from stages.lm.onnx_int8 import heldout_loss_change, quantize_int8
+from stages.lm.serving_choice import choose_served, time_serving
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
@@ -134,10 +138,20 @@ def export_gguf(
 
 
 def export_genai(
-    model: GPT, tokenizer: Tokenizer, out: Path, cfg: ExportConfig, conversations: list[list[Message]]
+    model: GPT,
+    tokenizer: Tokenizer,
+    out: Path,
+    cfg: ExportConfig,
+    conversations: list[list[Message]],
+    quality_conversations: list[list[Message]],
 ) -> dict:
-    """Build ``genai/`` from ``hf/`` (a scratch checkpoint when export.hf is off) and check it with og.Model."""
+    """Build ``genai/`` from ``hf/`` (a scratch checkpoint when export.hf is off) and check it with og.Model;
+    then, unless export.quantized is 'none', its quantized twin, kept only when it passes its quality gate.
+
+    Returns ``{"genai": figures, "quantized": figures}`` (``quantized`` absent when not asked for).
+    """
     started = time.perf_counter()
+    figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="gptpipe-hf-") as scratch:
         hf_dir = out / layout.HF_DIR
         if not hf_dir.is_dir():
@@ -145,10 +159,30 @@ def export_genai(
         folder = genai_package.build_package(hf_dir, out / layout.GENAI_DIR)
         built = time.perf_counter() - started
         _, prompts = gate_checks(model, tokenizer, cfg, conversations)
-        figures = genai_gate.check_package(
+        gate = genai_gate.check_package(
             model, tokenizer, folder, hf_dir, cfg.tolerance, prompts, cfg.generation_tokens, conversations, cfg.threads
         )
-    return {**figures, "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - started, 3)}
+        figures["genai"] = {
+            **gate,
+            "build_seconds": round(built, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if cfg.quantized != "none":
+            started = time.perf_counter()
+            folder = genai_package.build_package(hf_dir, out / layout.GENAI_QUANTIZED_DIR, cfg.quantized)
+            runtime = GenaiGenerator(out, layout.GENAI_QUANTIZED_DIR, cfg.threads)
+            quality = quantized_gate.check_quantized(model, tokenizer, runtime, quality_conversations, cfg)
+            del runtime  # og.Model holds the folder's files open
+            if not quality["passed"]:
+                shutil.rmtree(folder)
+                log.warning("export: %s quantized variant not kept: %s", cfg.quantized, quality["reason"])
+            figures["quantized"] = {
+                **quality,
+                "precision": cfg.quantized,
+                "folder": layout.GENAI_QUANTIZED_DIR,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+    return figures
 
 
 # ---------------------------------------------------------------------------- stage
@@ -184,6 +218,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     conversations, heldout_source = heldout_conversations(
         inputs[ecfg.source], max(ecfg.heldout_items, ecfg.generation_prompts), ecfg.seed
     )
+    quality_conversations = heldout_conversations(inputs[ecfg.source], ecfg.quantized_items, ecfg.seed)[0]
     metrics = check_parity(model, out, tokenizer, ecfg, conversations)
     metrics["architecture"] = architecture_parity(model, out, tokenizer, ecfg, conversations)  # architecture view
     metrics["parity_seconds"] = round(time.perf_counter() - started, 3)
@@ -209,8 +244,8 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
             }
         )
 
-    if ecfg.genai:  # ---- onnxruntime-genai folder, behind its own gate (stages/lm/genai_gate.py)
-        metrics["genai"] = export_genai(model, tokenizer, out, ecfg, conversations)
+    if ecfg.genai:  # ---- onnxruntime-genai folder(s), behind their own gates (genai_gate, quantized_gate)
+        metrics.update(export_genai(model, tokenizer, out, ecfg, conversations, quality_conversations))
         tracker.log_artifact(out / layout.GENAI_DIR, layout.GENAI_DIR)
         tracker.log_metrics(
             {
@@ -219,10 +254,28 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
                 "export.genai_tokenizer_matches": metrics["genai"]["tokenizer_matches"],
             }
         )
+        if "quantized" in metrics:
+            quantized = metrics["quantized"]
+            tracker.log_metrics(
+                {
+                    "export.quantized_exact_match": quantized["exact_match"],
+                    "export.quantized_exact_match_drop": quantized["exact_match_drop"],
+                    "export.quantized_bpb_rise": quantized["bpb_rise"],
+                    "export.quantized_passed": float(quantized["passed"]),
+                }
+            )
+            if quantized["passed"]:
+                tracker.log_artifact(out / layout.GENAI_QUANTIZED_DIR, layout.GENAI_QUANTIZED_DIR)
+
+    # ---- which certified runtime serves: timed here, on this machine (stages.lm.decode_timing)
+    metrics["decode_ms"] = time_serving(model, tokenizer, out, ecfg, metrics)
+    metrics["serve"] = choose_served(ecfg, metrics["decode_ms"])
+    write_meta(model, out, graphs, ecfg, external, serve=metrics["serve"])
+    tracker.log_metrics({f"export.decode_ms.{name}": ms for name, ms in metrics["decode_ms"].items()})
 
     if ecfg.quantize:
         graphs["int8"] = quantize_int8(out, external)
-        write_meta(model, out, graphs, ecfg, external)
+        write_meta(model, out, graphs, ecfg, external, serve=metrics["serve"])
         metrics["int8"] = {**heldout_loss_change(out, tokenizer, ecfg, conversations), "heldout": heldout_source}
     metrics.update(
         export_seconds=round(export_seconds, 3),
@@ -232,6 +285,9 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         file_bytes=file_sizes(out),
         parameters=model.num_params(non_embedding=False),
     )
+    metrics["certificate"] = certificate_rows(metrics)
+    (out / layout.CERTIFICATE_FILE).write_text(certificate_markdown(metrics["certificate"]), encoding="utf-8")
+    tracker.log_artifact(out / layout.CERTIFICATE_FILE)
     tracker.log_metrics(
         {"export.max_abs_diff": metrics["max_abs_diff"], "export.generation_matches": metrics["generation_matches"]}
     )
@@ -275,6 +331,11 @@ STAGE = Stage(
         Output(layout.HF_DIR, "a Hugging Face LlamaForCausalLM checkpoint (export.hf; gated too)"),
         Output(layout.GGUF_FILE, "model and tokenizer as one f32 GGUF file for llama.cpp (export.gguf; gated too)"),
         Output(layout.GENAI_DIR, "an onnxruntime-genai model folder built from hf/ (export.genai; gated too)"),
+        Output(
+            layout.GENAI_QUANTIZED_DIR,
+            "its weight-only quantized twin (export.quantized; kept if its quality gate passes)",
+        ),
+        Output(layout.CERTIFICATE_FILE, "the equivalence certificate: one row per format, the served runtime marked"),
     ),
     run=run,
     headline=("max_abs_diff", "generation_matches"),

@@ -98,7 +98,9 @@ def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     vocab_size = Tokenizer.load(tokenizer.uri).vocab_size
     shape = {} if n_layer is None else {"n_layer": n_layer}
     model = make_model(store, "finetune", vocab_size, heldout=20, **shape)
-    cfg = export_config(root, quantize=n_layer is None)
+    # Random weights: int4 moves bits per byte more than a trained model's, so the micro export's
+    # quantized variant is held to a loose bound; tests/test_genai.py rejects a damaged one.
+    cfg = export_config(root, quantize=n_layer is None, quantized_bpb_rise=1.0)
     inputs = {"tokenizer": tokenizer, "finetune": model}
     result = run_stage("export", cfg, inputs, store)
     return Exported(cfg, inputs, Path(result.ref.uri), result.manifest.metrics, Path(model.uri) / "model", vocab_size)

@@ -1,7 +1,9 @@
-"""The export's onnxruntime-genai folder: built by onnxruntime-genai's builder from hf/, it runs in
-og.Model as the same model (logits after each prompt, greedy ids token for token) and og.Tokenizer
-tokenizes as gptpipe does; a damaged folder fails the gate and publishes nothing, and a missing
-onnxruntime_genai is a ConfigError naming export.genai=false.
+"""The export's onnxruntime-genai folders and what serves: genai/ (built by onnxruntime-genai's builder
+from hf/) runs in og.Model as the same model (logits after each prompt, greedy ids token for token)
+and og.Tokenizer tokenizes as gptpipe does; a damaged folder fails the gate and publishes nothing,
+and a missing onnxruntime_genai is a ConfigError naming export.genai=false. Its int4 twin is gated
+by quality (kept when it passes, recorded and dropped when it fails); the served runtime is the
+fastest certified one, and the certificate has one row per format.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from _export_fixtures import export_config, exported
 
 from stages import export
 from stages.core.errors import ConfigError, ParityError
+from stages.core.sections import ExportConfig
 from stages.executor import run_stage
 from stages.lm import genai_package
-from stages.lm.export_layout import GENAI_DIR, HF_DIR
+from stages.lm.export_layout import CERTIFICATE_FILE, GENAI_DIR, GENAI_QUANTIZED_DIR, HF_DIR, KV_GRAPH
+from stages.lm.genai_runtime import GenaiGenerator
+from stages.lm.generate import generate
+from stages.lm.onnx_runtime import OnnxGenerator
+from stages.lm.served import open_served, served_runtime
+from stages.lm.serving_choice import choose_served
+from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
+from stages.training.checkpoint_format import load_model
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +98,93 @@ def test_without_onnxruntime_genai_the_export_names_the_way_out(good, tmp_path, 
         run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
     assert not (tmp_path / "store" / "export").exists() or list((tmp_path / "store" / "export").iterdir()) == []
     assert (good.export_dir / HF_DIR).is_dir()
+
+
+def test_the_quantized_twin_passed_its_quality_gate_and_is_kept(good):
+    quantized = good.metrics["quantized"]
+    assert quantized["precision"] == "int4" and quantized["items"] == 20
+    assert quantized["passed"], quantized.get("reason")
+    assert quantized["exact_match_drop"] <= good.cfg.export.quantized_exact_match_drop
+    assert quantized["bpb_rise"] <= good.cfg.export.quantized_bpb_rise
+    assert quantized["tokenizer_matches"] == quantized["tokenizer_texts"] > 10
+    assert (good.export_dir / GENAI_QUANTIZED_DIR / genai_package.CONFIG_FILE).is_file()
+    # smaller than fp32: MatMulNBits holds 4-bit weights
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert size(good.export_dir / GENAI_QUANTIZED_DIR) < size(good.export_dir / GENAI_DIR)
+
+
+def test_a_quantized_twin_that_fails_its_quality_gate_is_recorded_and_not_kept(good, tmp_path, monkeypatch):
+    build = genai_package.build_package
+
+    def damaged_when_quantized(hf_dir, out, precision="fp32"):
+        build(hf_dir, out, precision)
+        if precision != "fp32":
+            weights = out / "model.onnx.data"
+            data = bytearray(weights.read_bytes())
+            data[: len(data) // 2] = bytes(b ^ 0x5A for b in data[: len(data) // 2])
+            weights.write_bytes(bytes(data))
+        return out
+
+    monkeypatch.setattr(genai_package, "build_package", damaged_when_quantized)
+    monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
+    cfg = export_config(tmp_path / "store", pt2=False, gguf=False, quantized_bpb_rise=0.0)
+    result = run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
+    quantized = result.manifest.metrics["quantized"]
+    assert not quantized["passed"] and "bits per byte rose" in quantized["reason"]
+    out = Path(result.ref.uri)
+    assert not (out / GENAI_QUANTIZED_DIR).exists()
+    assert result.manifest.metrics["serve"] != GENAI_QUANTIZED_DIR
+    assert GENAI_QUANTIZED_DIR not in result.manifest.metrics["decode_ms"]
+    certificate = (out / CERTIFICATE_FILE).read_text()
+    assert "rejected: bits per byte rose" in certificate
+
+
+def test_the_served_runtime_is_the_fastest_certified_one_and_answers_like_pytorch(good):
+    metrics = good.metrics
+    timed = {name: ms for name, ms in metrics["decode_ms"].items() if name != "pytorch"}
+    assert set(timed) == {KV_GRAPH, GENAI_DIR, GENAI_QUANTIZED_DIR}
+    assert metrics["serve"] == min(timed, key=timed.get) == served_runtime(good.export_dir)
+    prompt = [{"role": "user", "content": "Reverse: a b c"}]
+    model = load_model(good.model_dir, "cpu").eval()
+    tokenizer = Tokenizer.load(good.inputs["tokenizer"].uri)
+    expected = generate(model, tokenizer, prompt, max_new_tokens=12)
+    # the quantized twin answers by quality, not bits: compare the bit-exact runtimes only
+    for runtime in (OnnxGenerator(good.export_dir, threads=1), GenaiGenerator(good.export_dir, GENAI_DIR, 1)):
+        assert runtime.generate(prompt, max_new_tokens=12) == expected, type(runtime).__name__
+    assert isinstance(open_served(good.export_dir), (OnnxGenerator, GenaiGenerator))
+
+
+def test_sampling_with_a_seed_gives_the_same_tokens_in_both_onnx_runtimes(good):
+    ids = Tokenizer.load(good.inputs["tokenizer"].uri).encode("def main():")
+    onnx = OnnxGenerator(good.export_dir, threads=1).generate_ids(ids, 12, temperature=1.0, top_k=50, seed=3)
+    genai = GenaiGenerator(good.export_dir, GENAI_DIR, 1).generate_ids(ids, 12, temperature=1.0, top_k=50, seed=3)
+    assert onnx == genai and len(onnx) == 12
+
+
+def test_export_serve_picks_the_fastest_or_the_pinned_runtime_and_names_a_missing_one():
+    timings = {"pytorch": 0.1, KV_GRAPH: 0.5, GENAI_DIR: 0.4}
+    assert choose_served(ExportConfig(), timings) == GENAI_DIR
+    assert choose_served(ExportConfig(serve="onnx"), timings) == KV_GRAPH
+    with pytest.raises(ConfigError, match="export.serve = 'quantized': genai-quantized was not certified"):
+        choose_served(ExportConfig(serve="quantized"), timings)
+
+
+def test_the_certificate_has_a_row_per_format_and_marks_the_served_one(good):
+    rows = good.metrics["certificate"]
+    names = [row["format"].split(" ")[0] for row in rows]
+    assert names == [
+        "PyTorch",
+        "model.onnx",
+        "model_kv.onnx",
+        "architecture.onnx",
+        "hf/",
+        "model.gguf",
+        "genai/",
+        "genai-quantized/",
+    ]
+    assert [row["format"].split(" ")[0].rstrip("/") for row in rows if row["served"]] == [good.metrics["serve"]]
+    for row in rows[1:-1]:
+        assert row["max_abs_diff"] <= good.cfg.export.tolerance
+    assert "passed" in rows[-1]["quality"]
+    table = (good.export_dir / CERTIFICATE_FILE).read_text()
+    assert table.count("(served)") == 1 and "| genai/ (onnxruntime-genai) |" in table

@@ -29,10 +29,19 @@ def tokenizer_dir_for(model_dir: Path) -> Path:
 def cmd_generate(args: argparse.Namespace) -> int:
     store = Path(args.store)
     if args.onnx is not None:
-        from stages.lm.onnx_runtime import OnnxGenerator
+        import sys
+
+        from stages.lm.served import open_served, served_runtime
 
         export_dir = Path(args.onnx) if args.onnx != "latest" else newest_artifact(store, "export")
-        text = OnnxGenerator(export_dir).generate(args.prompt, max_new_tokens=args.max_new_tokens)
+        print(f"[{served_runtime(export_dir)}: the runtime the export certified as fastest]", file=sys.stderr)
+        text = open_served(export_dir).generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
         print(text)
         return 0
 
@@ -83,7 +92,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="latest",
         default=None,
-        help="use ONNX Runtime on an export artifact instead of PyTorch (default: newest export)",
+        help="use the served runtime of an export artifact (the one its certificate timed fastest: onnxruntime-genai or ONNX Runtime) instead of PyTorch (default: newest export)",
     )
     gen.add_argument("--store", default="runs/store", help="local artifact store (default: runs/store)")
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -139,12 +139,13 @@ def requests(model_input: Any) -> list[Request]:
 
 
 class GptpipeChatModel(PythonModel):
-    """Chat replies from the export's KV-cache graph, generated exactly as ``gptpipe generate --onnx``."""
+    """Chat replies from the runtime the export certified as fastest (``stages.lm.served``), generated
+    exactly as ``gptpipe generate --onnx``."""
 
     def load_context(self, context) -> None:
-        from stages.lm.onnx_runtime import OnnxGenerator
+        from stages.lm.served import open_served
 
-        self.generator = OnnxGenerator(context.artifacts[ARTIFACT])
+        self.generator = open_served(context.artifacts[ARTIFACT])
 
     # No type hints on predict on purpose: MLflow 3 derives a schema from them, which would
     # replace the explicit signature the model is saved with.

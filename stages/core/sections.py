@@ -328,6 +328,37 @@ class ExportConfig(Section):
         "from the Hugging Face checkpoint, gated like hf/: logits after each gate prompt, greedy ids and og.Tokenizer "
         "ids checked with og.Model. Needs onnxruntime-genai installed.",
     )
+    quantized: Literal["int4", "int8", "none"] = Field(
+        "int4",
+        description="Also build genai-quantized/, onnxruntime-genai's weight-only quantized model (MatMulNBits, "
+        "block 32) at this precision, gated by quality rather than bits: held-out exact match and bits per byte "
+        "against the fp32 model within the two tolerances below, tokenizer ids identical. A variant that fails "
+        "is recorded in the certificate and not kept. 'none' skips it. Needs export.genai.",
+    )
+    quantized_items: int = Field(
+        200, ge=1, description="Held-out conversations the quantized variant's quality gate scores."
+    )
+    quantized_exact_match_drop: float = Field(
+        0.04,
+        ge=0,
+        description="Largest held-out exact-match drop (absolute) the quantized variant may show against fp32 "
+        "PyTorch: about two standard errors of a difference of two ~96% rates on 200 items.",
+    )
+    quantized_bpb_rise: float = Field(
+        0.1,
+        ge=0,
+        description="Largest relative rise in bits per byte of the reference answers the quantized variant may show.",
+    )
+    serve: Literal["fastest", "onnx", "genai", "quantized"] = Field(
+        "fastest",
+        description="Which certified runtime `gptpipe generate --onnx` and the registry's MLflow model run: the one "
+        "with the lowest decode ms/token measured at export (fastest), or a fixed one (onnx = model_kv.onnx with "
+        "ONNX Runtime; genai; quantized = genai-quantized/ when it passed its gate).",
+    )
+    timing_rounds: int = Field(
+        3, ge=1, description="Alternating rounds timing each serving runtime at export (median)."
+    )
+    timing_tokens: int = Field(16, ge=2, description="New tokens per timing run.")
 
 
 class PublishConfig(Section):

@@ -404,11 +404,11 @@ def find_version(client: Any, name: str, digest: str) -> Any | None:
     return next((v for v in versions if v.tags.get("gptpipe.digest") == digest), None)
 
 
-# What the served model needs besides mlflow itself: no torch (stages.lm.onnx_runtime runs without it).
-PYFUNC_REQUIREMENTS = ("onnxruntime", "sentencepiece", "numpy")
-# The served model's code is what ONNX Runtime generation imports, found from its import graph (so a
+# What the served model needs besides mlflow itself: no torch (stages.lm.served runs without it).
+PYFUNC_REQUIREMENTS = ("onnxruntime", "onnxruntime-genai", "sentencepiece", "numpy")
+# The served model's code is what opening the served runtime imports, found from its import graph (so a
 # module it starts to need cannot be left behind): shipped in the model's code/ folder.
-PYFUNC_ENTRY = "stages.lm.onnx_runtime"
+PYFUNC_ENTRY = "stages.lm.served"
 
 
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
@@ -463,6 +463,11 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
         if not (onnx_dir / KV_GRAPH).is_file() or not (export_dir / TOKENIZER_DIR).is_dir():
             raise GptpipeError(f"{export_dir}: no {KV_GRAPH} or {TOKENIZER_DIR}/ to serve; rerun stage 'export'")
         shutil.copytree(export_dir / TOKENIZER_DIR, onnx_dir / TOKENIZER_DIR)
+        from stages.lm.served import served_runtime
+
+        served = served_runtime(export_dir)
+        if (export_dir / served).is_dir():  # an onnxruntime-genai folder the export certified as fastest
+            shutil.copytree(export_dir / served, onnx_dir / served)
         code = Path(scratch) / "code" / "stages"
         from stages.storage.artifacts import code_modules, module_files
 
@@ -545,6 +550,11 @@ def register_onnx(
     figures = {k: v for k, v in parity.items() if isinstance(v, (int, float, str, bool))}
     client.log_text(tracker.run_id, json.dumps(figures, indent=2, sort_keys=True), "onnx_model/parity.json")
     tags = {f"parity.{k}": str(v) for k, v in figures.items()}
+    if parity.get("certificate"):  # one tag per format: the export's equivalence certificate
+        from stages.lm.certificate import certificate_tags
+
+        tags.update(certificate_tags(parity["certificate"]))
+        tags["gptpipe.served_runtime"] = str(parity.get("serve", ""))
     tags["gptpipe.digest"] = digest
     if artifact_uri:
         tags["gptpipe.artifact"] = artifact_uri
@@ -562,7 +572,8 @@ def register_onnx(
             source,
             run_id=tracker.run_id,
             tags=tags,
-            description="pyfunc chat model over model_kv.onnx + tokenizer; model.onnx; parity.json",
+            description="pyfunc chat model over the export's served runtime + tokenizer; model.onnx; parity.json; "
+            "gptpipe.certificate.* tags: the equivalence certificate",
         )
     except MlflowException as exc:
         raise GptpipeError(f"MLflow model registry at {tracker.tracking_uri}: {str(exc).splitlines()[0]}") from None

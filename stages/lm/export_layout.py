@@ -15,5 +15,7 @@ TOKENIZER_DIR = "tokenizer"  # the tokenizer artifact's files, so the export run
 HF_DIR = "hf"  # a Hugging Face LlamaForCausalLM checkpoint
 GGUF_FILE = "model.gguf"  # the model and tokenizer as one GGUF file (f32) for llama.cpp and ollama
 GENAI_DIR = "genai"  # an onnxruntime-genai model folder, built by its builder from hf/
+GENAI_QUANTIZED_DIR = "genai-quantized"  # its weight-only quantized twin (kept when it passes its quality gate)
+CERTIFICATE_FILE = "certificate.md"  # the equivalence certificate: one row per format
 SVG_FILE = "architecture.svg"  # a static picture of the architecture for the report
 EXTERNAL_DATA_SUFFIX = ".data"  # weights beside a graph over 2 GB: <graph>.data

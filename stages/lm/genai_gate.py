@@ -30,6 +30,7 @@ from stages.core.errors import ArtifactError, ParityError
 from stages.lm import genai_package, parity
 from stages.lm.chat import ChatTemplate
 from stages.lm.export_layout import GENAI_DIR
+from stages.lm.genai_runtime import GenaiGenerator
 from stages.lm.generate import generate_ids
 from stages.lm.hf_checkpoint import TOKENIZER_JSON
 from stages.lm.hf_gate import PROBE_TEXT
@@ -67,8 +68,8 @@ def check_package(
     """
     og = genai_package.require_genai()
     try:
-        og_model = genai_package.open_model(folder, threads)
-        og_tokenizer = og.Tokenizer(og_model)
+        runtime = GenaiGenerator(folder.parent, folder.name, threads)
+        og_tokenizer = og.Tokenizer(runtime.model)
     except Exception as exc:  # whatever onnxruntime-genai raises, the folder is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(
@@ -79,7 +80,7 @@ def check_package(
     cropped = [prompt[-max(1, block - new_tokens) :] for prompt in prompts]
     # One diff per prompt (logits_parity keys by shape, and prompts may share a length).
     diffs = [
-        parity.scaled_max_diff([genai_package.last_logits(og_model, prompt)], [model(torch.tensor([prompt]))[0, -1]])
+        parity.scaled_max_diff([runtime.last_logits(prompt)], [model(torch.tensor([prompt]))[0, -1]])
         for prompt in cropped
     ]
     failures = [
@@ -90,7 +91,7 @@ def check_package(
 
     template = ChatTemplate(tokenizer)
     generation = parity.generation_parity(
-        lambda prompt: genai_package.greedy_ids(og_model, prompt, new_tokens, block),
+        lambda prompt: runtime.generate_ids(prompt, new_tokens, template.stop_ids),
         lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
         cropped,
     )

@@ -70,26 +70,7 @@ def open_model(folder: Path, threads: int = 0) -> Any:
     return og.Model(config)
 
 
-def greedy_ids(model: Any, prompt: list[int], new_tokens: int, context: int) -> list[int]:
-    """The new ids onnxruntime-genai's greedy search gives after ``prompt`` (stop id included, as
-    ``stages.lm.generate.generate_ids`` gives it), at most ``new_tokens`` and within ``context`` ids."""
-    og = require_genai()
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=min(context, len(prompt) + new_tokens))
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    new: list[int] = []
-    while not generator.is_done() and len(new) < new_tokens:
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    return new
-
-
-def last_logits(model: Any, prompt: list[int]) -> Any:
-    """The logits onnxruntime-genai computes for the position after ``prompt`` (vocab-sized numpy row)."""
-    og = require_genai()
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + 1)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    return generator.get_logits().reshape(-1)
+def context_length(folder: Path) -> int:
+    """The longest sequence the folder's model takes (``genai_config.json``'s ``context_length``)."""
+    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    return int(config["model"]["context_length"])

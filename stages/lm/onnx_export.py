@@ -115,8 +115,11 @@ def quiet_exporter():
             logger.setLevel(level)
 
 
-def write_meta(model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig, external: bool) -> None:
-    """``export.json``: what ``stages.lm.onnx_runtime.ExportMeta`` reads to run the graphs without torch."""
+def write_meta(
+    model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig, external: bool, serve: str = ""
+) -> None:
+    """``export.json``: what ``stages.lm.onnx_runtime.ExportMeta`` reads to run the graphs without torch
+    (``serve``: the runtime ``stages.lm.served`` opens; empty = the KV graph)."""
     kv_in, kv_out = ortgen.kv_names(model.cfg.n_layer)
     shape = model.cfg
     meta = {
@@ -134,6 +137,7 @@ def write_meta(model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig,
         "opset": cfg.opset,
         "external_data": external,
         "tokenizer": layout.TOKENIZER_DIR,
+        "serve": serve,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ortgen.ort.__version__},
     }
     (out / layout.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from stages.core.errors import ArtifactError
+from stages.lm.chat_replies import ChatReplies, pick_token
 from stages.lm.export_layout import META_FILE, TOKENIZER_DIR
 
 
@@ -36,13 +36,19 @@ class ExportMeta:
     graphs: dict[str, str]
     kv_inputs: list[str]
     kv_outputs: list[str]
+    # The runtime the export certified as fastest (``stages.lm.served``): an onnxruntime-genai folder
+    # name, or empty for the KV graph (exports older than the field serve from the KV graph).
+    serve: str = ""
 
     @classmethod
     def read(cls, export_dir: Path) -> ExportMeta:
         path = Path(export_dir) / META_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+            return cls(
+                **{name: data[name] for name in cls.__dataclass_fields__ if name != "serve"},
+                serve=data.get("serve", ""),
+            )
         except FileNotFoundError:
             raise ArtifactError(
                 f"{path}: missing; {export_dir} is not an export artifact (run stage 'export')"
@@ -87,29 +93,14 @@ def open_session(path: Path, threads: int = 0, level: str = "all") -> ort.Infere
     return ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
 
 
-def pick_token(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
-    """Next token from one row of logits: the first maximum when ``temperature <= 0`` (as
-    ``torch.argmax``, which the parity gate relies on), else a sample of softmax(logits / T),
-    limited to the ``top_k`` largest when given (what the served MLflow model offers)."""
-    if temperature <= 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if top_k is not None and 0 < top_k < scaled.size:
-        kth = np.partition(scaled, -top_k)[-top_k]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(scaled.size, p=probs / probs.sum()))
-
-
-class OnnxGenerator:
-    """Greedy generation with the KV-cache graph of an export artifact."""
+class OnnxGenerator(ChatReplies):
+    """Generation with the KV-cache graph of an export artifact (``generate`` answers a chat prompt)."""
 
     def __init__(self, export_dir: str | Path, threads: int = 0, level: str = "all", graph: str | None = None):
         self.export_dir = Path(export_dir)
         self.meta = ExportMeta.read(self.export_dir)
         self.session = open_session(self.export_dir / (graph or self.meta.graphs["kv"]), threads, level)
-        self._tokenizer: Any = None
-        self._template: Any = None
+        self.tokenizer_dir = self.export_dir / TOKENIZER_DIR
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         """A zero-length cache: the KV graph then behaves as a plain causal forward pass."""
@@ -166,36 +157,3 @@ class OnnxGenerator:
             if token in stops:
                 break
         return new
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer copied into the export (loaded on first use)."""
-        if self._tokenizer is None:
-            from stages.lm.tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.load(self.export_dir / TOKENIZER_DIR)
-        return self._tokenizer
-
-    def generate(
-        self,
-        prompt: str | list[dict[str, str]],
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-    ) -> str:
-        """Reply text to a user prompt (or message list) through the project's one chat template."""
-        from stages.lm.chat import ChatTemplate
-
-        if self._template is None:
-            self._template = ChatTemplate(self.tokenizer)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = self.generate_ids(
-            self._template.render_prompt(messages),
-            max_new_tokens,
-            self._template.stop_ids,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-        )
-        return self._template.decode_answer(ids)

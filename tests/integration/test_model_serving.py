@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,6 +97,17 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
     version = registered_version(services)
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert float(tags["parity.max_abs_diff"]) <= float(tags["parity.tolerance"])
+    # The export's equivalence certificate, one tag per format, read back through MLflow's API.
+    certificate = {
+        k.removeprefix("gptpipe.certificate."): v for k, v in tags.items() if k.startswith("gptpipe.certificate.")
+    }
+    assert {"PyTorch", "model.onnx", "model_kv.onnx", "architecture.onnx", "hf", "model.gguf", "genai"} <= set(
+        certificate
+    )
+    assert certificate["genai"].startswith("max_abs_diff=") and re.search(r"greedy=(\d+)/\1;", certificate["genai"])
+    served = tags["gptpipe.served_runtime"]
+    assert certificate[served].endswith("; served"), (served, certificate[served])
+    assert sum(value.endswith("; served") for value in certificate.values()) == 1
     listed = http_json(
         f"{services.mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={version['run_id']}&path=onnx_model"
     )
@@ -110,7 +122,7 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
         tracking_uri=services.mlflow_url,
     )
     requirements = {line.split("==")[0] for line in Path(path).read_text().split()}
-    assert requirements == {"mlflow", "onnxruntime", "sentencepiece", "numpy"}
+    assert requirements == {"mlflow", "onnxruntime", "onnxruntime-genai", "sentencepiece", "numpy"}
 
 
 def test_pyfunc_load_model_predicts_what_gptpipe_generate_prints(services, client_env, expected, tmp_path):

@@ -1,0 +1,103 @@
+"""The gate for a quantized runtime folder: judged by quality, not by bits.
+
+A quantized model cannot give PyTorch's logits to ``export.tolerance``; what a user needs is that it
+answers as well. On ``export.quantized_items`` held-out conversations the gate measures, for the fp32
+PyTorch model and the quantized folder (run with onnxruntime-genai):
+
+* **held-out exact match**: the greedy answer (``export.generation_tokens`` new tokens at most)
+  equals the reference answer (``stages.lm.tasks.exact_match``, the rule ``evaluate`` scores with);
+* **bits per byte** of the reference answers: the answer tokens' negative log2-likelihood over their
+  UTF-8 bytes (how surprised each model is by the right answer, independent of the tokenizer);
+* **tokenizer ids**: ``og.Tokenizer`` over the folder gives gptpipe's ids on every held-out text.
+
+The variant passes when exact match drops by at most ``export.quantized_exact_match_drop``
+(absolute), bits per byte rise by at most ``export.quantized_bpb_rise`` (absolute) and the ids are
+identical. A variant that fails is not an error: it is recorded with its figures and not served.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core.sections import ExportConfig
+from stages.lm import genai_package
+from stages.lm.chat import ChatTemplate, Message
+from stages.lm.genai_runtime import GenaiGenerator
+from stages.lm.generate import generate_ids
+from stages.lm.model import GPT
+from stages.lm.targets import IGNORE
+from stages.lm.tasks import exact_match
+from stages.lm.tokenizer import Tokenizer
+
+
+def _answer_positions(template: ChatTemplate, messages: list[Message], block: int) -> tuple[list[int], list[int]]:
+    """The conversation's ids (cropped to ``block``) and the positions whose next id is an answer id."""
+    inputs, targets = template.render(messages).inputs_targets()
+    ids = (inputs + [targets[-1]])[-block:]
+    targets = targets[-(len(ids) - 1) :]
+    return ids, [i for i, t in enumerate(targets) if t != IGNORE]
+
+
+@torch.no_grad()
+def check_quantized(
+    model: GPT, tokenizer: Tokenizer, runtime: GenaiGenerator, conversations: list[list[Message]], cfg: ExportConfig
+) -> dict[str, Any]:
+    """Figures for ``runtime`` against ``model``, with ``passed`` and, when it failed, ``reason``."""
+    template = ChatTemplate(tokenizer)
+    items = conversations
+    block = model.cfg.block_size
+    hits = {"fp32": 0, "quantized": 0}
+    nats = {"fp32": 0.0, "quantized": 0.0}
+    answer_bytes = 0
+    for messages in items:
+        prompt, reference = template.split_last_answer(messages)
+        prompt_ids = template.render_prompt(prompt)
+        crop = prompt_ids[-max(1, block - cfg.generation_tokens) :]
+        ours = generate_ids(model, crop, cfg.generation_tokens, stop_ids=template.stop_ids)
+        theirs = runtime.generate_ids(crop, cfg.generation_tokens, template.stop_ids)
+        hits["fp32"] += exact_match(template.decode_answer(ours), reference)
+        hits["quantized"] += exact_match(template.decode_answer(theirs), reference)
+
+        ids, positions = _answer_positions(template, messages, block)
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+        wanted = torch.tensor([ids[p + 1] for p in positions])
+        nats["fp32"] -= float(logp[torch.tensor(positions), wanted].sum())
+        nats["quantized"] -= float(runtime.log_probs(ids)[positions].sum())
+        answer_bytes += sum(len(tokenizer.decode([ids[p + 1]]).encode("utf-8")) for p in positions)
+
+    og_tokenizer = genai_package.require_genai().Tokenizer(runtime.model)
+    texts = [message["content"] for messages in items for message in messages]
+    same_ids = sum([int(i) for i in og_tokenizer.encode(text)] == tokenizer.encode(text) for text in texts)
+
+    count = max(len(items), 1)
+    exact = {name: hits[name] / count for name in hits}
+    bpb = {name: nats[name] / np.log(2) / max(answer_bytes, 1) for name in nats}
+    drop = exact["fp32"] - exact["quantized"]
+    rise = bpb["quantized"] - bpb["fp32"]
+    problems = []
+    # written as 'not within' so that a NaN (a broken model's log-likelihood) fails too
+    if not drop <= cfg.quantized_exact_match_drop + 1e-12:
+        problems.append(
+            f"held-out exact match fell {drop:.3f} (> export.quantized_exact_match_drop={cfg.quantized_exact_match_drop:g})"
+        )
+    if not rise <= cfg.quantized_bpb_rise:
+        problems.append(f"bits per byte rose {rise:.4f} (> export.quantized_bpb_rise={cfg.quantized_bpb_rise:g})")
+    if same_ids != len(texts):
+        problems.append(f"og.Tokenizer ids differ on {len(texts) - same_ids}/{len(texts)} held-out texts")
+    return {
+        "items": len(items),
+        "exact_match_fp32": round(exact["fp32"], 6),
+        "exact_match": round(exact["quantized"], 6),
+        "exact_match_drop": round(drop, 6),
+        "bpb_fp32": round(float(bpb["fp32"]), 6),
+        "bpb": round(float(bpb["quantized"]), 6),
+        "bpb_rise": round(float(rise), 6),
+        "tokenizer_texts": len(texts),
+        "tokenizer_matches": same_ids,
+        "tolerance": {"exact_match_drop": cfg.quantized_exact_match_drop, "bpb_rise": cfg.quantized_bpb_rise},
+        "passed": not problems,
+        **({"reason": "; ".join(problems)} if problems else {}),
+    }
