@@ -2,7 +2,9 @@
 machine slows all of them alike. Used by the export's certificate (decode ms/token per format on
 the machine that exported) and by ``benchmarks/decode.py``.
 
-A round times each runtime twice from the same prompt: one new token (the prefill: the prompt's
+Every other round runs the runtimes in reverse order, so that none always inherits the same
+predecessor's state (warm caches, another session's threads still spinning). A round times each
+runtime twice from the same prompt: one new token (the prefill: the prompt's
 forward pass and the first pick) and ``new_tokens`` new tokens. Decode ms/token is
 ``(T(new) - T(1)) / (new - 1)``; figures are medians over rounds. The runtimes must not stop early
 (a stop id would shorten ``T(new)``): callers pass no stop ids.
@@ -35,8 +37,10 @@ def time_decode(runners: dict[str, Runner], prompt: list[int], new_tokens: int, 
     ids: dict[str, list[int]] = {}
     for run in runners.values():  # first-call allocations and graph setup stay out of the figures
         run(prompt, 2)
-    for _ in range(rounds):
-        for label, run in runners.items():
+    order = list(runners.items())
+    for number in range(rounds):
+        # every other round runs backwards, so no runtime always follows the same one (caches, threads)
+        for label, run in order if number % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             run(prompt, 1)
             middle = time.perf_counter()
@@ -44,6 +48,9 @@ def time_decode(runners: dict[str, Runner], prompt: list[int], new_tokens: int, 
             end = time.perf_counter()
             one[label].append(middle - start)
             full[label].append(end - middle)
+    short = {label: len(got) for label, got in ids.items() if len(got) != new_tokens}
+    if short:  # a runtime that stopped early (an end id) would look faster than it is
+        raise RuntimeError(f"time_decode: runtimes made fewer than {new_tokens} tokens: {short}")
     timings = {}
     for label in runners:
         first, total = statistics.median(one[label]), statistics.median(full[label])
