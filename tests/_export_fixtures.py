@@ -6,6 +6,7 @@ on the same weights, so random weights exercise it as well as trained ones.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,15 @@ def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     inputs = {"tokenizer": tokenizer, "finetune": model}
     result = run_stage("export", cfg, inputs, store)
     return Exported(cfg, inputs, Path(result.ref.uri), result.manifest.metrics, Path(model.uri) / "model", vocab_size)
+
+
+def reuse_graphs(good_dir: Path):
+    """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes),
+    so a test can damage one later format and watch its own gate fail."""
+
+    def fake(model, out, opset, external, pt2):
+        for name in ("model.onnx", "model_kv.onnx"):
+            shutil.copy2(good_dir / name, out / name)
+        return {"logits": "model.onnx", "kv": "model_kv.onnx"}
+
+    return fake

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import builtins
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from _export_fixtures import export_config, exported
+from _export_fixtures import export_config, exported, reuse_graphs
 
 from stages import export
 from stages.core.errors import ConfigError, ParityError
@@ -52,17 +51,6 @@ def test_the_genai_folder_passes_the_gate(good):
     assert figures["max_abs_diff"] <= good.cfg.export.tolerance
 
 
-def _reuse_graphs(good_dir: Path):
-    """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes)."""
-
-    def fake(model, out, opset, external, pt2):
-        for name in ("model.onnx", "model_kv.onnx"):
-            shutil.copy2(good_dir / name, out / name)
-        return {"logits": "model.onnx", "kv": "model_kv.onnx"}
-
-    return fake
-
-
 def test_a_corrupted_genai_model_fails_the_export_and_publishes_nothing(good, tmp_path, monkeypatch):
     build = genai_package.build_package
 
@@ -75,7 +63,7 @@ def test_a_corrupted_genai_model_fails_the_export_and_publishes_nothing(good, tm
         return out
 
     monkeypatch.setattr(genai_package, "build_package", damaged)
-    monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
+    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
     store = LocalStore(tmp_path / "store")
     cfg = export_config(tmp_path / "store", pt2=False, gguf=False)
     with pytest.raises(ParityError, match=r"onnxruntime-genai model \(genai/, run with og\.Model\) differs") as caught:
@@ -126,7 +114,7 @@ def test_a_quantized_twin_that_fails_its_quality_gate_is_recorded_and_not_kept(g
         return out
 
     monkeypatch.setattr(genai_package, "build_package", damaged_when_quantized)
-    monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
+    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
     cfg = export_config(tmp_path / "store", pt2=False, gguf=False, quantized_bpb_rise=0.0)
     result = run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
     quantized = result.manifest.metrics["quantized"]

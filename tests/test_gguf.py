@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from _export_fixtures import export_config, exported, tokenizer_documents
+from _export_fixtures import export_config, exported, reuse_graphs, tokenizer_documents
 
 from stages import export
 from stages.core.config import TokenizerConfig
@@ -136,17 +135,6 @@ def test_a_unigram_tokenizer_is_refused_before_anything_is_written():
 # ---------------------------------------------------------------------------- a corrupted GGUF
 
 
-def _reuse_graphs(good_dir: Path):
-    """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes)."""
-
-    def fake(model, out, opset, external, pt2):
-        for name in ("model.onnx", "model_kv.onnx"):
-            shutil.copy2(good_dir / name, out / name)
-        return {"logits": "model.onnx", "kv": "model_kv.onnx"}
-
-    return fake
-
-
 def _flip_tensor_bytes(path: Path) -> None:
     """XOR 64 bytes of the first layer's down projection with 0xFF (its values become others, or NaN)."""
     tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
@@ -204,7 +192,7 @@ def test_tokenizer_metadata_that_splits_markers_or_adds_a_space_fails_the_gate(
 
 
 def _fails_and_publishes_nothing(good, tmp_path, monkeypatch, error, expected) -> None:
-    monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
+    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
     store = LocalStore(tmp_path / "store")
     cfg = export_config(tmp_path / "store", pt2=False, hf=False)
     with pytest.raises(error, match=expected) as caught:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from _export_fixtures import export_config, exported, tokenizer_documents
+from _export_fixtures import export_config, exported, reuse_graphs, tokenizer_documents
 from safetensors import safe_open
 
 from stages import export
@@ -174,17 +172,6 @@ def test_a_unigram_tokenizer_also_keeps_control_strings_as_text(tmp_path):
         assert hf_tokenizer.decode(ids) == text
 
 
-def _reuse_graphs(good_dir: Path):
-    """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes)."""
-
-    def fake(model, out, opset, external, pt2):
-        for name in ("model.onnx", "model_kv.onnx"):
-            shutil.copy2(good_dir / name, out / name)
-        return {"logits": "model.onnx", "kv": "model_kv.onnx"}
-
-    return fake
-
-
 def _bump_one_weight(weights):
     def changed(model):
         tensors = weights(model)
@@ -228,7 +215,7 @@ def _markers_as_plain_tokens(definition):
 def test_a_corrupted_checkpoint_fails_the_gate_and_publishes_nothing(
     good, tmp_path, monkeypatch, target, breaker, expected
 ):
-    monkeypatch.setattr(export, "export_graphs", _reuse_graphs(good.export_dir))
+    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
     monkeypatch.setattr(hf_checkpoint, target, breaker(getattr(hf_checkpoint, target)))
     store = LocalStore(tmp_path / "store")
     cfg = export_config(tmp_path / "store", pt2=False)

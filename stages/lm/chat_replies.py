@@ -9,6 +9,7 @@ served MLflow model imports this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,10 @@ class ChatReplies:
     """``generate(prompt)`` for a runtime that has ``generate_ids`` and a ``tokenizer_dir``."""
 
     tokenizer_dir: Path
+    # the runtime's own: (prompt ids, max new tokens, stop ids, temperature=, top_k=, seed=) -> new ids
+    generate_ids: Callable[..., list[int]]
     _tokenizer: Any = None
     _template: Any = None
-
-    def generate_ids(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        stop_ids=(),
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-    ) -> list[int]:
-        raise NotImplementedError
 
     @property
     def tokenizer(self) -> Any:
