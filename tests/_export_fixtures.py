@@ -70,8 +70,10 @@ def make_model(store: LocalStore, stage: str, vocab_size: int, seed: int = 0, he
 
 
 def export_config(store: Path, **export):
-    """A recipe whose export section is small and quick (1 thread: the machine is shared)."""
-    fields = {"generation_prompts": 3, "generation_tokens": 12, "parity_shapes": 2, "threads": 1, **export}
+    """A recipe whose export section is small and quick (1 thread: the machine is shared; no int4 twin
+    unless a test asks for one)."""
+    fields = {"generation_prompts": 3, "generation_tokens": 12, "parity_shapes": 2, "threads": 1, "quantized": "none"}
+    fields.update(export)
     return parse_config({"artifacts": {"store": str(store)}, "export": fields})
 
 
@@ -101,7 +103,7 @@ def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     model = make_model(store, "finetune", vocab_size, heldout=20, **shape)
     # Random weights: int4 moves bits per byte more than a trained model's, so the micro export's
     # quantized variant is held to a loose bound; tests/test_genai.py rejects a damaged one.
-    cfg = export_config(root, quantize=n_layer is None, quantized_bpb_rise=1.0)
+    cfg = export_config(root, quantize=n_layer is None, quantized="int4", quantized_bpb_rise=1.0)
     inputs = {"tokenizer": tokenizer, "finetune": model}
     result = run_stage("export", cfg, inputs, store)
     return Exported(cfg, inputs, Path(result.ref.uri), result.manifest.metrics, Path(model.uri) / "model", vocab_size)

@@ -115,7 +115,7 @@ def test_a_quantized_twin_that_fails_its_quality_gate_is_recorded_and_not_kept(g
 
     monkeypatch.setattr(genai_package, "build_package", damaged_when_quantized)
     monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
-    cfg = export_config(tmp_path / "store", pt2=False, gguf=False, quantized_bpb_rise=0.0)
+    cfg = export_config(tmp_path / "store", pt2=False, gguf=False, quantized="int4", quantized_bpb_rise=0.0)
     result = run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
     quantized = result.manifest.metrics["quantized"]
     assert not quantized["passed"] and "bits per byte rose" in quantized["reason"]
