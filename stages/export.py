@@ -306,12 +306,18 @@ def _inputs(cfg: Sections) -> tuple[str, ...]:
 
 
 def _problems(cfg: Sections) -> list[str]:
+    ecfg, problems = cfg.export, []
     makers = registry.model_stages()
-    if cfg.export.source not in makers:
-        return [
-            f"export.source = {cfg.export.source!r}: not a stage that makes a model; use one of {', '.join(makers)}"
-        ]
-    return []
+    if ecfg.source not in makers:
+        problems.append(
+            f"export.source = {ecfg.source!r}: not a stage that makes a model; use one of {', '.join(makers)}"
+        )
+    # a pinned runtime the recipe does not build would fail only after the whole export: say it now
+    if ecfg.serve in ("genai", "quantized") and not ecfg.genai:
+        problems.append(f"export.serve = {ecfg.serve!r} needs export.genai=true; or use export.serve=fastest")
+    if ecfg.serve == "quantized" and ecfg.quantized == "none":
+        problems.append("export.serve = 'quantized' needs export.quantized=int4 (or int8); or use export.serve=fastest")
+    return problems
 
 
 STAGE = Stage(

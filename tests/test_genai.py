@@ -176,3 +176,12 @@ def test_the_certificate_has_a_row_per_format_and_marks_the_served_one(good):
     assert "passed" in rows[-1]["quality"]
     table = (good.export_dir / CERTIFICATE_FILE).read_text()
     assert table.count("(served)") == 1 and "| genai/ (onnxruntime-genai) |" in table
+
+
+def test_a_pinned_runtime_the_recipe_does_not_build_is_refused_before_the_export_runs():
+    from stages.core.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"export.serve = 'quantized' needs export.quantized=int4"):
+        parse_config({"export": {"serve": "quantized", "quantized": "none"}})
+    with pytest.raises(ConfigError, match=r"export.serve = 'genai' needs export.genai=true"):
+        parse_config({"export": {"serve": "genai", "genai": False}})
