@@ -45,10 +45,9 @@ class ExportMeta:
         path = Path(export_dir) / META_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(
-                **{name: data[name] for name in cls.__dataclass_fields__ if name != "serve"},
-                serve=data.get("serve", ""),
-            )
+            # a field with a default (``serve``) may be absent from older exports; a missing required one is
+            # a TypeError, reported below
+            return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
         except FileNotFoundError:
             raise ArtifactError(
                 f"{path}: missing; {export_dir} is not an export artifact (run stage 'export')"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from stages.core.sections import ExportConfig
-from stages.lm import genai_package
+from stages.lm import genai_package, parity
 from stages.lm.chat import ChatTemplate, Message
 from stages.lm.genai_runtime import GenaiGenerator
 from stages.lm.generate import generate_ids
@@ -47,12 +47,11 @@ def check_quantized(
 ) -> dict[str, Any]:
     """Figures for ``runtime`` against ``model``, with ``passed`` and, when it failed, ``reason``."""
     template = ChatTemplate(tokenizer)
-    items = conversations
     block = model.cfg.block_size
     hits = {"fp32": 0, "quantized": 0}
     nats = {"fp32": 0.0, "quantized": 0.0}
     answer_bytes = 0
-    for messages in items:
+    for messages in conversations:
         prompt, reference = template.split_last_answer(messages)
         prompt_ids = template.render_prompt(prompt)
         crop = prompt_ids[-max(1, block - cfg.generation_tokens) :]
@@ -69,10 +68,12 @@ def check_quantized(
         answer_bytes += sum(len(tokenizer.decode([ids[p + 1]]).encode("utf-8")) for p in positions)
 
     og_tokenizer = genai_package.require_genai().Tokenizer(runtime.model)
-    texts = [message["content"] for messages in items for message in messages]
-    same_ids = sum([int(i) for i in og_tokenizer.encode(text)] == tokenizer.encode(text) for text in texts)
+    texts = [message["content"] for messages in conversations for message in messages]
+    same_ids = parity.agreement(
+        lambda text: [int(i) for i in og_tokenizer.encode(text)], tokenizer.encode, texts
+    ).matches
 
-    count = max(len(items), 1)
+    count = max(len(conversations), 1)
     exact = {name: hits[name] / count for name in hits}
     bpb = {name: nats[name] / np.log(2) / max(answer_bytes, 1) for name in nats}
     drop = exact["fp32"] - exact["quantized"]
@@ -88,7 +89,7 @@ def check_quantized(
     if same_ids != len(texts):
         problems.append(f"og.Tokenizer ids differ on {len(texts) - same_ids}/{len(texts)} held-out texts")
     return {
-        "items": len(items),
+        "items": len(conversations),
         "exact_match_fp32": round(exact["fp32"], 6),
         "exact_match": round(exact["quantized"], 6),
         "exact_match_drop": round(drop, 6),

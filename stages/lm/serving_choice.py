@@ -31,7 +31,7 @@ def serving_candidates(model: GPT, out: Path, cfg: ExportConfig, metrics: dict) 
     kv = OnnxGenerator(out, threads=cfg.threads)
     runners: dict[str, Runner] = {
         "pytorch": lambda prompt, n: generate_ids(model, prompt, n),
-        layout.KV_GRAPH: lambda prompt, n: kv.generate_ids(prompt, n),
+        layout.KV_GRAPH: kv.generate_ids,
     }
     if "genai" in metrics:
         runners[layout.GENAI_DIR] = GenaiGenerator(out, layout.GENAI_DIR, cfg.threads).generate_ids
