@@ -175,7 +175,9 @@ def test_the_certificate_has_a_row_per_format_and_marks_the_served_one(good):
         assert row["max_abs_diff"] <= good.cfg.export.tolerance
     assert "passed" in rows[-1]["quality"]
     table = (good.export_dir / CERTIFICATE_FILE).read_text()
-    assert table.count("(served)") == 1 and "| genai/ (onnxruntime-genai) |" in table
+    # which runtime wins the timing race depends on the CPU (int4 on AVX-512, fp32 genai on some AVX2
+    # machines): assert that exactly one row is marked and that the genai row is there, not which one won
+    assert table.count("(served)") == 1 and "genai/ (onnxruntime-genai)" in table
 
 
 def test_a_pinned_runtime_the_recipe_does_not_build_is_refused_before_the_export_runs():
