@@ -1,5 +1,6 @@
-"""Layering: stages/ never imports prefect, and only the tracking adapter imports mlflow: stages/core/tracking.py
-and the model code it registers, stages/core/mlflow_model.py (a ``PythonModel`` needs mlflow at class definition).
+"""Layering: stages/ never imports prefect, and only the MLflow adapters import mlflow: the run adapter
+stages/core/tracking.py, the model registry stages/serving/model_registry.py and the model code it registers,
+stages/serving/pyfunc.py (a ``PythonModel`` needs mlflow at class definition).
 
 (The pickle scan lives in tests/reliability/test_security.py.)
 """
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MLFLOW_ADAPTER = {"stages/core/tracking.py", "stages/core/mlflow_model.py"}
+MLFLOW_ADAPTER = {"stages/core/tracking.py", "stages/serving/model_registry.py", "stages/serving/pyfunc.py"}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -47,3 +48,30 @@ def test_importing_every_stage_loads_no_prefect():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def stages_imports(path: Path) -> set[str]:
+    """Every ``stages`` module ``path`` names in an import, at any depth (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "stages"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("stages"):
+            found |= {f"{node.module}.{alias.name}" if node.module == "stages" else node.module for alias in node.names}
+    return found
+
+
+def test_core_imports_nothing_above_it():
+    """``stages/core`` is the bottom layer: no import of lm, storage, training, viewer, serving or a stage
+    module, even inside a function. ``stages.registry`` is allowed: the recipe schema reads the stage names
+    and declarations from it, and it imports only ``core`` itself (the stage modules are loaded by name)."""
+    below = ("stages.core", "stages.registry")
+    upward = {
+        f"{path.relative_to(ROOT).as_posix()} imports {name}"
+        for path in sorted((ROOT / "stages" / "core").glob("*.py"))
+        for name in stages_imports(path)
+        if not any(name == allowed or name.startswith(allowed + ".") for allowed in below)
+    }
+    assert upward == set()
+    registry_imports = stages_imports(ROOT / "stages" / "registry.py")
+    assert all(name.startswith("stages.core.") for name in registry_imports), registry_imports

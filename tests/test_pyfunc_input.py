@@ -1,6 +1,6 @@
 """What the registered pyfunc model makes of each input shape, before any generation.
 
-``stages.core.mlflow_model.requests`` turns a predict input into one prompt or conversation per
+``stages.serving.pyfunc.requests`` turns a predict input into one prompt or conversation per
 reply: a string, a list of strings, ``prompt`` rows and ``messages`` rows (a DataFrame, a list of
 dicts or one dict), including the numpy forms MLflow's HTTP parsing hands over. Anything else is
 a one-line ``MlflowException`` naming what was given and what is accepted, never an empty answer.
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from stages.core.mlflow_model import requests
+from stages.serving.pyfunc import requests
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b c"}]
 

@@ -112,7 +112,7 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
         f"{services.mlflow_url}/api/2.0/mlflow/artifacts/list?run_id={version['run_id']}&path=onnx_model"
     )
     files = {f["path"].split("/", 1)[1] for f in listed["files"]}
-    assert {"MLmodel", "mlflow_model.py", "requirements.txt", "code", "artifacts", "parity.json"} <= files
+    assert {"MLmodel", "pyfunc.py", "requirements.txt", "code", "artifacts", "parity.json"} <= files
     import mlflow.artifacts
 
     path = mlflow.artifacts.download_artifacts(

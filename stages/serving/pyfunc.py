@@ -3,14 +3,14 @@
 This file is MLflow "model code" (``mlflow.pyfunc.save_model(python_model=<this file>)``): MLflow
 copies it into the model folder and executes it when the model is loaded, so it must import only
 what inference needs — mlflow, numpy, pandas and ``stages.lm.onnx_runtime`` (onnxruntime +
-sentencepiece; no torch), which ``stages.core.tracking.save_pyfunc`` ships in the model's
+sentencepiece; no torch), which ``stages.serving.model_registry.save_pyfunc`` ships in the model's
 ``code/`` folder together with the ONNX graphs and tokenizer in ``artifacts/onnx``.
 
-Why a second module for the tracking adapter instead of a class inside ``tracking.py``: the
-class needs ``mlflow.pyfunc.PythonModel`` as a base when it is defined, and ``tracking.py``
-imports mlflow only inside functions so that importing a stage stays light. Model code also
-avoids a pickled object in the registry (MLflow's models-from-code). The boundary test
-(tests/test_boundary.py) allows exactly these two files of ``stages/core`` to import mlflow.
+Why a module of its own instead of a class inside ``model_registry.py``: the class needs
+``mlflow.pyfunc.PythonModel`` as a base when it is defined, and ``model_registry.py`` imports
+mlflow only inside functions so that importing it stays light. Model code also avoids a pickled
+object in the registry (MLflow's models-from-code). The boundary test (tests/test_boundary.py)
+lists the few files of ``stages/`` allowed to import mlflow.
 
 Input, one reply per request: a string; a list of strings; rows (a DataFrame, a list of dicts, or
 one dict) each with a ``prompt`` string or a ``messages`` list of ``{"role", "content"}``; or the
