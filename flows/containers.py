@@ -26,7 +26,8 @@ from typing import Any
 from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
 from stages.core.config import PipelineConfig, StageResources
 from stages.core.errors import ConfigError, ContainerError, GptpipeError
-from stages.executor import StageCall, call_key
+from stages.executor import call_key
+from stages.stage_call import StageCall
 from stages.storage.stores import open_store
 
 log = logging.getLogger("gptpipe.flow")

@@ -44,7 +44,7 @@ def read_handoff_row(row: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name=FLOW_NAME, flow_run_name="{call[stage]}", log_prints=True)
 def stage_flow(call: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage call (``stages.executor.StageCall`` as JSON) and hand its output reference back
+    """Run one stage call (``stages.stage_call.StageCall`` as JSON) and hand its output reference back
     to the pipeline."""
     from prefect.artifacts import create_table_artifact
 

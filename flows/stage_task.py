@@ -18,7 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stages.core.errors import GptpipeError
-from stages.executor import StageCall, execute
+from stages.executor import execute
+from stages.stage_call import StageCall
 
 log = logging.getLogger("gptpipe.flow")
 

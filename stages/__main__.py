@@ -20,8 +20,9 @@ import sys
 from stages.core.config import add_override_argument, load_config
 from stages.core.errors import GptpipeError
 from stages.core.progress import quiet_library_bars
-from stages.executor import StageCall, execute
+from stages.executor import execute
 from stages.registry import ORDER
+from stages.stage_call import StageCall
 from stages.storage.stores import ref_from_path
 
 

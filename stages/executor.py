@@ -23,118 +23,20 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from stages import registry
+from stages import launchers
 from stages.core.errors import ArtifactError
-from stages.core.stage import Sections, Stage
+from stages.core.stage import Stage
 from stages.core.tracking import MemoryTracker, Tracker
+from stages.stage_call import StageCall
 from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, cache_key, code_version, files_digest, hash_files
-from stages.storage.lease import DEFAULT_LEASE_S, STALE, Lease, LeaseHolder, LeaseRecord, wait_for
+from stages.storage.lease import STALE, Lease, LeaseHolder, LeaseRecord, wait_for
 from stages.storage.stores import LocalStore, Store, open_store
 
 log = logging.getLogger("gptpipe.executor")
-
-
-@dataclass(frozen=True)
-class Tracking:
-    """Where a stage's MLflow run goes: a child of the pipeline's run, or an existing stage run."""
-
-    uri: str
-    parent_run_id: str | None = None  # open the stage's child run under this run
-    run_id: str | None = None  # or log into this run, which its opener closes (a torchrun rank 0)
-    tags: dict[str, str] = field(default_factory=dict)  # e.g. the recipe's name: labels, never key material
-    system_metrics_interval_s: float = 0.0  # CPU/memory/GPU samples for training stages (0 = off)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "uri": self.uri,
-            "parent_run_id": self.parent_run_id,
-            "run_id": self.run_id,
-            "tags": dict(self.tags),
-            "system_metrics_interval_s": self.system_metrics_interval_s,
-        }
-
-
-@dataclass(frozen=True)
-class StageCall:
-    """One stage to run: everything the executor needs, as plain data that travels as JSON."""
-
-    stage: str
-    config: dict[str, Any]  # the stage's declared sections, resolved (``Sections.to_json``)
-    inputs: dict[str, ArtifactRef]
-    store: str  # artifacts.store: a local directory or s3://bucket/prefix
-    tracking: Tracking | None = None
-    force: bool = False  # recompute even when a finished output exists (a finished output is never replaced)
-    lease_s: float = DEFAULT_LEASE_S  # artifacts.lease_s: how long a claim on the key lasts without a heartbeat
-
-    @classmethod
-    def for_recipe(
-        cls,
-        name: str,
-        cfg: Any,
-        inputs: dict[str, ArtifactRef],
-        *,
-        tracking_uri: str | None = None,
-        parent_run_id: str | None = None,
-        force: bool = False,
-        store: str | None = None,
-    ) -> StageCall:
-        """The call for stage ``name`` of the recipe ``cfg`` (a ``PipelineConfig``), tracked when
-        ``tracking_uri`` and ``parent_run_id`` are given. Only the stage's own sections go in."""
-        tracking = None
-        if tracking_uri and parent_run_id:
-            tracking = Tracking(
-                tracking_uri,
-                parent_run_id=parent_run_id,
-                tags={"gptpipe.recipe": cfg.name},
-                system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
-            )
-        needs = registry.stage(name).inputs_for(cfg.sections(name))
-        return cls(
-            stage=name,
-            config=cfg.sections(name).to_json(),
-            inputs={need: inputs[need] for need in needs if need in inputs},
-            store=store or cfg.artifacts.store,
-            tracking=tracking,
-            force=force,
-            lease_s=cfg.artifacts.lease_s,
-        )
-
-    @property
-    def declared(self) -> Stage:
-        return registry.stage(self.stage)
-
-    def sections(self) -> Sections:
-        from stages.core.config import sections_from_json  # the recipe schema types the JSON back
-
-        return sections_from_json(self.stage, self.config)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "config": self.config,
-            "inputs": {name: ref.to_dict() for name, ref in sorted(self.inputs.items())},
-            "store": self.store,
-            "tracking": self.tracking.to_dict() if self.tracking else None,
-            "force": self.force,
-            "lease_s": self.lease_s,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StageCall:
-        tracking = data.get("tracking")
-        return cls(
-            stage=data["stage"],
-            config=data["config"],
-            inputs={name: ArtifactRef.from_dict(ref) for name, ref in data["inputs"].items()},
-            store=data["store"],
-            tracking=Tracking(**tracking) if tracking else None,
-            force=bool(data.get("force", False)),
-            lease_s=float(data.get("lease_s", DEFAULT_LEASE_S)),
-        )
 
 
 @dataclass
@@ -356,8 +258,6 @@ def _build(
 
 def _launch(call: StageCall, key: str, inputs: dict[str, Path], scratch: Path, tracker: Tracker) -> dict[str, Any]:
     """Run the stage's code: here, or under torchrun when its own section asks for several processes."""
-    from stages import launchers
-
     sections = call.sections()
     if launchers.needs_torchrun(call.declared, sections):
         return launchers.run_torchrun(call, scratch, getattr(tracker, "run_id", None))

@@ -1,6 +1,7 @@
 """Run a stage's code as several processes under ``torchrun`` (DDP / FSDP2), for the executor.
 
-The executor (``stages/executor.py``) has already found no finished output, opened the stage's
+The executor (``stages/executor.py``, which imports this module; the call itself is a
+``stages.stage_call.StageCall``) has already found no finished output, opened the stage's
 MLflow run and made a scratch directory; when the stage's own section asks for more than one
 process it calls ``run_torchrun``, which runs
 
@@ -36,7 +37,7 @@ from stages.core.errors import ConfigError, GptpipeError
 from stages.core.stage import Sections, Stage
 
 if TYPE_CHECKING:
-    from stages.executor import StageCall
+    from stages.stage_call import StageCall
 
 log = logging.getLogger("gptpipe.launch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def _error(report: dict[str, Any]) -> GptpipeError:
 def _rank_main(argv: list[str] | None = None) -> int:
     """One rank: run the stage on the call; rank 0 writes the status file."""
     from stages.core.tracking import MemoryTracker, attach_run
-    from stages.executor import StageCall
+    from stages.stage_call import StageCall
     from stages.storage.stores import open_store
     from stages.training.loop import Preempted
 

@@ -10,7 +10,8 @@ from stages import executor, registry
 from stages.core.config import load_config
 from stages.core.errors import ArtifactError, DataError
 from stages.core.stage import Stage
-from stages.executor import StageCall, call_key
+from stages.executor import call_key
+from stages.stage_call import StageCall
 from stages.storage.artifacts import ArtifactRef, cache_key, read_manifest, verify
 from stages.storage.stores import LocalStore
 

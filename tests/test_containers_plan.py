@@ -102,7 +102,7 @@ def test_a_stage_container_that_never_finishes_is_a_container_error(prefect_harn
 
     from flows.containers import deploy_stages, run_stage_in_container
     from stages.core.errors import ContainerError
-    from stages.executor import StageCall
+    from stages.stage_call import StageCall
 
     async def make_pool() -> None:
         async with get_client() as client:

@@ -17,8 +17,9 @@ from stages import registry
 from stages.core.config import parse_config
 from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
-from stages.executor import StageCall, execute, run_stage
+from stages.executor import execute, run_stage
 from stages.launchers import command_line, needs_torchrun, torchrun_args
+from stages.stage_call import StageCall
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint_format as ckpt

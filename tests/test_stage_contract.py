@@ -15,6 +15,7 @@ import pytest
 from stages import executor, registry
 from stages.core.config import load_config
 from stages.core.stage import Sections, Stage
+from stages.stage_call import StageCall
 from stages.storage.stores import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def _keys(cfg, versions: dict[str, str]) -> dict[str, str]:
 
     keys = {}
     for declared in registry.stages():
-        call = executor.StageCall.for_recipe(
+        call = StageCall.for_recipe(
             declared.name, cfg, {n: ArtifactRef(n, f"/in/{n}", "d-" + n) for n in registry.ORDER}
         )
         config = dict(call.config)  # the corpus fingerprint is the files': not what this test varies

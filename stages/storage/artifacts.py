@@ -153,6 +153,7 @@ NOT_OUTPUT_SHAPING = (
     "stages.registry",
     "stages.executor",
     "stages.launchers",
+    "stages.stage_call",
     "stages.storage.artifacts",
     "stages.storage.stores",
     "stages.storage.s3",

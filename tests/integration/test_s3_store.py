@@ -70,7 +70,8 @@ def keys_under(client, prefix: str) -> list[str]:
 
 
 def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, tmp_path):
-    from stages.executor import StageCall, call_key, run_stage
+    from stages.executor import call_key, run_stage
+    from stages.stage_call import StageCall
     from stages.storage.s3 import S3Error
     from stages.storage.stores import S3Store
 

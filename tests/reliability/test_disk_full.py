@@ -13,7 +13,8 @@ import torch
 from stages.core.config import parse_config
 from stages.core.errors import ArtifactError
 from stages.core.tracking import MemoryTracker
-from stages.executor import StageCall, call_key, run_stage
+from stages.executor import call_key, run_stage
+from stages.stage_call import StageCall
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint_format as ckpt
 

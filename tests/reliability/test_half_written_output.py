@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from stages import tokenizer as tokenizer_stage
-from stages.executor import StageCall, call_key, run_stage
+from stages.executor import call_key, run_stage
 from stages.lm.tokenizer import MODEL_FILE
+from stages.stage_call import StageCall
 from stages.storage.artifacts import verify
 from stages.storage.stores import LocalStore
 from tests._data_fixtures import micro_config, stdlib_documents, write_corpus
