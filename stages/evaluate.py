@@ -24,25 +24,24 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stages.core.errors import ArtifactError
 from stages.core.progress import progress_bar
-from stages.core.sections import EvaluateConfig
 from stages.core.stage import Output, Sections, Stage
-from stages.core.tracking import Tracker
 from stages.lm.chat import ChatTemplate, validate_messages
 from stages.lm.diagnosis import Answers, diagnose
-from stages.lm.generate import generate_greedy_batch
-from stages.lm.model import GPT
 from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
-from stages.storage.shards import TokenShards
 from stages.training import checkpoint_format as checkpoint
-from stages.training.batches import fixed_windows
-from stages.training.loss import evaluate_loss
-from stages.training.perf import resolve_device, set_threads
 from stages.viewer.eval_report import evaluation_markdown
-from stages.viewer.plots import plot_curves, read_curve
+
+# torch, matplotlib and the model load inside the functions that score: validating a recipe must not.
+if TYPE_CHECKING:
+    from stages.core.sections import EvaluateConfig
+    from stages.core.tracking import Tracker
+    from stages.lm.model import GPT
+    from stages.storage.shards import TokenShards
 
 log = logging.getLogger("gptpipe.evaluate")
 
@@ -72,6 +71,9 @@ def read_heldout(path: Path) -> list[dict]:
 
 def language_metrics(model: GPT, shards: TokenShards, cfg: EvaluateConfig) -> dict[str, float]:
     """Validation loss (nats/token), perplexity and bits per byte on fixed windows of ``shards``."""
+    from stages.training.batches import fixed_windows
+    from stages.training.loss import evaluate_loss
+
     block = min(model.cfg.block_size, len(shards) - 1)
     batches = fixed_windows(shards, block, cfg.batch_size, cfg.val_batches)
     loss = evaluate_loss(model, batches)
@@ -87,6 +89,8 @@ def generate_answers(
 ) -> Answers:
     """Greedy answers per record (prompt = every message before the last assistant turn), with a
     progress bar over items, and whether each answer ended with a stop token."""
+    from stages.lm.generate import generate_greedy_batch
+
     prompts = [template.render_prompt(template.split_last_answer(r["messages"])[0]) for r in records]
     bar = progress_bar(total=len(prompts), desc=desc, unit="item", leave=False)
     try:
@@ -166,7 +170,18 @@ def evaluate_model(
     return metrics, answers
 
 
+def plot_training_curves(inputs: dict[str, Path], out: Path) -> None:
+    """Pretrain and finetune loss curves in one figure (matplotlib is imported only here)."""
+    from stages.viewer.plots import plot_curves, read_curve
+
+    curves = {name: read_curve(inputs[name] / checkpoint.CURVE) for name in ("pretrain", "finetune")}
+    plot_curves(curves, out / CURVES_PNG)
+
+
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+    from stages.storage.shards import TokenShards
+    from stages.training.perf import resolve_device, set_threads
+
     ecfg = cfg.evaluate
     started = time.perf_counter()
     set_threads(ecfg.threads)
@@ -234,13 +249,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / REPORT_MD).write_text(evaluation_markdown(report, CURVES_PNG), encoding="utf-8")
-    plot_curves(
-        {
-            "pretrain": read_curve(inputs["pretrain"] / checkpoint.CURVE),
-            "finetune": read_curve(inputs["finetune"] / checkpoint.CURVE),
-        },
-        out / CURVES_PNG,
-    )
+    plot_training_curves(inputs, out)
 
     summary = {"task_items": len(records)}
     for prefix, name in (("base", "base"), ("sft", "finetuned")):

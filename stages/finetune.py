@@ -30,27 +30,25 @@ import logging
 import random
 import shutil
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from stages.core.errors import ConfigError, DataError
-from stages.core.sections import FinetuneConfig
 from stages.core.stage import Output, Sections, Stage
-from stages.core.tracking import Tracker
 from stages.lm.chat import ChatTemplate, Message, Rendered, read_chat_jsonl
 from stages.lm.targets import IGNORE
 from stages.lm.tasks import check_tasks, make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
-from stages.storage.shards import TokenShards
 from stages.training import checkpoint_format as checkpoint
-from stages.training.batches import RandomWindows
-from stages.training.chat_batches import PackedBatches, ReplayMix, fixed_batches, pack
-from stages.training.loop import train
-from stages.training.loss import evaluate_loss
-from stages.training.perf import resolve_device, set_threads
 from stages.training.replay import replay_rows
+
+# torch, peft and the training library load inside the functions that train: validating a recipe must not.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from stages.core.sections import FinetuneConfig
+    from stages.core.tracking import Tracker
 
 log = logging.getLogger("gptpipe.finetune")
 
@@ -132,9 +130,10 @@ def render_all(
 
 def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     """Wrap ``model`` with trainable LoRA adapters on ``cfg.lora_targets``; other weights freeze."""
+    import torch
     from peft import LoraConfig, get_peft_model  # imported here: full fine-tuning never needs peft
 
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     unknown = [t for t in cfg.lora_targets if t not in names]
     if unknown or not cfg.lora_targets:
         raise ConfigError(
@@ -150,21 +149,41 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
-@torch.no_grad()
 def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, float]:
     """Merge the adapters into the base weights; return (plain GPT, max |Δlogits| on ``probe``)."""
-    peft_model.eval()
-    before = peft_model(probe)
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    after = merged(probe)
+    import torch
+
+    with torch.no_grad():
+        peft_model.eval()
+        before = peft_model(probe)
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        after = merged(probe)
     return merged, float((after - before).abs().max())
+
+
+def training_batches(fcfg: FinetuneConfig, x: torch.Tensor, y: torch.Tensor, data: Path | None, block: int):
+    """Packed chat rows, with ``replay_rows`` of every batch drawn from pretraining text when asked."""
+    from stages.storage.shards import TokenShards
+    from stages.training.batches import RandomWindows
+    from stages.training.chat_batches import PackedBatches, ReplayMix
+
+    n_replay = replay_rows(fcfg.replay_fraction, fcfg.batch_size)  # the recipe check made sure chat rows remain
+    batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
+    if n_replay:
+        batches = ReplayMix(batches, RandomWindows(TokenShards(data, "train"), block, n_replay, fcfg.seed + 1))
+    return batches, n_replay
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+    from stages.training.chat_batches import fixed_batches, pack
+    from stages.training.loop import train
+    from stages.training.loss import evaluate_loss
+    from stages.training.perf import resolve_device, set_threads
+
     fcfg = cfg.finetune
     set_threads(fcfg.threads)
     tokenizer = Tokenizer.load(inputs["tokenizer"])
@@ -188,12 +207,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         for record in heldout:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    n_replay = replay_rows(fcfg.replay_fraction, fcfg.batch_size)  # the recipe check made sure chat rows remain
-    batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
-    if n_replay:
-        text = TokenShards(inputs["data"], "train")
-        batches = ReplayMix(batches, RandomWindows(text, block, n_replay, fcfg.seed + 1))
-
+    batches, n_replay = training_batches(fcfg, x, y, inputs.get("data"), block)
     trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
     log.info(

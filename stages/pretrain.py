@@ -22,29 +22,30 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import DataError
 from stages.core.stage import Output, Sections, Stage
-from stages.core.tracking import Tracker
-from stages.lm.model import GPT, GPTConfig
 from stages.storage.artifacts import CHECKPOINTS
-from stages.storage.shards import TokenShards
-from stages.training import checkpoint_format as ckpt
-from stages.training import distributed
-from stages.training.batches import RandomWindows, fixed_windows
 from stages.training.checkpoint_format import CURVE, MODEL_DIR
-from stages.training.loop import train
-from stages.training.loss import evaluate_loss
-from stages.training.perf import set_threads
+
+# torch and the training library are imported inside the functions that train: declaring this stage
+# (what validating a recipe does) must not load them.
+if TYPE_CHECKING:
+    import torch
+
+    from stages.core.tracking import Tracker
+    from stages.lm.model import GPT
 
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
 
 def build_model(cfg: Sections, vocab_size: int) -> GPT:
     """A freshly initialised GPT of the recipe's shape; the seed fixes the weights."""
+    import torch
+
+    from stages.lm.model import GPT, GPTConfig
+
     torch.manual_seed(cfg.pretrain.seed)
     return GPT(GPTConfig(vocab_size=vocab_size, **cfg.pretrain.model.model_dump()))
 
@@ -63,11 +64,21 @@ def _val_slice(batches: list, rank: int, world: int) -> list:
 
 def _global_val_loss(model: torch.nn.Module, batches: list, world: int) -> float:
     """Mean token loss over every rank's slice (slices hold equal token counts, so the mean of means)."""
+    from stages.training import distributed
+    from stages.training.loss import evaluate_loss
+
     loss = evaluate_loss(model, batches)
     return distributed.all_reduce_sum([loss], next(model.parameters()).device)[0] / world
 
 
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
+    from stages.storage.shards import TokenShards
+    from stages.training import checkpoint_format as ckpt
+    from stages.training import distributed
+    from stages.training.batches import RandomWindows, fixed_windows
+    from stages.training.loop import train
+    from stages.training.perf import set_threads
+
     pcfg = cfg.pretrain
     set_threads(pcfg.threads)
     train_split = TokenShards(inputs["data"], "train")

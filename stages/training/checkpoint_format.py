@@ -31,15 +31,19 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import safetensors.torch
-import torch
-from torch import nn
 
 from stages.core.errors import ArtifactError
-from stages.lm.model import GPT, GPTConfig
+
+# torch, safetensors and the GPT are imported where a function needs them: the stages read this
+# module's file names when they are declared, and validating a recipe must not load torch.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from stages.lm.model import GPT, GPTConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -102,6 +106,8 @@ def _write_atomically(directory: Path, build: Callable[[Path], None]) -> Path:
 
 def find_gpt(model: nn.Module) -> GPT | None:
     """The GPT inside ``model`` (itself, or wrapped e.g. by peft), for its config."""
+    from stages.lm.model import GPT
+
     for module in model.modules():
         if isinstance(module, GPT):
             return module
@@ -109,6 +115,8 @@ def find_gpt(model: nn.Module) -> GPT | None:
 
 
 def _write_model_files(tmp: Path, model: nn.Module) -> None:
+    import safetensors.torch
+
     # save_model (not save_file) drops the duplicate name of the tied embedding/head tensor;
     # safetensors refuses shared storage otherwise.
     safetensors.torch.save_model(model, str(tmp / WEIGHTS))
@@ -124,6 +132,8 @@ def save_model(directory: str | Path, model: nn.Module) -> Path:
 
 def read_config(directory: str | Path) -> GPTConfig:
     """The GPTConfig stored beside the weights; a clear ArtifactError when absent or foreign."""
+    from stages.lm.model import GPTConfig
+
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise ArtifactError(
@@ -138,6 +148,8 @@ def read_config(directory: str | Path) -> GPTConfig:
 
 def load_weights(directory: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> None:
     """Load ``model.safetensors`` into an existing module (strict: every name must match)."""
+    import safetensors.torch
+
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; the checkpoint is incomplete — rerun the stage that wrote it")
@@ -153,6 +165,8 @@ def load_weights(directory: str | Path, model: nn.Module, device: str | torch.de
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
     """Rebuild the GPT from ``model.json`` and load its weights, in eval mode, on ``device``."""
+    from stages.lm.model import GPT
+
     model = GPT(read_config(directory))
     load_weights(directory, model)
     return model.to(device).eval()
@@ -166,11 +180,15 @@ def _b64(tensor: torch.Tensor) -> str:
 
 
 def _unb64(text: str) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
 def rng_state() -> dict[str, Any]:
     """Every RNG training may touch (dropout uses torch's), JSON-serializable."""
+    import torch
+
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -184,6 +202,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(_unb64(state["torch"]))
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
@@ -218,6 +238,8 @@ def save_checkpoint(
         raise TypeError(f"trainer state must be JSON-serializable: {exc}") from None
 
     def build(tmp: Path) -> None:
+        import torch
+
         _write_model_files(tmp, model)
         torch.save(saved_optimizer, tmp / OPTIMIZER)
         (tmp / TRAINER).write_text(trainer_text, encoding="utf-8")  # written last: marks completeness
@@ -233,6 +255,8 @@ def load_checkpoint(
     ``model`` may be a plain module, a DDP-unwrapped one, or an FSDP2-sharded one (then every
     rank calls this and keeps its own shard of the full weights read from disk).
     """
+    import torch
+
     directory = Path(directory)
     trainer = directory / TRAINER
     if not trainer.is_file():
@@ -319,6 +343,10 @@ def _names_to_index(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 def _full_model_state(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint's weights as a full CPU state dict under every name (tied ones included)."""
+    import torch
+
+    from stages.lm.model import GPT
+
     gpt = find_gpt(model)
     if gpt is None:
         raise ArtifactError("FSDP checkpoints are supported for gptpipe GPT models only")
@@ -340,12 +368,15 @@ def gather_full_state(
     """
     if not is_fsdp(model):
         return model, optimizer.state_dict()
+    import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
+
+    from stages.lm.model import GPT
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)

@@ -24,10 +24,14 @@ import html
 import json
 import re
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from stages.core.errors import ArtifactError
+
+# onnx loads in the functions that read a graph: the publish stage reads this module's names when it
+# is declared, and validating a recipe must not load onnx.
+if TYPE_CHECKING:
+    import onnx
 
 # Netron's modules that opening an ONNX protobuf can reach (view.js imports the rest lazily).
 MODULES = (
@@ -103,6 +107,7 @@ window.__view__.start();
 
 def strip_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The graph with every initializer's (and large constant's) values removed; names, types and shapes kept."""
+    import onnx
 
     def clear(tensor: onnx.TensorProto) -> None:
         for field in (
@@ -137,6 +142,8 @@ def strip_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def op_types(proto: onnx.ModelProto) -> set[str]:
     """Every operator type the graph uses, in its main graph, its subgraphs and its functions."""
+    import onnx
+
     found: set[str] = set()
     graphs = [proto.graph]
     for function in proto.functions:
@@ -228,6 +235,8 @@ def render_page(netron_root: Path, graph: onnx.ModelProto, file_name: str, title
 
 def write_page(graph_path: Path, dest: Path, netron_root: Path, title: str) -> Path:
     """Write the self-contained viewer of the ONNX graph at ``graph_path`` (external weights never read)."""
+    import onnx
+
     try:
         proto = onnx.load(str(graph_path), load_external_data=False)
     except Exception as exc:
