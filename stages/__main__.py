@@ -17,16 +17,17 @@ import json
 import logging
 import sys
 
-from stages.core.config import add_override_argument, load_config
 from stages.core.errors import GptpipeError
-from stages.core.progress import quiet_library_bars
-from stages.executor import execute
 from stages.registry import ORDER
-from stages.stage_call import StageCall
-from stages.storage.stores import ref_from_path
+
+# The recipe schema, the executor and the stores are imported inside the functions: a data stage's
+# worker processes start by 'spawn', which runs this module's top level again in every worker (as
+# __mp_main__), and a worker needs none of them, only what its task unpickles.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from stages.core.config import add_override_argument
+
     parser = argparse.ArgumentParser(prog="python -m stages", description="Run one gptpipe stage.")
     parser.add_argument("stage", choices=ORDER, help="stage to run")
     parser.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stages.core.config import load_config
+    from stages.core.progress import quiet_library_bars
+    from stages.executor import execute
+    from stages.stage_call import StageCall
+    from stages.storage.stores import ref_from_path
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     quiet_library_bars()  # a container's log is not a terminal
     args = parse_args(argv)
