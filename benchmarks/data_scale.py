@@ -150,7 +150,7 @@ def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5
     import sentencepiece as spm
 
     from stages.core.config import CorpusConfig
-    from stages.storage.corpus import Piece
+    from stages.storage.corpus import CorpusReading, Piece
     from stages.storage.unit_shards import process_unit
     from stages.storage.units import Unit
 
@@ -172,7 +172,7 @@ def interleaved_ratio(model: str, corpus: Path, files: int = 20, rounds: int = 5
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as work:
             started = time.perf_counter()
-            process_unit(unit, CorpusConfig(source=str(corpus)), settings, proto, work)
+            process_unit(unit, CorpusReading.of(CorpusConfig(source=str(corpus))), settings, proto, work)
             stage_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         for at in range(0, len(docs), 64):

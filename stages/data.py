@@ -29,7 +29,7 @@ from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import CHECKPOINTS
-from stages.storage.corpus import empty_message, list_sources
+from stages.storage.corpus import CorpusReading, empty_message, list_sources
 from stages.storage.executors import resolve_workers, run_tasks
 from stages.storage.rss import PeakRSS
 from stages.storage.shards import INDEX, dtype_for
@@ -90,7 +90,8 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, wor
             )
 
         def tasks(chosen: list[Unit], extra: dict) -> list[tuple]:
-            return [(unit, cfg.corpus, {**settings, **extra}, tokenizer.model_proto, work.location) for unit in chosen]
+            reading = CorpusReading.of(cfg.corpus)  # plain data: a worker then needs no pydantic
+            return [(unit, reading, {**settings, **extra}, tokenizer.model_proto, work.location) for unit in chosen]
 
         started = time.perf_counter()
         try:

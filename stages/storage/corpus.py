@@ -31,16 +31,36 @@ import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from stages.core.errors import DataError
-from stages.core.sections import CorpusConfig
+
+if TYPE_CHECKING:
+    from stages.core.sections import CorpusConfig
 
 STDLIB = "python-stdlib"
 # Directories of the standard library that are not the library itself: the test suite
 # (huge, repetitive, full of deliberately broken files), IDLE and installed packages.
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"})
 _RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class CorpusReading:
+    """What reading documents takes from the corpus section (``CorpusConfig``), as plain data.
+
+    The data stage hands this to its worker processes instead of the section itself: unpickling a
+    pydantic model would load pydantic and the whole recipe schema into every worker (~14 MB
+    resident each, measured) for three values.
+    """
+
+    source: str
+    text_field: str
+    max_doc_bytes: int
+
+    @classmethod
+    def of(cls, cfg: CorpusConfig) -> CorpusReading:
+        return cls(cfg.source, cfg.text_field, cfg.max_doc_bytes)
 
 
 @dataclass
@@ -223,7 +243,7 @@ def parquet_row_groups(location: str, size: int | None = None) -> list[int]:
 # --------------------------------------------------------------------------- reading pieces
 
 
-def _text_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+def _text_documents(piece: Piece, cfg: CorpusReading, stats: CorpusStats) -> Iterator[str]:
     """A plain text file is one document (read whole: it is one document, cut to max_doc_bytes later)."""
     with open_binary(piece.location, piece.source_size) as handle:
         data = handle.read()
@@ -241,7 +261,7 @@ def _text_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iter
     yield text
 
 
-def _jsonl_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+def _jsonl_documents(piece: Piece, cfg: CorpusReading, stats: CorpusStats) -> Iterator[str]:
     path = piece.location
     with open_binary(piece.location, piece.source_size) as handle:
         if piece.start:
@@ -275,7 +295,7 @@ def _jsonl_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Ite
             yield text
 
 
-def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> Iterator[str]:
+def _parquet_documents(piece: Piece, cfg: CorpusReading, stats: CorpusStats) -> Iterator[str]:
     """Row group by row group, only the text column: memory holds one batch, not the file."""
     import pyarrow.parquet as pq  # only needed for Parquet sources; keeps imports light
 
@@ -318,13 +338,13 @@ def _parquet_documents(piece: Piece, cfg: CorpusConfig, stats: CorpusStats) -> I
                 yield value
 
 
-_FILE_READERS: dict[str, Callable[[Piece, CorpusConfig, CorpusStats], Iterator[str]]] = {
+_FILE_READERS: dict[str, Callable[[Piece, CorpusReading, CorpusStats], Iterator[str]]] = {
     ".jsonl": _jsonl_documents,
     ".parquet": _parquet_documents,
 }
 
 
-def _reader_for(piece: Piece) -> Callable[[Piece, CorpusConfig, CorpusStats], Iterator[str]]:
+def _reader_for(piece: Piece) -> Callable[[Piece, CorpusReading, CorpusStats], Iterator[str]]:
     return _FILE_READERS.get(piece.suffix, _text_documents)
 
 
@@ -334,7 +354,7 @@ def _cut_utf8(text: str, limit: int) -> str:
 
 
 def read_pieces(
-    pieces: Iterable[Piece], cfg: CorpusConfig, stats: CorpusStats, budget: int | None = None
+    pieces: Iterable[Piece], cfg: CorpusReading, stats: CorpusStats, budget: int | None = None
 ) -> Iterator[str]:
     """The documents of ``pieces`` in order, one at a time, normalized and truncated; with a
     ``budget`` (bytes of text), reading stops once it is used up, cutting the last document.
@@ -381,7 +401,7 @@ def iter_documents(cfg: CorpusConfig, stats: CorpusStats | None = None) -> Itera
     ``max_bytes`` when set. Raises ``DataError`` at the end when nothing usable was found."""
     stats = stats if stats is not None else CorpusStats(source=cfg.source)
     sources = list_sources(cfg)
-    yield from read_pieces(whole_pieces(sources), cfg, stats, cfg.max_bytes)
+    yield from read_pieces(whole_pieces(sources), CorpusReading.of(cfg), stats, cfg.max_bytes)
     if not stats.documents:
         raise DataError(empty_message(cfg, len(sources), stats))
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from stages.core.sections import CorpusConfig
 from stages.lm.tokenizer import Tokenizer
-from stages.storage.corpus import CorpusStats, read_pieces
+from stages.storage.corpus import CorpusReading, CorpusStats, read_pieces
 from stages.storage.shards import INDEX, ShardWriter, dtype_for
 from stages.storage.splits import SPLITS, SplitRule, Tally
 from stages.storage.units import Unit, UnitDirectory, unit_signature
@@ -63,7 +62,7 @@ def _encode_with(processor: spm.SentencePieceProcessor, texts: list[str], eos_id
     return flat
 
 
-def process_unit(unit: Unit, corpus: CorpusConfig, settings: dict, model_proto: bytes, work_location: str) -> dict:
+def process_unit(unit: Unit, corpus: CorpusReading, settings: dict, model_proto: bytes, work_location: str) -> dict:
     """Read, split, tokenize and write one unit; return (and store) its result.
 
     ``settings`` holds the split's ``seed`` and ``val_fraction``, ``shard_tokens``, ``dtype`` and

@@ -25,10 +25,10 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stages.core.sections import CorpusConfig
 from stages.storage.corpus import (
+    CorpusReading,
     CorpusStats,
     Piece,
     Source,
@@ -36,6 +36,9 @@ from stages.storage.corpus import (
     parquet_row_groups,
     read_pieces,
 )
+
+if TYPE_CHECKING:  # a worker unpickles Units, and must not load the recipe schema (pydantic) for it
+    from stages.core.sections import CorpusConfig
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def apply_cap(units: list[Unit], cfg: CorpusConfig) -> list[Unit]:
     used = 0
     for i, unit in enumerate(units):
         stats = CorpusStats()
-        kept = sum(len(doc.encode("utf-8")) for doc in read_pieces(unit.pieces, cfg, stats))
+        kept = sum(len(doc.encode("utf-8")) for doc in read_pieces(unit.pieces, CorpusReading.of(cfg), stats))
         if used + kept >= cfg.max_bytes:
             return [*units[:i], Unit(unit.index, unit.pieces, cfg.max_bytes - used)]
         used += kept
