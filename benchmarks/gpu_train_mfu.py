@@ -26,7 +26,7 @@ from train_vs_hf_gpt2 import RandomTokens
 from stages.core.config import load_config
 from stages.core.tracking import MemoryTracker
 from stages.lm.model import GPT, GPTConfig
-from stages.training.loop import train
+from stages.training.loop import Display, train
 
 
 def main() -> None:
@@ -73,7 +73,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, **cfg.model.model_dump()))
     tracker = MemoryTracker()
-    result = train(model, RandomTokens(vocab, cfg.batch_size, cfg.model.block_size), cfg, tracker, progress=False)
+    result = train(
+        model, RandomTokens(vocab, cfg.batch_size, cfg.model.block_size), cfg, tracker, display=Display(progress=False)
+    )
     window = result.curve[-1]  # the last logged window: after compilation and warm-up
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU"

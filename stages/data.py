@@ -66,15 +66,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, wor
         units = apply_cap(plan_units(cfg.corpus, cfg.data.unit_bytes, sources), cfg.corpus)
         plan_seconds = time.perf_counter() - started
         work = UnitDirectory(_work_location(cfg, out, work))
-        settings = {
-            "seed": cfg.data.seed,
-            "val_fraction": cfg.data.val_fraction,
-            "shard_tokens": cfg.data.shard_tokens,
-            "dtype": dtype_for(tokenizer.vocab_size).name,
-            "eos_id": tokenizer.eos_id,
-            "tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest()[:16],
-            "corpus": cfg.corpus.model_dump(mode="json"),
-        }
+        settings = _unit_settings(cfg, tokenizer)
         results: dict[int, dict] = {}
         total_bytes = sum(unit.size for unit in units)
         bar = byte_progress(total_bytes, "data", min_bytes=_PROGRESS_MIN_BYTES)
@@ -124,9 +116,36 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, wor
     if not work.remote:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
+    timing = {"read_seconds": plan_seconds, "tokenize_seconds": tokenize_seconds, "source_bytes": total_bytes}
+    return {
+        **_summary(index, timing),
+        "units": len(units),
+        "units_reused": reused,
+        "workers": workers,
+        "executor": cfg.data.executor,
+        "peak_rss_mb": peak.megabytes,
+        **stats.as_metrics(),
+    }
+
+
+def _unit_settings(cfg: Sections, tokenizer: Tokenizer) -> dict:
+    """What a work unit's result depends on besides its bytes: the split rule, shard layout and tokenizer."""
+    return {
+        "seed": cfg.data.seed,
+        "val_fraction": cfg.data.val_fraction,
+        "shard_tokens": cfg.data.shard_tokens,
+        "dtype": dtype_for(tokenizer.vocab_size).name,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest()[:16],
+        "corpus": cfg.corpus.model_dump(mode="json"),
+    }
+
+
+def _summary(index: dict, timing: dict) -> dict:
+    """The split sizes and throughput the manifest and report card show, from the assembled shard index."""
     train, val = index["splits"]["train"], index["splits"]["val"]
     tokens = train["tokens"] + val["tokens"]
-    seconds = plan_seconds + tokenize_seconds
+    seconds = timing["read_seconds"] + timing["tokenize_seconds"]
     return {
         "train_tokens": train["tokens"],
         "val_tokens": val["tokens"],
@@ -138,17 +157,11 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, wor
         "dtype": index["dtype"],
         "vocab_size": index["vocab_size"],
         "bytes_per_token": round((train["bytes"] + val["bytes"]) / max(tokens, 1), 4),
-        "read_seconds": round(plan_seconds, 3),
-        "tokenize_seconds": round(tokenize_seconds, 3),
-        "tokens_per_s": round(tokens / max(tokenize_seconds, 1e-9)),
-        "source_bytes": total_bytes,
-        "mb_per_s": round(total_bytes / 1e6 / max(seconds, 1e-9), 3),
-        "units": len(units),
-        "units_reused": reused,
-        "workers": workers,
-        "executor": cfg.data.executor,
-        "peak_rss_mb": peak.megabytes,
-        **stats.as_metrics(),
+        "read_seconds": round(timing["read_seconds"], 3),
+        "tokenize_seconds": round(timing["tokenize_seconds"], 3),
+        "tokens_per_s": round(tokens / max(timing["tokenize_seconds"], 1e-9)),
+        "source_bytes": timing["source_bytes"],
+        "mb_per_s": round(timing["source_bytes"] / 1e6 / max(seconds, 1e-9), 3),
     }
 
 

@@ -34,7 +34,7 @@ from stages.lm.diagnosis import Answers, diagnose
 from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.training import checkpoint_format as checkpoint
-from stages.viewer.eval_report import evaluation_markdown
+from stages.viewer.eval_report import evaluation_markdown, write_answers
 
 # torch, matplotlib and the model load inside the functions that score: validating a recipe must not.
 if TYPE_CHECKING:
@@ -178,6 +178,21 @@ def plot_training_curves(inputs: dict[str, Path], out: Path) -> None:
     plot_curves(curves, out / CURVES_PNG)
 
 
+def headline_figures(results: dict[str, dict]) -> dict[str, float]:
+    """The base and fine-tuned figures the manifest, MLflow and report card carry, flat and rounded."""
+    summary: dict[str, float] = {}
+    for prefix, name in (("base", "base"), ("sft", "finetuned")):
+        for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy"):
+            summary[f"{prefix}_{key}"] = round(results[name][key], 6)
+        figures = results[name].get("lm_eval", {})  # the harness's figures beside gptpipe's own
+        if "gptpipe_heldout" in figures:
+            summary[f"{prefix}_lm_eval_exact_match"] = round(figures["gptpipe_heldout"]["exact_match"], 6)
+        if "gptpipe_bpb" in figures:
+            summary[f"{prefix}_lm_eval_bpb"] = round(figures["gptpipe_bpb"]["bits_per_byte"], 6)
+    summary["base_seconds"], summary["sft_seconds"] = results["base"]["seconds"], results["finetuned"]["seconds"]
+    return summary
+
+
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     from stages.storage.shards import TokenShards
     from stages.training.perf import resolve_device, set_threads
@@ -217,15 +232,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
     for finding in findings:
         log.warning("diagnosis: %s", finding)
-    with open(out / ANSWERS, "w", encoding="utf-8") as handle:
-        for i, record in enumerate(records):
-            row = {
-                "expected": expected[i],
-                **{n: {"answer": g.texts[i], "stopped": g.stopped[i]} for n, g in generated.items()},
-            }
-            handle.write(
-                json.dumps({**({"task": record["task"]} if "task" in record else {}), **row}, ensure_ascii=False) + "\n"
-            )
+    write_answers(out / ANSWERS, records, expected, generated)
 
     samples = [
         {
@@ -251,16 +258,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     (out / REPORT_MD).write_text(evaluation_markdown(report, CURVES_PNG), encoding="utf-8")
     plot_training_curves(inputs, out)
 
-    summary = {"task_items": len(records)}
-    for prefix, name in (("base", "base"), ("sft", "finetuned")):
-        for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy"):
-            summary[f"{prefix}_{key}"] = round(results[name][key], 6)
-        figures = results[name].get("lm_eval", {})  # the harness's figures beside gptpipe's own
-        if "gptpipe_heldout" in figures:
-            summary[f"{prefix}_lm_eval_exact_match"] = round(figures["gptpipe_heldout"]["exact_match"], 6)
-        if "gptpipe_bpb" in figures:
-            summary[f"{prefix}_lm_eval_bpb"] = round(figures["gptpipe_bpb"]["bits_per_byte"], 6)
-    summary["base_seconds"], summary["sft_seconds"] = results["base"]["seconds"], results["finetuned"]["seconds"]
+    summary = {"task_items": len(records), **headline_figures(results)}
     tracker.log_metrics({f"eval/{k}": float(v) for k, v in summary.items()})
     for name in (REPORT_MD, REPORT_JSON, ANSWERS, SAMPLES, CURVES_PNG):
         tracker.log_artifact(out / name, "evaluate")

@@ -180,7 +180,7 @@ def training_batches(fcfg: FinetuneConfig, x: torch.Tensor, y: torch.Tensor, dat
 
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     from stages.training.chat_batches import fixed_batches, pack
-    from stages.training.loop import train
+    from stages.training.loop import Display, train
     from stages.training.loss import evaluate_loss
     from stages.training.perf import resolve_device, set_threads
 
@@ -227,8 +227,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         tracker,
         checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": evaluate_loss(m, held_batches)},
-        metric_prefix="finetune/",
-        name="finetune",
+        display=Display("finetune", metric_prefix="finetune/"),
     )
 
     metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable, "replay_rows": n_replay}

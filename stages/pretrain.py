@@ -76,7 +76,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     from stages.training import checkpoint_format as ckpt
     from stages.training import distributed
     from stages.training.batches import RandomWindows, fixed_windows
-    from stages.training.loop import train
+    from stages.training.loop import Display, train
     from stages.training.perf import set_threads
 
     pcfg = cfg.pretrain
@@ -113,7 +113,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         tracker,
         checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": _global_val_loss(m, val_batches, world)},
-        name="pretrain",
+        display=Display("pretrain"),
     )
     if not distributed.current().is_main:
         distributed.exit_worker()  # rank 0 wrote the checkpoint; it alone writes and publishes the rest

@@ -18,9 +18,11 @@ from stages.lm.targets import IGNORE
 from stages.lm.tasks import is_heldout
 from stages.training.chat_batches import PackedBatches, ReplayMix, pack
 from stages.training.checkpoint_format import load_model
-from stages.training.loop import train
+from stages.training.loop import Display, train
 from tests._numeric import rtol_for
 from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
+
+QUIET = Display(progress=False)  # no progress lines in the test output
 
 torch.set_num_threads(1)
 
@@ -73,7 +75,7 @@ def _train_on(tail: str, mask: bool, steps: int = 3) -> GPT:
     x, y = pack([rendered] * 2, 64, tok.pad_id)
     model = tiny_gpt(tok.vocab_size, block_size=64, seed=5)
     cfg = FinetuneConfig(max_steps=steps, batch_size=2, warmup_steps=0, lr=1e-2, device="cpu", eval_interval=100)
-    train(model, PackedBatches(x, y, 2, 1, seed=0), cfg, MemoryTracker(), progress=False)
+    train(model, PackedBatches(x, y, 2, 1, seed=0), cfg, MemoryTracker(), display=QUIET)
     return model
 
 

@@ -13,9 +13,11 @@ from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
 from stages.training import perf
 from stages.training.distributed import PreemptionGuard
-from stages.training.loop import build_optimizer, train
+from stages.training.loop import Display, build_optimizer, train
 from tests._numeric import approx
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
+
+QUIET = Display(progress=False)  # no progress lines in the test output
 
 CPU = torch.device("cpu")
 
@@ -89,7 +91,7 @@ def test_training_reports_flops_mfu_memory_and_how_the_peak_was_chosen():
         StreamBatches(repetitive_stream(), 32, 4),
         micro_config(max_steps=6, log_interval=3, peak_flops=1e10),
         tracker,
-        progress=False,
+        display=QUIET,
     )
     assert result.flops_per_token == model.flops_per_token()
     assert result.total_flops == result.flops_per_token * result.tokens
@@ -102,11 +104,11 @@ def test_training_reports_flops_mfu_memory_and_how_the_peak_was_chosen():
 
 def test_activation_checkpointing_keeps_names_and_gives_the_same_training():
     batches = StreamBatches(repetitive_stream(), 32, 4)
-    plain = train(micro_model(dropout=0.1), batches, micro_config(max_steps=4), MemoryTracker(), progress=False)
+    plain = train(micro_model(dropout=0.1), batches, micro_config(max_steps=4), MemoryTracker(), display=QUIET)
     model = micro_model(dropout=0.1)
     names = [n for n, _ in model.named_parameters()]
     recomputed = train(
-        model, batches, micro_config(max_steps=4, activation_checkpointing=True), MemoryTracker(), progress=False
+        model, batches, micro_config(max_steps=4, activation_checkpointing=True), MemoryTracker(), display=QUIET
     )
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints stay interchangeable
     assert all(getattr(b, "_gptpipe_ac", False) for b in model.blocks)
@@ -125,9 +127,9 @@ def test_compile_is_selectable_on_the_cpu_and_trains_the_same(monkeypatch):
 
     monkeypatch.setattr(nn.Module, "compile", quick)
     batches = StreamBatches(repetitive_stream(), 32, 4)
-    eager = train(micro_model(), batches, micro_config(max_steps=3), MemoryTracker(), progress=False)
+    eager = train(micro_model(), batches, micro_config(max_steps=3), MemoryTracker(), display=QUIET)
     model = micro_model()
-    result = train(model, batches, micro_config(max_steps=3, compile="on"), MemoryTracker(), progress=False)
+    result = train(model, batches, micro_config(max_steps=3, compile="on"), MemoryTracker(), display=QUIET)
     assert compiled == ["Block", "Block"] and result.compiled
     assert "_orig_mod" not in "".join(model.state_dict())
     assert result.final_train_loss == approx(eager.final_train_loss)
@@ -145,7 +147,7 @@ def test_deterministic_mode_is_restored_after_training():
         StreamBatches(repetitive_stream(), 32, 4),
         micro_config(max_steps=1, deterministic=True),
         MemoryTracker(),
-        progress=False,
+        display=QUIET,
     )
     assert not torch.are_deterministic_algorithms_enabled()
 

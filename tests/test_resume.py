@@ -13,8 +13,10 @@ import torch
 from stages.core.errors import TrainingError
 from stages.core.tracking import MemoryTracker
 from stages.training import checkpoint_format as ckpt
-from stages.training.loop import train
+from stages.training.loop import Display, train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
+
+QUIET = Display(progress=False)  # no progress lines in the test output
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -31,7 +33,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
     cfg = micro_config(max_steps=10, checkpoint_interval=4, keep_checkpoints=3)
     with pytest.raises(TrainingError, match=r"step 7: the training loss is nan.*step_00000004 is kept"):
-        train(model, PoisonAt(), cfg, MemoryTracker(), tmp_path, progress=False)
+        train(model, PoisonAt(), cfg, MemoryTracker(), tmp_path, display=QUIET)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
     good = micro_model()
     ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), good)
@@ -106,8 +108,8 @@ def test_a_run_resumed_from_its_last_checkpoint_trains_and_scores_nothing_again(
         scored.append(1)
         return {"val_loss": 1.0}
 
-    first = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    first = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, display=QUIET)
     assert len(scored) == 3 and [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]
-    again = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, progress=False)
+    again = train(micro_model(), StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path, evaluate, display=QUIET)
     assert len(scored) == 3 and again.resumed_from == 4 and again.curve == first.curve
     assert again.final_train_loss == first.final_train_loss and again.final_val_loss == 1.0

@@ -10,10 +10,12 @@ import torch
 from stages.core.errors import ConfigError, TrainingError
 from stages.core.tracking import MemoryTracker
 from stages.training import checkpoint_format as ckpt
-from stages.training.loop import build_optimizer, lr_at, resolve_device, train
+from stages.training.loop import Display, build_optimizer, lr_at, resolve_device, train
 from stages.training.loss import evaluate_loss
 from tests._numeric import approx, assert_close
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
+
+QUIET = Display(progress=False)  # no progress lines in the test output
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +38,7 @@ def test_loss_falls_on_a_repetitive_stream_and_metrics_are_logged():
         micro_config(),
         tracker,
         evaluate=lambda m: {"val_loss": evaluate_loss(m, val)},
-        progress=False,
+        display=QUIET,
     )
     assert result.steps == 30 and result.tokens == 30 * 8 * 32
     assert abs(result.initial_loss - math.log(500)) < 0.1 * math.log(500)
@@ -56,8 +58,7 @@ def test_metric_prefix_names_tracker_metrics_only():
         StreamBatches(repetitive_stream(), 32, 4),
         micro_config(max_steps=5),
         tracker,
-        metric_prefix="sft/",
-        progress=False,
+        display=Display(metric_prefix="sft/", progress=False),
     )
     assert "sft/train_loss" in tracker.metrics and "train_loss" not in tracker.metrics
     assert "train_loss" in result.curve[-1]
@@ -107,15 +108,15 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(tmp_path):
     # Dropout makes the RNG part of the state, so the test also covers restoring it.
     cfg = micro_config(max_steps=12, checkpoint_interval=4, keep_checkpoints=5, eval_interval=5)
     reference = micro_model(dropout=0.1)
-    full = train(reference, StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path / "a", progress=False)
+    full = train(reference, StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path / "a", display=QUIET)
 
     crashed = micro_model(dropout=0.1)
     with pytest.raises(_Interrupt):
-        train(crashed, _StopAt(StreamBatches(stream, 32, 4), 10), cfg, MemoryTracker(), tmp_path / "b", progress=False)
+        train(crashed, _StopAt(StreamBatches(stream, 32, 4), 10), cfg, MemoryTracker(), tmp_path / "b", display=QUIET)
     assert ckpt.latest_checkpoint(tmp_path / "b").name == ckpt.step_dirname(8)
 
     resumed = micro_model(dropout=0.1, seed=123)  # different init: everything must come from the checkpoint
-    again = train(resumed, StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path / "b", progress=False)
+    again = train(resumed, StreamBatches(stream, 32, 4), cfg, MemoryTracker(), tmp_path / "b", display=QUIET)
     assert again.resumed_from == 8 and again.steps == 12
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -139,13 +140,13 @@ def test_grad_accumulation_matches_one_big_batch():
             return x[micro * 4 : micro * 4 + 4], y[micro * 4 : micro * 4 + 4]
 
     one, two = micro_model(), micro_model()
-    r1 = train(one, Whole(), micro_config(max_steps=1, warmup_steps=0), MemoryTracker(), progress=False)
+    r1 = train(one, Whole(), micro_config(max_steps=1, warmup_steps=0), MemoryTracker(), display=QUIET)
     r2 = train(
         two,
         Halves(),
         micro_config(max_steps=1, warmup_steps=0, grad_accum=2, batch_size=4),
         MemoryTracker(),
-        progress=False,
+        display=QUIET,
     )
     assert r1.initial_loss == approx(r2.initial_loss)
     for a, b in zip(one.parameters(), two.parameters()):
@@ -170,7 +171,7 @@ def test_nan_loss_raises_training_error_naming_the_step():
         model.norm_out.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"step 1: the training loss is nan"):
         train(
-            model, StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=3), MemoryTracker(), progress=False
+            model, StreamBatches(repetitive_stream(), 32, 4), micro_config(max_steps=3), MemoryTracker(), display=QUIET
         )
 
 
@@ -181,13 +182,3 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no usable CUDA"):
             resolve_device("cuda")
-
-
-def test_a_callers_optimizer_gets_the_schedule_times_each_groups_lr_scale():
-    model = micro_model()
-    head = [model.wte.weight]
-    rest = [p for p in model.parameters() if p is not model.wte.weight]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": head, "lr_scale": 0.5}], lr=1.0)
-    cfg = micro_config(max_steps=2, warmup_steps=0, lr=1e-3, min_lr_ratio=1.0)
-    train(model, StreamBatches(repetitive_stream(), 32, 4), cfg, MemoryTracker(), progress=False, optimizer=optimizer)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 5e-4])

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from stages.core.errors import ConfigError, TrainingError
+from stages.core.errors import TrainingError
 from stages.core.progress import Progress, progress_bar
 from stages.core.sections import TrainConfig
 from stages.core.tracking import Tracker
@@ -77,15 +77,27 @@ def _progress_bar(name: str, total: int, initial: int, enabled: bool, every: int
     )
 
 
+@dataclass(frozen=True)
+class Display:
+    """How one training run shows itself: ``name`` labels its progress bar and its resume line,
+    ``metric_prefix`` goes before every tracked param and metric (``finetune/``), and ``progress``
+    turns the bar (or, in a log, its lines) on or off."""
+
+    name: str = "train"
+    metric_prefix: str = ""
+    progress: bool = True
+
+
 class _Report:
     """Where a run's numbers go: the tracker (names prefixed), the progress bar and one-line notes.
 
     On ranks other than 0 everything is silent: they compute the same numbers, rank 0 reports them.
     """
 
-    def __init__(self, tracker: Tracker, prefix: str, name: str, progress: bool, main: bool):
+    def __init__(self, tracker: Tracker, display: Display, main: bool):
         self.tracker = tracker if main else distributed.SilentTracker()
-        self.prefix, self.name, self.main, self.progress = prefix, name, main, progress and main
+        self.prefix, self.name, self.main = display.metric_prefix, display.name, main
+        self.progress = display.progress and main
         self.bar: Progress | None = None
 
     def params(self, values: dict[str, Any]) -> None:
@@ -324,10 +336,7 @@ def train(
     tracker: Tracker,
     checkpoint_dir: Path | None = None,
     evaluate: Evaluate | None = None,
-    metric_prefix: str = "",
-    progress: bool = True,
-    optimizer: torch.optim.Optimizer | None = None,
-    name: str | None = None,
+    display: Display = Display(),  # frozen: one shared default is safe
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` optimizer steps (resuming when possible).
 
@@ -336,10 +345,7 @@ def train(
     line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
     when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``.
     ``evaluate`` runs at step 0, every ``eval_interval`` steps and at the end (before the last
-    checkpoint, which records it); its ``val_loss`` becomes best/final. ``optimizer``
-    defaults to ``build_optimizer`` (after the move to the device); a caller's own one gets the
-    scheduled lr times each group's optional ``lr_scale`` at every step. ``name`` labels the
-    progress bar and the resume line (default: ``metric_prefix`` without its slash, or "train").
+    checkpoint, which records it); its ``val_loss`` becomes best/final.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: each trains on its own slice of
     the batches (``batch_size`` is per rank), gradients are averaged by DDP or FSDP2
@@ -348,23 +354,18 @@ def train(
     perf.set_threads(cfg.threads)
     info, device = distributed.setup(resolve_device(cfg.device))
     settings = perf.runtime_settings(cfg, device)
-    if optimizer is not None and info.enabled and cfg.parallel == "fsdp":
-        raise ConfigError(
-            "parallel = 'fsdp': train() builds the optimizer over the sharded weights; "
-            "use parallel: ddp with a custom optimizer"
-        )
     batches = for_rank(batches, info.rank, info.world_size)
     gpt = find_gpt(model)
     hardware = Hardware(
         float(gpt.flops_per_token()) if gpt is not None else 0.0,
         *perf.peak_flops(device, cfg.peak_flops, settings.amp_dtype),
     )
-    report = _Report(tracker, metric_prefix, name or metric_prefix.rstrip("/") or "train", progress, info.is_main)
+    report = _Report(tracker, display, info.is_main)
     model.to(device)
     model.train()
     with perf.backend_flags(settings), distributed.PreemptionGuard() as guard:
         net = distributed.parallelize(model, settings, info, cfg.parallel)
-        optimizer = optimizer or build_optimizer(net, cfg, fused=settings.fused_optimizer)
+        optimizer = build_optimizer(net, cfg, fused=settings.fused_optimizer)
         run = _Run(
             net=net,
             optimizer=optimizer,

@@ -53,9 +53,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Give every group update ``step``'s learning rate times its optional ``lr_scale`` (a caller's
-    own optimizer may give a group its own multiple); returns the scheduled rate."""
+    """Give every group update ``step``'s learning rate; returns it."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
     return lr

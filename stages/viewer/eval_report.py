@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stages.lm.diagnosis import Answers
+
 
 def evaluation_markdown(report: dict, curves_image: str) -> str:
     """The evaluate stage's report as Markdown: base vs fine-tuned, the diagnosis, samples, the curves."""
@@ -37,3 +44,16 @@ def evaluation_markdown(report: dict, curves_image: str) -> str:
         ]
     lines += ["", f"![loss curves]({curves_image})", ""]
     return "\n".join(lines)
+
+
+def write_answers(path: Path, records: list[dict], expected: list[str], generated: dict[str, Answers]) -> None:
+    """``answers.jsonl``: per held-out item, the expected answer and each model's answer and whether it stopped."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, record in enumerate(records):
+            row = {
+                "expected": expected[i],
+                **{n: {"answer": g.texts[i], "stopped": g.stopped[i]} for n, g in generated.items()},
+            }
+            handle.write(
+                json.dumps({**({"task": record["task"]} if "task" in record else {}), **row}, ensure_ascii=False) + "\n"
+            )
