@@ -28,7 +28,7 @@ from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, register_onnx, start_run
 from stages.executor import StageCall
-from stages.lm.export_layout import SVG_FILE
+from stages.formats.layout import SVG_FILE
 from stages.registry import ORDER
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import describe_store, open_store
