@@ -6,16 +6,16 @@ its quantized serving against the best quantized peer.
     .venv/bin/python benchmarks/decode.py --shapes tiny --rounds 3
 
 For each shape, one random-weight GPT is written with the export's own library functions into a
-temporary directory: ``model_kv.onnx`` + ``export.json`` (``stages.lm.onnx_export``), ``hf/``
-(``stages.lm.hf_checkpoint``), ``genai/`` and ``genai-quantized/`` (int4) built from it by
-onnxruntime-genai's builder (``stages.lm.genai_package``), and ``model.gguf``
-(``stages.lm.gguf_export``). gptpipe's served runtime is chosen as the export chooses it
-(``stages.lm.serving_choice``: the fastest certified fp32 runtime, timed here first) and opened
-through ``stages.lm.served.open_served``, the call ``gptpipe generate --onnx`` and the registry's
+temporary directory: ``model_kv.onnx`` + ``export.json`` (``stages.formats.onnx.exporter``), ``hf/``
+(``stages.formats.llama.hf_checkpoint``), ``genai/`` and ``genai-quantized/`` (int4) built from it by
+onnxruntime-genai's builder (``stages.formats.genai.package``), and ``model.gguf``
+(``stages.formats.llama.gguf_writer``). gptpipe's served runtime is chosen as the export chooses it
+(``stages.formats.serving_choice``: the fastest certified fp32 runtime, timed here first) and opened
+through ``stages.formats.served.open_served``, the call ``gptpipe generate --onnx`` and the registry's
 MLflow model make; its quantized serving is ``genai-quantized/`` opened the same way.
 
 Rows, each through its own generation loop (so per-step overhead counts), timed alternately in one
-process, ``--rounds`` times, by ``stages.lm.decode_timing`` (prefill = one new token; decode ms/token
+process, ``--rounds`` times, by ``stages.formats.decode_timing`` (prefill = one new token; decode ms/token
 = (T(new) - T(1)) / (new - 1); medians):
 
 * PyTorch eager + KV cache (``stages.lm.generate.generate_ids``);
@@ -47,16 +47,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.core.config import ExportConfig, TokenizerConfig
-from stages.lm import genai_package, gguf_export, hf_checkpoint
-from stages.lm.decode_timing import Runner, time_decode
-from stages.lm.export_layout import GENAI_DIR, GENAI_QUANTIZED_DIR, GGUF_FILE, HF_DIR, KV_GRAPH
-from stages.lm.genai_runtime import GenaiGenerator
+from stages.formats.decode_timing import Runner, time_decode
+from stages.formats.genai import package as genai_package
+from stages.formats.genai.runtime import GenaiGenerator
+from stages.formats.layout import GENAI_DIR, GENAI_QUANTIZED_DIR, GGUF_FILE, HF_DIR, KV_GRAPH
+from stages.formats.llama import gguf_writer as gguf_export
+from stages.formats.llama import hf_checkpoint
+from stages.formats.onnx.exporter import export_graphs, quiet_exporter, trace_logits, write_meta
+from stages.formats.onnx.runtime import OnnxGenerator
+from stages.formats.served import open_served
+from stages.formats.serving_choice import choose_served
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT, GPTConfig
-from stages.lm.onnx_export import export_graphs, quiet_exporter, write_meta
-from stages.lm.onnx_runtime import OnnxGenerator
-from stages.lm.served import open_served
-from stages.lm.serving_choice import choose_served
 from stages.lm.tasks import make_items
 from stages.lm.tokenizer import Tokenizer
 from stages.lm.tokenizer_training import train_model
@@ -83,7 +85,7 @@ def write_artifacts(model: GPT, tokenizer: Tokenizer, out: Path, gguf: bool) -> 
     """What the export writes for serving: the KV graph with export.json, hf/, genai/ and its int4 twin,
     and (for llama.cpp) model.gguf. Returns the graphs for ``write_meta``."""
     with torch.no_grad(), quiet_exporter():
-        graphs = export_graphs(model, out, ExportConfig().opset, False, False)
+        graphs = export_graphs(model, out, ExportConfig().onnx.opset, False, trace_logits(model))
     write_meta(model, out, graphs, ExportConfig(), False)
     hf_dir = hf_checkpoint.write_checkpoint(model, tokenizer, out / HF_DIR)
     genai_package.build_package(hf_dir, out / GENAI_DIR, "fp32")
@@ -158,11 +160,11 @@ def bench_shape(name: str, args: argparse.Namespace, tokenizer: Tokenizer) -> li
         graphs = write_artifacts(model, tokenizer, out, gguf=not args.no_llama_cpp)
         print(f"[{name}] artifacts written in {time.perf_counter() - started:.1f} s", flush=True)
 
-        # The export's choice of fp32 runtime, made as the export makes it (export.serve = fastest).
+        # The export's choice of fp32 runtime, made as the export makes it (export.serving.runtime = fastest).
         kv, genai = OnnxGenerator(out, threads=args.threads), GenaiGenerator(out, GENAI_DIR, args.threads)
         candidates = {KV_GRAPH: lambda p, n: kv.generate_ids(p, n), GENAI_DIR: genai.generate_ids}
         cfg_export = ExportConfig()
-        choice = time_decode(candidates, prompt, cfg_export.timing_tokens, cfg_export.timing_rounds)
+        choice = time_decode(candidates, prompt, cfg_export.serving.timing_tokens, cfg_export.serving.timing_rounds)
         served_name = choose_served(cfg_export, {k: t.decode_ms for k, t in choice.items()})
         write_meta(model, out, graphs, cfg_export, False, serve=served_name)
         served = open_served(out, threads=args.threads)

@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/llama_cpp_gguf.py                   # newest export under runs/store
     .venv/bin/python benchmarks/llama_cpp_gguf.py runs/store/export/<key> --prompts 16 --threads 2
 
-The export's gate (``stages.lm.gguf_gate``) reads ``model.gguf`` with transformers' GGUF loader, an
+The export's gate (``stages.formats.llama.gguf_gate``) reads ``model.gguf`` with transformers' GGUF loader, an
 independent reader but not the runtime the file is for. This runs the file in llama.cpp itself:
 
 * prompts: a few fixed chats whose answers run long (``EXTRA_CHATS``), then the held-out
   conversations the export's gate draws its generation prompts from
-  (``stages.export.heldout_conversations``, in the gate's order), rendered with
+  (``stages.formats.job.heldout_conversations``, in the gate's order), rendered with
   ``ChatTemplate.render_prompt``. llama.cpp takes text, so each prompt goes in as
   ``Tokenizer.decode(ids, keep_special=True)``; ``llama-tokenize`` (special tokens parsed, as
   ``llama-simple`` does) must give back gptpipe's ids, or the row says so.
@@ -41,11 +41,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.export import heldout_conversations
+from stages.formats.job import heldout_conversations
+from stages.formats.layout import GGUF_FILE, TOKENIZER_DIR
+from stages.formats.llama.gguf_writer import write_gguf
 from stages.lm.chat import ChatTemplate, Message
-from stages.lm.export_layout import GGUF_FILE, TOKENIZER_DIR
 from stages.lm.generate import generate_ids
-from stages.lm.gguf_export import write_gguf
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.artifacts import MANIFEST
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="run a GGUF written now by stages.lm.gguf_export from the export's checkpoint (checks the code, not the file)",
+        help="run a GGUF written now by stages.formats.llama.gguf_writer from the export's checkpoint (checks the code, not the file)",
     )
     parser.add_argument("--prompts", type=int, default=8, help="held-out prompts after the fixed ones (default 8)")
     parser.add_argument("--new-tokens", type=int, help="greedy tokens per prompt (default: the export's gate's)")
@@ -197,7 +197,7 @@ def main() -> None:
         if args.fresh:
             gguf = write_gguf(model, tokenizer, work / GGUF_FILE)
         if not gguf.is_file():
-            sys.exit(f"{gguf}: no such file (was the export made with export.gguf=true?)")
+            sys.exit(f"{gguf}: no such file (was the export made with export.gguf.enabled=true?)")
         version = tools / "VERSION"
         print(f"export    {export}\nmodel     {source}\ngguf      {gguf}")
         print(f"prompts   {len(prompts)} ({len(EXTRA_CHATS)} fixed + {origin}), {new_tokens} greedy tokens")

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.core.config import ExportConfig
-from stages.lm import onnx_export
+from stages.formats.onnx import exporter as onnx_export
+from stages.formats.onnx.runtime import OnnxGenerator
 from stages.lm.model import GPT, GPTConfig
-from stages.lm.onnx_runtime import OnnxGenerator
 
 TINY = GPTConfig(vocab_size=2048, n_layer=4, n_head=4, n_embd=256, block_size=256)
 
@@ -70,8 +70,10 @@ def ort_decode(gen: OnnxGenerator, prompt: np.ndarray, new_tokens: int) -> tuple
 def export_to(model: GPT, directory: Path, opset: int) -> Path:
     directory.mkdir(parents=True)
     with torch.no_grad(), onnx_export.quiet_exporter():
-        graphs = onnx_export.export_graphs(model, directory, opset, external=False, pt2=False)
-    onnx_export.write_meta(model, directory, graphs, ExportConfig(opset=opset), external=False)
+        program = onnx_export.trace_logits(model)
+        graphs = onnx_export.export_graphs(model, directory, opset, external=False, program=program)
+    cfg = ExportConfig.model_validate({"onnx": {"opset": opset}})
+    onnx_export.write_meta(model, directory, graphs, cfg, external=False)
     return directory
 
 

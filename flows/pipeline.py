@@ -27,7 +27,7 @@ from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_a
 from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, start_run
-from stages.lm.export_layout import SVG_FILE
+from stages.formats.layout import SVG_FILE
 from stages.registry import ORDER
 from stages.serving.model_registry import register_onnx
 from stages.stage_call import StageCall

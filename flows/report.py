@@ -113,7 +113,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def _certificate(report: dict[str, Any]) -> str:
     """The export's equivalence certificate as a Markdown table, or '' when no export ran with one."""
-    from stages.lm.certificate import certificate_markdown
+    from stages.formats.certificate import certificate_markdown
 
     export = report["stages"].get("export")
     rows = export and export["metrics"].get("certificate")

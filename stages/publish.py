@@ -31,15 +31,8 @@ from pathlib import Path
 from stages.core.errors import ArtifactError
 from stages.core.stage import Output, Sections, Stage
 from stages.core.tracking import Tracker
-from stages.lm.export_layout import (
-    ARCHITECTURE_GRAPH,
-    GGUF_FILE,
-    INT8_FILE,
-    KV_GRAPH,
-    LOGITS_GRAPH,
-    META_FILE,
-    PT2_FILE,
-)
+from stages.formats.layout import ARCHITECTURE_GRAPH, META_FILE
+from stages.formats.registry import FORMATS, descriptions
 from stages.viewer import netron_page
 from stages.viewer.serve import LANDING
 
@@ -50,15 +43,16 @@ OFFLINE_SCRIPT = "offline.js"
 
 STANDALONE_DIR = "standalone"
 
-DESCRIPTIONS = {  # the graphs a bundle shows by default, in order
-    ARCHITECTURE_GRAPH: "the architecture: embedding, Block x N (open a Block for attention and MLP), norm, lm_head",
-    LOGITS_GRAPH: "logits for input ids (dynamic batch and sequence)",
-    KV_GRAPH: "KV-cache step: input ids + past keys/values -> logits + present keys/values",
-    PT2_FILE: "torch.export program of the logits model",
-    INT8_FILE: f"dynamic int8 quantization of {LOGITS_GRAPH}",
-    GGUF_FILE: "the GGUF file llama.cpp runs: tokenizer, embedding, then per layer RMS norm -> attention -> add "
-    "-> RMS norm -> gate/up/down matmuls -> add",
-}
+
+def _shown_by_default() -> dict[str, str]:
+    """The export files a bundle shows by default, with their formats' one description: the architecture
+    view first (the picture a reader opens first), then every other viewable file in registry order."""
+    described = descriptions()
+    shown = {name: described[name] for fmt in FORMATS for name in fmt.viewer}
+    return {ARCHITECTURE_GRAPH: shown.pop(ARCHITECTURE_GRAPH), **shown}
+
+
+DESCRIPTIONS = _shown_by_default()
 
 # Sets Netron's own consent cookie, so it never asks ipinfo.io where the viewer is.
 _OFFLINE_JS = """// Added by gptpipe: keep the bundled Netron from contacting any other host.

@@ -71,9 +71,16 @@ def make_model(store: LocalStore, stage: str, vocab_size: int, seed: int = 0, he
 
 def export_config(store: Path, **export):
     """A recipe whose export section is small and quick (1 thread: the machine is shared; no int4 twin
-    unless a test asks for one)."""
-    fields = {"generation_prompts": 3, "generation_tokens": 12, "parity_shapes": 2, "threads": 1, "quantized": "none"}
-    fields.update(export)
+    unless a test asks for one). A format's section given as a dict is merged over these defaults."""
+    fields: dict = {
+        "generation_prompts": 3,
+        "generation_tokens": 12,
+        "parity_shapes": 2,
+        "threads": 1,
+        "quantized": {"enabled": False},
+    }
+    for key, value in export.items():
+        fields[key] = {**fields.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config({"artifacts": {"store": str(store)}, "export": fields})
 
 
@@ -103,7 +110,9 @@ def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     model = make_model(store, "finetune", vocab_size, heldout=20, **shape)
     # Random weights: int4 moves bits per byte more than a trained model's, so the micro export's
     # quantized variant is held to a loose bound; tests/test_genai.py rejects a damaged one.
-    cfg = export_config(root, quantize=n_layer is None, quantized="int4", quantized_bpb_rise=1.0)
+    cfg = export_config(
+        root, int8={"enabled": n_layer is None}, quantized={"enabled": True, "precision": "int4", "bpb_rise": 1.0}
+    )
     inputs = {"tokenizer": tokenizer, "finetune": model}
     result = run_stage("export", cfg, inputs, store)
     return Exported(cfg, inputs, Path(result.ref.uri), result.manifest.metrics, Path(model.uri) / "model", vocab_size)
@@ -113,7 +122,7 @@ def reuse_graphs(good_dir: Path):
     """A stand-in for ``export_graphs`` that copies the good export's graphs (the ONNX gate then passes),
     so a test can damage one later format and watch its own gate fail."""
 
-    def fake(model, out, opset, external, pt2):
+    def fake(model, out, opset, external, program):
         for name in ("model.onnx", "model_kv.onnx"):
             shutil.copy2(good_dir / name, out / name)
         return {"logits": "model.onnx", "kv": "model_kv.onnx"}

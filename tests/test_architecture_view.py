@@ -17,10 +17,12 @@ from _export_fixtures import exported
 from onnx import numpy_helper
 
 from stages.core.errors import ParityError
-from stages.lm import export_layout as layout
-from stages.lm import onnx_architecture, onnx_gate
+from stages.formats import layout
+from stages.formats.job import gate_inputs
+from stages.formats.onnx import architecture as onnx_architecture
+from stages.formats.onnx import gate as onnx_gate
+from stages.formats.onnx.runtime import open_session
 from stages.lm.generate import generate_ids
-from stages.lm.onnx_runtime import open_session
 from stages.lm.tokenizer import Tokenizer
 from stages.publish import netron_package
 from stages.training.checkpoint_format import load_model
@@ -106,7 +108,7 @@ def test_gate_fails_when_a_block_is_missing(deep, tmp_path):
     model = load_model(deep.model_dir, "cpu").float().eval()
     tokenizer = Tokenizer.load(out / "tokenizer")
     with pytest.raises(ParityError, match=f"{N_LAYER - 1} Block nodes for n_layer={N_LAYER}"):
-        onnx_gate.architecture_parity(model, out, tokenizer, deep.cfg.export, [])
+        onnx_gate.architecture_parity(model, tokenizer, out, gate_inputs(model, tokenizer, deep.cfg.export, out))
 
 
 def test_gate_fails_when_a_block_weight_differs(deep, tmp_path):
@@ -118,8 +120,9 @@ def test_gate_fails_when_a_block_weight_differs(deep, tmp_path):
     init.CopyFrom(numpy_helper.from_array(array, init.name))
     onnx.save(proto, str(out / "architecture.onnx"))
     model = load_model(deep.model_dir, "cpu").float().eval()
+    tokenizer = Tokenizer.load(out / "tokenizer")
     with pytest.raises(ParityError, match="architecture.onnx logits differ"):
-        onnx_gate.architecture_parity(model, out, Tokenizer.load(out / "tokenizer"), deep.cfg.export, [])
+        onnx_gate.architecture_parity(model, tokenizer, out, gate_inputs(model, tokenizer, deep.cfg.export, out))
 
 
 def test_report_picture_shows_one_block_per_layer(deep):

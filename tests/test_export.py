@@ -18,9 +18,11 @@ from onnx import numpy_helper
 from stages import export
 from stages.core.errors import ConfigError, ParityError
 from stages.executor import run_stage
-from stages.lm import onnx_gate
+from stages.formats.job import gate_inputs
+from stages.formats.onnx import exporter
+from stages.formats.onnx import gate as onnx_gate
+from stages.formats.onnx.runtime import OnnxGenerator
 from stages.lm.generate import generate, generate_ids
-from stages.lm.onnx_runtime import OnnxGenerator
 from stages.lm.tokenizer import Tokenizer
 from stages.registry import stage
 from stages.storage.stores import LocalStore
@@ -106,7 +108,7 @@ def test_onnx_generator_runs_without_torch(good):
     script = (
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch now fails\n"
-        "from stages.lm.onnx_runtime import OnnxGenerator\n"
+        "from stages.formats.onnx.runtime import OnnxGenerator\n"
         f"g = OnnxGenerator({str(good.export_dir)!r}, threads=1)\n"
         "ids = g.generate_ids([5, 6, 7], 4)\n"
         "text = g.generate('Sort: c a b', max_new_tokens=4)\n"
@@ -123,7 +125,9 @@ def test_gate_rejects_one_perturbed_onnx_weight(good, tmp_path):
     perturb(broken / "model.onnx", head, bump_one)
     model = load_model(good.model_dir)
     with pytest.raises(ParityError) as caught:
-        onnx_gate.check_parity(model, broken, Tokenizer.load(broken / "tokenizer"), good.cfg.export, [])
+        tokenizer = Tokenizer.load(broken / "tokenizer")
+        inputs = gate_inputs(model, tokenizer, good.cfg.export, good.model_dir.parent)
+        onnx_gate.check_parity(model, tokenizer, OnnxGenerator(broken, threads=1), inputs)
     message = str(caught.value)
     assert "model.onnx 1x1" in message and "export.tolerance=0.0001" in message and "\n" not in message
     assert "model_kv.onnx" not in message  # only the graph that was changed is blamed
@@ -132,11 +136,11 @@ def test_gate_rejects_one_perturbed_onnx_weight(good, tmp_path):
 def _copy_and_break(good_dir: Path, break_graph):
     """A stand-in for ``export_graphs`` that copies the good export and breaks the KV graph."""
 
-    def fake(model, out, opset, external, pt2):
-        for name in ("model.onnx", "model_kv.onnx", "model.pt2"):
+    def fake(model, out, opset, external, program):
+        for name in ("model.onnx", "model_kv.onnx"):
             shutil.copy2(good_dir / name, out / name)
         break_graph(out / "model_kv.onnx")
-        return {"logits": "model.onnx", "kv": "model_kv.onnx", "pt2": "model.pt2"}
+        return {"logits": "model.onnx", "kv": "model_kv.onnx"}
 
     return fake
 
@@ -156,7 +160,7 @@ def _copy_and_break(good_dir: Path, break_graph):
 )
 def test_runner_publishes_nothing_when_the_gate_fails(good, tmp_path, monkeypatch, tolerance, pick, change, expected):
     breaker = _copy_and_break(good.export_dir, lambda path: perturb(path, pick, change))
-    monkeypatch.setattr(export, "export_graphs", breaker)
+    monkeypatch.setattr(exporter, "export_graphs", breaker)
     store = LocalStore(tmp_path / "store")
     cfg = export_config(tmp_path / "store", tolerance=tolerance)
     with pytest.raises(ParityError, match=expected):
@@ -167,7 +171,9 @@ def test_runner_publishes_nothing_when_the_gate_fails(good, tmp_path, monkeypatc
 def test_external_data_when_forced(good, tmp_path):
     store = LocalStore(tmp_path / "store")
     model_ref = make_model(store, "finetune", good.vocab_size, seed=3, n_layer=1)
-    cfg = export_config(tmp_path / "store", external_data=True, pt2=False, generation_prompts=2, parity_shapes=1)
+    cfg = export_config(
+        tmp_path / "store", onnx={"external_data": True}, pt2={"enabled": False}, generation_prompts=2, parity_shapes=1
+    )
     result = run_stage("export", cfg, {"tokenizer": good.inputs["tokenizer"], "finetune": model_ref}, store)
     out = Path(result.ref.uri)
     assert result.manifest.metrics["external_data"] is True

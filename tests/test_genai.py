@@ -1,7 +1,7 @@
 """The export's onnxruntime-genai folders and what serves: genai/ (built by onnxruntime-genai's builder
 from hf/) runs in og.Model as the same model (logits after each prompt, greedy ids token for token)
 and og.Tokenizer tokenizes as gptpipe does; a damaged folder fails the gate and publishes nothing,
-and a missing onnxruntime_genai is a ConfigError naming export.genai=false. Its int4 twin is gated
+and a missing onnxruntime_genai is a ConfigError naming export.genai.enabled=false. Its int4 twin is gated
 by quality (kept when it passes, recorded and dropped when it fails); the served runtime is the
 fastest certified one, and the certificate has one row per format.
 """
@@ -16,17 +16,17 @@ import pytest
 import torch
 from _export_fixtures import export_config, exported, reuse_graphs
 
-from stages import export
 from stages.core.errors import ConfigError, ParityError
 from stages.core.sections import ExportConfig
 from stages.executor import run_stage
-from stages.lm import genai_package
-from stages.lm.export_layout import CERTIFICATE_FILE, GENAI_DIR, GENAI_QUANTIZED_DIR, HF_DIR, KV_GRAPH
-from stages.lm.genai_runtime import GenaiGenerator
+from stages.formats.genai import package as genai_package
+from stages.formats.genai.runtime import GenaiGenerator
+from stages.formats.layout import CERTIFICATE_FILE, GENAI_DIR, GENAI_QUANTIZED_DIR, HF_DIR, KV_GRAPH
+from stages.formats.onnx import exporter
+from stages.formats.onnx.runtime import OnnxGenerator
+from stages.formats.served import open_served, served_runtime
+from stages.formats.serving_choice import choose_served
 from stages.lm.generate import generate
-from stages.lm.onnx_runtime import OnnxGenerator
-from stages.lm.served import open_served, served_runtime
-from stages.lm.serving_choice import choose_served
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.stores import LocalStore
 from stages.training.checkpoint_format import load_model
@@ -63,9 +63,9 @@ def test_a_corrupted_genai_model_fails_the_export_and_publishes_nothing(good, tm
         return out
 
     monkeypatch.setattr(genai_package, "build_package", damaged)
-    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
+    monkeypatch.setattr(exporter, "export_graphs", reuse_graphs(good.export_dir))
     store = LocalStore(tmp_path / "store")
-    cfg = export_config(tmp_path / "store", pt2=False, gguf=False)
+    cfg = export_config(tmp_path / "store", pt2={"enabled": False}, gguf={"enabled": False})
     with pytest.raises(ParityError, match=r"onnxruntime-genai model \(genai/, run with og\.Model\) differs") as caught:
         run_stage("export", cfg, good.inputs, store)
     assert "nothing was published" in str(caught.value) and "\n" not in str(caught.value)
@@ -81,8 +81,8 @@ def test_without_onnxruntime_genai_the_export_names_the_way_out(good, tmp_path, 
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_genai)
-    cfg = export_config(tmp_path / "store", pt2=False, gguf=False, hf=False)
-    with pytest.raises(ConfigError, match="export.genai=false"):
+    cfg = export_config(tmp_path / "store", pt2={"enabled": False}, gguf={"enabled": False}, hf={"enabled": False})
+    with pytest.raises(ConfigError, match="export.genai.enabled=false"):
         run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
     assert not (tmp_path / "store" / "export").exists() or list((tmp_path / "store" / "export").iterdir()) == []
     assert (good.export_dir / HF_DIR).is_dir()
@@ -92,8 +92,8 @@ def test_the_quantized_twin_passed_its_quality_gate_and_is_kept(good):
     quantized = good.metrics["quantized"]
     assert quantized["precision"] == "int4" and quantized["items"] == 20
     assert quantized["passed"], quantized.get("reason")
-    assert quantized["exact_match_drop"] <= good.cfg.export.quantized_exact_match_drop
-    assert quantized["bpb_rise"] <= good.cfg.export.quantized_bpb_rise
+    assert quantized["exact_match_drop"] <= good.cfg.export.quantized.exact_match_drop
+    assert quantized["bpb_rise"] <= good.cfg.export.quantized.bpb_rise
     assert quantized["tokenizer_matches"] == quantized["tokenizer_texts"] > 10
     assert (good.export_dir / GENAI_QUANTIZED_DIR / genai_package.CONFIG_FILE).is_file()
     # smaller than fp32: MatMulNBits holds 4-bit weights
@@ -114,8 +114,13 @@ def test_a_quantized_twin_that_fails_its_quality_gate_is_recorded_and_not_kept(g
         return out
 
     monkeypatch.setattr(genai_package, "build_package", damaged_when_quantized)
-    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
-    cfg = export_config(tmp_path / "store", pt2=False, gguf=False, quantized="int4", quantized_bpb_rise=0.0)
+    monkeypatch.setattr(exporter, "export_graphs", reuse_graphs(good.export_dir))
+    cfg = export_config(
+        tmp_path / "store",
+        pt2={"enabled": False},
+        gguf={"enabled": False},
+        quantized={"enabled": True, "precision": "int4", "bpb_rise": 0.0},
+    )
     result = run_stage("export", cfg, good.inputs, LocalStore(tmp_path / "store"))
     quantized = result.manifest.metrics["quantized"]
     assert not quantized["passed"] and "bits per byte rose" in quantized["reason"]
@@ -152,9 +157,9 @@ def test_sampling_with_a_seed_gives_the_same_tokens_in_both_onnx_runtimes(good):
 def test_export_serve_picks_the_fastest_or_the_pinned_runtime_and_names_a_missing_one():
     timings = {"pytorch": 0.1, KV_GRAPH: 0.5, GENAI_DIR: 0.4}
     assert choose_served(ExportConfig(), timings) == GENAI_DIR
-    assert choose_served(ExportConfig(serve="onnx"), timings) == KV_GRAPH
-    with pytest.raises(ConfigError, match="export.serve = 'quantized': genai-quantized was not certified"):
-        choose_served(ExportConfig(serve="quantized"), timings)
+    assert choose_served(ExportConfig(serving={"runtime": "onnx"}), timings) == KV_GRAPH
+    with pytest.raises(ConfigError, match="export.serving.runtime = 'quantized': genai-quantized was not certified"):
+        choose_served(ExportConfig(serving={"runtime": "quantized"}), timings)
 
 
 def test_the_certificate_has_a_row_per_format_and_marks_the_served_one(good):
@@ -183,7 +188,7 @@ def test_the_certificate_has_a_row_per_format_and_marks_the_served_one(good):
 def test_a_pinned_runtime_the_recipe_does_not_build_is_refused_before_the_export_runs():
     from stages.core.config import parse_config
 
-    with pytest.raises(ConfigError, match=r"export.serve = 'quantized' needs export.quantized=int4"):
-        parse_config({"export": {"serve": "quantized", "quantized": "none"}})
-    with pytest.raises(ConfigError, match=r"export.serve = 'genai' needs export.genai=true"):
-        parse_config({"export": {"serve": "genai", "genai": False}})
+    with pytest.raises(ConfigError, match=r"export.serving.runtime = 'quantized' needs export.quantized.enabled=true"):
+        parse_config({"export": {"serving": {"runtime": "quantized"}, "quantized": {"enabled": False}}})
+    with pytest.raises(ConfigError, match=r"export.serving.runtime = 'genai' needs export.genai.enabled=true"):
+        parse_config({"export": {"serving": {"runtime": "genai"}, "genai": {"enabled": False}}})

@@ -19,13 +19,14 @@ import pytest
 import torch
 from _export_fixtures import export_config, exported, reuse_graphs, tokenizer_documents
 
-from stages import export
 from stages.core.config import TokenizerConfig
 from stages.core.errors import ArtifactError, ConfigError, ParityError
 from stages.executor import run_stage
-from stages.lm import gguf_export, gguf_gate, hf_gate
+from stages.formats.layout import GGUF_FILE
+from stages.formats.llama import gguf_gate, hf_gate
+from stages.formats.llama import gguf_writer as gguf_export
+from stages.formats.onnx import exporter
 from stages.lm.chat import ChatTemplate
-from stages.lm.export_layout import GGUF_FILE
 from stages.lm.generate import generate_ids
 from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
 from stages.lm.tokenizer_training import train_model
@@ -128,7 +129,7 @@ def test_tokenization_is_identical_on_held_out_text(good, read):
 def test_a_unigram_tokenizer_is_refused_before_anything_is_written():
     cfg = TokenizerConfig(vocab_size=400, model_type="unigram", threads=1)
     tokenizer = Tokenizer(train_model(tokenizer_documents(), cfg))
-    with pytest.raises(ConfigError, match="export.gguf=false"):
+    with pytest.raises(ConfigError, match="export.gguf.enabled=false"):
         gguf_export.check_tokenizer(tokenizer)
 
 
@@ -192,9 +193,9 @@ def test_tokenizer_metadata_that_splits_markers_or_adds_a_space_fails_the_gate(
 
 
 def _fails_and_publishes_nothing(good, tmp_path, monkeypatch, error, expected) -> None:
-    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
+    monkeypatch.setattr(exporter, "export_graphs", reuse_graphs(good.export_dir))
     store = LocalStore(tmp_path / "store")
-    cfg = export_config(tmp_path / "store", pt2=False, hf=False)
+    cfg = export_config(tmp_path / "store", pt2={"enabled": False}, hf={"enabled": False})
     with pytest.raises(error, match=expected) as caught:
         run_stage("export", cfg, good.inputs, store)
     assert "nothing was published" in str(caught.value) and "\n" not in str(caught.value)

@@ -17,10 +17,10 @@ import torch
 from _export_fixtures import export_config, exported, reuse_graphs, tokenizer_documents
 from safetensors import safe_open
 
-from stages import export
 from stages.core.errors import ParityError
 from stages.executor import run_stage
-from stages.lm import hf_checkpoint, hf_gate
+from stages.formats.llama import hf_checkpoint, hf_gate
+from stages.formats.onnx import exporter
 from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
 from stages.lm.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -215,10 +215,10 @@ def _markers_as_plain_tokens(definition):
 def test_a_corrupted_checkpoint_fails_the_gate_and_publishes_nothing(
     good, tmp_path, monkeypatch, target, breaker, expected
 ):
-    monkeypatch.setattr(export, "export_graphs", reuse_graphs(good.export_dir))
+    monkeypatch.setattr(exporter, "export_graphs", reuse_graphs(good.export_dir))
     monkeypatch.setattr(hf_checkpoint, target, breaker(getattr(hf_checkpoint, target)))
     store = LocalStore(tmp_path / "store")
-    cfg = export_config(tmp_path / "store", pt2=False)
+    cfg = export_config(tmp_path / "store", pt2={"enabled": False})
     with pytest.raises(ParityError, match=expected) as caught:
         run_stage("export", cfg, good.inputs, store)
     assert "nothing was published" in str(caught.value) and "\n" not in str(caught.value)

@@ -21,9 +21,6 @@ from stages.registry import ORDER
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "onnx", "onnxruntime")
-# stages/export.py is being rewritten to import its formats lazily on another branch (issue 25, item 1);
-# strict: once it is light this passes, the xfail fails, and the mark must go.
-EXPORT_PENDING = pytest.mark.xfail(strict=True, reason="stages/export.py still imports torch at module level")
 
 
 def heavy_modules_after(code: str) -> list[str]:
@@ -36,12 +33,11 @@ def heavy_modules_after(code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=EXPORT_PENDING) if n == "export" else n for n in ORDER])
+@pytest.mark.parametrize("name", ORDER)
 def test_declaring_a_stage_imports_no_torch_onnx_or_onnxruntime(name):
     assert heavy_modules_after(f"import stages.{name}") == []
 
 
-@EXPORT_PENDING
 def test_gptpipe_config_validates_a_recipe_without_torch_onnx_or_onnxruntime():
     code = (
         "import contextlib, io\n"

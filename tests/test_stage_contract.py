@@ -66,7 +66,9 @@ def _declared_file_names() -> set[str]:
 # Other files that happen to share a declared output's name, each spelled once where it is written.
 SAME_NAME = {
     "index.html": ("Netron's own app page inside netron/ (stages/viewer/netron_page.py)",),
-    "tokenizer.json": ("Hugging Face's tokenizer file inside the export's hf/ (stages/lm/hf_checkpoint.py)",),
+    "tokenizer.json": (
+        "Hugging Face's tokenizer file inside the export's hf/ (stages/formats/llama/hf_checkpoint.py)",
+    ),
 }
 
 

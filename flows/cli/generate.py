@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         import sys
 
-        from stages.lm.served import open_served, served_runtime
+        from stages.formats.served import open_served, served_runtime
 
         export_dir = Path(args.onnx) if args.onnx != "latest" else newest_artifact(store, "export")
         print(f"[{served_runtime(export_dir)}: the runtime the export certified as fastest]", file=sys.stderr)

@@ -21,6 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from stages import registry
 from stages.core.errors import ConfigError
 from stages.core.sections import (
+    MOVED_KEYS,
     CorpusConfig,
     DataConfig,
     EvaluateConfig,
@@ -240,6 +241,10 @@ def _printable(text: str) -> str:
 
 def _describe(error: dict, source: str) -> str:
     field = _printable(".".join(str(p) for p in error["loc"])) or "<root>"
+    if field in MOVED_KEYS:  # a key of an older recipe shape, unknown now or a section now: name its new home
+        return (
+            f"{source}: '{field}' has moved; use '{MOVED_KEYS[field]}' (see the recipe reference in docs/reference.md)"
+        )
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(tuple(error["loc"])), n=1, cutoff=0.6)
         hint = (

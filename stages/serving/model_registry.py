@@ -27,16 +27,16 @@ def find_version(client: Any, name: str, digest: str) -> Any | None:
     return next((v for v in versions if v.tags.get("gptpipe.digest") == digest), None)
 
 
-# What the served model needs besides mlflow itself: no torch (stages.lm.served runs without it).
+# What the served model needs besides mlflow itself: no torch (stages.formats.served runs without it).
 PYFUNC_REQUIREMENTS = ("onnxruntime", "onnxruntime-genai", "sentencepiece", "numpy")
 # The served model's code is what opening the served runtime imports, found from its import graph (so a
 # module it starts to need cannot be left behind): shipped in the model's code/ folder.
-PYFUNC_ENTRY = "stages.lm.served"
+PYFUNC_ENTRY = "stages.formats.served"
 
 
 # The export's files the served model carries (model.pt2 and the int8 twin stay in the store).
 def _pyfunc_files() -> tuple[str, ...]:
-    from stages.lm.export_layout import KV_GRAPH, LOGITS_GRAPH, META_FILE
+    from stages.formats.layout import KV_GRAPH, LOGITS_GRAPH, META_FILE
 
     return LOGITS_GRAPH, KV_GRAPH, f"{LOGITS_GRAPH}.data", f"{KV_GRAPH}.data", META_FILE
 
@@ -78,7 +78,7 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="gptpipe-pyfunc-") as scratch:
         onnx_dir = Path(scratch) / pyfunc.ARTIFACT
         onnx_dir.mkdir()
-        from stages.lm.export_layout import KV_GRAPH, TOKENIZER_DIR
+        from stages.formats.layout import KV_GRAPH, TOKENIZER_DIR
 
         for name in _pyfunc_files():
             if (export_dir / name).is_file():
@@ -86,7 +86,7 @@ def save_pyfunc(export_dir: str | Path, path: str | Path) -> Path:
         if not (onnx_dir / KV_GRAPH).is_file() or not (export_dir / TOKENIZER_DIR).is_dir():
             raise GptpipeError(f"{export_dir}: no {KV_GRAPH} or {TOKENIZER_DIR}/ to serve; rerun stage 'export'")
         shutil.copytree(export_dir / TOKENIZER_DIR, onnx_dir / TOKENIZER_DIR)
-        from stages.lm.served import served_runtime
+        from stages.formats.served import served_runtime
 
         served = served_runtime(export_dir)
         if (export_dir / served).is_dir():  # an onnxruntime-genai folder the export certified as fastest
@@ -159,7 +159,7 @@ def register_onnx(
     import tempfile
 
     export_dir = Path(export_dir)
-    from stages.lm.export_layout import LOGITS_GRAPH
+    from stages.formats.layout import LOGITS_GRAPH
 
     graph = export_dir / LOGITS_GRAPH
     if not graph.is_file():
@@ -171,7 +171,7 @@ def register_onnx(
     client.log_text(tracker.run_id, json.dumps(figures, indent=2, sort_keys=True), "onnx_model/parity.json")
     tags = {f"parity.{k}": str(v) for k, v in figures.items()}
     if parity.get("certificate"):  # one tag per format: the export's equivalence certificate
-        from stages.lm.certificate import certificate_tags
+        from stages.formats.certificate import certificate_tags
 
         tags.update(certificate_tags(parity["certificate"]))
         tags["gptpipe.served_runtime"] = str(parity.get("serve", ""))

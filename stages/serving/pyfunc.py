@@ -2,7 +2,7 @@
 
 This file is MLflow "model code" (``mlflow.pyfunc.save_model(python_model=<this file>)``): MLflow
 copies it into the model folder and executes it when the model is loaded, so it must import only
-what inference needs — mlflow, numpy, pandas and ``stages.lm.onnx_runtime`` (onnxruntime +
+what inference needs — mlflow, numpy, pandas and ``stages.formats.onnx.runtime`` (onnxruntime +
 sentencepiece; no torch), which ``stages.serving.model_registry.save_pyfunc`` ships in the model's
 ``code/`` folder together with the ONNX graphs and tokenizer in ``artifacts/onnx``.
 
@@ -139,11 +139,11 @@ def requests(model_input: Any) -> list[Request]:
 
 
 class GptpipeChatModel(PythonModel):
-    """Chat replies from the runtime the export certified as fastest (``stages.lm.served``), generated
+    """Chat replies from the runtime the export certified as fastest (``stages.formats.served``), generated
     exactly as ``gptpipe generate --onnx``."""
 
     def load_context(self, context) -> None:
-        from stages.lm.served import open_served
+        from stages.formats.served import open_served
 
         self.generator = open_served(context.artifacts[ARTIFACT])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-DOMAIN = "gptpipe"  # the local-function domain of stages.lm.onnx_architecture
+DOMAIN = "gptpipe"  # the local-function domain of stages.formats.onnx.architecture
 
 _BOX_W, _BOX_H, _GAP = 230, 38, 14
 _COLOURS = {

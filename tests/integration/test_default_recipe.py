@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stages.core.sections import ExportConfig
-from stages.lm.export_layout import CERTIFICATE_FILE, GENAI_QUANTIZED_DIR
+from stages.formats.layout import CERTIFICATE_FILE, GENAI_QUANTIZED_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -40,12 +40,12 @@ def test_the_default_recipe_learns_its_tasks_and_its_int4_twin_stays_within_tole
     assert evaluate["sft_accuracy"] >= 0.9 and evaluate["base_accuracy"] <= 0.05, evaluate
 
     export = stages["export"]["metrics"]
-    tolerance = ExportConfig()
+    tolerance = ExportConfig().quantized
     quantized = export["quantized"]
-    assert quantized["items"] == tolerance.quantized_items
+    assert quantized["items"] == tolerance.items
     assert quantized["passed"], quantized.get("reason")
-    assert quantized["exact_match_drop"] <= tolerance.quantized_exact_match_drop
-    assert quantized["bpb_rise"] <= tolerance.quantized_bpb_rise
+    assert quantized["exact_match_drop"] <= tolerance.exact_match_drop
+    assert quantized["bpb_rise"] <= tolerance.bpb_rise
     assert quantized["exact_match"] >= 0.85 and quantized["tokenizer_matches"] == quantized["tokenizer_texts"]
     for name in ("hf", "gguf", "genai"):
         assert export[name]["generation_matches"] == export[name]["generation_prompts"], name

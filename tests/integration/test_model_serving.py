@@ -51,7 +51,7 @@ try:
     refused = repr(model.predict([{"question": prompts[0]}], params=params))
 except MlflowException as exc:
     refused = exc.message
-runtime = sys.modules["stages.lm.onnx_runtime"].__file__
+runtime = sys.modules["stages.formats.onnx.runtime"].__file__
 print(json.dumps({"answers": answers, "refused": refused, "torch": "torch" in sys.modules, "runtime": runtime}))
 """
 
@@ -146,7 +146,7 @@ def test_pyfunc_load_model_predicts_what_gptpipe_generate_prints(services, clien
     assert "got a row with unknown fields ['question']; it accepts a string" in result["refused"]
     assert "\n" not in result["refused"]
     assert result["torch"] is False, "serving must not need torch"
-    assert "/code/stages/lm/onnx_runtime.py" in result["runtime"], result["runtime"]
+    assert "/code/stages/formats/onnx/runtime.py" in result["runtime"], result["runtime"]
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ beside it, ``genai_config.json`` (shapes, stop ids, search defaults) and the tok
 copies from ``hf/`` (``tokenizer.json``, the chat template). ``og.Model``/``og.Generator`` run it.
 
 The builder runs in a child process: it prints progress freely and imports its model classes on
-use, and a failure must leave the export's own process as it was. ``stages.lm.genai_gate`` checks
+use, and a failure must leave the export's own process as it was. ``stages.formats.genai.gate`` checks
 the folder against PyTorch.
 """
 
@@ -33,8 +33,8 @@ def require_genai() -> Any:
         import onnxruntime_genai
     except ImportError as exc:
         raise ConfigError(
-            f"export.genai: onnxruntime_genai cannot be imported ({exc}); "
-            "pip install 'onnxruntime-genai>=0.18' or set export.genai=false"
+            f"export.genai.enabled: onnxruntime_genai cannot be imported ({exc}); "
+            "pip install 'onnxruntime-genai>=0.18' or set export.genai.enabled=false"
         ) from None
     return onnxruntime_genai
 

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from stages.core.errors import ArtifactError
-from stages.lm.chat_replies import ChatReplies, pick_token
-from stages.lm.export_layout import META_FILE, TOKENIZER_DIR
+from stages.formats.chat_replies import ChatReplies, pick_token
+from stages.formats.layout import META_FILE, TOKENIZER_DIR
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ExportMeta:
     graphs: dict[str, str]
     kv_inputs: list[str]
     kv_outputs: list[str]
-    # The runtime the export certified as fastest (``stages.lm.served``): an onnxruntime-genai folder
+    # The runtime the export certified as fastest (``stages.formats.served``): an onnxruntime-genai folder
     # name, or empty for the KV graph (exports older than the field serve from the KV graph).
     serve: str = ""
 

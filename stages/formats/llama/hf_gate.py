@@ -1,11 +1,11 @@
 """The export's gate for its Hugging Face checkpoint: transformers loads ``hf/`` offline and it is
 the same model and tokenizer as gptpipe's.
 
-``check_checkpoint`` runs ``stages.lm.parity``'s logits and greedy-generation comparisons — the
+``check_checkpoint`` runs ``stages.formats.parity``'s logits and greedy-generation comparisons — the
 ones the ONNX gate runs — and, since only this artifact carries its own tokenizer, compares that
 tokenizer's ids, its decode and its chat template with ``stages.lm.tokenizer`` and
 ``stages.lm.chat.ChatTemplate``. transformers is imported on use: writing the checkpoint
-(``stages.lm.hf_checkpoint``) does not need it.
+(``stages.formats.llama.hf_checkpoint``) does not need it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stages.core.errors import ParityError
-from stages.lm import parity
+from stages.formats import parity
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.layout import HF_DIR
 from stages.lm.chat import END_TOKEN, ChatTemplate
-from stages.lm.export_layout import HF_DIR
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
@@ -55,30 +55,23 @@ def _greedy(hf_model: Any, new_tokens: int, stop_ids: list[int], pad_id: int, pr
 
 @torch.no_grad()
 def transformers_parity(
-    hf_model: Any,
-    hf_tokenizer: Any,
-    model: GPT,
-    tokenizer: Tokenizer,
-    tolerance: float,
-    inputs: list[np.ndarray],
-    prompts: list[list[int]],
-    new_tokens: int,
-    conversations: list[list[dict[str, str]]],
+    hf_model: Any, hf_tokenizer: Any, model: GPT, tokenizer: Tokenizer, inputs: GateInputs
 ) -> tuple[list[str], dict[str, Any]]:
     """What every transformers-loaded format must match (the ``hf/`` checkpoint, the GGUF): logits
-    within ``tolerance`` on each of ``inputs``; greedy ``generate`` token-identical to gptpipe's on
+    within ``inputs.tolerance`` on each of ``inputs.ids``; greedy ``generate`` token-identical to gptpipe's on
     each prompt (cropped to fit ``block_size`` with the new tokens: HF does not crop, gptpipe does);
     ``encode`` ids identical on every held-out message and ``PROBE_TEXT``; ``apply_chat_template``
     giving ``ChatTemplate.render_prompt``'s ids. Returns one line per failure and the figures."""
+    tolerance, new_tokens, conversations = inputs.tolerance, inputs.new_tokens, inputs.conversations
     logits = parity.logits_parity(
-        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs
+        lambda ids: [hf_model(torch.from_numpy(ids)).logits], lambda ids: [model(torch.from_numpy(ids))], inputs.ids
     )
     failures = [
         f"logits {shape}: {diff:.2e} above export.tolerance={tolerance:g}"
         for shape, diff in logits.above(tolerance).items()
     ]
     template = ChatTemplate(tokenizer)
-    cropped = [prompt[-max(1, model.cfg.block_size - new_tokens) :] for prompt in prompts]
+    cropped = [prompt[-max(1, model.cfg.block_size - new_tokens) :] for prompt in inputs.prompts]
     generation = parity.generation_parity(
         partial(_greedy, hf_model, new_tokens, list(template.stop_ids), tokenizer.pad_id),
         lambda prompt: generate_ids(model, prompt, new_tokens, stop_ids=template.stop_ids),
@@ -120,19 +113,10 @@ def held_out_texts(conversations: list[list[dict[str, str]]]) -> list[str]:
 
 
 @torch.no_grad()
-def check_checkpoint(
-    model: GPT,
-    tokenizer: Tokenizer,
-    hf_dir: Path,
-    tolerance: float,
-    inputs: list[np.ndarray],
-    prompts: list[list[int]],
-    new_tokens: int,
-    conversations: list[list[dict[str, str]]],
-) -> dict[str, Any]:
+def check_checkpoint(model: GPT, tokenizer: Tokenizer, hf_dir: Path, inputs: GateInputs) -> dict[str, Any]:
     """Load ``hf_dir`` with transformers (offline) and compare it with ``model`` and ``tokenizer``.
 
-    Logits within ``tolerance`` on each id matrix of ``inputs``; greedy ``generate`` token-identical
+    Logits within ``inputs.tolerance`` on each id matrix of ``inputs.ids``; greedy ``generate`` token-identical
     to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the
     new tokens: HF does not crop, gptpipe does); ``encode`` ids identical on every held-out message
     and ``PROBE_TEXT``, ``decode`` giving the text back (and, on those ids and on chat prompts
@@ -145,9 +129,8 @@ def check_checkpoint(
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).float().eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-    failures, figures = transformers_parity(
-        hf_model, hf_tokenizer, model, tokenizer, tolerance, inputs, prompts, new_tokens, conversations
-    )
+    failures, figures = transformers_parity(hf_model, hf_tokenizer, model, tokenizer, inputs)
+    conversations = inputs.conversations
     # Only this format carries a tokenizer of its own to decode with: each text's ids and each chat
     # prompt's ids with a reply's end (the marker, then EOS and PAD as a padded batch ends) decode as
     # gptpipe decodes them: the text back with the markers kept, and without them under

@@ -1,7 +1,7 @@
 """What every served runtime shares: the next-token rule and the chat reply around a runtime's ids.
 
-A runtime (``stages.lm.onnx_runtime.OnnxGenerator`` on ``model_kv.onnx``,
-``stages.lm.genai_runtime.GenaiGenerator`` on an onnxruntime-genai folder) only turns prompt ids
+A runtime (``stages.formats.onnx.runtime.OnnxGenerator`` on ``model_kv.onnx``,
+``stages.formats.genai.runtime.GenaiGenerator`` on an onnxruntime-genai folder) only turns prompt ids
 into new ids; ``ChatReplies.generate`` renders the prompt with the project's one chat template and
 decodes the answer, so every runtime replies to the same text with the same ids. Torch-free: the
 served MLflow model imports this.

@@ -3,13 +3,13 @@
 * ``check_graphs``: ``onnx.checker`` accepts every graph;
 * ``check_parity``: ``model.onnx`` logits, and ``model_kv.onnx`` logits and presents (a prefill
   from an empty past, then a continuation on top of it), match PyTorch within ``export.tolerance``
-  at every gate shape, ``model.pt2`` at one more; greedy ORT+KV generation gives exactly
-  PyTorch's token ids for every prompt;
+  at every gate shape; greedy ORT+KV generation gives exactly PyTorch's token ids for every prompt;
+* ``check_pt2``: ``model.pt2``'s logits match at one more shape;
 * ``architecture_parity``: ``architecture.onnx`` has one Block per layer, its logits match at the
   gate shapes and its cache-free greedy generations match token for token.
 
-Each raises ``ParityError`` naming every failure on one line, so the runner publishes nothing.
-The comparisons are ``stages.lm.parity``'s, the ones the Hugging Face gate runs too.
+Each raises ``ParityError`` naming every failure on one line, so the executor publishes nothing.
+The comparisons are ``stages.formats.parity``'s, the ones the Hugging Face gate runs too.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import onnx
 import torch
 
 from stages.core.errors import ParityError
-from stages.core.sections import ExportConfig
-from stages.lm import export_layout as layout
-from stages.lm import onnx_architecture, parity
-from stages.lm import onnx_runtime as ortgen
-from stages.lm.chat import ChatTemplate, Message
-from stages.lm.export_layout import PT2_FILE
+from stages.formats import layout, parity
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.layout import PT2_FILE
+from stages.formats.onnx import architecture as onnx_architecture
+from stages.formats.onnx import runtime as ortgen
+from stages.lm.chat import ChatTemplate
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
@@ -76,42 +76,29 @@ def _session_logits(session, ids: np.ndarray) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def check_parity(
-    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
-) -> dict:
-    """Run the gate on model.onnx, model_kv.onnx and model.pt2; raise ParityError naming every failure, else return its numbers."""
-    rng = np.random.default_rng(cfg.seed)
-    block = model.cfg.block_size
-    inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, rng)
-    kv = ortgen.OnnxGenerator(out, threads=cfg.threads)
-    session = ortgen.open_session(out / layout.LOGITS_GRAPH, cfg.threads)
-    plain = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs)
-    cached = parity.logits_parity(partial(_ort_with_cache, kv), partial(_torch_with_cache, model), inputs)
+def check_parity(model: GPT, tokenizer: Tokenizer, kv: ortgen.OnnxGenerator, inputs: GateInputs) -> dict:
+    """Run the gate on model.onnx and model_kv.onnx (``kv``, opened once by the export and kept for serving);
+    raise ParityError naming every failure, else return its numbers."""
+    out = kv.export_dir
+    session = ortgen.open_session(out / layout.LOGITS_GRAPH, inputs.threads)
+    plain = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs.ids)
+    cached = parity.logits_parity(partial(_ort_with_cache, kv), partial(_torch_with_cache, model), inputs.ids)
     failures = [
         f"{graph} {shape}: {diff:.2e}"
         for graph, result in ((layout.LOGITS_GRAPH, plain), (layout.KV_GRAPH, cached))
-        for shape, diff in result.above(cfg.tolerance).items()
+        for shape, diff in result.above(inputs.tolerance).items()
     ]
-    pt2 = None
-    if (out / PT2_FILE).is_file():
-        program = torch.export.load(str(out / PT2_FILE)).module()
-        odd = [rng.integers(0, model.cfg.vocab_size, size=(3, max(2, block // 3)), dtype=np.int64)]
-        pt2 = parity.logits_parity(lambda ids: [program(torch.from_numpy(ids))], partial(_torch_logits, model), odd)
-        failures += [f"{PT2_FILE}: {diff:.2e}" for diff in pt2.above(cfg.tolerance).values()]
     if failures:
         raise ParityError(
             f"export parity gate: ORT/PyTorch max |dlogits| (relative to max |logit| when above 1) above "
-            f"export.tolerance={cfg.tolerance:g} for "
+            f"export.tolerance={inputs.tolerance:g} for "
             f"{'; '.join(failures)}; the exported graph computes something else — nothing was published"
         )
-    prompts = parity.parity_prompts(
-        tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
-    )
     stop_ids = ChatTemplate(tokenizer).stop_ids
     generation = parity.generation_parity(
-        lambda prompt: kv.generate_ids(prompt, cfg.generation_tokens, stop_ids=stop_ids),
-        lambda prompt: generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids),
-        prompts,
+        lambda prompt: kv.generate_ids(prompt, inputs.new_tokens, stop_ids=stop_ids),
+        lambda prompt: generate_ids(model, prompt, inputs.new_tokens, stop_ids=stop_ids),
+        inputs.prompts,
     )
     if generation.divergences:
         problems = [
@@ -121,26 +108,38 @@ def check_parity(
         ]
         raise ParityError(
             f"export parity gate: greedy ORT+KV generation ({layout.KV_GRAPH}) differs from PyTorch for "
-            f"{len(problems)}/{len(prompts)} prompts ({'; '.join(problems)}) — nothing was published"
+            f"{len(problems)}/{len(inputs.prompts)} prompts ({'; '.join(problems)}) — nothing was published"
         )
-    metrics = {
+    return {
         "max_abs_diff": max(plain.worst, cached.worst),
         "max_abs_diff_by_shape": {
             shape: {"logits": diff, "kv": cached.by_shape[shape]} for shape, diff in plain.by_shape.items()
         },
-        "tolerance": cfg.tolerance,
+        "tolerance": inputs.tolerance,
         "generation_prompts": generation.prompts,
         "generation_matches": generation.matches,
     }
-    if pt2 is not None:
-        metrics["pt2_max_abs_diff"] = pt2.worst
-    return metrics
 
 
 @torch.no_grad()
-def architecture_parity(
-    model: GPT, out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]
-) -> dict:
+def check_pt2(model: GPT, out: Path, inputs: GateInputs) -> dict:
+    """model.pt2's logits match PyTorch's on one more shape (``inputs.odd_ids``)."""
+    program = torch.export.load(str(out / PT2_FILE)).module()
+    pt2 = parity.logits_parity(
+        lambda ids: [program(torch.from_numpy(ids))], partial(_torch_logits, model), inputs.odd_ids
+    )
+    failures = [f"{PT2_FILE}: {diff:.2e}" for diff in pt2.above(inputs.tolerance).values()]
+    if failures:
+        raise ParityError(
+            f"export parity gate: torch.export/PyTorch max |dlogits| (relative to max |logit| when above 1) above "
+            f"export.tolerance={inputs.tolerance:g} for {'; '.join(failures)}; the saved program computes "
+            f"something else — nothing was published"
+        )
+    return {"pt2_max_abs_diff": pt2.worst}
+
+
+@torch.no_grad()
+def architecture_parity(model: GPT, tokenizer: Tokenizer, out: Path, inputs: GateInputs) -> dict:
     """The gate for architecture.onnx: its Block count is n_layer, its logits match PyTorch at the
     gate's shapes, and its greedy generations (no cache) equal PyTorch's token for token."""
     name = layout.ARCHITECTURE_GRAPH
@@ -150,28 +149,24 @@ def architecture_parity(
             f"export parity gate: {name} has {blocks} Block nodes for n_layer={model.cfg.n_layer} — nothing was published"
         )
     block = model.cfg.block_size
-    inputs = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, np.random.default_rng(cfg.seed))
-    session = ortgen.open_session(out / name, cfg.threads)
-    logits = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs)
-    failures = [f"{shape}: {diff:.2e}" for shape, diff in logits.above(cfg.tolerance).items()]
+    session = ortgen.open_session(out / name, inputs.threads)
+    logits = parity.logits_parity(partial(_session_logits, session), partial(_torch_logits, model), inputs.ids)
+    failures = [f"{shape}: {diff:.2e}" for shape, diff in logits.above(inputs.tolerance).items()]
     if failures:
         raise ParityError(
-            f"export parity gate: {name} logits differ from PyTorch above export.tolerance={cfg.tolerance:g} "
+            f"export parity gate: {name} logits differ from PyTorch above export.tolerance={inputs.tolerance:g} "
             f"for {'; '.join(failures)} — nothing was published"
         )
-    prompts = parity.parity_prompts(
-        tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
-    )
     stop_ids = ChatTemplate(tokenizer).stop_ids
     generation = parity.generation_parity(
-        lambda prompt: onnx_architecture.greedy_ids(session, prompt, cfg.generation_tokens, block, stop_ids),
-        lambda prompt: generate_ids(model, prompt, cfg.generation_tokens, stop_ids=stop_ids),
-        prompts,
+        lambda prompt: onnx_architecture.greedy_ids(session, prompt, inputs.new_tokens, block, stop_ids),
+        lambda prompt: generate_ids(model, prompt, inputs.new_tokens, stop_ids=stop_ids),
+        inputs.prompts,
     )
     if generation.divergences:
         raise ParityError(
             f"export parity gate: greedy generation with {name} differs from PyTorch for prompts "
-            f"{[d.prompt for d in generation.divergences]} of {len(prompts)} — nothing was published"
+            f"{[d.prompt for d in generation.divergences]} of {len(inputs.prompts)} — nothing was published"
         )
     return {
         "blocks": blocks,

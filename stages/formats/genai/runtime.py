@@ -1,5 +1,5 @@
 """Generation on an onnxruntime-genai model folder: the runtime gptpipe serves from when the export
-certified one (``stages.lm.served``).
+certified one (``stages.formats.served``).
 
 ``og.Generator`` keeps the KV cache inside onnxruntime-genai and its greedy pick
 (``generate_next_token``) runs in C++, so a greedy reply costs what onnxruntime-genai's own loop
@@ -8,7 +8,7 @@ Runtime loop uses, so a seed gives the same tokens in both. The folder's context
 ``block_size``: onnxruntime-genai cannot slide a window past it, so a prompt that leaves too little
 room is cropped from the left (gptpipe's own loop recomputes a sliding window instead).
 
-Torch-free, like ``stages.lm.onnx_runtime``: the served MLflow model imports it.
+Torch-free, like ``stages.formats.onnx.runtime``: the served MLflow model imports it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.lm import genai_package
-from stages.lm.chat_replies import ChatReplies, pick_token
-from stages.lm.export_layout import GENAI_DIR, TOKENIZER_DIR
+from stages.formats.chat_replies import ChatReplies, pick_token
+from stages.formats.genai import package as genai_package
+from stages.formats.layout import GENAI_DIR, TOKENIZER_DIR
 
 
 class GenaiGenerator(ChatReplies):

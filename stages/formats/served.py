@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.lm.chat_replies import ChatReplies
-from stages.lm.onnx_runtime import ExportMeta, OnnxGenerator
+from stages.formats.chat_replies import ChatReplies
+from stages.formats.onnx.runtime import ExportMeta, OnnxGenerator
 
 
 def served_runtime(export_dir: str | Path) -> str:
@@ -26,7 +26,7 @@ def open_served(export_dir: str | Path, threads: int = 0) -> ChatReplies:
     export_dir = Path(export_dir)
     meta = ExportMeta.read(export_dir)
     if meta.serve and meta.serve != meta.graphs["kv"]:
-        from stages.lm.genai_runtime import GenaiGenerator
+        from stages.formats.genai.runtime import GenaiGenerator
 
         return GenaiGenerator(export_dir, meta.serve, threads)
     return OnnxGenerator(export_dir, threads)

@@ -1,8 +1,8 @@
 """The GPT written as ONNX graphs (and a torch.export program), with the ``export.json`` that describes them.
 
-``export_graphs`` writes ``model.onnx`` (logits for input ids; batch and sequence axes dynamic),
-``model_kv.onnx`` (input ids + past keys/values -> logits + present keys/values) and optionally
-``model.pt2``; ``write_meta`` records shapes, tensor names and files for ``stages.lm.onnx_runtime``.
+``trace_logits`` traces the logits model once (``model.pt2`` saves that program, ``stages.formats.pt2``);
+``export_graphs`` writes ``model.onnx`` from it (logits for input ids; batch and sequence axes dynamic)
+and ``model_kv.onnx`` (input ids + past keys/values -> logits + present keys/values); ``write_meta`` records shapes, tensor names and files for ``stages.formats.onnx.runtime``.
 
 One KV graph serves prefill and decode: a zero-length past is a valid ONNX Runtime input,
 and the model's explicit-mask path equals the causal one when the past is empty. The graph is
@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from stages.core.sections import ExportConfig
-from stages.lm import export_layout as layout
-from stages.lm import onnx_runtime as ortgen
-from stages.lm.export_layout import PT2_FILE
+from stages.formats import layout
+from stages.formats.onnx import runtime as ortgen
 from stages.lm.model import GPT
 
 PROTOBUF_LIMIT = 2 * 1024**3  # one ONNX protobuf cannot exceed 2 GB: weights go to a side file
@@ -55,17 +54,26 @@ def _dims(block_size: int) -> tuple[torch.export.Dim, torch.export.Dim, torch.ex
     return batch, seq, past
 
 
-def export_graphs(model: GPT, out: Path, opset: int, external: bool, pt2: bool) -> dict[str, str]:
-    """Write model.onnx, model_kv.onnx (and model.pt2); return {role: file name}."""
+def _example_ids(model: GPT) -> torch.Tensor:
+    # Example inputs of size >= 2 on every dynamic axis: torch.export specialises sizes 0 and 1.
+    return torch.arange(10).reshape(2, 5) % model.cfg.vocab_size
+
+
+def trace_logits(model: GPT) -> torch.export.ExportedProgram:
+    """The logits model as a torch.export program (batch and sequence dynamic): model.onnx is exported
+    from it, and model.pt2 is it saved."""
+    batch, seq, _ = _dims(model.cfg.block_size)
+    return torch.export.export(model, (_example_ids(model),), dynamic_shapes={"idx": {0: batch, 1: seq}}, strict=False)
+
+
+def export_graphs(
+    model: GPT, out: Path, opset: int, external: bool, program: torch.export.ExportedProgram
+) -> dict[str, str]:
+    """Write model.onnx (from ``program``, ``trace_logits``'s) and model_kv.onnx; return {role: file name}."""
     cfg = model.cfg
     batch, seq, past_dim = _dims(cfg.block_size)
-    # Example inputs of size >= 2 on every dynamic axis: torch.export specialises sizes 0 and 1.
-    ids = torch.arange(10).reshape(2, 5) % cfg.vocab_size
-    program = torch.export.export(model, (ids,), dynamic_shapes={"idx": {0: batch, 1: seq}}, strict=False)
+    ids = _example_ids(model)
     graphs = {"logits": layout.LOGITS_GRAPH, "kv": layout.KV_GRAPH}
-    if pt2:
-        torch.export.save(program, str(out / PT2_FILE))
-        graphs["pt2"] = PT2_FILE
     onnx_program = torch.onnx.export(
         program,
         (ids,),
@@ -118,8 +126,8 @@ def quiet_exporter():
 def write_meta(
     model: GPT, out: Path, graphs: dict[str, str], cfg: ExportConfig, external: bool, serve: str = ""
 ) -> None:
-    """``export.json``: what ``stages.lm.onnx_runtime.ExportMeta`` reads to run the graphs without torch
-    (``serve``: the runtime ``stages.lm.served`` opens; empty = the KV graph)."""
+    """``export.json``: what ``stages.formats.onnx.runtime.ExportMeta`` reads to run the graphs without torch
+    (``serve``: the runtime ``stages.formats.served`` opens; empty = the KV graph)."""
     kv_in, kv_out = ortgen.kv_names(model.cfg.n_layer)
     shape = model.cfg
     meta = {
@@ -134,7 +142,7 @@ def write_meta(
         "kv_inputs": kv_in,
         "kv_outputs": kv_out,
         "source": cfg.source,
-        "opset": cfg.opset,
+        "opset": cfg.onnx.opset,
         "external_data": external,
         "tokenizer": layout.TOKENIZER_DIR,
         "serve": serve,

@@ -5,9 +5,9 @@ model and the SentencePiece proto rather than by running llama.cpp's ``convert_h
 ``hf/``: that script is not on the package index (it lives in a llama.cpp checkout), converts
 through a second copy of the weights, and types tokens from the HF tokenizer files, which is how
 the chat markers came out as normal tokens split into pieces. Here every metadata key is one line
-that says why, and ``stages.lm.gguf_gate`` checks the file with an independent reader.
+that says why, and ``stages.formats.llama.gguf_gate`` checks the file with an independent reader.
 
-Weights: ``stages.lm.hf_checkpoint.llama_weights`` gives the Llama parameter names, which
+Weights: ``stages.formats.llama.hf_checkpoint.llama_weights`` gives the Llama parameter names, which
 ``gguf``'s own name map turns into GGUF names (``blk.N.attn_q.weight`` ...). Two GGUF conventions
 differ from Hugging Face's: the tied head is stored once (no ``output.weight``: readers tie it),
 and the rows of ``attn_q``/``attn_k`` are permuted so that each head's RoPE pairs are adjacent
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from stages.core.errors import ArtifactError, ConfigError
+from stages.formats.llama.hf_checkpoint import CHAT_TEMPLATE, llama_weights, rms_norm_eps, tokenizer_json
 from stages.lm.chat import END_TOKEN
-from stages.lm.hf_checkpoint import CHAT_TEMPLATE, llama_weights, rms_norm_eps, tokenizer_json
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     for hf_name, tensor in llama_weights(model).items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))  # keeps the suffix
         if name is None:
-            raise ConfigError(f"GGUF export: no llama GGUF name for {hf_name}; set export.gguf=false")
+            raise ConfigError(f"GGUF export: no llama GGUF name for {hf_name}; set export.gguf.enabled=false")
         array = tensor.numpy()
         if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             array = rope_pairs_adjacent(array, model.cfg.n_head)
@@ -83,12 +83,12 @@ def check_tokenizer(tokenizer: Tokenizer) -> None:
     if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
         raise ConfigError(
             f"tokenizer normalization {spec.name!r} (dummy prefix {spec.add_dummy_prefix}, squeeze "
-            f"{spec.remove_extra_whitespaces}) has no exact GGUF form; retrain stage 'tokenizer' or set export.gguf=false"
+            f"{spec.remove_extra_whitespaces}) has no exact GGUF form; retrain stage 'tokenizer' or set export.gguf.enabled=false"
         )
     if proto.trainer_spec.model_type != _BPE:
         raise ConfigError(
             "a unigram tokenizer has no exact GGUF form (llama.cpp's SentencePiece tokenizer merges like BPE); "
-            "set tokenizer.model_type=bpe or export.gguf=false"
+            "set tokenizer.model_type=bpe or export.gguf.enabled=false"
         )
 
 

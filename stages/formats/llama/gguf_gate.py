@@ -1,7 +1,7 @@
 """The export's gate for its GGUF file: an independent reader — transformers' GGUF loader — reads
 ``model.gguf`` and it is the same model and tokenizer as gptpipe's.
 
-``check_gguf`` runs ``stages.lm.parity``'s logits and greedy-generation comparisons, as the ONNX
+``check_gguf`` runs ``stages.formats.parity``'s logits and greedy-generation comparisons, as the ONNX
 and Hugging Face gates do, and compares the tokenizer transformers builds from the file's metadata
 (its tokens, scores, types and merges) with ``stages.lm.tokenizer`` on the held-out texts and
 ``hf_gate.PROBE_TEXT``, and its chat template with ``stages.lm.chat.ChatTemplate``.
@@ -18,7 +18,7 @@ What transformers' reader cannot express, and how the gate checks it instead:
   tokenizer is loaded with ``split_special_tokens=True``; SentencePiece never does (llama.cpp
   neither, unless asked to parse special tokens). The gate loads it so.
 
-transformers is imported on use: writing the file (``stages.lm.gguf_export``) does not need it.
+transformers is imported on use: writing the file (``stages.formats.llama.gguf_writer``) does not need it.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stages.core.errors import ArtifactError, ParityError
-from stages.lm import parity
-from stages.lm.export_layout import GGUF_FILE
-from stages.lm.hf_gate import held_out_texts, transformers_parity
+from stages.formats import parity
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.layout import GGUF_FILE
+from stages.formats.llama.hf_gate import held_out_texts, transformers_parity
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 
@@ -80,19 +80,10 @@ def read_gguf(path: Path) -> tuple[Any, Any, dict[str, Any]]:
 
 
 @torch.no_grad()
-def check_gguf(
-    model: GPT,
-    tokenizer: Tokenizer,
-    path: Path,
-    tolerance: float,
-    inputs: list[np.ndarray],
-    prompts: list[list[int]],
-    new_tokens: int,
-    conversations: list[list[dict[str, str]]],
-) -> dict[str, Any]:
+def check_gguf(model: GPT, tokenizer: Tokenizer, path: Path, inputs: GateInputs) -> dict[str, Any]:
     """Read ``path`` with transformers and compare it with ``model`` and ``tokenizer``.
 
-    Logits within ``tolerance`` on each id matrix of ``inputs``; greedy ``generate`` token-identical
+    Logits within ``inputs.tolerance`` on each id matrix of ``inputs.ids``; greedy ``generate`` token-identical
     to ``stages.lm.generate.generate_ids`` for each prompt (cropped to fit ``block_size`` with the new
     tokens); no space prefix; ``encode`` ids identical and ``decode`` giving the text back on every
     held-out message and ``PROBE_TEXT``; ``apply_chat_template`` giving ``ChatTemplate.render_prompt``'s
@@ -104,11 +95,9 @@ def check_gguf(
     if metadata.get("add_prefix_space", True) is not False:
         failures.append("tokenizer.ggml.add_space_prefix is not false (gptpipe's tokenizer adds no space)")
 
-    found, figures = transformers_parity(
-        hf_model, hf_tokenizer, model, tokenizer, tolerance, inputs, prompts, new_tokens, conversations
-    )
+    found, figures = transformers_parity(hf_model, hf_tokenizer, model, tokenizer, inputs)
     failures += found
-    texts = held_out_texts(conversations)
+    texts = held_out_texts(inputs.conversations)
     decode = parity.agreement(
         lambda text: hf_tokenizer.decode(tokenizer.encode(text), skip_special_tokens=False), lambda text: text, texts
     )

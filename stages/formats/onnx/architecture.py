@@ -39,7 +39,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from stages.core.errors import ParityError
-from stages.lm.export_layout import ARCHITECTURE_GRAPH
+from stages.formats.layout import ARCHITECTURE_GRAPH
 from stages.lm.model import GPT
 
 DOMAIN = "gptpipe"

@@ -1,7 +1,7 @@
 """The export's gate for its onnxruntime-genai model folder: ``og.Model`` runs it as the same model,
 and ``og.Tokenizer`` tokenizes as gptpipe does.
 
-``check_package`` runs ``stages.lm.parity``'s comparisons, as the other gates do: the logits after
+``check_package`` runs ``stages.formats.parity``'s comparisons, as the other gates do: the logits after
 each gate prompt within ``export.tolerance`` (onnxruntime-genai gives only the last position's),
 greedy generations token for token against ``stages.lm.generate.generate_ids`` (prompts cropped to
 leave room for the new tokens: the folder's context is ``block_size`` and onnxruntime-genai does not
@@ -27,13 +27,15 @@ from typing import Any
 import torch
 
 from stages.core.errors import ArtifactError, ParityError
-from stages.lm import genai_package, parity
+from stages.formats import parity
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.genai import package as genai_package
+from stages.formats.genai.runtime import GenaiGenerator
+from stages.formats.layout import GENAI_DIR
+from stages.formats.llama.hf_checkpoint import TOKENIZER_JSON
+from stages.formats.llama.hf_gate import PROBE_TEXT
 from stages.lm.chat import ChatTemplate
-from stages.lm.export_layout import GENAI_DIR
-from stages.lm.genai_runtime import GenaiGenerator
 from stages.lm.generate import generate_ids
-from stages.lm.hf_checkpoint import TOKENIZER_JSON
-from stages.lm.hf_gate import PROBE_TEXT
 from stages.lm.model import GPT
 from stages.lm.tokenizer import Tokenizer
 
@@ -49,33 +51,35 @@ def _same_tokenizer(a: Path, b: Path) -> bool:
     return all(ours.get(part) == theirs.get(part) for part in TOKENIZING_PARTS)
 
 
-@torch.no_grad()
-def check_package(
-    model: GPT,
-    tokenizer: Tokenizer,
-    folder: Path,
-    hf_dir: Path,
-    tolerance: float,
-    prompts: list[list[int]],
-    new_tokens: int,
-    conversations: list[list[dict[str, str]]],
-    threads: int = 0,
-) -> dict[str, Any]:
-    """Open ``folder`` with onnxruntime-genai and compare it with ``model`` and ``tokenizer``.
-
-    Raises ``ParityError`` naming what differs (``ArtifactError`` when onnxruntime-genai cannot open
-    it), else returns the figures.
-    """
-    og = genai_package.require_genai()
+def open_checked(folder: Path, threads: int) -> GenaiGenerator:
+    """``folder`` opened with onnxruntime-genai (the gate's and the serving timing's one runtime), or
+    ``ArtifactError`` naming why it cannot be."""
     try:
-        runtime = GenaiGenerator(folder.parent, folder.name, threads)
-        og_tokenizer = og.Tokenizer(runtime.model)
+        return GenaiGenerator(folder.parent, folder.name, threads)
     except Exception as exc:  # whatever onnxruntime-genai raises, the folder is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(
-            f"export parity gate: onnxruntime-genai cannot open {GENAI_DIR}/ ({first[:200]}) — nothing was published"
+            f"export parity gate: onnxruntime-genai cannot open {folder.name}/ ({first[:200]}) — nothing was published"
         ) from None
 
+
+@torch.no_grad()
+def check_package(
+    model: GPT, tokenizer: Tokenizer, runtime: GenaiGenerator, hf_dir: Path, inputs: GateInputs
+) -> dict[str, Any]:
+    """Compare the folder ``runtime`` runs with ``model`` and ``tokenizer``; ``hf_dir`` is the checkpoint it
+    was built from.
+
+    Raises ``ParityError`` naming what differs, else returns the figures.
+    """
+    og = genai_package.require_genai()
+    og_tokenizer = og.Tokenizer(runtime.model)
+    tolerance, new_tokens, prompts, conversations = (
+        inputs.tolerance,
+        inputs.new_tokens,
+        inputs.prompts,
+        inputs.conversations,
+    )
     block = model.cfg.block_size
     cropped = [prompt[-max(1, block - new_tokens) :] for prompt in prompts]
     # One diff per prompt (logits_parity keys by shape, and prompts may share a length).
@@ -124,6 +128,6 @@ def check_package(
         "tokenizer_matches": encode.matches,
         "decode_matches": decode.matches,
         "probe_text_identical": probe_identical,
-        "tokenizer_from_hf": _same_tokenizer(folder / TOKENIZER_JSON, hf_dir / TOKENIZER_JSON),
+        "tokenizer_from_hf": _same_tokenizer(runtime.folder / TOKENIZER_JSON, hf_dir / TOKENIZER_JSON),
         "runtime": f"onnxruntime-genai {og.__version__}",
     }

@@ -1,8 +1,8 @@
 """The comparisons behind the export's parity gates, in one place so every gate checks alike.
 
 The export stage checks what it writes against the live PyTorch model: the ONNX graphs and the
-torch.export program (``stages.lm.onnx_gate``) and the Hugging Face checkpoint
-(``stages.lm.hf_gate``). Each gate runs its candidate through the same checks:
+torch.export program (``stages.formats.onnx.gate``) and the Hugging Face checkpoint
+(``stages.formats.llama.hf_gate``). Each gate runs its candidate through the same checks:
 
 * logits — ``logits_parity``: the largest |candidate - PyTorch| on random ids of the gate's shapes
   (``gate_inputs``), scaled by the reference's largest magnitude when that exceeds 1;

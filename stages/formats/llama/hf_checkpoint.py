@@ -31,7 +31,7 @@ drops a token and that ``split_special_tokens=True`` stops matching it in text, 
   collator that masks pad labels would then never train the stop). The decoder drops BOS/EOS/PAD as
   SentencePiece does, so a generation that ends at ``</s>`` or is padded decodes to bare text too.
 
-Writing needs only torch, safetensors and the tokenizer; ``stages.lm.hf_gate`` loads the directory
+Writing needs only torch, safetensors and the tokenizer; ``stages.formats.llama.hf_gate`` loads the directory
 with transformers and checks it is the same model and tokenizer.
 """
 
@@ -214,7 +214,7 @@ def check_tokenizer_spec(tokenizer: Tokenizer) -> None:
     if spec.name != "identity" or spec.add_dummy_prefix or spec.remove_extra_whitespaces or not spec.escape_whitespaces:
         raise ConfigError(
             f"tokenizer normalization {spec.name!r} (dummy prefix {spec.add_dummy_prefix}, squeeze "
-            f"{spec.remove_extra_whitespaces}) has no exact Hugging Face form; retrain stage 'tokenizer' or set export.hf=false"
+            f"{spec.remove_extra_whitespaces}) has no exact Hugging Face form; retrain stage 'tokenizer' or set export.hf.enabled=false"
         )
 
 

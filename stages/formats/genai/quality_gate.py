@@ -1,7 +1,7 @@
 """The gate for a quantized runtime folder: judged by quality, not by bits.
 
 A quantized model cannot give PyTorch's logits to ``export.tolerance``; what a user needs is that it
-answers as well. On ``export.quantized_items`` held-out conversations the gate measures, for the fp32
+answers as well. On ``export.quantized.items`` held-out conversations the gate measures, for the fp32
 PyTorch model and the quantized folder (run with onnxruntime-genai):
 
 * **held-out exact match**: the greedy answer (``export.generation_tokens`` new tokens at most)
@@ -10,8 +10,8 @@ PyTorch model and the quantized folder (run with onnxruntime-genai):
   UTF-8 bytes (how surprised each model is by the right answer, independent of the tokenizer);
 * **tokenizer ids**: ``og.Tokenizer`` over the folder gives gptpipe's ids on every held-out text.
 
-The variant passes when exact match drops by at most ``export.quantized_exact_match_drop``
-(absolute), bits per byte rise by at most ``export.quantized_bpb_rise`` (absolute) and the ids are
+The variant passes when exact match drops by at most ``export.quantized.exact_match_drop``
+(absolute), bits per byte rise by at most ``export.quantized.bpb_rise`` (absolute) and the ids are
 identical. A variant that fails is not an error: it is recorded with its figures and not served.
 """
 
@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core.sections import ExportConfig
-from stages.lm import genai_package, parity
+from stages.core.sections import QuantizedConfig
+from stages.formats import parity
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.genai import package as genai_package
+from stages.formats.genai.runtime import GenaiGenerator
 from stages.lm.chat import ChatTemplate, Message
-from stages.lm.genai_runtime import GenaiGenerator
 from stages.lm.generate import generate_ids
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
@@ -43,9 +45,11 @@ def _answer_positions(template: ChatTemplate, messages: list[Message], block: in
 
 @torch.no_grad()
 def check_quantized(
-    model: GPT, tokenizer: Tokenizer, runtime: GenaiGenerator, conversations: list[list[Message]], cfg: ExportConfig
+    model: GPT, tokenizer: Tokenizer, runtime: GenaiGenerator, inputs: GateInputs, cfg: QuantizedConfig
 ) -> dict[str, Any]:
-    """Figures for ``runtime`` against ``model``, with ``passed`` and, when it failed, ``reason``."""
+    """Figures for ``runtime`` against ``model`` on ``inputs.quality_conversations``, with ``passed`` and,
+    when it failed, ``reason``."""
+    conversations = inputs.quality_conversations
     template = ChatTemplate(tokenizer)
     block = model.cfg.block_size
     hits = {"fp32": 0, "quantized": 0}
@@ -54,9 +58,9 @@ def check_quantized(
     for messages in conversations:
         prompt, reference = template.split_last_answer(messages)
         prompt_ids = template.render_prompt(prompt)
-        crop = prompt_ids[-max(1, block - cfg.generation_tokens) :]
-        ours = generate_ids(model, crop, cfg.generation_tokens, stop_ids=template.stop_ids)
-        theirs = runtime.generate_ids(crop, cfg.generation_tokens, template.stop_ids)
+        crop = prompt_ids[-max(1, block - inputs.new_tokens) :]
+        ours = generate_ids(model, crop, inputs.new_tokens, stop_ids=template.stop_ids)
+        theirs = runtime.generate_ids(crop, inputs.new_tokens, template.stop_ids)
         hits["fp32"] += exact_match(template.decode_answer(ours), reference)
         hits["quantized"] += exact_match(template.decode_answer(theirs), reference)
 
@@ -80,12 +84,12 @@ def check_quantized(
     rise = bpb["quantized"] - bpb["fp32"]
     problems = []
     # written as 'not within' so that a NaN (a broken model's log-likelihood) fails too
-    if not drop <= cfg.quantized_exact_match_drop + 1e-12:
+    if not drop <= cfg.exact_match_drop + 1e-12:
         problems.append(
-            f"held-out exact match fell {drop:.3f} (> export.quantized_exact_match_drop={cfg.quantized_exact_match_drop:g})"
+            f"held-out exact match fell {drop:.3f} (> export.quantized.exact_match_drop={cfg.exact_match_drop:g})"
         )
-    if not rise <= cfg.quantized_bpb_rise:
-        problems.append(f"bits per byte rose {rise:.4f} (> export.quantized_bpb_rise={cfg.quantized_bpb_rise:g})")
+    if not rise <= cfg.bpb_rise:
+        problems.append(f"bits per byte rose {rise:.4f} (> export.quantized.bpb_rise={cfg.bpb_rise:g})")
     if same_ids != len(texts):
         problems.append(f"og.Tokenizer ids differ on {len(texts) - same_ids}/{len(texts)} held-out texts")
     return {
@@ -98,7 +102,7 @@ def check_quantized(
         "bpb_rise": round(float(rise), 6),
         "tokenizer_texts": len(texts),
         "tokenizer_matches": same_ids,
-        "tolerance": {"exact_match_drop": cfg.quantized_exact_match_drop, "bpb_rise": cfg.quantized_bpb_rise},
+        "tolerance": {"exact_match_drop": cfg.exact_match_drop, "bpb_rise": cfg.bpb_rise},
         "passed": not problems,
         **({"reason": "; ".join(problems)} if problems else {}),
     }

@@ -1,4 +1,4 @@
-"""The int8 twin of ``model.onnx`` and what it costs: held-out loss, fp32 graph against int8 graph.
+"""The int8 copy of ``model.onnx`` and what it costs: held-out loss, fp32 graph against int8 graph.
 
 Dynamic quantization (weights int8, activations quantised per batch) is measured, not gated: a
 loss change is a trade-off for whoever serves the model, not a sign the export is wrong.
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.sections import ExportConfig
-from stages.lm import export_layout as layout
-from stages.lm import onnx_runtime as ortgen
-from stages.lm.chat import IGNORE, ChatTemplate, Message
-from stages.lm.export_layout import INT8_FILE
+from stages.formats import layout
+from stages.formats.gate_inputs import GateInputs
+from stages.formats.layout import INT8_FILE
+from stages.formats.onnx import runtime as ortgen
+from stages.lm.chat import IGNORE, ChatTemplate
 from stages.lm.tokenizer import Tokenizer
 
 
@@ -43,17 +43,18 @@ def _masked_loss(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
     return float(-log_probs[np.arange(len(rows)), targets[keep]].sum()), int(keep.sum())
 
 
-def heldout_loss_change(out: Path, tokenizer: Tokenizer, cfg: ExportConfig, conversations: list[list[Message]]) -> dict:
-    """Assistant-token loss on ``export.heldout_items`` held-out chat items: fp32 graph vs its int8 twin."""
+def heldout_loss_change(out: Path, tokenizer: Tokenizer, inputs: GateInputs, items: int) -> dict:
+    """Assistant-token loss on the first ``items`` (export.heldout_items) held-out chat items: fp32 graph vs
+    its int8 twin."""
     template = ChatTemplate(tokenizer)
     meta = ortgen.ExportMeta.read(out)
     sessions = {
-        name: ortgen.open_session(out / file, cfg.threads)
+        name: ortgen.open_session(out / file, inputs.threads)
         for name, file in (("fp32", layout.LOGITS_GRAPH), ("int8", INT8_FILE))
     }
     totals = {name: 0.0 for name in sessions}
     count = 0
-    for messages in conversations[: cfg.heldout_items]:
+    for messages in inputs.conversations[:items]:
         inputs, targets = template.render(messages).inputs_targets()
         ids = np.array([inputs[-meta.block_size :]], dtype=np.int64)
         wanted = np.array([targets[-meta.block_size :]], dtype=np.int64)
