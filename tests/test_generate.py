@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.lm.generate import generate, generate_greedy_batch, generate_ids
+from stages.lm.generate import Sampling, generate, generate_greedy_batch, generate_ids
 from tests._numeric import assert_close
 from tests._sft_fixtures import CharTokenizer, tiny_gpt
 
@@ -55,14 +55,14 @@ def test_greedy_matches_argmax_and_stops(model):
 
 def test_sampling_is_seeded_and_filters(model):
     prompt = [11, 12, 13]
-    a = generate_ids(model, prompt, 15, temperature=1.0, seed=7)
-    b = generate_ids(model, prompt, 15, temperature=1.0, seed=7)
+    a = generate_ids(model, prompt, 15, sampling=Sampling(temperature=1.0, seed=7))
+    b = generate_ids(model, prompt, 15, sampling=Sampling(temperature=1.0, seed=7))
     assert a == b
-    assert a == generate_ids(model, prompt, 15, temperature=1.0, seed=7, use_cache=False)
+    assert a == generate_ids(model, prompt, 15, sampling=Sampling(temperature=1.0, seed=7), use_cache=False)
     # top_k=1 and a tiny top_p both reduce sampling to greedy.
     greedy = generate_ids(model, prompt, 15)
-    assert generate_ids(model, prompt, 15, temperature=1.0, top_k=1, seed=3) == greedy
-    assert generate_ids(model, prompt, 15, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    assert generate_ids(model, prompt, 15, sampling=Sampling(temperature=1.0, top_k=1, seed=3)) == greedy
+    assert generate_ids(model, prompt, 15, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=3)) == greedy
     model.train()
     generate_ids(model, prompt, 2)
     assert model.training  # the caller's mode is restored

@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(text)
         return 0
 
-    from stages.lm.generate import generate
+    from stages.lm.generate import Sampling, generate
     from stages.lm.tokenizer import Tokenizer
     from stages.training.checkpoint_format import load_model, model_directory
 
@@ -58,10 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         tokenizer,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed),
     )
     print(text)
     return 0

@@ -1,6 +1,6 @@
 """Autoregressive generation for ``stages.lm.model.GPT``: greedy or sampled, with a KV cache.
 
-``generate_ids`` is the reference the ONNX export compares against: keep its signature.
+``generate_ids`` is the reference every export gate compares against (greedy: model, ids, n, stop ids).
 
 Context longer than ``block_size``: the model only has RoPE tables for ``block_size``
 positions, so the context is cropped to its last ``block_size`` tokens. While everything fits,
@@ -12,6 +12,7 @@ and uncached generation agree token for token, at any length.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,14 +20,24 @@ from stages.lm.chat import ChatTemplate, ChatTokenizer, Message
 from stages.lm.model import GPT
 
 
-def _pick(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> int:
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedily at ``temperature`` 0, else sampled from the
+    temperature-scaled distribution cut to the ``top_k`` tokens and the ``top_p`` mass (either
+    optional), reproducibly when ``seed`` is given."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+GREEDY = Sampling()
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """Next token from one row of logits (vocab,)."""
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     if temperature <= 0.0:
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
@@ -50,17 +61,12 @@ def generate_ids(
     prompt_ids: list[int],
     max_new_tokens: int,
     stop_ids=(),
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: Sampling = GREEDY,
     use_cache: bool = True,
-    seed: int | None = None,
 ) -> list[int]:
-    """New token ids after ``prompt_ids`` (the stop id itself included when one is hit).
-
-    Greedy when ``temperature == 0``; otherwise samples with optional top-k / top-p,
-    reproducibly when ``seed`` is given.
-    """
+    """New token ids after ``prompt_ids`` (the stop id itself included when one is hit), chosen as
+    ``sampling`` says (greedy by default). ``use_cache=False`` recomputes the window every step: the
+    reference the cached path must equal token for token."""
     if not prompt_ids:
         raise ValueError("generate_ids needs at least one prompt token")
     was_training = model.training
@@ -69,9 +75,9 @@ def generate_ids(
     block = model.cfg.block_size
     stops = set(int(s) for s in stop_ids)
     generator = None
-    if seed is not None and temperature > 0.0:
+    if sampling.seed is not None and sampling.temperature > 0.0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        generator.manual_seed(sampling.seed)
 
     context = list(prompt_ids)
     new: list[int] = []
@@ -88,7 +94,7 @@ def generate_ids(
                 logits, past = model.forward_with_cache(idx)
                 if not use_cache or len(context) >= block:
                     past = None  # a full (or cropped) window leaves no room to extend the cache
-            token = _pick(logits[0, -1], temperature, top_k, top_p, generator)
+            token = _pick(logits[0, -1], sampling, generator)
             new.append(token)
             context.append(token)
             if token in stops:
@@ -180,7 +186,7 @@ def generate(model: GPT, tokenizer: ChatTokenizer, prompt: str | list[Message], 
     """Reply text to a user ``prompt`` (or a message list), via the chat template.
 
     Stops at ``<|end|>`` or EOS; keyword arguments go to ``generate_ids``
-    (``max_new_tokens`` defaults to 64).
+    (``max_new_tokens`` defaults to 64; ``sampling`` to greedy).
     """
     template = ChatTemplate(tokenizer)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
