@@ -116,7 +116,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         **measured,
         **stats.as_metrics(),
     }
-    return metrics  # the runner records these in the manifest; flows log them to MLflow
+    return metrics  # the executor records these in the manifest and logs them to MLflow
 
 
 STAGE = Stage(

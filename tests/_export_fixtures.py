@@ -98,7 +98,7 @@ class Exported:
 
 def exported(tmp_path_factory, n_layer: int | None = None) -> Exported:
     """Export the micro model once per session: every caller shares one store under pytest's
-    base temp dir, so a second caller gets the runner's cached artifact (same content key).
+    base temp dir, so a second caller gets the executor's cached artifact (same content key).
     ``n_layer`` exports a deeper micro model (its own store, no int8) for the architecture view."""
     from stages.executor import run_stage
 

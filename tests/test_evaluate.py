@@ -1,4 +1,4 @@
-"""Evaluation: exact-match scoring, report files, and the stage through the runner."""
+"""Evaluation: exact-match scoring, report files, and the stage through the executor."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_plot_writes_a_png_even_without_curves(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_stage_through_the_runner():
+def test_evaluate_stage_through_the_executor():
     store, refs = micro_upstream()
     cfg = micro_config()
     refs["finetune"] = run_stage("finetune", cfg, refs, store).ref

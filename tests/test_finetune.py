@@ -129,7 +129,7 @@ def test_jsonl_data_is_split_and_bad_files_refused(tmp_path):
         load_conversations(FinetuneConfig(data=str(path), max_bad_fraction=0.1))
 
 
-def test_finetune_stage_full_and_lora_through_the_runner(tmp_path):
+def test_finetune_stage_full_and_lora_through_the_executor(tmp_path):
     store, refs = micro_upstream()
     cfg = micro_config()
     result = run_stage("finetune", cfg, refs, store)

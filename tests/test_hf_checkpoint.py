@@ -3,7 +3,7 @@
 Logits are compared like the ONNX gate compares them (max |diff| scaled by max |logit| when above
 1, within ``export.tolerance``); greedy ids and tokenizer ids must be identical. A corrupted
 checkpoint (one weight changed) or a mismatched tokenizer (merges dropped) fails the gate and the
-runner publishes nothing.
+executor publishes nothing.
 """
 
 from __future__ import annotations

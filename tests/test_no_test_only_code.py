@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKED = ("stages", "flows")  # where functions are defined
 PRODUCTION = ("stages", "flows", "benchmarks", "docker", "configs")  # where references count
 ENTRY_POINT_FILES = ("pyproject.toml", "Makefile", "prefect.yaml")
-ENTRY_POINTS = {"main", "run"}  # called by the runner (``stages.<name>.run``) or a launcher (``main``)
+ENTRY_POINTS = {"main", "run"}  # called by the executor (``stages.<name>.run``) or a launcher (``main``)
 
 # Known test-only functions in files this change does not own, each with who should remove it.
 # Empty it as they go: an entry whose function is referenced (or gone) fails the test below.

@@ -1,4 +1,4 @@
-"""Stage ``pretrain`` through the runner, on hand-made token shards (no tokenizer stage needed)."""
+"""Stage ``pretrain`` through the executor, on hand-made token shards (no tokenizer stage needed)."""
 
 from __future__ import annotations
 
@@ -102,4 +102,4 @@ def test_a_val_split_shorter_than_a_window_is_a_clear_data_error(tmp_path):
     inputs = _inputs(store, stream[:2980], stream[2980:])  # 20 val tokens < block_size + 1
     with pytest.raises(DataError, match=r"val split holds 20 tokens.*pretrain\.model\.block_size=16"):
         run_stage("pretrain", _recipe(), inputs, store, MemoryTracker())
-    assert list((tmp_path / "store" / "pretrain").iterdir()) == []  # the runner discarded the scratch output
+    assert list((tmp_path / "store" / "pretrain").iterdir()) == []  # the executor discarded the scratch output

@@ -19,7 +19,7 @@ from tests._token_bytes import token_bytes
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 400-piece BPE tokenizer trained through the runner on ~300 KB of the standard library."""
+    """A 400-piece BPE tokenizer trained through the executor on ~300 KB of the standard library."""
     store = tmp_path_factory.mktemp("store")
     cfg = micro_config("corpus.max_bytes=300000")
     result = run("tokenizer", cfg, store)
@@ -43,7 +43,7 @@ def test_stage_writes_artifact_and_reports_compression(trained):
     assert len(vocab_lines) == 400 and vocab_lines[tok.newline_id].split("\t")[0] == "\\n"
 
 
-def test_runner_reuses_the_finished_artifact(trained):
+def test_the_executor_reuses_the_finished_artifact(trained):
     result, _ = trained
     again = run("tokenizer", micro_config("corpus.max_bytes=300000"), Path(result.ref.uri).parents[1])
     assert again.reused and again.ref == result.ref

@@ -123,7 +123,7 @@ def same_on_all_ranks(value: int, device: torch.device) -> bool:
 def exit_worker() -> None:
     """End a non-zero rank once its stage's collective work is done.
 
-    The stage runner publishes the artifact from every process that returns; only rank 0 may
+    The executor publishes the artifact from every process that returns; only rank 0 may
     publish, so a worker rank leaves here (flushing its output) instead of returning.
     """
     teardown()

@@ -1,6 +1,6 @@
 """A stage that crashes after writing half its output leaves nothing a rerun would reuse.
 
-Two crashes: an exception (the runner's cleanup runs) and a process that dies on the spot
+Two crashes: an exception (the executor's cleanup runs) and a process that dies on the spot
 (``os._exit``: no cleanup at all, like an OOM kill). Either way ``find`` sees no output, and
 the rerun builds a fresh, verified one without the dead attempt's files.
 (An S3 upload cut mid-artifact is covered in tests/integration/test_s3_store.py.)
@@ -56,7 +56,7 @@ def test_exception_after_half_the_files_leaves_no_output(setup, monkeypatch):
     monkeypatch.setattr(tokenizer_stage, "write_artifact", half_then_crash)
     with pytest.raises(RuntimeError, match="mid-write"):
         run_stage("tokenizer", cfg, {}, store)
-    assert not list((store.root / "tokenizer").iterdir()), "the runner removed the failed attempt"
+    assert not list((store.root / "tokenizer").iterdir()), "the executor removed the failed attempt"
     monkeypatch.setattr(tokenizer_stage, "write_artifact", real)
     _assert_rerun_builds_afresh(cfg, store)
 

@@ -28,7 +28,7 @@ from stages.formats.gate_inputs import GateInputs
 from stages.formats.genai import package as genai_package
 from stages.formats.genai.runtime import GenaiGenerator
 from stages.lm.chat import ChatTemplate, Message
-from stages.lm.generate import generate_ids
+from stages.lm.generate import generate_greedy_batch
 from stages.lm.model import GPT
 from stages.lm.targets import IGNORE
 from stages.lm.tasks import exact_match
@@ -55,11 +55,12 @@ def check_quantized(
     hits = {"fp32": 0, "quantized": 0}
     nats = {"fp32": 0.0, "quantized": 0.0}
     answer_bytes = 0
-    for messages in conversations:
-        prompt, reference = template.split_last_answer(messages)
-        prompt_ids = template.render_prompt(prompt)
-        crop = prompt_ids[-max(1, block - inputs.new_tokens) :]
-        ours = generate_ids(model, crop, inputs.new_tokens, stop_ids=template.stop_ids)
+    split = [template.split_last_answer(messages) for messages in conversations]
+    crops = [template.render_prompt(prompt)[-max(1, block - inputs.new_tokens) :] for prompt, _ in split]
+    # PyTorch's answers in batches of equal-length prompts: each row is exactly generate_ids' answer
+    # (stages.lm.generate), at a fraction of the time of 200 one-by-one loops
+    fp32_answers = generate_greedy_batch(model, crops, inputs.new_tokens, stop_ids=template.stop_ids)
+    for messages, (_, reference), crop, ours in zip(conversations, split, crops, fp32_answers):
         theirs = runtime.generate_ids(crop, inputs.new_tokens, template.stop_ids)
         hits["fp32"] += exact_match(template.decode_answer(ours), reference)
         hits["quantized"] += exact_match(template.decode_answer(theirs), reference)
