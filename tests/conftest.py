@@ -1,4 +1,12 @@
-"""Shared test setup: isolated Prefect home, one Prefect test server per session, small thread counts."""
+"""Shared test setup: isolated Prefect home, one Prefect test server per session, small thread counts,
+and the test tiers (markers) and xdist groups.
+
+Tiers: ``make check`` runs what is not marked ``slow``, ``browser`` or ``container`` (seconds per
+test); ``make test`` runs everything on two xdist workers. A test is ``slow`` when it trains a model
+past a few steps, exports one, runs a pipeline or starts servers: its module says so, or it uses
+one of the fixtures that do (``SLOW_FIXTURES``), or its file is listed in ``SLOW_FILES`` (files
+other engineers own; marked here by name rather than edited).
+"""
 
 from __future__ import annotations
 
@@ -44,3 +52,70 @@ def _few_threads():
 @pytest.fixture(scope="session")
 def micro_recipe() -> Path:
     return ROOT / "configs" / "micro.yaml"
+
+
+# Session fixtures that start servers or build trained/exported models: a test using one is slow.
+SLOW_FIXTURES = {"services", "client_env", "server_pipeline", "servers", "moto", "prefect_harness", "micro_upstream"}
+# Files whose tests export a micro model (onnxruntime-genai package included) or train the default
+# recipe; owned by other engineers, so marked here by name.
+SLOW_FILES = {
+    "test_export.py",
+    "test_genai.py",
+    "test_gguf.py",
+    "test_hf_checkpoint.py",
+    "test_architecture_view.py",
+    "test_default_recipe.py",
+}
+# Under xdist each worker builds its own session fixtures. Tests sharing an expensive one run on
+# one worker (``--dist loadgroup``): one Prefect + MLflow + moto set for the integration suite, one
+# MLflow + moto pair for the reliability suite, one Prefect test harness, one export store.
+GROUP_OF_FIXTURE = {
+    "services": "integration-servers",
+    "client_env": "integration-servers",
+    "server_pipeline": "integration-servers",
+    "servers": "reliability-servers",
+    "prefect_harness": "prefect-harness",
+}
+# ``tests/_export_fixtures.exported`` keeps its store under the worker's own base temp dir: the
+# modules calling it share one worker so the micro export is built once.
+EXPORT_FILES = {
+    "test_export.py",
+    "test_genai.py",
+    "test_gguf.py",
+    "test_hf_checkpoint.py",
+    "test_architecture_view.py",
+    "test_publish_browser.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if name in SLOW_FILES or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
+        if group is None and name in EXPORT_FILES:
+            group = "export"
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this test run sees (the run's base temp dir; a worker's
+    own is a child of it), or this session's base temp dir without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def micro_upstream(tmp_path_factory):
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe, built once per test run:
+    in a gptpipe store shared by all workers, where the stage lease makes a second worker wait for
+    the first and reuse its artifacts (same content keys) instead of training again.
+
+    Returns a function giving ``(store, refs)`` with a fresh ``refs`` dict each call."""
+    from tests._sft_fixtures import build_micro_upstream
+
+    store, refs = build_micro_upstream(shared_dir(tmp_path_factory) / "micro-upstream-store")
+    return lambda: (store, dict(refs))

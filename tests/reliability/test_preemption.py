@@ -148,10 +148,8 @@ METHODS = {"full": {}, "lora": {"method": "lora", "lora_r": 4, "lora_dropout": 0
 
 
 @pytest.fixture(scope="module")
-def sft_inputs():
-    """Finished tokenizer, data and pretrain artifacts of the micro recipe (built once per session)."""
-    from tests._sft_fixtures import micro_upstream
-
+def sft_inputs(micro_upstream):
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe (built once per test run)."""
     return micro_upstream()[1]
 
 
