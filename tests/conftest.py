@@ -88,12 +88,20 @@ EXPORT_FILES = {
 }
 
 
+# The per-test limit of the slow tiers, unless a module marks its own: a pipeline-building session
+# fixture's setup counts against its first test, and takes minutes on a loaded 2-core machine.
+SLOW_TIMEOUT_S = 900
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
         fixtures = set(getattr(item, "fixturenames", ()))
         if name in SLOW_FILES or fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+        slow_tier = any(item.get_closest_marker(m) for m in ("slow", "browser", "container"))
+        if slow_tier and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
         group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
         if group is None and name in EXPORT_FILES:
             group = "export"

@@ -22,6 +22,9 @@ import torch
 from stages.training import checkpoint_format as ckpt
 from tests._scale_fixtures import result_of, run_worker
 
+# Every case trains in child processes and kills them: the slow tier.
+pytestmark = pytest.mark.slow
+
 # Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
 # dropout makes the RNG state part of what a checkpoint has to carry.
 PRETRAIN = {
