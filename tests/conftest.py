@@ -41,11 +41,16 @@ def prefect_harness():
         yield
 
 
+# Two intra-op threads per test process, or the cores shared out among xdist workers: two workers
+# with two threads each on a 2-core machine only contend.
+_THREADS = max(1, min(2, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(_THREADS)
     yield
 
 
