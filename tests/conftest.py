@@ -71,9 +71,9 @@ SLOW_FILES = {
     "test_architecture_view.py",
     "test_default_recipe.py",
 }
-# Under xdist each worker builds its own session fixtures. Tests sharing an expensive one run on
-# one worker (``--dist loadgroup``): one Prefect + MLflow + moto set for the integration suite, one
-# MLflow + moto pair for the reliability suite, one Prefect test harness, one export store.
+# Under xdist each worker builds its own session (and module) fixtures. Tests sharing an expensive
+# one run on one worker (``--dist loadgroup``): one Prefect + MLflow + moto set for the integration
+# suite, one MLflow + moto pair for the reliability suite, one Prefect test harness, one export store.
 GROUP_OF_FIXTURE = {
     "services": "integration-servers",
     "client_env": "integration-servers",
@@ -108,9 +108,11 @@ def pytest_collection_modifyitems(config, items):
         if slow_tier and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
         group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
-        if group is None and name in EXPORT_FILES:
-            group = "export"
-        if group is not None and item.get_closest_marker("xdist_group") is None:
+        if group is None:
+            # Else one worker per module: a module-scoped fixture (the default recipe's training
+            # run, a torchrun reference curve, a trained tokenizer) is built once, not per worker.
+            group = "export" if name in EXPORT_FILES else item.nodeid.split("::")[0]
+        if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
 
 
