@@ -13,7 +13,9 @@ PYTEST_ARGS ?=
 # second worker overlaps them. --dist loadgroup keeps each xdist_group (tests/conftest.py) on one
 # worker, so a worker does not start its own copy of a shared server set or export.
 PYTEST_WORKERS ?= 2
-XDIST      := -n $(PYTEST_WORKERS) --dist loadgroup
+# --no-loadscope-reorder: hand groups out in collection order, which tests/conftest.py starts with
+# the longest ones (xdist's default order is by test count, which put the default recipe last).
+XDIST      := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 QUICK      := not slow and not browser and not container
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.gptpipe-installed

@@ -99,21 +99,52 @@ SLOW_TIMEOUT_S = 900
 
 
 def pytest_collection_modifyitems(config, items):
+    # A module goes where any of its tests' shared fixtures go, whole: its module-scoped fixtures
+    # (test_containers' image build) must not be built on two workers either.
+    module_group: dict[str, str] = {}
     for item in items:
-        name = item.path.name
+        fixtures = set(getattr(item, "fixturenames", ()))
+        group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
+        if group is not None:
+            module_group.setdefault(item.nodeid.split("::")[0], group)
+    for item in items:
+        name, module = item.path.name, item.nodeid.split("::")[0]
         fixtures = set(getattr(item, "fixturenames", ()))
         if name in SLOW_FILES or fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
         slow_tier = any(item.get_closest_marker(m) for m in ("slow", "browser", "container"))
         if slow_tier and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
-        group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
-        if group is None:
-            # Else one worker per module: a module-scoped fixture (the default recipe's training
-            # run, a torchrun reference curve, a trained tokenizer) is built once, not per worker.
-            group = "export" if name in EXPORT_FILES else item.nodeid.split("::")[0]
+        # Else one worker per module: a module-scoped fixture (the default recipe's training run,
+        # a torchrun reference curve, a trained tokenizer) is built once, not once per worker.
+        group = module_group.get(module) or ("export" if name in EXPORT_FILES else module)
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+    # Under xdist (the controller and every worker must collect the same order); one process keeps pytest's.
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") != "no":
+        _longest_first(items)
+
+
+# The longest xdist groups, longest first (from --durations). Under xdist the units are handed out
+# in collection order (--no-loadscope-reorder) to whichever worker is free: starting the long ones
+# first keeps one worker from beginning a 5-minute unit while the other has nothing left.
+LONGEST_FIRST = [
+    "tests/integration/test_default_recipe.py",
+    "integration-servers",
+    "export",
+    "tests/integration/test_concurrent_runs.py",
+    "tests/integration/test_sweep.py",
+    "prefect-harness",
+    "reliability-servers",
+]
+
+
+def _longest_first(items) -> None:
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a group's own order is kept
 
 
 def shared_dir(tmp_path_factory) -> Path:
