@@ -28,7 +28,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 help:
 	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
 	@echo "make test   - run the whole test suite ($(PYTEST_WORKERS) xdist workers; PYTEST_ARGS=... to narrow it)"
-	@echo "make check  - lint + the quick tier: tests not marked slow/browser/container (~3 min on 2 cores)"
+	@echo "make check  - lint + the quick tier: tests not marked slow/browser/container (1-2 min on 2 cores)"
 	@echo "make lint   - ruff check + ruff format --check (configured in pyproject.toml)"
 	@echo "make services / services-down - local Prefect + MLflow + S3 servers (see docs/deployment.md)"
 	@echo "make clean  - remove runs/ and Prefect state (keeps .venv)"
