@@ -1,6 +1,7 @@
 # gptpipe — two commands on a fresh machine:
 #   make run    create .venv if missing, install, run the default pipeline (configs/tiny.yaml)
-#   make test   same bootstrap, then the test suite
+#   make test   same bootstrap, then the test suite (two xdist workers)
+#   make check  lint + the quick tier (unit and contract tests, no slow/browser/container): minutes
 # TORCH_SPEC picks the torch build (CI uses the local CPU wheel: TORCH_SPEC=torch==2.13.0).
 
 PYTHON     ?= python3
@@ -8,17 +9,26 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch
 RECIPE     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
+# Two workers on the 2-core CI machine: many slow tests wait on servers and child processes, so a
+# second worker overlaps them. --dist loadgroup keeps each xdist_group (tests/conftest.py) on one
+# worker, so a worker does not start its own copy of a shared server set or export.
+PYTEST_WORKERS ?= 2
+# --no-loadscope-reorder: hand groups out in collection order, which tests/conftest.py starts with
+# the longest ones (xdist's default order is by test count, which put the default recipe last).
+XDIST      := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+QUICK      := not slow and not browser and not container
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.gptpipe-installed
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test lint install clean help services services-down stack-up stack-down
+.PHONY: run test check lint install clean help services services-down stack-up stack-down
 
 help:
 	@echo "make run    - run the pipeline on $(RECIPE) (embedded Prefect + MLflow, artifacts in ./runs)"
-	@echo "make test   - run the test suite"
+	@echo "make test   - run the whole test suite ($(PYTEST_WORKERS) xdist workers; PYTEST_ARGS=... to narrow it)"
+	@echo "make check  - lint + the quick tier: tests not marked slow/browser/container (1-2 min on 2 cores)"
 	@echo "make lint   - ruff check + ruff format --check (configured in pyproject.toml)"
 	@echo "make services / services-down - local Prefect + MLflow + S3 servers (see docs/deployment.md)"
 	@echo "make clean  - remove runs/ and Prefect state (keeps .venv)"
@@ -36,7 +46,11 @@ run: $(STAMP)
 	$(BIN)/gptpipe run --config $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+# The loop to run first: lint, then the unit and contract tests (markers in pyproject.toml).
+check: lint
+	$(BIN)/python -m pytest $(XDIST) -m "$(QUICK)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

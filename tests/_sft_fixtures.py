@@ -8,7 +8,6 @@ SentencePiece.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -64,10 +63,9 @@ def tiny_gpt(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:
     return GPT(GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=block_size))
 
 
-# --- a micro upstream (tokenizer -> data -> pretrain) built once per test session ------------
+# --- a micro upstream (tokenizer -> data -> pretrain), see the ``micro_upstream`` fixture -------
 
 ROOT = Path(__file__).resolve().parents[1]
-_UPSTREAM: dict[str, object] = {}
 
 
 def micro_config(*overrides: str) -> PipelineConfig:
@@ -75,16 +73,14 @@ def micro_config(*overrides: str) -> PipelineConfig:
     return load_config(ROOT / "configs" / "micro.yaml", ["tokenizer.threads=1", "pretrain.threads=1", *overrides])
 
 
-def micro_upstream() -> tuple[LocalStore, dict[str, ArtifactRef]]:
-    """A store holding finished tokenizer, data and pretrain artifacts of the micro recipe.
+def build_micro_upstream(root: Path) -> tuple[LocalStore, dict[str, ArtifactRef]]:
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe in the store at ``root``.
 
-    Built on first use and shared by the finetune and evaluate tests (pretraining is the slow part).
-    """
-    if not _UPSTREAM:
-        store = LocalStore(tempfile.mkdtemp(prefix="gptpipe-sft-upstream-"))
-        cfg = micro_config()
-        refs: dict[str, ArtifactRef] = {}
-        for name in registry.ORDER[: registry.ORDER.index("finetune")]:
-            refs[name] = run_stage(name, cfg, dict(refs), store).ref
-        _UPSTREAM.update(store=store, refs=refs)
-    return _UPSTREAM["store"], dict(_UPSTREAM["refs"])
+    Each stage goes through the executor, so a store that already holds them (or a process that
+    is building them under the stage lease) gives the same artifacts back without training again."""
+    store = LocalStore(root)
+    cfg = micro_config()
+    refs: dict[str, ArtifactRef] = {}
+    for name in registry.ORDER[: registry.ORDER.index("finetune")]:
+        refs[name] = run_stage(name, cfg, dict(refs), store).ref
+    return store, refs

@@ -1,4 +1,12 @@
-"""Shared test setup: isolated Prefect home, one Prefect test server per session, small thread counts."""
+"""Shared test setup: isolated Prefect home, one Prefect test server per session, small thread counts,
+and the test tiers (markers) and xdist groups.
+
+Tiers: ``make check`` runs what is not marked ``slow``, ``browser`` or ``container`` (seconds per
+test); ``make test`` runs everything on two xdist workers. A test is ``slow`` when it trains a model
+past a few steps, exports one, runs a pipeline or starts servers: its module says so, or it uses
+one of the fixtures that do (``SLOW_FIXTURES``), or its file is listed in ``SLOW_FILES`` (files
+other engineers own; marked here by name rather than edited).
+"""
 
 from __future__ import annotations
 
@@ -33,14 +41,127 @@ def prefect_harness():
         yield
 
 
+# Two intra-op threads per test process, or the cores shared out among xdist workers: two workers
+# with two threads each on a 2-core machine only contend.
+_THREADS = max(1, min(2, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(_THREADS)
     yield
 
 
 @pytest.fixture(scope="session")
 def micro_recipe() -> Path:
     return ROOT / "configs" / "micro.yaml"
+
+
+# Session fixtures that start servers or build trained/exported models: a test using one is slow.
+SLOW_FIXTURES = {"services", "client_env", "server_pipeline", "servers", "moto", "prefect_harness", "micro_upstream"}
+# Files whose tests export a micro model (onnxruntime-genai package included) or train the default
+# recipe; owned by other engineers, so marked here by name.
+SLOW_FILES = {
+    "test_export.py",
+    "test_genai.py",
+    "test_gguf.py",
+    "test_hf_checkpoint.py",
+    "test_architecture_view.py",
+    "test_default_recipe.py",
+}
+# Under xdist each worker builds its own session (and module) fixtures. Tests sharing an expensive
+# one run on one worker (``--dist loadgroup``): one Prefect + MLflow + moto set for the integration
+# suite, one MLflow + moto pair for the reliability suite, one Prefect test harness, one export store.
+GROUP_OF_FIXTURE = {
+    "services": "integration-servers",
+    "client_env": "integration-servers",
+    "server_pipeline": "integration-servers",
+    "servers": "reliability-servers",
+    "prefect_harness": "prefect-harness",
+}
+# ``tests/_export_fixtures.exported`` keeps its store under the worker's own base temp dir: the
+# modules calling it share one worker so the micro export is built once.
+EXPORT_FILES = {
+    "test_export.py",
+    "test_genai.py",
+    "test_gguf.py",
+    "test_hf_checkpoint.py",
+    "test_architecture_view.py",
+    "test_publish_browser.py",
+}
+
+
+# The per-test limit of the slow tiers, unless a module marks its own: a pipeline-building session
+# fixture's setup counts against its first test, and takes minutes on a loaded 2-core machine.
+SLOW_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    # A module goes where any of its tests' shared fixtures go, whole: its module-scoped fixtures
+    # (test_containers' image build) must not be built on two workers either.
+    module_group: dict[str, str] = {}
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        group = next((GROUP_OF_FIXTURE[f] for f in sorted(fixtures) if f in GROUP_OF_FIXTURE), None)
+        if group is not None:
+            module_group.setdefault(item.nodeid.split("::")[0], group)
+    for item in items:
+        name, module = item.path.name, item.nodeid.split("::")[0]
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if name in SLOW_FILES or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        slow_tier = any(item.get_closest_marker(m) for m in ("slow", "browser", "container"))
+        if slow_tier and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+        # Else one worker per module: a module-scoped fixture (the default recipe's training run,
+        # a torchrun reference curve, a trained tokenizer) is built once, not once per worker.
+        group = module_group.get(module) or ("export" if name in EXPORT_FILES else module)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # Under xdist (the controller and every worker must collect the same order); one process keeps pytest's.
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") != "no":
+        _longest_first(items)
+
+
+# The longest xdist groups, longest first (from --durations). Under xdist the units are handed out
+# in collection order (--no-loadscope-reorder) to whichever worker is free: starting the long ones
+# first keeps one worker from beginning a 5-minute unit while the other has nothing left.
+LONGEST_FIRST = [
+    "tests/integration/test_default_recipe.py",
+    "integration-servers",
+    "export",
+    "tests/integration/test_concurrent_runs.py",
+    "tests/integration/test_sweep.py",
+    "prefect-harness",
+    "reliability-servers",
+]
+
+
+def _longest_first(items) -> None:
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a group's own order is kept
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this test run sees (the run's base temp dir; a worker's
+    own is a child of it), or this session's base temp dir without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def micro_upstream(tmp_path_factory):
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe, built once per test run:
+    in a gptpipe store shared by all workers, where the stage lease makes a second worker wait for
+    the first and reuse its artifacts (same content keys) instead of training again.
+
+    Returns a function giving ``(store, refs)`` with a fresh ``refs`` dict each call."""
+    from tests._sft_fixtures import build_micro_upstream
+
+    store, refs = build_micro_upstream(shared_dir(tmp_path_factory) / "micro-upstream-store")
+    return lambda: (store, dict(refs))

@@ -100,6 +100,7 @@ def _stage_command(store: Path, corpus: Path, tokenizer_ref) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a data stage in a child process, killed and rerun
 def test_a_killed_run_resumes_from_its_finished_units(tmp_path, tokenizer_ref):
     corpus = synthetic_corpus(tmp_path / "corpus", 8_000_000, 40_000, seed=4)
     store = tmp_path / "store"

@@ -85,6 +85,7 @@ def test_ranks_read_disjoint_slices_that_make_up_the_single_process_batch(inputs
     assert for_rank(whole, 0, 1) is whole
 
 
+@pytest.mark.slow  # torchrun: two training processes
 def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, reference_curve, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     result = result_of(run_worker(tmp_path / "store", inputs, metrics, {**BASE, "batch_size": 4}, nproc=2))
@@ -99,6 +100,7 @@ def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, refe
     assert len(published) == 1  # one artifact, written by rank 0
 
 
+@pytest.mark.slow  # torchrun under the flow's stage task
 def test_fsdp2_through_the_flow_launcher_matches_one_process_and_logs_to_the_stage_run(
     inputs, reference_curve, tmp_path, monkeypatch
 ):

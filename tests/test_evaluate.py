@@ -17,7 +17,7 @@ from stages.lm.diagnosis import DOMINANT_SHARE
 from stages.lm.tasks import normalize_answer
 from stages.storage.shards import TokenShards
 from stages.viewer.plots import plot_curves, read_curve
-from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
+from tests._sft_fixtures import CharTokenizer, micro_config, tiny_gpt
 
 torch.set_num_threads(1)
 
@@ -76,7 +76,7 @@ def test_plot_writes_a_png_even_without_curves(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_stage_through_the_executor():
+def test_evaluate_stage_through_the_executor(micro_upstream):
     store, refs = micro_upstream()
     cfg = micro_config()
     refs["finetune"] = run_stage("finetune", cfg, refs, store).ref
@@ -108,7 +108,7 @@ def test_evaluate_stage_through_the_executor():
     assert "eval/sft_accuracy" in tracker.metrics
 
 
-def test_report_names_the_dominant_answer_when_fine_tuning_learned_only_the_format():
+def test_report_names_the_dominant_answer_when_fine_tuning_learned_only_the_format(micro_upstream):
     # 40 steps teach the micro model the answer format of `last` (one digit, then <|end|>), far
     # from enough to read the digit off the prompt: it gives the same digit to most items.
     store, refs = micro_upstream()

@@ -20,7 +20,7 @@ from stages.training.chat_batches import PackedBatches, ReplayMix, pack
 from stages.training.checkpoint_format import load_model
 from stages.training.loop import Display, train
 from tests._numeric import rtol_for
-from tests._sft_fixtures import CharTokenizer, micro_config, micro_upstream, tiny_gpt
+from tests._sft_fixtures import CharTokenizer, micro_config, tiny_gpt
 
 QUIET = Display(progress=False)  # no progress lines in the test output
 
@@ -129,7 +129,7 @@ def test_jsonl_data_is_split_and_bad_files_refused(tmp_path):
         load_conversations(FinetuneConfig(data=str(path), max_bad_fraction=0.1))
 
 
-def test_finetune_stage_full_and_lora_through_the_executor(tmp_path):
+def test_finetune_stage_full_and_lora_through_the_executor(tmp_path, micro_upstream):
     store, refs = micro_upstream()
     cfg = micro_config()
     result = run_stage("finetune", cfg, refs, store)
@@ -159,7 +159,7 @@ def test_finetune_stage_full_and_lora_through_the_executor(tmp_path):
     assert set(merged.state_dict()) == set(model.state_dict())
 
 
-def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows():
+def test_replay_rows_are_whole_windows_of_pretraining_text_after_the_chat_rows(micro_upstream):
     from stages import registry
 
     def stage_inputs(name, cfg):

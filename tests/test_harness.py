@@ -36,6 +36,8 @@ from stages.training.loss import evaluate_loss
 from tests._token_bytes import token_bytes
 
 pytest.importorskip("lm_eval")
+# lm-eval's harness on the micro export's model: 10-20 s a test, the slow tier.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

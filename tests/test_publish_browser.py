@@ -34,6 +34,7 @@ def bundle(tmp_path_factory):
     return Path(result.ref.uri), result.manifest.metrics
 
 
+@pytest.mark.slow  # the micro export
 def test_bundle_layout_and_offline_patches(bundle):
     out, metrics = bundle
     assert metrics["graphs"] == 6 and metrics["netron_version"]
@@ -56,6 +57,7 @@ def test_bundle_layout_and_offline_patches(bundle):
     assert json.loads((out / "bundle.json").read_text())["graphs"][0]["file"] == "architecture.onnx"
 
 
+@pytest.mark.slow  # the micro export
 def test_disabled_publish_writes_no_bundle(bundle, tmp_path):
     out, _ = bundle
     export_dir = Path(json.loads((out / "manifest.json").read_text())["inputs"]["export"]["uri"])
@@ -71,6 +73,7 @@ def test_unknown_netron_layout_is_refused():
         publish.offline_index("<html><head></head></html>", "netron/index.html")
 
 
+@pytest.mark.slow  # the micro export
 def test_serve_bundle_binds_loopback(bundle):
     out, _ = bundle
     server = serve_bundle(out, 0)

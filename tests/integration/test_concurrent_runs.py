@@ -21,7 +21,7 @@ from stages.storage.artifacts import MANIFEST, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs" / "micro.yaml"
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # several micro pipelines at once
 
 
 def start_runs(count: int, cwd: Path, env: dict[str, str], *overrides: str) -> list[tuple[subprocess.Popen, Path]]:

@@ -28,7 +28,8 @@ from stages import registry
 from . import _podman
 from ._servers import ARTIFACTS, MICRO, gptpipe, http_json, s3_client
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
+# An image build and a pipeline in containers (its own subprocess limits go to 1,500 s).
+pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(1800)]
 
 REASON = _podman.available()
 if REASON and os.environ.get("GPTPIPE_REQUIRE_CONTAINERS") == "1":

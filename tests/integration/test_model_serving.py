@@ -188,7 +188,8 @@ def test_mlflow_models_serve_answers_invocations_with_the_same_text(services, cl
         start_new_session=True,
     )
     try:
-        assert wait_healthy(f"http://127.0.0.1:{port}/ping", 180, server), (tmp_path / "serve.log").read_text(
+        # 300 s: the server imports mlflow and loads the model, minutes when another run loads the machine.
+        assert wait_healthy(f"http://127.0.0.1:{port}/ping", 300, server), (tmp_path / "serve.log").read_text(
             errors="replace"
         )[-4000:]
         body = {"dataframe_records": [{"prompt": p} for p in PROMPTS], "params": {"max_new_tokens": NEW_TOKENS}}

@@ -192,10 +192,11 @@ def test_s3_claims_have_one_winner_and_a_stale_lease_one_taker(endpoint, tmp_pat
         assert sum(r["won"] for r in reports) == 1, reports
 
     store = S3Store(uri, cache_dir=tmp_path / "c")
-    stalled = store.claim("race", "k", LeaseHolder("gone", "another-host", 1), lease_s=0.3)
+    # 2 s: the second claim (two S3 round trips) must come while the lease is fresh, also under load.
+    stalled = store.claim("race", "k", LeaseHolder("gone", "another-host", 1), lease_s=2)
     assert stalled is not None and store.claim("race", "k", lease_s=30) is None
     assert "leases/.leases/race/k.json" in _objects(endpoint["direct"], "leases/.leases/")
-    time.sleep(0.5)
+    time.sleep(2.5)
     reports = race(uri, "claim", tmp_path, 4, "30")
     assert sum(r["won"] for r in reports) == 1, reports
     taker = store.lease_holder("race", "k")

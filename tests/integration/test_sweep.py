@@ -14,7 +14,7 @@ import pytest
 from stages import registry
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # runs the micro pipeline: minutes
 
 
 def test_sweep_runs_upstream_once_and_every_variant_under_one_mlflow_run(tmp_path):

@@ -22,6 +22,9 @@ import torch
 from stages.training import checkpoint_format as ckpt
 from tests._scale_fixtures import result_of, run_worker
 
+# Every case trains in child processes and kills them: the slow tier.
+pytestmark = pytest.mark.slow
+
 # Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
 # dropout makes the RNG state part of what a checkpoint has to carry.
 PRETRAIN = {
@@ -148,10 +151,8 @@ METHODS = {"full": {}, "lora": {"method": "lora", "lora_r": 4, "lora_dropout": 0
 
 
 @pytest.fixture(scope="module")
-def sft_inputs():
-    """Finished tokenizer, data and pretrain artifacts of the micro recipe (built once per session)."""
-    from tests._sft_fixtures import micro_upstream
-
+def sft_inputs(micro_upstream):
+    """Finished tokenizer, data and pretrain artifacts of the micro recipe (built once per test run)."""
     return micro_upstream()[1]
 
 
