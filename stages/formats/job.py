@@ -39,8 +39,11 @@ def gate_inputs(model: GPT, tokenizer: Tokenizer, cfg: ExportConfig, model_artif
     ids = parity.gate_inputs(cfg.parity_shapes, block, model.cfg.vocab_size, rng)
     odd = [rng.integers(0, model.cfg.vocab_size, size=(3, max(2, block // 3)), dtype=np.int64)]
     count = max(cfg.heldout_items, cfg.generation_prompts)
-    conversations, source = heldout_conversations(model_artifact, count, cfg.seed)
-    quality = heldout_conversations(model_artifact, cfg.quantized.items, cfg.seed)[0] if cfg.quantized.enabled else []
+    # One read for both sets: the file's first lines, or the seeded task stream's first items, are
+    # the same whatever count is asked for, so the shorter set is a prefix of the longer one.
+    quality_count = cfg.quantized.items if cfg.quantized.enabled else 0
+    read, source = heldout_conversations(model_artifact, max(count, quality_count), cfg.seed)
+    conversations, quality = read[:count], read[:quality_count]
     prompts = parity.parity_prompts(
         tokenizer, conversations, cfg.generation_prompts, block, cfg.generation_tokens, cfg.seed
     )
