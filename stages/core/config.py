@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from stages import registry
 from stages.core.errors import ConfigError
@@ -76,6 +76,39 @@ class TrackingConfig(Section):
     )
 
 
+class RegistryConfig(Section):
+    """When a newly registered version takes the ``champion`` alias (``stages/serving/promotion.py``).
+
+    Every new version gets the alias ``challenger``; ``champion`` moves to it when the policy
+    says so. ``gate`` compares it with the champion on the same held-out material (the evaluate
+    stage scores both) and needs every export format certified; ``always`` and ``never`` leave the
+    decision to a person (``gptpipe promote`` / ``gptpipe rollback``).
+    """
+
+    promote: Literal["gate", "always", "never"] = Field(
+        "gate", description="'gate' (promote when the tolerances below hold), 'always' or 'never' (manual review)."
+    )
+    exact_match_drop: float = Field(
+        0.02, ge=0, le=1, description="Task exact match the challenger may lose against the champion (absolute)."
+    )
+    bpb_rise: float = Field(
+        0.02,
+        ge=0,
+        description="Relative rise in bits per byte on the frozen held-out text the challenger may show (0.02 = 2 %).",
+    )
+
+
+def check_continue_from(value: str) -> str:
+    """``none``, ``champion``, a registry version number or a store URI of a pretrain/finetune output."""
+    value = value.strip()
+    if value in ("none", "champion") or value.isdigit() or "/" in value or value.startswith("s3://"):
+        return value
+    raise ValueError(
+        f"continue_from={value!r}: use 'none', 'champion', a registered version number (e.g. 3) "
+        "or the store URI of a pretrain or finetune output"
+    )
+
+
 class StageResources(Section):
     """What one stage's container asks the work pool for (``execution.mode: containers``)."""
 
@@ -121,6 +154,18 @@ class PipelineConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    continue_from: str = Field(
+        "none",
+        description="Start from an earlier model: 'none' (from scratch), 'champion' (the registered model's "
+        "champion alias), a registered version number, or the store URI of a pretrain or finetune output. "
+        "The run reuses its tokenizer and continues pretraining from its weights.",
+    )
+
+    @field_validator("continue_from", mode="before")
+    @classmethod
+    def _continue_from(cls, value: str) -> str:
+        return check_continue_from(str(value))
 
     @model_validator(mode="after")
     def _runnable(self) -> PipelineConfig:
