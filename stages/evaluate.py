@@ -272,6 +272,9 @@ STAGE = Stage(
     summary="loss, bits per byte and exact match, base vs fine-tuned",
     sections=("evaluate",),
     inputs=("tokenizer", "data", "pretrain", "finetune"),
+    # The registry's champion, scored on the same ground: its model, its tokenizer, and the data output
+    # whose val split is the frozen held-out text of its lineage.
+    lineage_inputs=("champion", "champion_tokenizer", "frozen"),
     outputs=(
         Output(REPORT_JSON, "base vs fine-tuned figures and the diagnosis"),
         Output(REPORT_MD, "the same, to read"),

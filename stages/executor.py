@@ -88,7 +88,7 @@ def needed_inputs(call: StageCall) -> dict[str, ArtifactRef]:
     missing = [need for need in needs if need not in call.inputs]
     if missing:
         raise ArtifactError(f"stage '{call.stage}' needs input artifact(s) {', '.join(missing)}; pass --input NAME=URI")
-    return {need: call.inputs[need] for need in needs}
+    return {need: call.inputs[need] for need in call.declared.present_inputs(call.sections(), call.inputs)}
 
 
 def call_key(call: StageCall) -> str:

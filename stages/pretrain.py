@@ -157,6 +157,7 @@ STAGE = Stage(
     summary="GPT from scratch on the shards",
     sections=("pretrain",),
     inputs=("tokenizer", "data"),
+    lineage_inputs=("parent",),  # continue_from: the parent's pretrain output, whose weights it starts from
     outputs=(
         Output(MODEL_DIR, "the final checkpoint (weights, model config, optimizer and trainer state)"),
         Output(CURVE, "every logged point: train loss, lr, grad norm, tokens/s, val loss"),

@@ -70,7 +70,7 @@ class StageCall:
                 tags={"gptpipe.recipe": cfg.name},
                 system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
             )
-        needs = registry.stage(name).inputs_for(cfg.sections(name))
+        needs = registry.stage(name).present_inputs(cfg.sections(name), inputs)
         return cls(
             stage=name,
             config=cfg.sections(name).to_json(),

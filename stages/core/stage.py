@@ -85,6 +85,10 @@ class Stage:
     trains: bool = False  # a training loop: streams curves and system metrics
     torchrun: bool = False  # may run as several processes (non-zero ranks leave before publishing)
     keeps_work: bool = False  # run() also takes work=<URI>: state kept across attempts, beside the store
+    # Inputs from an earlier model's lineage, present only when the flow provides them (a run that
+    # continues from, or is compared with, the registry's champion): ``parent``, ``champion``… Like
+    # any input, each one present enters the content key.
+    lineage_inputs: tuple[str, ...] = ()
 
     @property
     def shown(self) -> tuple[str, ...]:
@@ -97,7 +101,12 @@ class Stage:
         return self.run.__module__
 
     def inputs_for(self, sections: Sections) -> tuple[str, ...]:
+        """The upstream stages it reads under these sections (every one required)."""
         return tuple(self.choose_inputs(sections)) if self.choose_inputs else self.inputs
+
+    def present_inputs(self, sections: Sections, given: Mapping[str, Any]) -> tuple[str, ...]:
+        """The inputs a call reads: the required ones, then each lineage input ``given`` holds."""
+        return (*self.inputs_for(sections), *(name for name in self.lineage_inputs if name in given))
 
     def problems(self, sections: Sections) -> list[str]:
         """What is wrong with these sections for this stage, one line each (empty: runnable)."""
