@@ -98,6 +98,10 @@ EXPORT_FILES = {
 SLOW_TIMEOUT_S = 900
 
 
+# tryfirst: xdist's own hook turns each test's xdist_group mark into its node id ("...@group") when it
+# runs, so the marks must be on the items before it; added after, they were silently ignored and every
+# worker built every session and module fixture of its own.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # A module goes where any of its tests' shared fixtures go, whole: its module-scoped fixtures
     # (test_containers' image build) must not be built on two workers either.
@@ -123,6 +127,21 @@ def pytest_collection_modifyitems(config, items):
     # Under xdist (the controller and every worker must collect the same order); one process keeps pytest's.
     if os.environ.get("PYTEST_XDIST_WORKER") or config.getoption("dist", "no") != "no":
         _longest_first(items)
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` every test must carry its group in its node id (``…@group``): that is
+    all the scheduler reads. A pytest/xdist pair that drops it would spread a module's tests (and its
+    session and module fixtures: a pipeline, the servers, an image build) over every worker."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
+        return
+    ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rsplit("]", 1)[-1]]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"--dist loadgroup: {len(ungrouped)} test(s) lost their xdist group (e.g. {ungrouped[0]}); this "
+            "pytest/pytest-xdist pair ignores xdist_group marks (pytest-dev/pytest-xdist#1386): install "
+            "the versions pyproject.toml pins (make install)"
+        )
 
 
 # The longest xdist groups, longest first (from --durations). Under xdist the units are handed out
