@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.core.errors import ArtifactError
-from stages.core.progress import progress_bar
 from stages.core.stage import Output, Sections, Stage
+from stages.evaluation.answers import generate_answers, score
 from stages.lm.chat import ChatTemplate, validate_messages
 from stages.lm.diagnosis import Answers, diagnose
-from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.training import checkpoint_format as checkpoint
 from stages.viewer.eval_report import evaluation_markdown, write_answers
@@ -81,41 +80,6 @@ def language_metrics(model: GPT, shards: TokenShards, cfg: EvaluateConfig) -> di
         "val_loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": loss / math.log(2) / max(shards.bytes_per_token, 1e-9),
-    }
-
-
-def generate_answers(
-    model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int, desc: str = "generate"
-) -> Answers:
-    """Greedy answers per record (prompt = every message before the last assistant turn), with a
-    progress bar over items, and whether each answer ended with a stop token."""
-    from stages.lm.generate import generate_greedy_batch
-
-    prompts = [template.render_prompt(template.split_last_answer(r["messages"])[0]) for r in records]
-    bar = progress_bar(total=len(prompts), desc=desc, unit="item", leave=False)
-    try:
-        generated = generate_greedy_batch(
-            model, prompts, max_new_tokens, stop_ids=template.stop_ids, on_done=bar.update
-        )
-    finally:
-        bar.close()
-    stops = set(template.stop_ids)
-    return Answers(
-        [template.decode_answer(ids) for ids in generated], [bool(ids) and ids[-1] in stops for ids in generated]
-    )
-
-
-def score(records: list[dict], answers: list[str]) -> dict:
-    """Overall and per-task exact-match accuracy."""
-    per_task: dict[str, list[bool]] = {}
-    hits = []
-    for record, answer in zip(records, answers):
-        ok = exact_match(answer, record["messages"][-1]["content"])
-        hits.append(ok)
-        per_task.setdefault(record.get("task", "all"), []).append(ok)
-    return {
-        "accuracy": sum(hits) / max(len(hits), 1),
-        "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
     }
 
 
