@@ -12,6 +12,13 @@ For each model:
   (``stages.lm.diagnosis``: one dominant answer, answers that never stop, a base model that
   already knows the task), so a bad score comes with its likely reason.
 
+Given the registry champion's lineage inputs (``champion``, ``champion_tokenizer``, ``frozen``), the
+fine-tuned model is also scored as the challenger against the champion on the same ground: exact
+match on the same items, bits per byte on the lineage's frozen held-out text and on this run's val
+split, each model through its own tokenizer (``stages.evaluation.champion``); the figures join the
+metrics (``champion.METRICS``) and the report gets one table champion / challenger / difference.
+Without them nothing of this runs and the outputs are what they were.
+
 Outputs: ``report.json`` and ``report.md`` (base vs fine-tuned side by side, the diagnosis),
 ``answers.jsonl`` (every item's expected and given answers), ``samples.json`` (a few prompts with
 both models' answers) and ``curves.png`` (pretrain and finetune loss curves).
@@ -27,11 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.core.errors import ArtifactError
-from stages.core.progress import progress_bar
 from stages.core.stage import Output, Sections, Stage
+from stages.evaluation import champion
+from stages.evaluation.answers import generate_answers, score
 from stages.lm.chat import ChatTemplate, validate_messages
 from stages.lm.diagnosis import Answers, diagnose
-from stages.lm.tasks import exact_match
 from stages.lm.tokenizer import Tokenizer
 from stages.training import checkpoint_format as checkpoint
 from stages.viewer.eval_report import evaluation_markdown, write_answers
@@ -81,41 +88,6 @@ def language_metrics(model: GPT, shards: TokenShards, cfg: EvaluateConfig) -> di
         "val_loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "bits_per_byte": loss / math.log(2) / max(shards.bytes_per_token, 1e-9),
-    }
-
-
-def generate_answers(
-    model: GPT, template: ChatTemplate, records: list[dict], max_new_tokens: int, desc: str = "generate"
-) -> Answers:
-    """Greedy answers per record (prompt = every message before the last assistant turn), with a
-    progress bar over items, and whether each answer ended with a stop token."""
-    from stages.lm.generate import generate_greedy_batch
-
-    prompts = [template.render_prompt(template.split_last_answer(r["messages"])[0]) for r in records]
-    bar = progress_bar(total=len(prompts), desc=desc, unit="item", leave=False)
-    try:
-        generated = generate_greedy_batch(
-            model, prompts, max_new_tokens, stop_ids=template.stop_ids, on_done=bar.update
-        )
-    finally:
-        bar.close()
-    stops = set(template.stop_ids)
-    return Answers(
-        [template.decode_answer(ids) for ids in generated], [bool(ids) and ids[-1] in stops for ids in generated]
-    )
-
-
-def score(records: list[dict], answers: list[str]) -> dict:
-    """Overall and per-task exact-match accuracy."""
-    per_task: dict[str, list[bool]] = {}
-    hits = []
-    for record, answer in zip(records, answers):
-        ok = exact_match(answer, record["messages"][-1]["content"])
-        hits.append(ok)
-        per_task.setdefault(record.get("task", "all"), []).append(ok)
-    return {
-        "accuracy": sum(hits) / max(len(hits), 1),
-        "per_task": {task: sum(v) / len(v) for task, v in sorted(per_task.items())},
     }
 
 
@@ -193,6 +165,19 @@ def headline_figures(results: dict[str, dict]) -> dict[str, float]:
     return summary
 
 
+def samples_of(records: list[dict], generated: dict[str, Answers], count: int) -> list[dict]:
+    """The first ``count`` prompts with their expected answer and both models' answers."""
+    return [
+        {
+            "prompt": " | ".join(m["content"] for m in record["messages"][:-1]),
+            "expected": record["messages"][-1]["content"],
+            **{name: generated[name].texts[i] for name in MODELS},
+            **({"task": record["task"]} if "task" in record else {}),
+        }
+        for i, record in enumerate(records[:count])
+    ]
+
+
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
     from stages.storage.shards import TokenShards
     from stages.training.perf import resolve_device, set_threads
@@ -213,6 +198,8 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         )
     records = records[: ecfg.task_items]
 
+    compared = champion.champion_given(inputs)  # the champion's lineage inputs: all three, or none
+
     results: dict[str, dict] = {}
     generated: dict[str, Answers] = {}
     for name, artifact in (("base", inputs["pretrain"]), ("finetuned", inputs["finetune"])):
@@ -227,23 +214,16 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
                     for key, value in figures.items()
                 }
             )
-    answers = {name: g.texts for name, g in generated.items()}
+    challenger = champion.Contender(model, tokenizer)  # the fine-tuned model, loaded last
+    comparison = (
+        champion.compare_with_champion(inputs, challenger, results["finetuned"], records, ecfg) if compared else None
+    )
     expected = [r["messages"][-1]["content"] for r in records]
     findings = diagnose(generated, expected, {n: r["accuracy"] for n, r in results.items()}, ecfg.max_new_tokens)
     for finding in findings:
         log.warning("diagnosis: %s", finding)
     write_answers(out / ANSWERS, records, expected, generated)
-
-    samples = [
-        {
-            "prompt": " | ".join(m["content"] for m in record["messages"][:-1]),
-            "expected": record["messages"][-1]["content"],
-            "base": answers["base"][i],
-            "finetuned": answers["finetuned"][i],
-            **({"task": record["task"]} if "task" in record else {}),
-        }
-        for i, record in enumerate(records[: ecfg.samples])
-    ]
+    samples = samples_of(records, generated, ecfg.samples)
     (out / SAMPLES).write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
     report = {
         "task_items": len(records),
@@ -253,12 +233,14 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         "finetuned": results["finetuned"],
         "diagnosis": findings,
         "samples": samples,
+        **({"comparison": comparison} if comparison else {}),  # challenger vs champion, when one was given
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / REPORT_MD).write_text(evaluation_markdown(report, CURVES_PNG), encoding="utf-8")
     plot_training_curves(inputs, out)
 
     summary = {"task_items": len(records), **headline_figures(results)}
+    summary.update(champion.comparison_metrics(comparison) if comparison else {})
     tracker.log_metrics({f"eval/{k}": float(v) for k, v in summary.items()})
     for name in (REPORT_MD, REPORT_JSON, ANSWERS, SAMPLES, CURVES_PNG):
         tracker.log_artifact(out / name, "evaluate")
@@ -274,9 +256,9 @@ STAGE = Stage(
     inputs=("tokenizer", "data", "pretrain", "finetune"),
     # The registry's champion, scored on the same ground: its model, its tokenizer, and the data output
     # whose val split is the frozen held-out text of its lineage.
-    lineage_inputs=("champion", "champion_tokenizer", "frozen"),
+    lineage_inputs=champion.LINEAGE_INPUTS,  # ("champion", "champion_tokenizer", "frozen")
     outputs=(
-        Output(REPORT_JSON, "base vs fine-tuned figures and the diagnosis"),
+        Output(REPORT_JSON, "base vs fine-tuned figures, the diagnosis (and challenger vs champion when given)"),
         Output(REPORT_MD, "the same, to read"),
         Output(ANSWERS, "every held-out item's expected and given answers"),
         Output(SAMPLES, "a few prompts with both models' answers"),
@@ -291,5 +273,6 @@ STAGE = Stage(
         "base_seconds",
         "sft_seconds",
     ),
-    headline_when_set=("sft_lm_eval_exact_match", "sft_lm_eval_bpb"),  # evaluate.lm_eval_tasks
+    # evaluate.lm_eval_tasks; the champion's lineage inputs
+    headline_when_set=("sft_lm_eval_exact_match", "sft_lm_eval_bpb", *champion.METRICS),
 )

@@ -1,4 +1,5 @@
-"""The evaluation report as a person reads it: one Markdown page of base vs fine-tuned figures."""
+"""The evaluation report as a person reads it: one Markdown page of base vs fine-tuned figures
+(and, when a champion was given, the challenger against it)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def evaluation_markdown(report: dict, curves_image: str) -> str:
         f"Validation split: {report['val_tokens']:,} tokens, {report['bytes_per_token']:.3f} bytes/token.",
         "",
     ]
+    if "comparison" in report:
+        lines += comparison_markdown(report["comparison"])
     lines += ["## Diagnosis", ""]
     lines += [f"- {finding}" for finding in report["diagnosis"]] or ["- nothing to flag"]
     lines += [""]
@@ -44,6 +47,37 @@ def evaluation_markdown(report: dict, curves_image: str) -> str:
         ]
     lines += ["", f"![loss curves]({curves_image})", ""]
     return "\n".join(lines)
+
+
+def comparison_markdown(comparison: dict) -> list[str]:
+    """One table: exact match, frozen-set and new-val bits per byte of champion and challenger, and the difference."""
+    champion, challenger = comparison["champion"], comparison["challenger"]
+
+    def described(texts: dict) -> str:
+        return f"{texts['documents']} documents, {texts['bytes']:,} bytes"
+
+    rows = [
+        (f"task exact match ({comparison['task_items']} held-out items)", "exact_match", "{:.1%}", "{:+.1%}"),
+        (f"frozen-set bits per byte ({described(comparison['frozen_set'])})", "frozen_bpb", "{:.4f}", "{:+.4f}"),
+        (f"new val bits per byte ({described(comparison['val_set'])})", "val_bpb", "{:.4f}", "{:+.4f}"),
+    ]
+    lines = ["## Challenger vs champion", "", "| metric | champion | challenger | difference |", "|---|---:|---:|---:|"]
+    for label, key, fmt, signed in rows:
+        figures = (
+            fmt.format(champion[key]),
+            fmt.format(challenger[key]),
+            signed.format(challenger[key] - champion[key]),
+        )
+        lines.append(f"| {label} | {' | '.join(figures)} |")
+    tokenizers = "the same tokenizer" if comparison["same_tokenizer"] else "different tokenizers (text re-encoded)"
+    lines += [
+        "",
+        f"Difference = challenger - champion: higher exact match and lower bits per byte are better. "
+        f"The two models read the same text through {tokenizers}; the frozen set is the champion lineage's "
+        "held-out text.",
+        "",
+    ]
+    return lines
 
 
 def write_answers(path: Path, records: list[dict], expected: list[str], generated: dict[str, Answers]) -> None:
