@@ -26,10 +26,12 @@ that output's manifest, instead of computed (``stages/storage/earlier_units.py``
 finished by an earlier attempt of this same run is kept in the work directory and reused too.
 The manifest reports ``units``, ``units_computed`` and ``units_reused``.
 
-A document's side follows its text, so it never changes as the corpus grows. When the hash leaves
-a side empty, one unit is read again with a forced document (``SplitRule.repair``); the force is
-part of that unit's key, so a repaired result is reused only by a run that needs the same repair,
-and never in place of the unrepaired unit.
+A document's side follows its text, so it never changes as the corpus grows, but in one case:
+when the hash leaves a side empty, one unit is read again with a forced document
+(``SplitRule.repair``), and a grown corpus that fills that side by the hash (or needs another
+document forced) puts it back where its hash says. The force is part of that unit's key, so a
+repaired result is reused only by a run that needs the same repair, and never in place of the
+unrepaired unit.
 """
 
 from __future__ import annotations

@@ -155,6 +155,18 @@ def test_a_grown_corpus_computes_only_the_units_holding_new_files(grown):
     assert _contents(Path(second.ref.uri)) == _contents(Path(scratch.ref.uri))
 
 
+def test_the_report_card_shows_the_units_computed_and_reused(grown):
+    from flows.report import rows
+
+    _, first, second, _ = grown
+    for result in (first, second):
+        metrics = result.manifest.metrics
+        stage, _, _, figures, _ = rows({"stages": {"data": result.record()}})[0]
+        expected = f"units_computed={metrics['units_computed']}, units_reused={metrics['units_reused']}"
+        assert stage == "data" and expected in figures, figures
+    assert first.manifest.metrics["units_reused"] == 0 and second.manifest.metrics["units_reused"] > 0
+
+
 def test_documents_keep_their_split_side_when_the_corpus_grows(grown, tokenizer_ref):
     corpus, first, second, _ = grown
     tok = Tokenizer.load(tokenizer_ref.uri)
