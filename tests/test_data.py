@@ -131,6 +131,44 @@ def test_a_split_the_hash_leaves_empty_gets_one_document(built, tmp_path, side):
     assert moved == [pick(docs, key=rule.score)]
 
 
+def _files(result) -> dict[str, bytes]:
+    """A data output's files but its manifest (whose metrics say what was reused)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(result.ref.uri).iterdir()) if p.name != "manifest.json"}
+
+
+def test_a_repaired_unit_is_reused_only_where_the_same_repair_is_needed(built, tmp_path):
+    """The repair's forced document is part of a unit's key: a repaired result never stands in for the
+    plain unit (a grown corpus that needs no repair), nor a plain result for a repaired one."""
+    _, tok, _, _, tokenizer_ref = built
+    rule = SplitRule.seeded(0, 0.45)
+    pair = _scoring(rule, below=False, count=2)  # both train: a run of these two moves one to val
+    held_out = _scoring(rule, below=True, count=1)  # a val document: with it, no repair is needed
+    settings = ("data.seed=0", "data.val_fraction=0.45", "data.unit_bytes=1000")  # a unit per document
+
+    def stage(corpus: Path):
+        return run(
+            "data", micro_config(f"corpus.source={corpus}", *settings), tmp_path / "store", {"tokenizer": tokenizer_ref}
+        )
+
+    repaired = stage(write_corpus(tmp_path / "pair", pair))
+    metrics = repaired.manifest.metrics
+    assert (metrics["val_documents"], metrics["units_computed"], metrics["units_reused"]) == (1, 2, 0)
+
+    grown = stage(write_corpus(tmp_path / "grown", [*pair, *held_out]))
+    metrics = grown.manifest.metrics
+    # The unit that was repaired is read again without the force; the other one is reused.
+    assert (metrics["units"], metrics["units_computed"], metrics["units_reused"]) == (3, 2, 1)
+    assert shard_documents(grown.ref.uri, "val", tok) == held_out
+    assert shard_documents(grown.ref.uri, "train", tok) == pair
+    assert _files(grown) == _files(_stage(tmp_path, tokenizer_ref, tmp_path / "grown", *settings))
+
+    # The same two documents elsewhere: both plain units are reused, then the repaired one too.
+    again = stage(write_corpus(tmp_path / "pair-again", pair))
+    metrics = again.manifest.metrics
+    assert (metrics["units_computed"], metrics["units_reused"]) == (0, 2)
+    assert _files(again) == _files(repaired)
+
+
 @pytest.fixture
 def pools(monkeypatch) -> list[str]:
     """Start methods of the process pools the data stage opens."""

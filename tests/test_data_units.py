@@ -1,5 +1,6 @@
 """The data stage at scale: work units give the same bytes for any worker count, memory does not
-grow with the corpus, a killed run resumes its finished units, and the tokenizer samples it all."""
+grow with the corpus, a killed run resumes its finished units, a grown corpus tokenizes only its
+new units, and the tokenizer samples it all."""
 
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _data_fixtures import MICRO, expected_splits, micro_config, run, shard_documents, stdlib_lines, synthetic_corpus
+from _data_fixtures import (
+    MICRO,
+    expected_splits,
+    micro_config,
+    run,
+    shard_documents,
+    stdlib_documents,
+    stdlib_lines,
+    synthetic_corpus,
+    write_corpus,
+)
 
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.shards import TokenShards
+from stages.storage.units import plan_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +110,73 @@ def _stage_command(store: Path, corpus: Path, tokenizer_ref) -> list[str]:
         "--out",
         str(store),
     ]
+
+
+# ~40 files of 1.5-3 KB: 12 KB units hold about five files each.
+_GROWN = ("data.unit_bytes=12000", "data.val_fraction=0.2")
+# Two files join the sorted listing: one between doc_0017 and doc_0018, one at the end.
+_NEW_FILES = {"doc_0017a.txt": 0, "doc_9999.txt": 1}
+
+
+def _units_json(result) -> list[dict]:
+    return json.loads((Path(result.ref.uri) / "units.json").read_text(encoding="utf-8"))["units"]
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory, tokenizer_ref):
+    """A 40-file corpus run, the same store's run after two files were added, and a from-scratch run of the grown corpus."""
+    base = tmp_path_factory.mktemp("grown")
+    docs = [doc[: 1500 + 40 * i] for i, doc in enumerate(stdlib_documents(42, chars=4000))]
+    corpus = write_corpus(base / "corpus", docs[:40])
+    first = _data(base / "store", corpus, tokenizer_ref, *_GROWN)
+    for name, extra in _NEW_FILES.items():
+        (corpus / name).write_text(docs[40 + extra], encoding="utf-8", newline="")
+    second = _data(base / "store", corpus, tokenizer_ref, *_GROWN)
+    scratch = _data(base / "scratch", corpus, tokenizer_ref, *_GROWN)
+    return corpus, first, second, scratch
+
+
+def test_a_grown_corpus_computes_only_the_units_holding_new_files(grown):
+    corpus, first, second, scratch = grown
+    cfg = micro_config(f"corpus.source={corpus}", *_GROWN)
+    units = list(plan_units(cfg.corpus, cfg.data.unit_bytes))
+    holding = [u.index for u in units if any(Path(p.location).name in _NEW_FILES for p in u.pieces)]
+    assert len(units) >= 6 and 1 <= len(holding) <= 2, (len(units), holding)
+
+    before, after = first.manifest.metrics, second.manifest.metrics
+    assert (before["units_computed"], before["units_reused"]) == (before["units"], 0)
+    assert after["units"] == len(units)
+    assert (after["units_computed"], after["units_reused"]) == (len(holding), len(units) - len(holding))
+    # Exactly the units holding a new file have keys the first run did not make.
+    known = {unit["key"] for unit in _units_json(first)}
+    assert [i for i, unit in enumerate(_units_json(second)) if unit["key"] not in known] == holding
+    # Reusing units gives the bytes of a run that computed everything (shards.json and units.json included).
+    assert scratch.manifest.metrics["units_reused"] == 0
+    assert _contents(Path(second.ref.uri)) == _contents(Path(scratch.ref.uri))
+
+
+def test_the_report_card_shows_the_units_computed_and_reused(grown):
+    from flows.report import rows
+
+    _, first, second, _ = grown
+    for result in (first, second):
+        metrics = result.manifest.metrics
+        stage, _, _, figures, _ = rows({"stages": {"data": result.record()}})[0]
+        expected = f"units_computed={metrics['units_computed']}, units_reused={metrics['units_reused']}"
+        assert stage == "data" and expected in figures, figures
+    assert first.manifest.metrics["units_reused"] == 0 and second.manifest.metrics["units_reused"] > 0
+
+
+def test_documents_keep_their_split_side_when_the_corpus_grows(grown, tokenizer_ref):
+    corpus, first, second, _ = grown
+    tok = Tokenizer.load(tokenizer_ref.uri)
+    old = {split: shard_documents(first.ref.uri, split, tok) for split in ("train", "val")}
+    new = {split: shard_documents(second.ref.uri, split, tok) for split in ("train", "val")}
+    assert old["val"] and old["train"], "the corpus needs both sides without a repair"
+    for split in ("train", "val"):
+        assert set(old[split]) <= set(new[split])
+    added = [(corpus / name).read_text(encoding="utf-8") for name in _NEW_FILES]
+    assert sorted(set(new["train"]) - set(old["train"]) | set(new["val"]) - set(old["val"])) == sorted(added)
 
 
 @pytest.mark.slow  # a data stage in a child process, killed and rerun

@@ -120,8 +120,9 @@ class DataConfig(Section):
     unit_bytes: int = Field(
         4_000_000,
         ge=1000,
-        description="Source bytes per work unit (files, JSONL byte ranges or Parquet row groups; smaller for a "
-        "corpus under 32 units); each is tokenized, written and resumed on its own. Output never depends on workers.",
+        description="Average source bytes per work unit (files, JSONL byte ranges or Parquet row groups, cut where "
+        "their contents say, at most twice this); each is tokenized, written, resumed and reused by later runs on "
+        "its own. Output never depends on workers.",
     )
     executor: Literal["processes", "dask"] = Field(
         "processes", description="Where units run: a local process pool, or a Dask cluster (data.dask_scheduler)."

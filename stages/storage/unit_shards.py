@@ -24,9 +24,10 @@ import sentencepiece as spm
 
 from stages.lm.tokenizer import Tokenizer
 from stages.storage.corpus import CorpusReading, CorpusStats, read_pieces
+from stages.storage.earlier_units import UNITS, unit_entry
 from stages.storage.shards import INDEX, ShardWriter, dtype_for
 from stages.storage.splits import SPLITS, SplitRule, Tally
-from stages.storage.units import Unit, UnitDirectory, unit_signature
+from stages.storage.units import Unit, UnitDirectory, unit_key
 
 _CHUNK_CHARS = 256_000  # text encoded per call: big enough to amortize the call, small enough for memory
 
@@ -66,12 +67,14 @@ def process_unit(unit: Unit, corpus: CorpusReading, settings: dict, model_proto:
     """Read, split, tokenize and write one unit; return (and store) its result.
 
     ``settings`` holds the split's ``seed`` and ``val_fraction``, ``shard_tokens``, ``dtype`` and
-    ``eos_id`` (and, for a unit read again by ``SplitRule.repair``, its ``force``). A unit already
-    finished under the same signature is not redone: its stored result comes back marked ``reused``.
+    ``eos_id``, the tokenizer's and the code's digests (and, for a unit read again by
+    ``SplitRule.repair``, its ``force``): with the unit's pieces they make its key (``unit_key``).
+    A unit this attempt already finished under the same key is not redone: its stored result
+    comes back marked ``reused``.
     """
     work = UnitDirectory(work_location)
-    signature = unit_signature(unit, settings)
-    result_name = f"{unit.name}-{signature}.json"
+    key = unit_key(unit, settings)
+    result_name = f"{unit.name}-{key}.json"
     found = work.result(result_name)
     if found is not None:
         return {**found, "reused": True}
@@ -116,7 +119,7 @@ def process_unit(unit: Unit, corpus: CorpusReading, settings: dict, model_proto:
             writers[split].close()
         result = {
             "unit": unit.index,
-            "signature": signature,
+            "key": key,
             "source_bytes": unit.size,
             "splits": {s: {"files": writers[s].files, "tokens": writers[s].tokens, **counts[s]} for s in SPLITS},
             "stats": asdict(stats),
@@ -147,7 +150,9 @@ def tallies(results: list[dict]) -> list[Tally]:
 
 
 def assemble(results: list[dict], work: UnitDirectory, out: Path, tokenizer: Tokenizer) -> dict:
-    """Unit files into the artifact, in unit order, and ``shards.json`` listing them."""
+    """Unit files into the artifact, in unit order, ``shards.json`` listing them and ``units.json``
+    listing each unit's key and files (what a later run reuses). A unit taken from an earlier
+    output (``placed``) has its files in ``out`` already."""
     index: dict = {
         "dtype": dtype_for(tokenizer.vocab_size).name,
         "vocab_size": tokenizer.vocab_size,
@@ -158,7 +163,8 @@ def assemble(results: list[dict], work: UnitDirectory, out: Path, tokenizer: Tok
         files: list[str] = []
         for result in results:
             for name in result["splits"][split]["files"]:
-                work.fetch(name, out / name)
+                if not result.get("placed"):
+                    work.fetch(name, out / name)
                 files.append(name)
         index["splits"][split] = {
             "files": files,
@@ -167,5 +173,7 @@ def assemble(results: list[dict], work: UnitDirectory, out: Path, tokenizer: Tok
             "bytes": sum(r["splits"][split]["bytes"] for r in results),
         }
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    listed = {"units": [unit_entry(result) for result in results]}
+    (out / UNITS).write_text(json.dumps(listed, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     work.clear()
     return index

@@ -1,20 +1,26 @@
-"""Work units: the corpus cut, deterministically, into pieces of about ``data.unit_bytes``.
+"""Work units: the corpus cut into runs of consecutive pieces at places its content chooses.
 
 A unit is a run of consecutive pieces (``stages/storage/corpus.py``): whole small files grouped
-together, a byte range of a large JSONL file, or a few row groups of a Parquet file. Units
-depend only on the source listing and ``unit_bytes`` — never on the number of workers or the
-executor — and concatenating their documents in unit order gives exactly the documents of
+together, a byte range of a large JSONL file, or a few row groups of a Parquet file. A unit ends
+after a piece whose content digest (``stages/storage/piece_digests.py``) falls below that
+piece's share of ``data.unit_bytes`` — on average one cut per ``unit_bytes`` of source, always
+after a piece of ``unit_bytes`` or more — or once it holds ``2 * unit_bytes``. The cuts depend
+on the pieces' contents and ``unit_bytes`` only: never on the corpus's total size, the number of
+workers or the executor. So adding files to a corpus changes only the units around them (from
+the unit where a new piece lands to the next content-defined cut, usually that one unit), and
+the others keep their pieces, hence their key (``unit_key``), and are reused from an earlier
+output. Concatenating the units' documents in unit order gives exactly the documents of
 ``iter_documents``: that is what makes the data stage's output byte-identical however it ran.
 
 ``corpus.max_bytes`` is a cap in source order, so it is resolved before any unit runs: the
 units are counted in order (their text read once, in this process) until the cap falls inside
-one, which gets the remaining budget; later units are dropped. A cap is for demo recipes: a
-real corpus has none and pays nothing.
+one, which gets the remaining budget (part of its key); later units are dropped, and their
+pieces are never hashed. A cap is for demo recipes: a real corpus has none and pays nothing.
 
-Finished units live in a ``UnitDirectory``: a local directory (the stage's work directory,
-kept across attempts like pretraining's checkpoints) or an ``s3://`` prefix beside the artifact
-store for remote Dask workers. A unit's result JSON is written last, so its presence means
-the unit is complete; a rerun skips those units.
+Finished units of this attempt live in a ``UnitDirectory``: a local directory (the stage's work
+directory, kept across attempts like pretraining's checkpoints) or an ``s3://`` prefix beside
+the artifact store for remote Dask workers. A unit's result JSON is written last, so its
+presence means the unit is complete; a rerun skips those units.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +43,7 @@ from stages.storage.corpus import (
     parquet_row_groups,
     read_pieces,
 )
+from stages.storage.piece_digests import PieceDigests
 
 if TYPE_CHECKING:  # a worker unpickles Units, and must not load the recipe schema (pydantic) for it
     from stages.core.sections import CorpusConfig
@@ -46,6 +54,7 @@ class Unit:
     index: int
     pieces: tuple[Piece, ...]
     budget: int | None = None  # bytes of text this unit may keep (the unit where corpus.max_bytes falls)
+    digests: tuple[str, ...] = ()  # each piece's content digest (``PieceDigests``), in piece order
 
     @property
     def size(self) -> int:
@@ -54,13 +63,6 @@ class Unit:
     @property
     def name(self) -> str:
         return f"unit_{self.index:06d}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "budget": self.budget, "pieces": [asdict(p) for p in self.pieces]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Unit:
-        return cls(int(data["index"]), tuple(Piece(**p) for p in data["pieces"]), data.get("budget"))
 
 
 def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
@@ -86,63 +88,67 @@ def _source_pieces(source: Source, unit_bytes: int) -> list[Piece]:
     return [Piece(source.location, source.size, source_size=source.size)]
 
 
-# A small corpus still gets this many units (of at least _MIN_UNIT_BYTES) so all workers have work.
-MIN_UNITS = 32
-_MIN_UNIT_BYTES = 256 * 1024
+def cut_after(digest: str, size: int, unit_bytes: int) -> bool:
+    """Whether a unit ends after a piece of ``size`` bytes with content ``digest``: with odds
+    ``size / unit_bytes`` (certainly for a piece of ``unit_bytes`` or more), drawn from the digest."""
+    return int(digest[:16], 16) < size * 2**64 // unit_bytes
 
 
-def unit_size(cfg: CorpusConfig, unit_bytes: int, sources: list[Source]) -> int:
-    """``unit_bytes``, or less for a corpus too small to make ``MIN_UNITS`` units of it.
+def plan_units(
+    cfg: CorpusConfig, unit_bytes: int, sources: list[Source] | None = None, digests: PieceDigests | None = None
+) -> Iterator[Unit]:
+    """Consecutive pieces, cut where ``cut_after`` says or once a unit holds ``2 * unit_bytes``.
 
-    Depends on the listing and the recipe only (never on the worker count), so the plan, and
-    with it the output, stays the same wherever the stage runs.
+    Lazy: a piece is hashed only when the plan reaches it (``apply_cap`` may stop early).
     """
-    total = sum(source.size for source in sources)
-    if cfg.max_bytes is not None:
-        total = min(total, cfg.max_bytes)
-    return max(1, min(unit_bytes, max(_MIN_UNIT_BYTES, -(-total // MIN_UNITS))))
-
-
-def plan_units(cfg: CorpusConfig, unit_bytes: int, sources: list[Source] | None = None) -> list[Unit]:
-    """Consecutive pieces grouped until each unit holds at least ``unit_size`` (the last may hold less)."""
     sources = list_sources(cfg) if sources is None else sources
-    unit_bytes = unit_size(cfg, unit_bytes, sources)
-    units: list[Unit] = []
+    digests = digests or PieceDigests(cfg.source)
+    pieces = (piece for source in sources for piece in _source_pieces(source, unit_bytes))
     group: list[Piece] = []
-    size = 0
-    for source in sources:
-        for piece in _source_pieces(source, unit_bytes):
-            group.append(piece)
-            size += piece.size
-            if size >= unit_bytes:
-                units.append(Unit(len(units), tuple(group)))
-                group, size = [], 0
+    hashes: list[str] = []
+    index = size = 0
+    for piece, digest in digests.of(pieces):
+        group.append(piece)
+        hashes.append(digest)
+        size += piece.size
+        if cut_after(digest, piece.size, unit_bytes) or size >= 2 * unit_bytes:
+            yield Unit(index, tuple(group), None, tuple(hashes))
+            group, hashes, index, size = [], [], index + 1, 0
     if group:
-        units.append(Unit(len(units), tuple(group)))
-    return units
+        yield Unit(index, tuple(group), None, tuple(hashes))
 
 
-def apply_cap(units: list[Unit], cfg: CorpusConfig) -> list[Unit]:
+def apply_cap(planned: Iterable[Unit], cfg: CorpusConfig, sources: list[Source]) -> list[Unit]:
     """The units ``corpus.max_bytes`` keeps, the last one carrying the bytes left for it."""
-    if cfg.max_bytes is None:
+    planned = iter(planned)
+    try:
+        capped = cfg.max_bytes is not None
+        if capped and all(s.suffix != ".parquet" for s in sources) and sum(s.size for s in sources) < cfg.max_bytes:
+            capped = False  # text never grows when read (Parquet can: it is compressed), so the cap cannot be reached
+        if not capped:
+            return list(planned)
+        units, used = [], 0
+        for unit in planned:
+            stats = CorpusStats()
+            kept = sum(len(doc.encode("utf-8")) for doc in read_pieces(unit.pieces, CorpusReading.of(cfg), stats))
+            if used + kept >= cfg.max_bytes:
+                return [*units, replace(unit, budget=cfg.max_bytes - used)]
+            units.append(unit)
+            used += kept
         return units
-    pieces = [piece for unit in units for piece in unit.pieces]
-    if all(piece.suffix != ".parquet" for piece in pieces) and sum(piece.size for piece in pieces) < cfg.max_bytes:
-        return units  # text never grows when read (Parquet can: it is compressed), so the cap cannot be reached
-    used = 0
-    for i, unit in enumerate(units):
-        stats = CorpusStats()
-        kept = sum(len(doc.encode("utf-8")) for doc in read_pieces(unit.pieces, CorpusReading.of(cfg), stats))
-        if used + kept >= cfg.max_bytes:
-            return [*units[:i], Unit(unit.index, unit.pieces, cfg.max_bytes - used)]
-        used += kept
-    return units
+    finally:
+        close = getattr(planned, "close", None)
+        if close is not None:
+            close()  # stop hashing ahead (and its threads) where the cap fell
 
 
-def unit_signature(unit: Unit, settings: dict[str, Any]) -> str:
-    """What a finished unit was made from: a result with another signature is not reused."""
-    text = json.dumps({"unit": unit.to_dict(), "settings": settings}, sort_keys=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+def unit_key(unit: Unit, settings: dict[str, Any]) -> str:
+    """What a unit's result is made from: its pieces' contents (digests; their locations for a unit
+    planned without them), its budget and ``settings`` (split rule, shard layout, tokenizer, code,
+    a repair's ``force``). Not its position: a unit keeps its key when units before it change."""
+    pieces = list(unit.digests) if unit.digests else [asdict(p) for p in unit.pieces]
+    text = json.dumps({"pieces": pieces, "budget": unit.budget, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 class UnitDirectory:
