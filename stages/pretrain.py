@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from stages.core.tracking import Tracker
     from stages.lm.model import GPT
+    from stages.training.state import TrainResult
 
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
@@ -137,6 +138,11 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     shutil.rmtree(out / _WORK)
     (out / CURVE).write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
 
+    return {**_metrics(result, model, vocab), **lineage}
+
+
+def _metrics(result: TrainResult, model: GPT, vocab: int) -> dict[str, Any]:
+    """What the manifest records of a finished run (the report card shows the headline)."""
     return {
         "initial_loss": round(result.initial_loss, 4),
         "ln_vocab": round(math.log(vocab), 4),
@@ -160,7 +166,6 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         "world_size": result.world_size,
         "precision": result.precision,
         "compiled": result.compiled,
-        **lineage,
     }
 
 

@@ -1,0 +1,245 @@
+"""continue_from and the champion as artifact references (flows/lineage.py), and the shape check of a
+continued pretraining.
+
+Store URIs are resolved by walking real manifests: the micro recipe's tokenizer -> data -> pretrain
+(the shared ``micro_upstream`` fixture) and hand-published outputs that name them as inputs. Registry
+values are resolved through a real MLflow registry (SQLite) whose versions carry the lineage tags.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.lineage import (
+    ROOT_DATA_TAG,
+    Champion,
+    Parent,
+    lineage_tags,
+    resolve_champion,
+    resolve_parent,
+    stage_inputs,
+    tokenizer_drift,
+)
+from flows.report import FROM_PARENT, render_report
+from stages.core.errors import ArtifactError, ConfigError
+from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_files
+from stages.storage.stores import LocalStore
+
+MODEL = "gptpipe-lineage-test"
+
+
+def _publish(store: LocalStore, stage: str, inputs: dict[str, ArtifactRef], metrics: dict | None = None) -> ArtifactRef:
+    """A finished output of ``stage`` that read ``inputs`` (one small file; its manifest is what counts)."""
+    note = json.dumps({"stage": stage, "inputs": {k: v.digest for k, v in sorted(inputs.items())}, **(metrics or {})})
+    scratch = store.scratch(stage, "fake")
+    (scratch / "note.json").write_text(note, encoding="utf-8")
+    files = hash_files(scratch)
+    manifest = Manifest(
+        stage=stage,
+        key=f"fake-{files_digest(files)[:12]}",
+        config={},
+        inputs={name: ref.to_dict() for name, ref in inputs.items()},
+        code_version="test",
+        files=files,
+        metrics=metrics or {},
+        digest=files_digest(files),
+    )
+    return store.commit(scratch, manifest)
+
+
+def _ref(stage: str, n: int = 1) -> ArtifactRef:
+    return ArtifactRef(stage, f"/store/{stage}/key{n}", f"digest-{stage}-{n}")
+
+
+# --- store URIs ---------------------------------------------------------------------------------
+
+
+def test_a_pretrain_uri_resolves_to_its_tokenizer_data_and_itself(micro_upstream):
+    store, refs = micro_upstream()
+    parent = resolve_parent(refs["pretrain"].uri, str(store.root), None, MODEL)
+    assert parent == Parent(
+        source=refs["pretrain"].uri,
+        tokenizer=refs["tokenizer"],
+        pretrain=refs["pretrain"],
+        data=refs["data"],
+        root_data=refs["data"],  # it started its lineage: its own data holds the frozen held-out text
+    )
+
+
+def test_a_finetune_uri_walks_back_to_its_pretrain_and_the_lineage_root(micro_upstream, tmp_path):
+    """finetune -> its pretrain (a continued one) -> that one's parent: root_data is the first pretrain's data."""
+    store, refs = micro_upstream()
+    ours = LocalStore(tmp_path / "store")
+    grown = _publish(ours, "data", {"tokenizer": refs["tokenizer"]})
+    continued = _publish(ours, "pretrain", {"tokenizer": refs["tokenizer"], "data": grown, "parent": refs["pretrain"]})
+    finetune = _publish(ours, "finetune", {"tokenizer": refs["tokenizer"], "pretrain": continued})
+
+    parent = resolve_parent(finetune.uri, str(tmp_path / "store"), None, MODEL)
+    assert (parent.pretrain, parent.finetune, parent.tokenizer) == (continued, finetune, refs["tokenizer"])
+    assert parent.data == grown and parent.root_data == refs["data"]
+    assert parent.version is None
+
+
+def test_what_cannot_be_continued_from_is_one_line_saying_what_to_pass(micro_upstream, tmp_path):
+    store, refs = micro_upstream()
+    cases = {
+        refs["data"].uri: f"continue_from={refs['data'].uri}: that is a data output; pass the store URI of a "
+        "pretrain or finetune output",
+        str(tmp_path): f"continue_from={tmp_path}: {tmp_path}: no manifest.json; not a finished gptpipe artifact",
+    }
+    for value, line in cases.items():
+        with pytest.raises(ConfigError if value == refs["data"].uri else ArtifactError) as failure:
+            resolve_parent(value, str(store.root), None, MODEL)
+        assert str(failure.value) == line
+    with pytest.raises(ConfigError, match=r"^continue_from=.*: its tokenizer output .* is not in the recipe's store"):
+        resolve_parent(refs["pretrain"].uri, "s3://bucket/store", None, MODEL)
+    with pytest.raises(ConfigError) as failure:
+        resolve_parent("champion", str(store.root), None, MODEL)
+    assert str(failure.value) == (
+        "continue_from=champion: the model registry is read from MLflow, but tracking is off (--no-track); "
+        "turn tracking on, or continue from the store URI of a pretrain output"
+    )
+    assert resolve_parent("none", str(store.root), None, MODEL) is None
+
+
+def test_a_parent_of_another_shape_fails_the_pretrain_stage_in_one_line(micro_upstream):
+    """The recipe's model must be the parent's: each differing key, with both values, before any training."""
+    from stages.executor import run_stage
+    from tests._sft_fixtures import micro_config
+
+    store, refs = micro_upstream()
+    parent = resolve_parent(refs["pretrain"].uri, str(store.root), None, MODEL)
+    wider = micro_config("pretrain.model.n_embd=128", "pretrain.model.n_head=4")
+    with pytest.raises(ConfigError) as failure:
+        run_stage("pretrain", wider, {**refs, "parent": parent.pretrain}, store)
+    assert str(failure.value) == (
+        "continue_from: pretrain.model.n_head = 4 but the parent has 2; pretrain.model.n_embd = 128 but the "
+        "parent has 64; a continued model keeps its parent's shape (set these to the parent's values, or use "
+        "continue_from=none to train a new model)"
+    )
+
+
+# --- the registry: champion alias and version numbers -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """An MLflow registry with MODEL version 1 (lineage tags, alias champion) and version 2 (no tags)."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("registry")
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    client.create_registered_model(MODEL)
+    tags = {f"gptpipe.ref.{stage}": json.dumps(_ref(stage).to_dict()) for stage in ("tokenizer", "data", "pretrain")}
+    tags["gptpipe.ref.finetune"] = json.dumps(_ref("finetune").to_dict())
+    tags[ROOT_DATA_TAG] = json.dumps(_ref("data", 0).to_dict())
+    first = client.create_model_version(MODEL, str(root / "v1"), tags=tags)
+    client.create_model_version(MODEL, str(root / "v2"))
+    client.set_registered_model_alias(MODEL, "champion", first.version)
+    return client
+
+
+def test_champion_and_a_version_number_resolve_through_the_version_tags(registry):
+    expected = Parent(
+        source="champion",
+        tokenizer=_ref("tokenizer"),
+        pretrain=_ref("pretrain"),
+        data=_ref("data"),
+        finetune=_ref("finetune"),
+        version="1",
+        root_data=_ref("data", 0),
+    )
+    assert resolve_parent("champion", "/store", registry, MODEL) == expected
+    assert resolve_parent("1", "/store", registry, MODEL) == Parent(**{**expected.__dict__, "source": "1"})
+    assert resolve_champion(registry, MODEL) == Champion("1", _ref("finetune"), _ref("tokenizer"), _ref("data", 0))
+
+
+def test_registry_values_that_name_nothing_usable_are_one_line_each(registry):
+    lines = {
+        ("champion", "gptpipe-other"): "continue_from=champion: model 'gptpipe-other' has no 'champion' alias yet; "
+        "run once without continue_from (its first registered version becomes the champion)",
+        ("7", MODEL): f"continue_from=7: model '{MODEL}' has no version 7; see its versions in the MLflow UI",
+        ("2", MODEL): f"continue_from=2: version 2 of model '{MODEL}' has no gptpipe.ref.tokenizer or "
+        "gptpipe.ref.pretrain tag (registered before lineage tags); continue from the store URI of its "
+        "pretrain output instead",
+    }
+    for (value, model), line in lines.items():
+        with pytest.raises((ConfigError, ArtifactError)) as failure:
+            resolve_parent(value, "/store", registry, model)
+        assert str(failure.value) == line
+    assert resolve_champion(registry, "gptpipe-other") is None  # no champion yet: nothing to compare with
+    assert resolve_champion(None, MODEL) is None  # tracking off: no registry
+
+
+# --- what the pipeline hands on ------------------------------------------------------------------
+
+
+def test_lineage_inputs_reach_only_the_stages_that_declare_them():
+    from stages.core.config import load_config
+    from stages.stage_call import StageCall
+    from tests._sft_fixtures import ROOT
+
+    cfg = load_config(ROOT / "configs" / "micro.yaml")
+    results = {s: {"ref": _ref(s, 2).to_dict()} for s in ("tokenizer", "data", "pretrain", "finetune")}
+    parent = Parent("champion", _ref("tokenizer"), _ref("pretrain"), version="1", root_data=_ref("data", 0))
+    champion = Champion("1", _ref("finetune"), _ref("tokenizer"), _ref("data", 0))
+
+    inputs = stage_inputs(results, parent, champion)
+    evaluate = StageCall.for_recipe("evaluate", cfg, inputs).inputs
+    assert (evaluate["champion"], evaluate["champion_tokenizer"], evaluate["frozen"]) == (
+        champion.finetune,
+        champion.tokenizer,
+        champion.root_data,
+    )
+    assert StageCall.for_recipe("pretrain", cfg, inputs).inputs["parent"] == parent.pretrain
+    lineage_names = {"parent", "champion", "champion_tokenizer", "frozen"}
+    assert lineage_names.isdisjoint(StageCall.for_recipe("finetune", cfg, inputs).inputs)
+    assert "parent" not in evaluate
+
+    # The champion's own model again (a rerun of its recipe): no comparison, so evaluate's key is unchanged.
+    itself = {**results, "finetune": {"ref": champion.finetune.to_dict()}}
+    assert {"champion", "champion_tokenizer", "frozen"}.isdisjoint(stage_inputs(itself, None, champion))
+
+    assert lineage_tags(parent, results) == {
+        "gptpipe.lineage.parent_version": "1",
+        "gptpipe.lineage.parent": json.dumps(parent.pretrain.to_dict()),
+        ROOT_DATA_TAG: json.dumps(parent.root_data.to_dict()),
+    }
+    assert lineage_tags(None, results) == {ROOT_DATA_TAG: json.dumps(_ref("data", 2).to_dict())}  # a new lineage
+
+
+def test_tokenizer_drift_warns_past_five_percent_fewer_bytes_per_token(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    tokenizer = _publish(store, "tokenizer", {}, {"bytes_per_token": 3.9})
+    root = _publish(store, "data", {"tokenizer": tokenizer}, {"bytes_per_token": 4.0})
+    parent = Parent("champion", tokenizer, _ref("pretrain"), data=root, root_data=root)
+
+    line, warn = tokenizer_drift(parent, {"bytes_per_token": 3.96})
+    assert not warn and line == (
+        "tokenizer drift: the parent's tokenizer gets 3.960 bytes/token on the new corpus, "
+        "4.000 on its training corpus (-1.0%)"
+    )
+    line, warn = tokenizer_drift(parent, {"bytes_per_token": 3.7})
+    assert warn and "(-7.5%); past the 5% warning level" in line
+    # No data output of the lineage known: the tokenizer stage's own held-out figure.
+    alone = Parent("champion", tokenizer, _ref("pretrain"))
+    assert tokenizer_drift(alone, {"bytes_per_token": 3.9})[0].endswith("3.900 on its held-out text (+0.0%)")
+
+
+def test_the_report_card_labels_the_parents_tokenizer_as_the_parents():
+    record = {"ref": _ref("tokenizer").to_dict(), "metrics": {}, "wall_time_s": 0.0}
+    report = {
+        "recipe": "micro",
+        "store": "/store",
+        "continued_from": "champion (version 3)",
+        "stages": {
+            "tokenizer": {**record, "reused": True, "status": FROM_PARENT},
+            "data": {**record, "reused": True, "status": "reused"},
+        },
+    }
+    text = render_report(report)
+    assert "reused by content key (nothing recomputed): data\n" in text
+    assert "from the parent model, champion (version 3) (not rerun): tokenizer" in text
+    assert "tokenizer  from parent  -" in text
