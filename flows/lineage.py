@@ -98,9 +98,13 @@ def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Pa
             raise ConfigError(_unregistered(value, model))
         parent = _parent_from_tags(value, model, str(version.version), version.tags)
     else:
-        parent = _parent_from_store(value)
+        try:
+            parent = _parent_from_store(value)
+        except ArtifactError as exc:  # a manifest missing or incomplete: say which continue_from led to it
+            raise ArtifactError(f"continue_from={value}: {exc}") from None
     for ref in (parent.tokenizer, parent.pretrain):
         _check_in_store(value, ref, store)
+        _check_finished(f"continue_from={value}", ref, "or continue from another model")
     return parent
 
 
@@ -185,11 +189,11 @@ def read_output_manifest(ref: ArtifactRef) -> Manifest:
     else:
         manifest = read_manifest(Path(ref.uri)) if (Path(ref.uri) / MANIFEST).is_file() else None
     if manifest is None:
-        raise ArtifactError(f"{ref.uri}: no finished {ref.stage} output there (it was deleted or never finished)")
+        raise ArtifactError(f"{ref.uri}: no finished {ref.stage} output there (deleted, or never finished)")
     if manifest.digest != ref.digest:
         raise ArtifactError(
-            f"{ref.uri}: its content digest {manifest.digest[:12]}… differs from the one recorded "
-            f"({ref.digest[:12]}…); the output was replaced — continue from the new one by its URI"
+            f"{ref.uri}: content digest {manifest.digest[:12]}… differs from the recorded {ref.digest[:12]}… "
+            "(the output was rebuilt or edited)"
         )
     return manifest
 
@@ -201,10 +205,7 @@ def _input(manifest: Manifest, name: str) -> ArtifactRef | None:
 
 def _parent_from_store(value: str) -> Parent:
     """The parent a store URI names: a pretrain output, or a finetune output (then its pretrain input)."""
-    try:
-        named = ref_from_path(value)
-    except ArtifactError as exc:
-        raise ArtifactError(f"continue_from={value}: {exc}") from None
+    named = ref_from_path(value)
     if named.stage not in ("pretrain", "finetune"):
         raise ConfigError(
             f"continue_from={value}: that is a {named.stage} output; pass the store URI of a pretrain or finetune output"
@@ -213,11 +214,11 @@ def _parent_from_store(value: str) -> Parent:
     if named.stage == "finetune":
         finetune, named = named, _input(read_output_manifest(named), "pretrain")
         if named is None:
-            raise ArtifactError(f"continue_from={value}: {finetune.uri}/{MANIFEST} names no pretrain input")
+            raise ArtifactError(f"{finetune.uri}/{MANIFEST} names no pretrain input")
     manifest = read_output_manifest(named)
     tokenizer = _input(manifest, "tokenizer")
     if tokenizer is None:
-        raise ArtifactError(f"continue_from={value}: {named.uri}/{MANIFEST} names no tokenizer input")
+        raise ArtifactError(f"{named.uri}/{MANIFEST} names no tokenizer input")
     return Parent(
         source=value,
         tokenizer=tokenizer,
@@ -252,6 +253,14 @@ def _check_in_store(value: str, ref: ArtifactRef, store: str) -> None:
         )
 
 
+def _check_finished(whose: str, ref: ArtifactRef, otherwise: str) -> None:
+    """A recorded output must still be in the store, or the stage reading it would fail later, vaguely."""
+    try:
+        read_output_manifest(ref)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{whose}: {exc}; rebuild it by rerunning the recipe that made it, {otherwise}") from None
+
+
 # --- the champion, for comparison ------------------------------------------------------------
 
 
@@ -276,6 +285,10 @@ def resolve_champion(client: Any | None, model: str) -> Champion | None:
             REF_TAG,
         )
         return None
+    for ref in (finetune, tokenizer, root_data):
+        _check_finished(
+            f"the champion ({model} version {version.version})", ref, "or move the alias to another version"
+        )
     return Champion(str(version.version), finetune, tokenizer, root_data)
 
 

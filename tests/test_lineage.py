@@ -28,6 +28,8 @@ from stages.storage.artifacts import ArtifactRef, Manifest, files_digest, hash_f
 from stages.storage.stores import LocalStore
 
 MODEL = "gptpipe-lineage-test"
+GONE = "gptpipe-lineage-gone"
+UNCROWNED = "gptpipe-lineage-uncrowned"
 
 
 def _publish(store: LocalStore, stage: str, inputs: dict[str, ArtifactRef], metrics: dict | None = None) -> ArtifactRef:
@@ -126,39 +128,64 @@ def test_a_parent_of_another_shape_fails_the_pretrain_stage_in_one_line(micro_up
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """An MLflow registry with MODEL version 1 (lineage tags, alias champion) and version 2 (no tags)."""
+    """An MLflow registry over a store of finished outputs: MODEL version 1 (lineage tags, alias champion),
+    version 2 (no tags), version 3 (tags naming a pretrain output that was deleted); model GONE's champion
+    names a finetune output that was deleted; model UNCROWNED has a version and no champion alias.
+    Returns (client, refs of MODEL version 1, the store's root)."""
+    import shutil
+
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("registry")
+    store = LocalStore(root / "store")
+    refs = {"tokenizer": _publish(store, "tokenizer", {})}
+    refs["root_data"] = _publish(store, "data", {"tokenizer": refs["tokenizer"]}, {"bytes_per_token": 4.0})
+    refs["data"] = _publish(store, "data", {"tokenizer": refs["tokenizer"]})
+    refs["pretrain"] = _publish(store, "pretrain", {"tokenizer": refs["tokenizer"], "data": refs["data"]})
+    refs["finetune"] = _publish(store, "finetune", {"tokenizer": refs["tokenizer"], "pretrain": refs["pretrain"]})
+    gone = _publish(store, "pretrain", {"tokenizer": refs["tokenizer"]})
+    shutil.rmtree(gone.uri)
+
+    def tags(**named: ArtifactRef) -> dict[str, str]:
+        found = {f"gptpipe.ref.{stage}": json.dumps(ref.to_dict()) for stage, ref in named.items()}
+        return {**found, ROOT_DATA_TAG: json.dumps(refs["root_data"].to_dict())}
+
+    complete = {stage: refs[stage] for stage in ("tokenizer", "data", "pretrain", "finetune")}
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    client.create_registered_model(MODEL)
-    tags = {f"gptpipe.ref.{stage}": json.dumps(_ref(stage).to_dict()) for stage in ("tokenizer", "data", "pretrain")}
-    tags["gptpipe.ref.finetune"] = json.dumps(_ref("finetune").to_dict())
-    tags[ROOT_DATA_TAG] = json.dumps(_ref("data", 0).to_dict())
-    first = client.create_model_version(MODEL, str(root / "v1"), tags=tags)
-    client.create_model_version(MODEL, str(root / "v2"))
-    client.set_registered_model_alias(MODEL, "champion", first.version)
-    return client
+    models = {MODEL: [complete, None, {**complete, "pretrain": gone}], GONE: [complete], UNCROWNED: [complete]}
+    for model, versions in models.items():
+        client.create_registered_model(model)
+        for named in versions:
+            client.create_model_version(model, str(root / "source"), tags=tags(**named) if named else None)
+        if model != UNCROWNED:
+            client.set_registered_model_alias(model, "champion", "1")
+    gone_finetune = _publish(store, "finetune", {"tokenizer": refs["tokenizer"]})
+    client.set_model_version_tag(GONE, "1", "gptpipe.ref.finetune", json.dumps(gone_finetune.to_dict()))
+    shutil.rmtree(gone_finetune.uri)
+    return client, refs, str(root / "store")
 
 
 def test_champion_and_a_version_number_resolve_through_the_version_tags(registry):
+    client, refs, store = registry
     expected = Parent(
         source="champion",
-        tokenizer=_ref("tokenizer"),
-        pretrain=_ref("pretrain"),
-        data=_ref("data"),
-        finetune=_ref("finetune"),
+        tokenizer=refs["tokenizer"],
+        pretrain=refs["pretrain"],
+        data=refs["data"],
+        finetune=refs["finetune"],
         version="1",
-        root_data=_ref("data", 0),
+        root_data=refs["root_data"],
     )
-    assert resolve_parent("champion", "/store", registry, MODEL) == expected
-    assert resolve_parent("1", "/store", registry, MODEL) == Parent(**{**expected.__dict__, "source": "1"})
-    assert resolve_champion(registry, MODEL) == Champion("1", _ref("finetune"), _ref("tokenizer"), _ref("data", 0))
+    assert resolve_parent("champion", store, client, MODEL) == expected
+    assert resolve_parent("1", store, client, MODEL) == Parent(**{**expected.__dict__, "source": "1"})
+    champion = resolve_champion(client, MODEL)
+    assert champion == Champion("1", refs["finetune"], refs["tokenizer"], refs["root_data"])
 
 
 def test_registry_values_that_name_nothing_usable_are_one_line_each(registry):
+    client, refs, store = registry
     lines = {
-        ("champion", "gptpipe-other"): "continue_from=champion: model 'gptpipe-other' has no 'champion' alias yet; "
+        ("champion", UNCROWNED): f"continue_from=champion: model '{UNCROWNED}' has no 'champion' alias yet; "
         "run once without continue_from (its first registered version becomes the champion)",
         ("7", MODEL): f"continue_from=7: model '{MODEL}' has no version 7; see its versions in the MLflow UI",
         ("2", MODEL): f"continue_from=2: version 2 of model '{MODEL}' has no gptpipe.ref.tokenizer or "
@@ -167,10 +194,21 @@ def test_registry_values_that_name_nothing_usable_are_one_line_each(registry):
     }
     for (value, model), line in lines.items():
         with pytest.raises((ConfigError, ArtifactError)) as failure:
-            resolve_parent(value, "/store", registry, model)
+            resolve_parent(value, store, client, model)
         assert str(failure.value) == line
-    assert resolve_champion(registry, "gptpipe-other") is None  # no champion yet: nothing to compare with
+    with pytest.raises(
+        ArtifactError,
+        match=r"^continue_from=3: /\S+/pretrain/fake-\w+: no finished pretrain output there \(deleted, or never "
+        r"finished\); rebuild it by rerunning the recipe that made it, or continue from another model$",
+    ):
+        resolve_parent("3", store, client, MODEL)
+    with pytest.raises(
+        ArtifactError, match=rf"^the champion \({GONE} version 1\): /\S+/finetune/fake-\w+: no finished finetune output"
+    ):
+        resolve_champion(client, GONE)
     assert resolve_champion(None, MODEL) is None  # tracking off: no registry
+
+    assert resolve_champion(client, UNCROWNED) is None  # no champion yet: nothing to compare with
 
 
 # --- what the pipeline hands on ------------------------------------------------------------------
