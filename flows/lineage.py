@@ -4,9 +4,10 @@ Two questions each pipeline run asks before its first stage:
 
 * **What does it continue from?** The recipe's ``continue_from``: ``none`` (a new lineage),
   ``champion`` (the registered model's ``champion`` alias), a registered version number, or the
-  store URI of a pretrain or finetune output. ``resolve_parent`` turns it into a ``Parent``: the
-  references of the parent's tokenizer, data, pretrain and finetune outputs, its registry version
-  (when it came from the registry) and its lineage's ``root_data``. A version is read through its
+  store URI of a pretrain or finetune output (``champion`` before there is one: from scratch, with a
+  warning). ``resolve_parent`` turns it into a ``Parent``: the references of the parent's tokenizer,
+  data, pretrain and finetune outputs, its registry version (when it came from the registry) and its
+  lineage's ``root_data``. A version is read through its
   tags (``gptpipe.ref.<stage>``, ``gptpipe.lineage.root_data``: written when it was registered); a
   URI through the manifests in the store, whose ``inputs`` name the references each output read.
   A run with a parent reuses the parent's tokenizer (the tokenizer stage is not rerun: a lineage
@@ -79,7 +80,9 @@ class Champion:
 
 
 def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Parent | None:
-    """The ``Parent`` that ``continue_from=value`` names; None for ``none``.
+    """The ``Parent`` that ``continue_from=value`` names; None for ``none``, and for ``champion`` while
+    the registry has no champion (a warning): a recipe that continues from the champion every night
+    trains from scratch on its first night, and its registered version becomes the first champion.
 
     ``client`` is the MLflow client of the run's tracking store (None: tracking is off, so only a
     store URI can be resolved), ``model`` the registered model's name, ``store`` the recipe's store.
@@ -94,8 +97,18 @@ def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Pa
                 "(--no-track); turn tracking on, or continue from the store URI of a pretrain output"
             )
         version = _alias_version(client, model, value) if value == CHAMPION else _version(client, model, value)
+        if version is None and value == CHAMPION:  # the first run of a recipe meant to continue each night
+            log.warning(
+                "continue_from=champion: model %r has no %r alias yet; training from scratch, "
+                "as continue_from=none would (a new lineage)",
+                model,
+                CHAMPION,
+            )
+            return None
         if version is None:
-            raise ConfigError(_unregistered(value, model))
+            raise ConfigError(
+                f"continue_from={value}: model {model!r} has no version {value}; see its versions in the MLflow UI"
+            )
         parent = _parent_from_tags(value, model, str(version.version), version.tags)
     else:
         try:
@@ -106,15 +119,6 @@ def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Pa
         _check_in_store(value, ref, store)
         _check_finished(f"continue_from={value}", ref, "or continue from another model")
     return parent
-
-
-def _unregistered(value: str, model: str) -> str:
-    if value == CHAMPION:
-        return (
-            f"continue_from=champion: model {model!r} has no {CHAMPION!r} alias yet; "
-            "run once without continue_from (its first registered version becomes the champion)"
-        )
-    return f"continue_from={value}: model {model!r} has no version {value}; see its versions in the MLflow UI"
 
 
 def _alias_version(client: Any, model: str, alias: str) -> Any | None:

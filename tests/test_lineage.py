@@ -9,6 +9,7 @@ values are resolved through a real MLflow registry (SQLite) whose versions carry
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -185,8 +186,6 @@ def test_champion_and_a_version_number_resolve_through_the_version_tags(registry
 def test_registry_values_that_name_nothing_usable_are_one_line_each(registry):
     client, refs, store = registry
     lines = {
-        ("champion", UNCROWNED): f"continue_from=champion: model '{UNCROWNED}' has no 'champion' alias yet; "
-        "run once without continue_from (its first registered version becomes the champion)",
         ("7", MODEL): f"continue_from=7: model '{MODEL}' has no version 7; see its versions in the MLflow UI",
         ("2", MODEL): f"continue_from=2: version 2 of model '{MODEL}' has no gptpipe.ref.tokenizer or "
         "gptpipe.ref.pretrain tag (registered before lineage tags); continue from the store URI of its "
@@ -208,7 +207,23 @@ def test_registry_values_that_name_nothing_usable_are_one_line_each(registry):
         resolve_champion(client, GONE)
     assert resolve_champion(None, MODEL) is None  # tracking off: no registry
 
-    assert resolve_champion(client, UNCROWNED) is None  # no champion yet: nothing to compare with
+
+def test_continue_from_champion_before_there_is_one_trains_from_scratch_with_one_warning(registry, caplog):
+    """A nightly recipe says continue_from=champion from its first night on: no model registered yet, or
+    one without the alias, is a run from scratch (no parent) and one warning line, not a failure."""
+    client, refs, store = registry
+    for model in ("gptpipe-never-registered", UNCROWNED):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gptpipe.flow"):
+            assert resolve_parent("champion", store, client, model) is None
+        assert [r.getMessage() for r in caplog.records] == [
+            f"continue_from=champion: model '{model}' has no 'champion' alias yet; training from scratch, "
+            "as continue_from=none would (a new lineage)"
+        ]
+        assert resolve_champion(client, model) is None  # and nothing to compare with
+    # A version number that does not exist stays an error: it names one particular model.
+    with pytest.raises(ConfigError, match=rf"^continue_from=2: model '{UNCROWNED}' has no version 2;"):
+        resolve_parent("2", store, client, UNCROWNED)
 
 
 # --- what the pipeline hands on ------------------------------------------------------------------
