@@ -1,5 +1,5 @@
-"""continue_from and the champion as artifact references (flows/lineage.py), and the shape check of a
-continued pretraining.
+"""continue_from and the champion as artifact references (flows/lineage.py); what a continued
+pretraining does with the parent is tested with the stage (tests/test_pretrain.py).
 
 Store URIs are resolved by walking real manifests: the micro recipe's tokenizer -> data -> pretrain
 (the shared ``micro_upstream`` fixture) and hand-published outputs that name them as inputs. Registry
@@ -105,23 +105,6 @@ def test_what_cannot_be_continued_from_is_one_line_saying_what_to_pass(micro_ups
         "turn tracking on, or continue from the store URI of a pretrain output"
     )
     assert resolve_parent("none", str(store.root), None, MODEL) is None
-
-
-def test_a_parent_of_another_shape_fails_the_pretrain_stage_in_one_line(micro_upstream):
-    """The recipe's model must be the parent's: each differing key, with both values, before any training."""
-    from stages.executor import run_stage
-    from tests._sft_fixtures import micro_config
-
-    store, refs = micro_upstream()
-    parent = resolve_parent(refs["pretrain"].uri, str(store.root), None, MODEL)
-    wider = micro_config("pretrain.model.n_embd=128", "pretrain.model.n_head=4")
-    with pytest.raises(ConfigError) as failure:
-        run_stage("pretrain", wider, {**refs, "parent": parent.pretrain}, store)
-    assert str(failure.value) == (
-        "continue_from: pretrain.model.n_head = 4 but the parent has 2; pretrain.model.n_embd = 128 but the "
-        "parent has 64; a continued model keeps its parent's shape (set these to the parent's values, or use "
-        "continue_from=none to train a new model)"
-    )
 
 
 # --- the registry: champion alias and version numbers -------------------------------------------
