@@ -23,7 +23,18 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.containers import check_containers_mode, run_stage_in_container
 from flows.embedded import prepare_mlflow
+from flows.lineage import (
+    Champion,
+    Parent,
+    lineage_tags,
+    parent_tokenizer,
+    resolve_champion,
+    resolve_parent,
+    stage_inputs,
+    tokenizer_drift,
+)
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
+from flows.report import FROM_PARENT
 from flows.stage_task import retry_transient, stage_task
 from stages.core.config import PipelineConfig, load_config
 from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, start_run
@@ -81,6 +92,31 @@ def registered_model_name(cfg: PipelineConfig) -> str:
     return cfg.tracking.registered_model or f"gptpipe-{cfg.name}"
 
 
+def resolve_lineage(cfg: PipelineConfig, run: MlflowTracker | None) -> tuple[Parent | None, Champion | None]:
+    """(the model ``continue_from`` names, the registry's champion to compare with), said in a line each;
+    both read the registry through the pipeline's MLflow run (none without tracking)."""
+    client, model = (run.client if run else None), registered_model_name(cfg)
+    origin = resolve_parent(cfg.continue_from, cfg.artifacts.store, client, model)
+    champion = resolve_champion(client, model)
+    logger = get_run_logger()
+    if origin is not None:
+        logger.info(
+            "continue_from=%s: the parent's tokenizer %s (the recipe's tokenizer section is not used) and "
+            "its pretrain output %s as the starting weights",
+            origin.describe(),
+            origin.tokenizer.uri,
+            origin.pretrain.uri,
+        )
+    if champion is not None:
+        logger.info(
+            "champion: %s version %s (%s); evaluate scores this run beside it",
+            model,
+            champion.version,
+            champion.finetune.uri,
+        )
+    return origin, champion
+
+
 @task(
     name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE
 )
@@ -119,9 +155,14 @@ def pipeline(
     config = cfg.model_dump(mode="json")
     results: dict[str, dict[str, Any]] = {}
     ok = False
+    drift = None
     try:
+        origin, champion = resolve_lineage(cfg, parent)
         for name in order:
-            inputs = {stage: ArtifactRef.from_dict(done["ref"]) for stage, done in results.items()}
+            if name == "tokenizer" and origin is not None:  # a lineage keeps its tokenizer
+                results[name] = parent_tokenizer(origin)
+                continue
+            inputs = stage_inputs(results, origin, champion)
             call = StageCall.for_recipe(
                 name, cfg, inputs, tracking_uri=uri, parent_run_id=parent.run_id if parent else None, force=force
             )
@@ -134,6 +175,12 @@ def pipeline(
                 )
                 done = labelled(call.to_dict())
             results[name] = done
+            if name == "data" and origin is not None and (drift := tokenizer_drift(origin, done["metrics"])):
+                (get_run_logger().warning if drift[1] else get_run_logger().info)(drift[0])
+        lineage = lineage_tags(origin, results)  # for the registered version too
+        champion_version = champion.version if champion else None
+        if parent is not None:
+            parent.set_tags({**lineage, "gptpipe.lineage.continue_from": cfg.continue_from})
         report = {
             "recipe": cfg.name,
             "stages": results,
@@ -142,6 +189,10 @@ def pipeline(
             "experiment_id": parent.experiment_id if parent else None,
             "store": describe_store(cfg.artifacts.store),
             "registered_model": None,
+            "continued_from": origin.describe() if origin else None,
+            "lineage": lineage,
+            "champion_version": champion_version,
+            "tokenizer_drift": drift[0] if drift else None,
         }
         if parent is not None and "export" in results and results["export"].get("run_id"):
             registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
@@ -157,7 +208,7 @@ def pipeline(
     finally:
         if parent is not None:
             parent.finish(ok)
-    reused = [name for name, result in results.items() if result["reused"]]
+    reused = [name for name, result in results.items() if result["reused"] and result.get("status") != FROM_PARENT]
     get_run_logger().info(
         "pipeline finished: %d stages, reused by content key: %s", len(results), ", ".join(reused) or "none"
     )

@@ -7,6 +7,9 @@ from typing import Any
 from flows import mlflow_links
 from stages import registry
 
+# The status of a stage not run because its output is the parent model's (continue_from: the tokenizer).
+FROM_PARENT = "from parent"
+
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -66,9 +69,14 @@ def render_report(report: dict[str, Any]) -> str:
         lines += [f"  {line}" for line in certificate.splitlines()]
     total = sum(r["wall_time_s"] for r in report["stages"].values())
     lines.append(f"pipeline time (stages): {total:.1f}s")
-    reused = [n for n, r in report["stages"].items() if r["reused"]]
+    reused = [n for n, r in report["stages"].items() if r["reused"] and r.get("status") != FROM_PARENT]
     if reused:
         lines.append(f"reused by content key (nothing recomputed): {', '.join(reused)}")
+    inherited = [n for n, r in report["stages"].items() if r.get("status") == FROM_PARENT]
+    if inherited:
+        lines.append(f"from the parent model, {report.get('continued_from')} (not rerun): {', '.join(inherited)}")
+    if report.get("tokenizer_drift"):
+        lines.append(report["tokenizer_drift"])
     lines.append(f"artifact store: {report['store']}")
     model = report.get("registered_model")
     if model:

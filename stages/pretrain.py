@@ -14,6 +14,12 @@ writes the checkpoints and the outputs, and the other ranks leave once training 
 The vocabulary size comes from the data artifact (``shards.json``), which recorded the
 tokenizer it was encoded with; the tokenizer artifact is an input only so that a new
 tokenizer changes this stage's cache key.
+
+With the lineage input ``parent`` (the recipe's ``continue_from``: an earlier pretrain output,
+whose tokenizer this run shares) the model starts from the parent's weights instead of a fresh
+draw, and its ``max_steps`` re-warm and re-decay the learning rate with a fresh optimizer; old
+data is replayed because the grown corpus still holds it (``stages/training/continuation.py``).
+The metrics then also record ``continued_from`` (the parent's content key) and ``parent_step``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
 
     from stages.core.tracking import Tracker
     from stages.lm.model import GPT
+    from stages.training.state import TrainResult
 
 _WORK = CHECKPOINTS  # resumable checkpoints while training (kept by the store across attempts)
 
@@ -94,6 +101,11 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         )
 
     model = build_model(cfg, vocab)
+    lineage = {}
+    if "parent" in inputs:  # continue_from: the parent's weights (a checkpoint of this run, if any, wins later)
+        from stages.training.continuation import start_from_parent
+
+        lineage = start_from_parent(model, inputs["parent"])
     if distributed.from_env().is_main:  # under torchrun, one report per job
         tracker.log_params(
             {
@@ -126,6 +138,11 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     shutil.rmtree(out / _WORK)
     (out / CURVE).write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
 
+    return {**_metrics(result, model, vocab), **lineage}
+
+
+def _metrics(result: TrainResult, model: GPT, vocab: int) -> dict[str, Any]:
+    """What the manifest records of a finished run (the report card shows the headline)."""
     return {
         "initial_loss": round(result.initial_loss, 4),
         "ln_vocab": round(math.log(vocab), 4),

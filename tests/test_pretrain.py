@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages.core.config import parse_config
-from stages.core.errors import DataError
+from stages.core.errors import ConfigError, DataError
 from stages.core.tracking import MemoryTracker
 from stages.executor import run_stage
 from stages.storage.stores import LocalStore
@@ -103,3 +103,65 @@ def test_a_val_split_shorter_than_a_window_is_a_clear_data_error(tmp_path):
     with pytest.raises(DataError, match=r"val split holds 20 tokens.*pretrain\.model\.block_size=16"):
         run_stage("pretrain", _recipe(), inputs, store, MemoryTracker())
     assert list((tmp_path / "store" / "pretrain").iterdir()) == []  # the executor discarded the scratch output
+
+
+def test_pretraining_from_a_parent_starts_from_its_weights_and_says_so(tmp_path):
+    """continue_from: the parent's weights, a fresh schedule of max_steps, and the lineage in the metrics."""
+    store = LocalStore(tmp_path / "store")
+    stream = repetitive_stream(length=6000)
+    inputs = _inputs(store, stream[:5000], stream[5000:])
+    parent = run_stage("pretrain", _recipe(), inputs, store, MemoryTracker())
+    parent_metrics = parent.manifest.metrics
+
+    recipe = _recipe(max_steps=6, log_interval=1)
+    child = run_stage("pretrain", recipe, {**inputs, "parent": parent.ref}, store, MemoryTracker())
+    metrics = child.manifest.metrics
+    assert child.manifest.inputs["parent"] == parent.ref.to_dict()  # the parent is in the content key
+    assert metrics["continued_from"] == parent.manifest.key and metrics["parent_step"] == 20
+    assert metrics["steps"] == 6  # its own steps, counted from 0 with its own warmup and cosine decay
+    # It starts where the parent ended, far below the ln(vocab) of a freshly drawn model.
+    assert metrics["initial_loss"] < 0.5 * metrics["ln_vocab"]
+    assert metrics["initial_loss"] < parent_metrics["initial_loss"] / 2
+    curve = json.loads((tmp_path / "store" / "pretrain" / child.manifest.key / "curve.json").read_text())
+    lrs = [point["lr"] for point in curve if "lr" in point]
+    assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < lrs[1]  # re-warmed to the peak, then decayed again
+
+
+def test_a_killed_continued_run_resumes_from_its_own_checkpoint_not_the_parent(tmp_path):
+    """On a retry the continued run's checkpoint wins over the parent's weights: same result as no kill."""
+
+    class CrashAfter(MemoryTracker):
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+            if "train_loss" in metrics and step == 6:
+                raise RuntimeError("the machine went away")
+
+    stream = repetitive_stream(length=3000)
+    recipe = _recipe(max_steps=8, checkpoint_interval=4, log_interval=2)
+    finals = []
+    for name, trackers in (("killed", [CrashAfter(), MemoryTracker()]), ("whole", [MemoryTracker()])):
+        store = LocalStore(tmp_path / name)
+        inputs = _inputs(store, stream[:2500], stream[2500:])
+        inputs["parent"] = run_stage("pretrain", _recipe(max_steps=4), inputs, store, MemoryTracker()).ref
+        for tracker in trackers[:-1]:
+            with pytest.raises(RuntimeError, match="went away"):
+                run_stage("pretrain", recipe, inputs, store, tracker)
+        result = run_stage("pretrain", recipe, inputs, store, trackers[-1])
+        assert result.manifest.metrics["steps"] == 8 and result.manifest.metrics["parent_step"] == 4
+        finals.append(ckpt.load_model(result.ref.uri + "/model").state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_a_parent_of_another_shape_is_one_line_naming_each_differing_key(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    stream = repetitive_stream(length=3000)
+    inputs = _inputs(store, stream[:2500], stream[2500:])
+    parent = run_stage("pretrain", _recipe(max_steps=2), inputs, store, MemoryTracker())
+    wider = _recipe(max_steps=2, model={"n_layer": 3, "n_head": 2, "n_embd": 128, "block_size": 32})
+    with pytest.raises(ConfigError) as failure:
+        run_stage("pretrain", wider, {**inputs, "parent": parent.ref}, store, MemoryTracker())
+    assert str(failure.value) == (
+        "continue_from: pretrain.model.n_layer = 3 but the parent has 2; pretrain.model.n_embd = 128 but the "
+        "parent has 64; a continued model keeps its parent's shape (set these to the parent's values, or use "
+        "continue_from=none to train a new model)"
+    )

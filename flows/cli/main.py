@@ -42,6 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stages.core.config import load_config
     from stages.core.tracking import check_reachable
 
+    if args.continue_from:  # the same as --set continue_from=VALUE
+        args.overrides = [*args.overrides, f"continue_from={args.continue_from}"]
     cfg = load_config(args.config, args.overrides)  # fail on a bad recipe before Prefect starts
     if not args.no_track:  # ...and on a tracking server that does not answer (the default SQLite needs none)
         check_reachable(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "")
@@ -168,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the recomputed copy is dropped; delete a store directory to rebuild it)",
     )
     run.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    run.add_argument(
+        "--continue-from",
+        metavar="FROM",
+        help="continue from an earlier model: champion, a registered version number, or the store URI of a "
+        "pretrain or finetune output (same as --set continue_from=FROM)",
+    )
     run.add_argument("--report-json", metavar="PATH", help="also write the report card as JSON to PATH")
     run.add_argument(
         "--parent-run-id", default=None, help="nest the pipeline's MLflow run under this run (what a sweep does)"

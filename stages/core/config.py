@@ -158,7 +158,8 @@ class PipelineConfig(Section):
     continue_from: str = Field(
         "none",
         description="Start from an earlier model: 'none' (from scratch), 'champion' (the registered model's "
-        "champion alias), a registered version number, or the store URI of a pretrain or finetune output. "
+        "champion alias; from scratch, with a warning, while it has none), a registered version number, or "
+        "the store URI of a pretrain or finetune output. "
         "The run reuses its tokenizer and continues pretraining from its weights.",
     )
 
