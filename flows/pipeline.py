@@ -18,18 +18,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from flows.containers import check_containers_mode, run_stage_in_container
 from flows.embedded import prepare_mlflow
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
-from flows.stage_task import retry_transient, stage_task
+from flows.registration import register_and_gate
+from flows.stage_task import stage_task
 from stages.core.config import PipelineConfig, load_config
-from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, start_run
+from stages.core.tracking import MlflowTracker, default_tracking_uri, redact_uri, start_run
 from stages.formats.layout import SVG_FILE
 from stages.registry import ORDER
-from stages.serving.model_registry import register_onnx
 from stages.stage_call import StageCall
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import describe_store, open_store
@@ -81,25 +80,6 @@ def registered_model_name(cfg: PipelineConfig) -> str:
     return cfg.tracking.registered_model or f"gptpipe-{cfg.name}"
 
 
-@task(
-    name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE
-)
-def register_model(config: dict[str, Any], export: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
-    """Register the export stage's ``model.onnx`` (with tokenizer and parity figures) under its child run."""
-    cfg = PipelineConfig.model_validate(config)
-    ref = ArtifactRef.from_dict(export["ref"])
-    local = open_store(cfg.artifacts.store).materialize(ref)
-    tracker = attach_run(tracking_uri, export["run_id"])
-    model = register_onnx(tracker, registered_model_name(cfg), local, export["metrics"], ref.digest, ref.uri)
-    log.info(
-        "model registry: %s version %s (%s)",
-        model["name"],
-        model["version"],
-        "existing version, same export" if model["reused"] else "new version",
-    )
-    return model
-
-
 @flow(name="gptpipe")
 def pipeline(
     config_path: str | None = "configs/tiny.yaml",
@@ -142,11 +122,12 @@ def pipeline(
             "experiment_id": parent.experiment_id if parent else None,
             "store": describe_store(cfg.artifacts.store),
             "registered_model": None,
+            "promotion": None,
         }
         if parent is not None and "export" in results and results["export"].get("run_id"):
-            registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
-            report["registered_model"] = registered
-            parent.set_tags({"gptpipe.registered_model": f"{registered['name']}/{registered['version']}"})
+            # the registry version, its aliases and the promotion gate (flows/registration.py); issue 26's
+            # lineage resolution fills lineage= and champion_version= (the champion evaluate compared with)
+            report.update(register_and_gate(config, registered_model_name(cfg), results, parent))
         report["architecture_svg"] = architecture_picture(cfg, results)
         if parent is not None:
             parent.log_text(full_markdown(report), "report_card.md")
