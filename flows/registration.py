@@ -96,7 +96,13 @@ def promotion_gate(
     decision = decide(cfg.registry, evaluation, certificate, champion_version is not None)
     record_decision(client, name, number, decision, champion_version)
     log.info("promotion gate: %s version %s: %s (%s)", name, number, decision.label, "; ".join(decision.reasons))
-    return {**base, "decision": decision.label, "reasons": decision.reasons, "compared_with": champion_version}
+    return {
+        **base,
+        "decision": decision.label,
+        "reasons": decision.reasons,
+        "compared_with": champion_version,
+        "unchanged": False,
+    }
 
 
 def decision_tags(promotion: dict[str, Any]) -> dict[str, str]:
