@@ -123,6 +123,19 @@ def test_a_drop_of_exactly_the_tolerance_passes_despite_floating_point():
     assert not decide(tighter, scored(challenger_em=0.966), CERTIFIED, has_champion=True).promote
 
 
+@pytest.mark.parametrize(
+    ("figures", "promote"),
+    [
+        (scored(challenger_em=0.946), False),  # 0.021 lost: just past the 0.02 drop
+        (scored(champion_bpb=2.0, challenger_bpb=2.04), True),  # a 2% rise exactly (0.020000000000000018 in floats)
+        (scored(champion_bpb=2.0, challenger_bpb=2.041), False),  # 2.05%: just past the 2% rise
+    ],
+)
+def test_each_tolerance_edge(figures, promote):
+    decision = decide(GATE, figures, CERTIFIED, has_champion=True)
+    assert decision.promote is promote, decision.reasons
+
+
 def test_a_relative_bpb_rise_past_the_tolerance_holds():
     decision = decide(GATE, scored(champion_bpb=2.0, challenger_bpb=2.1), CERTIFIED, has_champion=True)
     assert not decision.promote
