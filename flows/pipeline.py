@@ -18,8 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from flows.containers import check_containers_mode, run_stage_in_container
 from flows.embedded import prepare_mlflow
@@ -34,13 +33,13 @@ from flows.lineage import (
     tokenizer_drift,
 )
 from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
+from flows.registration import register_and_gate
 from flows.report import FROM_PARENT
-from flows.stage_task import retry_transient, stage_task
+from flows.stage_task import stage_task
 from stages.core.config import PipelineConfig, load_config
-from stages.core.tracking import MlflowTracker, attach_run, default_tracking_uri, redact_uri, start_run
+from stages.core.tracking import MlflowTracker, default_tracking_uri, redact_uri, start_run
 from stages.formats.layout import SVG_FILE
 from stages.registry import ORDER
-from stages.serving.model_registry import register_onnx
 from stages.stage_call import StageCall
 from stages.storage.artifacts import ArtifactRef
 from stages.storage.stores import describe_store, open_store
@@ -117,25 +116,6 @@ def resolve_lineage(cfg: PipelineConfig, run: MlflowTracker | None) -> tuple[Par
     return origin, champion
 
 
-@task(
-    name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient, cache_policy=NO_CACHE
-)
-def register_model(config: dict[str, Any], export: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
-    """Register the export stage's ``model.onnx`` (with tokenizer and parity figures) under its child run."""
-    cfg = PipelineConfig.model_validate(config)
-    ref = ArtifactRef.from_dict(export["ref"])
-    local = open_store(cfg.artifacts.store).materialize(ref)
-    tracker = attach_run(tracking_uri, export["run_id"])
-    model = register_onnx(tracker, registered_model_name(cfg), local, export["metrics"], ref.digest, ref.uri)
-    log.info(
-        "model registry: %s version %s (%s)",
-        model["name"],
-        model["version"],
-        "existing version, same export" if model["reused"] else "new version",
-    )
-    return model
-
-
 @flow(name="gptpipe")
 def pipeline(
     config_path: str | None = "configs/tiny.yaml",
@@ -193,11 +173,14 @@ def pipeline(
             "lineage": lineage,
             "champion_version": champion_version,
             "tokenizer_drift": drift[0] if drift else None,
+            "promotion": None,
         }
         if parent is not None and "export" in results and results["export"].get("run_id"):
-            registered = register_model.with_options(tags=[f"recipe:{cfg.name}"])(config, results["export"], uri)
-            report["registered_model"] = registered
-            parent.set_tags({"gptpipe.registered_model": f"{registered['name']}/{registered['version']}"})
+            # the registry version with its lineage, its aliases and the promotion gate, which judges it
+            # against the champion evaluate compared it with (flows/registration.py)
+            report.update(
+                register_and_gate(config, registered_model_name(cfg), results, parent, lineage, champion_version)
+            )
         report["architecture_svg"] = architecture_picture(cfg, results)
         if parent is not None:
             parent.log_text(full_markdown(report), "report_card.md")

@@ -1,9 +1,10 @@
 """What a pipeline run shows in the Prefect UI: the report card and links, as flow-run artifacts.
 
-Three artifacts are attached to the flow run (keys are stable per recipe, so the Prefect UI
+Up to four artifacts are attached to the flow run (keys are stable per recipe, so the Prefect UI
 keeps a history of each across runs):
 
 * ``gptpipe-report-<recipe>`` — the report card (markdown) plus the registered model version;
+* ``gptpipe-promotion-<recipe>`` — the promotion gate's decision on that version and its reasons;
 * ``gptpipe-mlflow-<recipe>`` — a link to the MLflow parent run (an http tracking server), or
   the ``mlflow ui`` command for an embedded SQLite store;
 * ``gptpipe-netron-<recipe>`` — where the Netron bundle's ``index.html`` lives.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import mlflow_links
-from flows.report import report_markdown
+from flows.report import promotion_markdown, report_markdown
 
 STAGE_LOGGER = "gptpipe"
 
@@ -104,6 +105,14 @@ def publish_artifacts(report: dict[str, Any]) -> list[str]:
     create_markdown_artifact(
         markdown=full_markdown(report), key=keys[0], description=f"gptpipe report card, recipe {report['recipe']}"
     )
+    promotion = report.get("promotion")
+    if promotion:
+        keys.append(f"gptpipe-promotion-{recipe}")
+        create_markdown_artifact(
+            markdown=f"# Promotion gate — {report['recipe']}\n\n{promotion_markdown(promotion)}",
+            key=keys[-1],
+            description=f"{promotion['name']} version {promotion['version']}: {promotion['decision'] or 'no decision'}",
+        )
     run_url = mlflow_links.run_url(report.get("tracking_uri"), report.get("experiment_id"), report.get("parent_run_id"))
     if run_url:
         keys.append(f"gptpipe-mlflow-{recipe}")

@@ -28,6 +28,20 @@ def registered(model: dict[str, Any]) -> str:
     return f"{model['name']} version {model['version']}" + (" (same export as before)" if model.get("reused") else "")
 
 
+def promotion_summary(promotion: dict[str, Any]) -> str:
+    """One sentence: what the promotion gate decided for the registered version (or that it stands)."""
+    version, compared = promotion["version"], promotion.get("compared_with")
+    against = f"compared with champion version {compared}" if compared else "no champion to compare with"
+    if promotion.get("unchanged"):
+        said = promotion.get("decision") or "none recorded"
+        return f"existing version {version}, decision unchanged ({said}; {against})"
+    policy = f"registry.promote={promotion.get('policy', 'gate')}"
+    if promotion["decision"] == "promote":
+        return f"version {version} promoted to champion ({policy}; {against})"
+    stays = f"champion stays version {compared}" if compared else "no champion"
+    return f"version {version} held as challenger, {stays} ({policy}; {against})"
+
+
 def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     out = []
     for name, result in report["stages"].items():
@@ -81,6 +95,10 @@ def render_report(report: dict[str, Any]) -> str:
     model = report.get("registered_model")
     if model:
         lines.append(f"model registry: {registered(model)}")
+    promotion = report.get("promotion")
+    if promotion:
+        lines.append(f"promotion: {promotion_summary(promotion)}")
+        lines += [f"  - {reason}" for reason in promotion["reasons"]]
     publish = report["stages"].get("publish")
     if publish and publish["ref"]["uri"].startswith("/"):
         bundle = publish["ref"]["uri"]
@@ -116,7 +134,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     certificate = _certificate(report)
     if certificate:
         lines += ["", "## Equivalence certificate (export)", "", certificate.rstrip("\n")]
+    promotion = report.get("promotion")
+    if promotion:
+        lines += ["", "## Promotion", "", promotion_markdown(promotion).rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def promotion_markdown(promotion: dict[str, Any]) -> str:
+    """The promotion decision and its reasons as Markdown (the report card's section, the Prefect artifact)."""
+    head = f"`{promotion['name']}`: {promotion_summary(promotion)}"
+    return "\n".join([head, "", *[f"- {reason}" for reason in promotion["reasons"]]]) + "\n"
 
 
 def _certificate(report: dict[str, Any]) -> str:

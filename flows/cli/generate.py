@@ -1,4 +1,5 @@
-"""``gptpipe generate``: talk to a trained model from the terminal (PyTorch or ONNX Runtime)."""
+"""``gptpipe generate``: talk to a trained model from the terminal (PyTorch, the export's served runtime,
+or the registered MLflow model by alias: ``models:/<name>@champion``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from stages import registry
+from stages.core.config import add_override_argument
 from stages.core.errors import ArtifactError
 from stages.storage.artifacts import read_manifest
 
@@ -26,8 +28,44 @@ def tokenizer_dir_for(model_dir: Path) -> Path:
     return Path(manifest.inputs["tokenizer"]["uri"])
 
 
+def registered_reply(args: argparse.Namespace) -> str:
+    """``--registered ALIAS``: what ``mlflow.pyfunc.load_model("models:/<name>@ALIAS")`` answers (the
+    recipe names the tracking store and the model, as for ``gptpipe run``)."""
+    import sys
+
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import registered_model_name, tracking_uri
+    from stages.core.config import load_config
+    from stages.core.tracking import check_reachable, redact_uri
+    from stages.serving.model_registry import champion
+
+    cfg = load_config(args.config, args.overrides)
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    name = registered_model_name(cfg)
+    version = champion(MlflowClient(tracking_uri=uri), name, args.registered)
+    if version is None:
+        raise ArtifactError(
+            f"models:/{name}@{args.registered}: no version holds alias {args.registered!r} at {redact_uri(uri)}; "
+            "run the pipeline, or move it with `gptpipe promote VERSION`"
+        )
+    model_uri = f"models:/{name}@{args.registered}"
+    print(f"[{model_uri} = version {version.version}, the registered MLflow model]", file=sys.stderr)
+    mlflow.set_tracking_uri(uri)
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k or 0}
+    if args.seed is not None:
+        params["seed"] = args.seed
+    return str(mlflow.pyfunc.load_model(model_uri).predict(args.prompt, params=params)[0])
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     store = Path(args.store)
+    if args.registered is not None:
+        print(registered_reply(args))
+        return 0
     if args.onnx is not None:
         import sys
 
@@ -91,6 +129,22 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="use the served runtime of an export artifact (the one its certificate timed fastest: onnxruntime-genai or ONNX Runtime) instead of PyTorch (default: newest export)",
     )
+    gen.add_argument(
+        "--registered",
+        nargs="?",
+        const="champion",
+        default=None,
+        metavar="ALIAS",
+        help="load the registered MLflow model models:/<name>@ALIAS (default alias: champion; or challenger) "
+        "from the recipe's tracking store, as mlflow.pyfunc.load_model does",
+    )
+    gen.add_argument(
+        "--config",
+        "-c",
+        default="configs/tiny.yaml",
+        help="with --registered: the recipe naming the tracking store and model (default: %(default)s)",
+    )
+    add_override_argument(gen, help="with --registered: override a recipe field, e.g. --set tracking.uri=...")
     gen.add_argument("--store", default="runs/store", help="local artifact store (default: runs/store)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

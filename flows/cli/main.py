@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli.sweep import add_sweep_command
 
     add_sweep_command(sub)
+
+    from flows.cli.promote import add_promote_commands
+
+    add_promote_commands(sub, _recipe_args)
     return parser
 
 

@@ -1,4 +1,8 @@
-"""The MLflow model registry: an export registered once per content digest as a pyfunc chat model.
+"""The MLflow model registry: an export registered once per content digest as a pyfunc chat model,
+and the aliases that say which version serves: ``challenger`` (the newest) and ``champion`` (moved by
+the promotion gate, ``gptpipe promote`` and ``gptpipe rollback``, each move recorded in the model's
+history). Who should be champion is decided in ``stages.serving.promotion``; the tag names are in
+``stages.serving.version_tags``.
 
 It lives above ``stages.core`` because it reads the export's files and serving runtime
 (``stages.lm``) and ships the served code found from the import graph (``stages.storage``);
@@ -14,6 +18,16 @@ from typing import Any
 
 from stages.core.errors import GptpipeError
 from stages.core.tracking import MlflowTracker
+from stages.serving.version_tags import (
+    CHALLENGER,
+    CHAMPION,
+    COMPARED_TAG,
+    DECISION_TAG,
+    HISTORY_KEPT,
+    HISTORY_TAG,
+    PENDING,
+    REASONS_TAG,
+)
 
 
 def find_version(client: Any, name: str, digest: str) -> Any | None:
@@ -132,6 +146,7 @@ def register_onnx(
     parity: dict[str, Any],
     digest: str,
     artifact_uri: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Register the exported ONNX graph as a version of model ``name`` (once per export digest).
 
@@ -140,8 +155,10 @@ def register_onnx(
     ``parity.json``, so ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` and
     ``mlflow models serve`` work on the version; the version's source is that folder, and the parity figures, the
     export's content digest and its artifact-store location become version tags, so the
-    registry entry explains itself. An export already registered (same digest) is not
-    registered twice: like a reused stage, its existing version is returned.
+    registry entry explains itself; ``extra_tags`` (``version_tags``: evaluation, lineage) join them,
+    and the promotion decision starts as ``pending`` until ``record_decision`` writes it. An export
+    already registered (same digest) is not registered twice: like a reused stage, its existing
+    version is returned, tags and aliases untouched.
     Returns ``{"name", "version", "source", "run_id", "reused"}``.
     """
     from mlflow.exceptions import MlflowException
@@ -175,6 +192,8 @@ def register_onnx(
 
         tags.update(certificate_tags(parity["certificate"]))
         tags["gptpipe.served_runtime"] = str(parity.get("serve", ""))
+    tags.update(extra_tags or {})
+    tags[DECISION_TAG] = PENDING
     tags["gptpipe.digest"] = digest
     if artifact_uri:
         tags["gptpipe.artifact"] = artifact_uri
@@ -199,3 +218,81 @@ def register_onnx(
         raise GptpipeError(f"MLflow model registry at {tracker.tracking_uri}: {str(exc).splitlines()[0]}") from None
     tracker.set_tags({"gptpipe.registered_model": f"{name}/{version.version}"})
     return {"name": name, "version": str(version.version), "source": source, "run_id": tracker.run_id, "reused": False}
+
+
+# ---- the aliases (stages.serving.promotion decides who is champion; version_tags names the tags)
+
+
+def _missing(exc: Exception) -> bool:
+    """MLflow's 'no such model / version / alias' (an unknown alias is INVALID_PARAMETER_VALUE)."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc)
+
+
+def champion(client: Any, name: str, alias: str = CHAMPION) -> Any | None:
+    """The ModelVersion holding ``alias`` (default ``champion``) of model ``name``; None when none does."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise GptpipeError(f"MLflow model registry: {name}@{alias}: {str(exc).splitlines()[0]}") from None
+
+
+def model_version(client: Any, name: str, version: str) -> Any:
+    """Version ``version`` of ``name``, or one line saying which versions exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise GptpipeError(f"MLflow model registry: {name} version {version}: {str(exc).splitlines()[0]}") from None
+    known = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
+    if not known:
+        raise GptpipeError(f"model {name!r} has no registered versions; run the pipeline first (or pass --model)")
+    raise GptpipeError(f"model {name!r} has no version {version}; its versions: {', '.join(map(str, known[:20]))}")
+
+
+def history(client: Any, name: str) -> list[dict[str, Any]]:
+    """The registered model's champion moves, oldest first ([] before the first)."""
+    tags = client.get_registered_model(name).tags or {}
+    try:
+        entries = json.loads(tags.get(HISTORY_TAG, "[]"))
+    except ValueError:
+        raise GptpipeError(
+            f"model {name!r}: tag {HISTORY_TAG} is not JSON; fix or delete it in the MLflow UI"
+        ) from None
+    return entries if isinstance(entries, list) else []
+
+
+def move_champion(client: Any, name: str, version: str, by: str, reason: str) -> dict[str, str]:
+    """Point ``champion`` at ``version`` and record the move: in the model's history, and on the version
+    (``gptpipe.promotion.by`` / ``.at`` / ``.reason``: the last time it became champion). Returns the entry."""
+    from stages.serving.promotion import history_entry
+
+    entry = history_entry(str(version), by, reason)
+    moves = history(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if not moves or (moves[-1].get("version"), moves[-1].get("by")) != (entry["version"], by):  # a retry: once
+        moves.append(entry)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(moves[-HISTORY_KEPT:]))
+    for key in ("by", "at", "reason"):
+        client.set_model_version_tag(name, str(version), f"gptpipe.promotion.{key}", entry[key])
+    return entry
+
+
+def record_decision(client: Any, name: str, version: str, decision: Any, compared_with: str | None) -> None:
+    """The gate on a newly registered version: ``challenger`` moves to it, ``champion`` too when the
+    decision promotes; then the decision tags replace ``pending`` (the last write: a retry finds it done)."""
+    client.set_registered_model_alias(name, CHALLENGER, str(version))
+    if decision.promote:
+        move_champion(client, name, version, "gate", "; ".join(decision.reasons))
+    tags = {
+        DECISION_TAG: decision.label,
+        REASONS_TAG: json.dumps(decision.reasons),
+        COMPARED_TAG: compared_with or "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)

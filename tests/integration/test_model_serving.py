@@ -1,12 +1,17 @@
 """The registered model leaves the pipeline: MLflow loads and serves it, and it answers as ``gptpipe generate``.
 
 After the micro pipeline against the real MLflow server (the session's ``server_pipeline``), the
-registry version ``models:/gptpipe-micro/<v>`` is loaded with ``mlflow.pyfunc.load_model`` in a
-fresh process (no torch imported, generation code from the model's own ``code/`` folder) and
+first registry version holds the aliases ``champion`` and ``challenger`` (the promotion gate: no
+champion before it), with its decision and lineage as tags, and the second run's identical export
+leaves that decision unchanged. ``models:/gptpipe-micro@champion`` is loaded with
+``mlflow.pyfunc.load_model`` in a fresh process (no torch imported, generation code from the model's own ``code/`` folder) and
 served with ``mlflow models serve --env-manager local`` on 127.0.0.1; both must give exactly the
 text ``gptpipe generate --onnx`` prints for the same prompt with greedy settings, whichever input
 shape asks (a string, a list of strings, ``prompt`` rows, ``messages`` rows), and an input of no
-accepted shape is a one-line error (HTTP 400 when served), never an empty answer.
+accepted shape is a one-line error (HTTP 400 when served), never an empty answer; ``gptpipe generate
+--registered`` answers the same through the alias. ``gptpipe promote`` / ``gptpipe rollback`` move
+``champion`` on that server's registry (a second version registered in the test, deleted after) and
+record why.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from pathlib import Path
 
 import pytest
 
-from ._servers import gptpipe, http_json
+from ._servers import MICRO, gptpipe, http_json
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["Reverse: a b c", "def main():"]
 NEW_TOKENS = 24
+NAME = "gptpipe-micro"
+CHAMPION = f"models:/{NAME}@champion"
 
 LOAD_AND_PREDICT = """
 import json, sys
@@ -126,7 +133,7 @@ def test_registered_version_is_an_mlflow_model_with_its_parity_tags(services, se
 
 
 def test_pyfunc_load_model_predicts_what_gptpipe_generate_prints(services, client_env, expected, tmp_path):
-    uri = f"models:/gptpipe-micro/{registered_version(services)['version']}"
+    uri = CHAMPION  # what every example loads: the alias the promotion gate moves, not a version number
     env = {k: v for k, v in client_env.items() if k != "PYTHONPATH"}  # stages must come from the model itself
     done = subprocess.run(
         [sys.executable, "-c", LOAD_AND_PREDICT, uri, json.dumps(PROMPTS), str(NEW_TOKENS)],
@@ -158,7 +165,7 @@ def free_port() -> int:
 def test_mlflow_models_serve_answers_invocations_with_the_same_text(services, client_env, expected, tmp_path):
     from flows.cli.services import wait_healthy
 
-    uri = f"models:/gptpipe-micro/{registered_version(services)['version']}"
+    uri = CHAMPION
     port = free_port()
     env = {k: v for k, v in client_env.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # serve execs `uvicorn`
@@ -226,3 +233,110 @@ def test_mlflow_models_serve_answers_invocations_with_the_same_text(services, cl
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+# ---- the promotion gate and the aliases
+
+
+def test_the_first_version_is_champion_with_its_decision_lineage_and_evaluation_as_tags(services, server_pipeline):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=services.mlflow_url)
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert client.get_model_version_by_alias(NAME, "challenger").version == version.version
+    tags = version.tags
+    assert tags["gptpipe.promotion.decision"] == "promote"
+    assert json.loads(tags["gptpipe.promotion.reasons"]) == ["no champion yet: the first version becomes champion"]
+    assert tags["gptpipe.promotion.compared_with"] == "none" and tags["gptpipe.promotion.by"] == "gate"
+    refs = {
+        key.removeprefix("gptpipe.ref."): json.loads(v) for key, v in tags.items() if key.startswith("gptpipe.ref.")
+    }
+    assert {"tokenizer", "data", "pretrain", "finetune", "export"} <= set(refs)
+    assert refs["export"]["uri"] == tags["gptpipe.artifact"] and refs["export"]["digest"] == tags["gptpipe.digest"]
+    assert json.loads(tags["gptpipe.lineage.root_data"]) == refs["data"]  # a first version starts its lineage
+    # the evaluate stage's headline figures, the fine-tuned model's as the report card shows them
+    assert float(tags["eval.sft_bits_per_byte"]) > 0 and 0 <= float(tags["eval.sft_accuracy"]) <= 1
+    assert not any(key.startswith("eval.champion_") for key in tags)  # no champion: nothing compared
+    history = json.loads(client.get_registered_model(NAME).tags["gptpipe.promotion.history"])
+    assert [(h["version"], h["by"]) for h in history][:1] == [(version.version, "gate")]
+    # the second run registered nothing new: the decision stands, no alias moved
+    second = server_pipeline["runs"][1]["stdout"]
+    assert f"promotion: existing version {version.version}, decision unchanged (promote; " in second, second[-2000:]
+    decided = [client.get_run(run["parent_run_id"]).data.tags for run in server_pipeline["runs"]]
+    assert [t["gptpipe.promotion.decision"] for t in decided] == ["promote", "unchanged"]
+    artifacts = http_json(
+        f"{services.prefect_url}/artifacts/filter", {"artifacts": {"key": {"any_": ["gptpipe-promotion-micro"]}}}
+    )
+    texts = [a["data"] for a in artifacts]
+    assert any(f"version {version.version} promoted to champion" in t for t in texts), texts
+    assert any("decision unchanged" in t for t in texts), texts
+
+
+def test_gptpipe_generate_registered_answers_through_the_champion_alias(client_env, server_pipeline, expected):
+    done = gptpipe(
+        client_env,
+        "generate",
+        "--registered",
+        "--config",
+        str(MICRO),
+        "-p",
+        PROMPTS[0],
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        cwd=server_pipeline["cwd"],
+    )
+    assert done.stdout[:-1] == expected[0]
+    assert f"[{CHAMPION} = version " in done.stderr
+
+
+def _cli(*argv: str) -> int:
+    """A gptpipe command in this process (the services' MLFLOW_TRACKING_URI set by the caller)."""
+    from flows.cli.main import build_parser
+
+    args = build_parser().parse_args([*argv, "--config", str(MICRO)])
+    return args.func(args)
+
+
+def test_promote_and_rollback_move_the_champion_alias_and_record_why(services, server_pipeline, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from stages.core.errors import GptpipeError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services.mlflow_url)
+    client = MlflowClient(tracking_uri=services.mlflow_url)
+    first = client.get_model_version_by_alias(NAME, "champion")
+    before = len(json.loads(client.get_registered_model(NAME).tags["gptpipe.promotion.history"]))
+    # a second version of the same model folder: a different export as far as the registry knows
+    second = client.create_model_version(NAME, first.source, run_id=first.run_id, tags={"gptpipe.digest": "other"})
+    try:
+        assert _cli("promote", second.version, "--reason", "reviewed: better on held-out items") == 0
+        assert f"{NAME}: champion -> version {second.version} (was version {first.version})" in capsys.readouterr().out
+        assert client.get_model_version_by_alias(NAME, "champion").version == second.version
+        promoted = client.get_model_version(NAME, second.version).tags
+        assert (promoted["gptpipe.promotion.by"], promoted["gptpipe.promotion.reason"]) == (
+            "promote",
+            "reviewed: better on held-out items",
+        )
+
+        assert _cli("rollback", "--reason", "answers regressed in production") == 0
+        assert f"(rolled back from version {second.version})" in capsys.readouterr().out
+        assert client.get_model_version_by_alias(NAME, "champion").version == first.version
+        rolled = client.get_model_version(NAME, second.version).tags["gptpipe.promotion.rolled_back"]
+        assert rolled.endswith(f"champion back to version {first.version}: answers regressed in production")
+        history = json.loads(client.get_registered_model(NAME).tags["gptpipe.promotion.history"])
+        assert [(h["version"], h["by"], h["reason"]) for h in history[before:]] == [
+            (second.version, "promote", "reviewed: better on held-out items"),
+            (first.version, "rollback", "answers regressed in production"),
+        ]
+        with pytest.raises(
+            GptpipeError, match=f"version {first.version} is the first champion in its history; nothing"
+        ):
+            _cli("rollback")
+        with pytest.raises(GptpipeError, match=f"'{NAME}' has no version 99; its versions: {second.version}, "):
+            _cli("promote", "99")
+        with pytest.raises(GptpipeError, match="no registered model 'no-such-model' at http://127.0.0.1:"):
+            _cli("promote", "1", "--model", "no-such-model")
+    finally:  # the other modules' tests count this model's versions
+        if client.get_model_version_by_alias(NAME, "champion").version != first.version:
+            client.set_registered_model_alias(NAME, "champion", first.version)
+        client.delete_model_version(NAME, second.version)
