@@ -62,6 +62,25 @@ def findings(report: dict[str, Any]) -> list[str]:
     ]
 
 
+# The evaluate stage's challenger-vs-champion figures (stages/evaluation/champion.py), as the card shows them.
+COMPARED = (
+    ("task exact match", "exact_match", "{:.1%}", "{:+.1%}"),
+    ("frozen-set bits per byte", "frozen_bpb", "{:.4f}", "{:+.4f}"),
+    ("new val bits per byte", "val_bpb", "{:.4f}", "{:+.4f}"),
+)
+
+
+def comparison(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows (figure, champion, challenger, difference) when evaluate scored this run beside the champion."""
+    metrics = report["stages"].get("evaluate", {}).get("metrics", {})
+    out = []
+    for label, key, value, change in COMPARED:
+        ours, theirs = metrics.get(f"challenger_{key}"), metrics.get(f"champion_{key}")
+        if ours is not None and theirs is not None:
+            out.append((label, value.format(theirs), value.format(ours), change.format(ours - theirs)))
+    return out
+
+
 def render_report(report: dict[str, Any]) -> str:
     """Plain-text table for the terminal."""
     header = ("stage", "status", "time", "key metrics", "artifact")
@@ -81,6 +100,13 @@ def render_report(report: dict[str, Any]) -> str:
     if certificate:
         lines.append("equivalence certificate (export):")
         lines += [f"  {line}" for line in certificate.splitlines()]
+    compared = comparison(report)
+    if compared:
+        table = [("", f"champion (version {report.get('champion_version')})", "challenger (this run)", "difference")]
+        table += compared
+        widths = [max(len(r[i]) for r in table) for i in range(4)]
+        lines.append("challenger vs champion (evaluate, same held-out material):")
+        lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(4)).rstrip() for r in table]
     total = sum(r["wall_time_s"] for r in report["stages"].values())
     lines.append(f"pipeline time (stages): {total:.1f}s")
     reused = [n for n, r in report["stages"].items() if r["reused"] and r.get("status") != FROM_PARENT]
@@ -134,6 +160,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     certificate = _certificate(report)
     if certificate:
         lines += ["", "## Equivalence certificate (export)", "", certificate.rstrip("\n")]
+    compared = comparison(report)
+    if compared:
+        lines += ["", "## Challenger vs champion", ""]
+        lines += [f"| | champion (version {report.get('champion_version')}) | challenger (this run) | difference |"]
+        lines += ["|---|---|---|---|", *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in compared]]
     promotion = report.get("promotion")
     if promotion:
         lines += ["", "## Promotion", "", promotion_markdown(promotion).rstrip("\n")]
