@@ -31,6 +31,7 @@ from typing import Any
 
 from flows.report import FROM_PARENT
 from stages.core.errors import ArtifactError, ConfigError, GptpipeError
+from stages.registry import ORDER
 from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, read_manifest
 from stages.storage.stores import S3Store, ref_from_path
 
@@ -164,8 +165,12 @@ def _tag_ref(tags: dict[str, str], name: str) -> ArtifactRef | None:
         return None
 
 
+# The stages up to the model a later run continues from: what a version's refs name of its lineage.
+LINEAGE_STAGES = ORDER[: ORDER.index("finetune") + 1]
+
+
 def _parent_from_tags(value: str, model: str, version: str, tags: dict[str, str]) -> Parent:
-    refs = {stage: _tag_ref(tags, REF_TAG + stage) for stage in ("tokenizer", "data", "pretrain", "finetune")}
+    refs = {stage: _tag_ref(tags, REF_TAG + stage) for stage in LINEAGE_STAGES}
     missing = [REF_TAG + stage for stage in ("tokenizer", "pretrain") if refs[stage] is None]
     if missing:
         raise ArtifactError(

@@ -14,6 +14,7 @@ import logging
 import pytest
 
 from flows.lineage import (
+    LINEAGE_STAGES,
     ROOT_DATA_TAG,
     Champion,
     Parent,
@@ -134,7 +135,7 @@ def registry(tmp_path_factory):
         found = {f"gptpipe.ref.{stage}": json.dumps(ref.to_dict()) for stage, ref in named.items()}
         return {**found, ROOT_DATA_TAG: json.dumps(refs["root_data"].to_dict())}
 
-    complete = {stage: refs[stage] for stage in ("tokenizer", "data", "pretrain", "finetune")}
+    complete = {stage: refs[stage] for stage in LINEAGE_STAGES}
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     models = {MODEL: [complete, None, {**complete, "pretrain": gone}], GONE: [complete], UNCROWNED: [complete]}
     for model, versions in models.items():
@@ -218,7 +219,7 @@ def test_lineage_inputs_reach_only_the_stages_that_declare_them():
     from tests._sft_fixtures import ROOT
 
     cfg = load_config(ROOT / "configs" / "micro.yaml")
-    results = {s: {"ref": _ref(s, 2).to_dict()} for s in ("tokenizer", "data", "pretrain", "finetune")}
+    results = {s: {"ref": _ref(s, 2).to_dict()} for s in LINEAGE_STAGES}
     parent = Parent("champion", _ref("tokenizer"), _ref("pretrain"), version="1", root_data=_ref("data", 0))
     champion = Champion("1", _ref("finetune"), _ref("tokenizer"), _ref("data", 0))
 

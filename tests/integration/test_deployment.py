@@ -45,6 +45,12 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
         "stages=[tokenizer]",
         "--set",
         f"artifacts.store={store}",
+        # the nightly recipe of docs/scheduled-training.md: its first night has no champion yet and
+        # trains from scratch (a model of its own, so the session's other runs are not its lineage)
+        "--set",
+        "continue_from=champion",
+        "--set",
+        "tracking.registered_model=gptpipe-itest-nightly",
         "--concurrency-limit",
         "1",
         "--collision-strategy",
@@ -58,7 +64,12 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
     assert deployment["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     assert deployment["work_pool_name"] == "gptpipe"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [CRON]
-    assert deployment["parameters"]["overrides"] == ["stages=[tokenizer]", f"artifacts.store={store}"]
+    assert deployment["parameters"]["overrides"] == [
+        "stages=[tokenizer]",
+        f"artifacts.store={store}",
+        "continue_from=champion",
+        "tracking.registered_model=gptpipe-itest-nightly",
+    ]
     pool = http_json(f"{services.prefect_url}/work_pools/gptpipe")
     assert pool["type"] == "process"
 
@@ -88,6 +99,8 @@ def test_cron_deployment_is_scheduled_and_a_process_worker_runs_it(services, cli
     )
     final = http_json(f"{services.prefect_url}/flow_runs/{target['id']}")
     assert final["state_type"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
+    said = worker.stdout + worker.stderr
+    assert "continue_from=champion: model 'gptpipe-itest-nightly' has no 'champion' alias yet" in said, said[-3000:]
     assert any(p.name == "manifest.json" for p in (store / "tokenizer").glob("*/manifest.json"))
     logs = http_json(f"{services.prefect_url}/logs/filter", {"logs": {"flow_run_id": {"any_": [target["id"]]}}})
     assert any(entry["message"].startswith("stage tokenizer: finished") for entry in logs)

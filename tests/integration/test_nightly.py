@@ -44,6 +44,8 @@ def _recipe(corpus: Path) -> list[str]:
         "--set",
         f"corpus.source={corpus}",
         "--set",
+        "name=nightly",  # its own Prefect artifact keys and task names beside the session's micro runs
+        "--set",
         f"artifacts.store={STORE}",
         "--set",
         f"tracking.registered_model={NAME}",
