@@ -3,7 +3,8 @@ one MLflow registry, as a scheduled deployment would run them.
 
     .venv/bin/python benchmarks/nightly.py                                  # configs/tiny.yaml, ~40 min on 2 cores
     .venv/bin/python benchmarks/nightly.py --config configs/micro.yaml --grow-to 330000   # a 3-minute rehearsal
-    .venv/bin/python benchmarks/nightly.py --root /tmp/nightly              # keep store, registry and logs
+    .venv/bin/python benchmarks/nightly.py --root /tmp/nightly              # keep store, registry and logs;
+                                                                            # rerun: resume after the last finished night
 
 Every night is one ``gptpipe run`` (Prefect embedded, MLflow on a SQLite file under ``--root``):
 
@@ -48,6 +49,9 @@ def run_night(root: Path, label: str, config: str, sets: list[str], extra: list[
     }
     slug = label.replace(" ", "-")
     report = root / f"{slug}.json"
+    if (root / f"{slug}.done.json").is_file():  # --root kept it: a rerun resumes after the last finished night
+        print(f"{label}: finished before, kept ({root / slug}.done.json)", file=sys.stderr)
+        return json.loads((root / f"{slug}.done.json").read_text(encoding="utf-8"))
     cmd = [
         str(Path(sys.executable).parent / "gptpipe"),
         "run",
@@ -67,7 +71,9 @@ def run_night(root: Path, label: str, config: str, sets: list[str], extra: list[
     if done.returncode != 0:
         tail = (root / f"{slug}.log").read_text(encoding="utf-8").splitlines()[-8:]
         raise SystemExit(f"{label}: gptpipe run exited {done.returncode} (see {root / slug}.log):\n" + "\n".join(tail))
-    return {"label": label, "wall_s": round(wall, 1), "report": json.loads(report.read_text(encoding="utf-8"))}
+    night = {"label": label, "wall_s": round(wall, 1), "report": json.loads(report.read_text(encoding="utf-8"))}
+    (root / f"{slug}.done.json").write_text(json.dumps(night), encoding="utf-8")
+    return night
 
 
 def summary(night: dict) -> dict:

@@ -6,8 +6,10 @@ Every other round runs the runtimes in reverse order, so that none always inheri
 predecessor's state (warm caches, another session's threads still spinning). A round times each
 runtime twice from the same prompt: one new token (the prefill: the prompt's
 forward pass and the first pick) and ``new_tokens`` new tokens. Decode ms/token is
-``(T(new) - T(1)) / (new - 1)``; figures are medians over rounds. The runtimes must not stop early
-(a stop id would shorten ``T(new)``): callers pass no stop ids.
+``(T(n) - T(1)) / (n - 1)`` where ``n`` is the number of ids the runtime made; figures are medians
+over rounds. Callers pass no stop ids, but onnxruntime-genai stops at the model's end id whatever it
+is given (its generator is then done): a runtime that stops early is timed over the tokens it made,
+never credited for the ones it did not (a greedy runtime makes the same ids every round).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# prompt ids, new tokens -> new ids (no stop ids: every run makes exactly ``new tokens`` ids)
+# prompt ids, new tokens -> new ids (no stop ids; at most ``new tokens`` ids, fewer at a runtime's own end id)
 Runner = Callable[[list[int], int], list[int]]
 
 
@@ -48,11 +50,15 @@ def time_decode(runners: dict[str, Runner], prompt: list[int], new_tokens: int, 
             end = time.perf_counter()
             one[label].append(middle - start)
             full[label].append(end - middle)
-    short = {label: len(got) for label, got in ids.items() if len(got) != new_tokens}
-    if short:  # a runtime that stopped early (an end id) would look faster than it is
-        raise RuntimeError(f"time_decode: runtimes made fewer than {new_tokens} tokens: {short}")
+    made = {label: len(got) for label, got in ids.items()}
+    short = {label: count for label, count in made.items() if count < 2}
+    if short:  # one token is all prefill: nothing left to time the decode step by
+        raise RuntimeError(
+            f"time_decode: runtimes stopped at their end id before a second new token: {short}; "
+            "time them on another prompt"
+        )
     timings = {}
     for label in runners:
         first, total = statistics.median(one[label]), statistics.median(full[label])
-        timings[label] = Timing(1000 * first, 1000 * (total - first) / (new_tokens - 1), ids[label])
+        timings[label] = Timing(1000 * first, 1000 * (total - first) / (made[label] - 1), ids[label])
     return timings
