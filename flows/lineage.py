@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.report import FROM_PARENT
-from stages.core.errors import ArtifactError, ConfigError, GptpipeError
+from stages.core.errors import ArtifactError, ConfigError
 from stages.registry import ORDER
+from stages.serving import model_registry as registry
 from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, read_manifest
 from stages.storage.stores import S3Store, ref_from_path
 
@@ -97,7 +98,9 @@ def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Pa
                 f"continue_from={value}: the model registry is read from MLflow, but tracking is off "
                 "(--no-track); turn tracking on, or continue from the store URI of a pretrain output"
             )
-        version = _alias_version(client, model, value) if value == CHAMPION else _version(client, model, value)
+        version = (
+            registry.champion(client, model) if value == CHAMPION else registry.version_or_none(client, model, value)
+        )
         if version is None and value == CHAMPION:  # the first run of a recipe meant to continue each night
             log.warning(
                 "continue_from=champion: model %r has no %r alias yet; training from scratch, "
@@ -120,37 +123,6 @@ def resolve_parent(value: str, store: str, client: Any | None, model: str) -> Pa
         _check_in_store(value, ref, store)
         _check_finished(f"continue_from={value}", ref, "or continue from another model")
     return parent
-
-
-def _alias_version(client: Any, model: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model, alias)
-    except MlflowException as exc:
-        if _missing(exc):
-            return None
-        raise GptpipeError(f"MLflow model registry: reading {model}@{alias}: {_first_line(exc)}") from None
-
-
-def _version(client: Any, model: str, number: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(model, number)
-    except MlflowException as exc:
-        if _missing(exc):
-            return None
-        raise GptpipeError(f"MLflow model registry: reading {model} version {number}: {_first_line(exc)}") from None
-
-
-def _missing(exc: Exception) -> bool:
-    """An MLflow error that says the model, version or alias does not exist (not a failing server)."""
-    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _tag_ref(tags: dict[str, str], name: str) -> ArtifactRef | None:
@@ -278,7 +250,7 @@ def resolve_champion(client: Any | None, model: str) -> Champion | None:
     registry (tracking off), no champion yet, or a champion registered before lineage tags (said once)."""
     if client is None:
         return None
-    version = _alias_version(client, model, CHAMPION)
+    version = registry.champion(client, model)
     if version is None:
         return None
     tags = version.tags

@@ -240,15 +240,23 @@ def champion(client: Any, name: str, alias: str = CHAMPION) -> Any | None:
         raise GptpipeError(f"MLflow model registry: {name}@{alias}: {str(exc).splitlines()[0]}") from None
 
 
-def model_version(client: Any, name: str, version: str) -> Any:
-    """Version ``version`` of ``name``, or one line saying which versions exist."""
+def version_or_none(client: Any, name: str, version: str) -> Any | None:
+    """Version ``version`` of ``name``; None when the model or the version does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
-        if not _missing(exc):
-            raise GptpipeError(f"MLflow model registry: {name} version {version}: {str(exc).splitlines()[0]}") from None
+        if _missing(exc):
+            return None
+        raise GptpipeError(f"MLflow model registry: {name} version {version}: {str(exc).splitlines()[0]}") from None
+
+
+def model_version(client: Any, name: str, version: str) -> Any:
+    """Version ``version`` of ``name``, or one line saying which versions exist."""
+    found = version_or_none(client, name, version)
+    if found is not None:
+        return found
     known = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
     if not known:
         raise GptpipeError(f"model {name!r} has no registered versions; run the pipeline first (or pass --model)")
