@@ -23,6 +23,7 @@ from stages.stage_call import StageCall
 from stages.storage.shards import TokenShards
 from stages.storage.stores import LocalStore
 from stages.training import checkpoint_format as ckpt
+from stages.training import cpu_host
 from stages.training.batches import RandomWindows, for_rank
 from tests._numeric import approx
 from tests._scale_fixtures import make_inputs, read_metrics, result_of, run_worker
@@ -95,7 +96,9 @@ def test_ddp_with_torchrun_on_two_cpu_processes_matches_one_process(inputs, refe
     logged = read_metrics(metrics)
     assert len({p["pid"] for p in logged}) == 1, "only rank 0 may log"
     assert [p["step"] for p in logged if "train_loss" in p] == list(range(1, STEPS + 1))
-    assert 0 < result["metrics"]["mfu"] and result["metrics"]["peak_source"].startswith("measured: CPU")
+    # The CPU's peak from the hardware where /proc/cpuinfo tells it, else the probe's (stages/training/cpu_host.py).
+    cpu_peak = "hardware:" if cpu_host.read_cpu() is not None else "measured: CPU"
+    assert 0 < result["metrics"]["mfu"] <= 1 and result["metrics"]["peak_source"].startswith(cpu_peak)
     published = [p for p in (tmp_path / "store" / "pretrain").iterdir() if not p.name.startswith(".")]
     assert len(published) == 1  # one artifact, written by rank 0
 

@@ -52,3 +52,16 @@ def test_gptpipe_config_validates_a_recipe_without_torch_onnx_or_onnxruntime():
 def test_the_executor_and_the_stage_entry_point_import_no_torch_onnx_or_onnxruntime():
     """What every stage process imports before its stage's ``run``: the data stage pays only for what it uses."""
     assert heavy_modules_after("import stages.__main__, stages.executor, stages.launchers, stages.registry") == []
+
+
+def test_gptpipe_plan_sizes_a_recipe_without_torch_onnx_or_onnxruntime():
+    """The plan before launch runs where no training stack is installed yet, and answers at once."""
+    code = (
+        "import contextlib, io\n"
+        "from flows.cli.main import main\n"
+        "for recipe in ('configs/tiny.yaml', 'configs/gpt2-small-8gpu.yaml'):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+        "        code = main(['plan', '--config', recipe])\n"
+        "    assert code == 0 and 'fit: pretrain' in shown.getvalue(), (code, shown.getvalue()[-500:])\n"
+    )
+    assert heavy_modules_after(code) == []

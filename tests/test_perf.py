@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -11,10 +12,11 @@ from torch import nn
 from stages.core.config import parse_config
 from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
-from stages.training import perf
+from stages.training import cpu_host, perf
 from stages.training.distributed import PreemptionGuard
 from stages.training.loop import Display, build_optimizer, train
 from tests._numeric import approx
+from tests._processes import start_process, stop_process
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
 
 QUIET = Display(progress=False)  # no progress lines in the test output
@@ -68,8 +70,9 @@ def test_gpu_peak_table_matches_the_most_specific_name(name, pattern, tflops):
     assert matched == pattern and peak == tflops * 1e12
 
 
-def test_unknown_devices_get_a_measured_peak_and_the_report_says_so():
+def test_unknown_devices_get_a_measured_peak_and_the_report_says_so(monkeypatch):
     assert perf.table_peak("Some Future Accelerator") is None
+    monkeypatch.setattr(cpu_host, "read_cpu", lambda: None)  # a CPU /proc/cpuinfo says nothing about (ARM)
     peak, source = perf.peak_flops(CPU)
     assert peak > 0 and source.startswith("measured: CPU fp32") and "1 thread" in source
     assert perf.peak_flops(CPU, configured=2e12) == (2e12, "configured (peak_flops = 2e+12 FLOP/s)")
@@ -82,6 +85,65 @@ def test_mfu_is_model_flops_over_the_peak_of_all_devices():
     assert perf.mfu(1000, 6e6, 1e10) == pytest.approx(0.6)
     assert perf.mfu(1000, 6e6, 1e10, world_size=2) == pytest.approx(0.3)
     assert perf.mfu(1000, 6e6, 0.0) == 0.0
+    assert perf.mfu(1000, 6e6, 1e9) == 1.0  # achieving more than the stated peak proves the peak too low
+
+
+# /proc/cpuinfo as three machines show it: this project's 2-core AMD EPYC (Zen 4) VM; an Intel Xeon with
+# two hyper-threads per core; an ARM server (no x86 flags, no clock).
+ZEN4 = "".join(
+    f"processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    f"cpu MHz\t\t: 2596.146\nphysical id\t: 0\ncore id\t\t: {i}\nflags\t\t: fpu sse2 avx fma avx2 avx512f "
+    "avx512_bf16\n\n"
+    for i in range(2)
+)
+XEON = "".join(
+    f"processor\t: {i}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.90GHz\n"
+    f"cpu MHz\t\t: 2900.000\nphysical id\t: 0\ncore id\t\t: {i % 2}\nflags\t\t: sse2 avx fma avx2 avx512f amx_bf16\n\n"
+    for i in range(4)
+)
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes\nCPU implementer\t: 0x41\n\n"
+
+
+def test_the_cpu_peak_is_cores_times_flops_per_cycle_times_clock_from_the_hardware():
+    zen4 = cpu_host.parse_cpuinfo(ZEN4, allowed=None)
+    peak = cpu_host.hardware_peak(zen4, threads=0)
+    # AVX-512 on Zen 4 runs on a 256-bit datapath: 2 FMA units x 8 fp32 lanes x 2 = 32 FLOP per cycle.
+    assert peak.flops == pytest.approx(2 * 32 * 2596.146e6)
+    assert peak.source.startswith("hardware: AMD EPYC, 2 core(s) x 32 fp32 FLOP/cycle") and "2596 MHz" in peak.source
+    assert cpu_host.hardware_peak(zen4, threads=1).flops == pytest.approx(peak.flops / 2)  # the threads in use
+    assert cpu_host.hardware_peak(cpu_host.parse_cpuinfo(ZEN4, allowed={0}), threads=0).flops == pytest.approx(
+        peak.flops / 2
+    )  # the cores this process may run on
+    assert cpu_host.hardware_peak(zen4, threads=0, amp_dtype="bfloat16").flops == pytest.approx(2 * peak.flops)
+    xeon = cpu_host.parse_cpuinfo(XEON, allowed=None, max_khz=3_500_000)
+    assert xeon.cores == 2 and xeon.clock_source == "cpufreq cpuinfo_max_freq"  # hyper-threads share a core's units
+    assert cpu_host.hardware_peak(xeon, threads=0).flops == pytest.approx(2 * 64 * 3500e6)  # full-width AVX-512
+    assert cpu_host.hardware_peak(xeon, threads=0, amp_dtype="bfloat16").flops == pytest.approx(2 * 1024 * 3500e6)
+    assert cpu_host.parse_cpuinfo(ARM, allowed=None) is None  # the caller falls back to the matmul probe
+
+
+def test_a_run_on_cores_another_process_keeps_busy_reports_mfu_at_most_1():
+    """The peak comes from the hardware, so load cannot lower it: a probe taken under load gave mfu=1.226."""
+    if cpu_host.read_cpu() is None:
+        pytest.skip("/proc/cpuinfo names no x86 vector flags here: the peak is the probe's")
+    quiet_peak = perf.peak_flops(CPU)
+    busy = start_process([sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"])
+    try:
+        assert perf.peak_flops(CPU) == quiet_peak  # the same figure with a core taken
+        tracker = MemoryTracker()
+        result = train(
+            micro_model(),
+            StreamBatches(repetitive_stream(), 32, 4),
+            micro_config(max_steps=6, log_interval=2),
+            tracker,
+            display=QUIET,
+        )
+    finally:
+        stop_process(busy)
+    assert result.peak_source.startswith("hardware:") and result.peak_flops == quiet_peak[0]
+    achieved = result.tokens_per_s * result.flops_per_token
+    assert result.mfu == pytest.approx(achieved / result.peak_flops) and 0 < result.mfu <= 1  # not capped: below
+    assert all(0 < mfu <= 1 for _, mfu in tracker.metrics["mfu"])
 
 
 def test_training_reports_flops_mfu_memory_and_how_the_peak_was_chosen():
@@ -89,13 +151,13 @@ def test_training_reports_flops_mfu_memory_and_how_the_peak_was_chosen():
     result = train(
         model,
         StreamBatches(repetitive_stream(), 32, 4),
-        micro_config(max_steps=6, log_interval=3, peak_flops=1e10),
+        micro_config(max_steps=6, log_interval=3, peak_flops=1e13),
         tracker,
         display=QUIET,
     )
     assert result.flops_per_token == model.flops_per_token()
     assert result.total_flops == result.flops_per_token * result.tokens
-    assert result.mfu == pytest.approx(result.tokens_per_s * result.flops_per_token / 1e10)
+    assert result.mfu == pytest.approx(result.tokens_per_s * result.flops_per_token / 1e13)
     assert result.peak_source.startswith("configured") and result.peak_memory_mb > 0
     assert [s for s, _ in tracker.metrics["mfu"]] == [3, 6] and "peak_memory_mb" in tracker.metrics
     assert tracker.params["perf.peak_source"] == result.peak_source and tracker.params["perf.compile"] == "False"

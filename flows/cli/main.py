@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_command(sub)
 
+    from flows.cli.plan import add_plan_command
+
+    add_plan_command(sub, _recipe_args)
+
     from flows.cli.promote import add_promote_commands
 
     add_promote_commands(sub, _recipe_args)

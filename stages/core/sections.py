@@ -194,7 +194,8 @@ class TrainConfig(Section):
     peak_flops: float = Field(
         0.0,
         ge=0,
-        description="Peak FLOP/s per device for MFU (0 = the GPU table, or a short matmul probe on CPUs/unknown devices).",
+        description="Peak FLOP/s per device for MFU (0 = the GPU table; on the CPU cores x vector width x FMA units x "
+        "clock from /proc/cpuinfo; a short matmul probe where neither knows the device).",
     )
     # --- distributed (stages/training/distributed.py); launched by torchrun ---
     nproc_per_node: int = Field(

@@ -1,6 +1,7 @@
 """A decoder-only GPT: token embeddings, RoPE, RMSNorm, SDPA attention, SwiGLU, tied head.
 
-Only ``nn.Module``s and a config dataclass live here: no I/O, no devices, no training.
+Only ``nn.Module``s live here (their config, ``GPTConfig``, is torch-free in ``stages.lm.shape``):
+no I/O, no devices, no training.
 The KV cache is functional — ``forward_with_cache`` takes the past keys/values as
 tensors and returns the new ones — so the same code serves PyTorch generation and an
 ONNX graph with ``past``/``present`` inputs and outputs.
@@ -9,38 +10,15 @@ ONNX graph with ``past``/``present`` inputs and outputs.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.lm.shape import GPTConfig, training_flops_per_token
+
 # One layer's cache: keys and values, each (batch, heads, past_len, head_dim).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    block_size: int = 256
-    mlp_ratio: float = 8 / 3
-    dropout: float = 0.0
-    rope_theta: float = 10_000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_hidden(self) -> int:
-        # Round to a multiple of 32 so matmuls stay aligned.
-        return 32 * math.ceil(self.n_embd * self.mlp_ratio / 32)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,5 +146,4 @@ class GPT(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6N plus the attention term (PaLM appendix B)."""
-        cfg = self.cfg
-        return 6 * self.num_params(non_embedding=False) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return training_flops_per_token(self.cfg, self.num_params(non_embedding=False))

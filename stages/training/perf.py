@@ -9,9 +9,10 @@ autocast is ~20x slower on the CPUs we measured and compile gave no gain for sma
 MFU = achieved model FLOP/s ÷ peak FLOP/s of the device. Model FLOPs per token come from
 ``GPT.flops_per_token`` (6N + attention, PaLM appendix B), so activation recomputation does not
 inflate it. The peak is, in order: ``peak_flops`` from the recipe; the bf16 dense tensor-core
-peak of a known GPU (table below; nanoGPT hard-codes the A100's 312 TFLOP/s, which understates
-H100/H200 runs' denominator by 3x); else a short matmul probe on the device itself. Every report
-says which one was used, because an MFU figure is meaningless without its denominator.
+peak of a known GPU (``stages.training.gpus``; nanoGPT hard-codes the A100's 312 TFLOP/s, which
+understates H100/H200 runs' denominator by 3x); on the CPU, cores x vector width x FMA units x clock
+from the hardware (``stages.training.cpu_host``); else a short matmul probe on the device itself.
+Every report says which one was used, because an MFU figure is meaningless without its denominator.
 """
 
 from __future__ import annotations
@@ -28,31 +29,8 @@ from torch import nn
 
 from stages.core.errors import ConfigError
 from stages.core.sections import TrainConfig
-
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks per GPU, FLOP/s, from NVIDIA datasheets.
-# Matched against torch.cuda.get_device_name() in order: specific names before their families.
-GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIE", 756e12),
-    ("H100", 989e12),  # SXM (HBM3) — the common cloud part
-    ("H800", 989e12),
-    ("H20", 148e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),  # AWS g5 variant, lower clocks than the A10; not published by NVIDIA
-    ("A10", 125e12),
-    ("A6000", 155e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16 tensor cores (V100 has no bf16): the precision it would train in
-    ("T4", 65e12),  # fp16, likewise
-)
+from stages.training import cpu_host
+from stages.training.gpus import table_peak
 
 _PROBE_CACHE: dict[tuple[str, int, str], float] = {}
 
@@ -215,15 +193,6 @@ def scoring_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 # --- MFU --------------------------------------------------------------------------------------
 
 
-def table_peak(name: str) -> tuple[float, str] | None:
-    """(peak FLOP/s, matched table entry) for a GPU name, or None when it is not in the table."""
-    upper = name.upper()
-    for pattern, peak in GPU_BF16_PEAK:
-        if pattern in upper:
-            return peak, pattern
-    return None
-
-
 def measure_matmul_peak(
     device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.6
 ) -> float:
@@ -270,8 +239,12 @@ def peak_flops(device: torch.device, configured: float = 0.0, amp_dtype: str | N
             f"measured: {name} is not in the peak table; {dtype} 4096^2 matmul probe gave "
             f"{measured / 1e12:.1f} TFLOP/s (set peak_flops to override)"
         )
-    # The CPU (or any other device): its achievable fp32 matmul rate on the threads in use, so
-    # CPU MFU reads as "share of what this machine's BLAS can do", not of a datasheet figure.
+    # The CPU: cores x FLOPs per cycle x clock on the threads in use, from the hardware, which other
+    # processes' load cannot lower (a probe taken under load once gave mfu=1.226). The probe only where
+    # /proc/cpuinfo cannot say (no x86 flags, no clock).
+    hardware = cpu_host.hardware_peak(cpu_host.read_cpu(), torch.get_num_threads(), amp_dtype)
+    if hardware is not None:
+        return hardware.flops, hardware.source
     measured = measure_matmul_peak(device)
     return measured, (
         f"measured: CPU fp32 1024^2 matmul probe (best of repeats) on {torch.get_num_threads()} thread(s) gave "
@@ -280,10 +253,16 @@ def peak_flops(device: torch.device, configured: float = 0.0, amp_dtype: str | N
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float, world_size: int = 1) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all ``world_size`` devices."""
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all ``world_size`` devices.
+
+    A run that achieves more than the stated peak proves that peak too low (a probe taken while other
+    work loaded the cores, a clock above the one the hardware states): the achieved rate is then the
+    better lower bound of the peak, so MFU never exceeds 1.
+    """
     if peak <= 0 or world_size <= 0:
         return 0.0
-    return tokens_per_s * flops_per_token / (peak * world_size)
+    achieved = tokens_per_s * flops_per_token
+    return achieved / max(peak * world_size, achieved)
 
 
 def peak_memory_mb(device: torch.device) -> float:
