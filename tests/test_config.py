@@ -118,3 +118,11 @@ def test_what_the_registry_allows_still_loads():
         ],
     )
     assert cfg.pretrain.nproc_per_node == 2 and cfg.stages[-1] == "export"
+
+
+def test_on_off_switches_take_the_words_yaml_reads_as_booleans():
+    """`--set pretrain.compile=off` is YAML's false: it must mean the switch's 'off', not an error."""
+    cfg = load_config(None, ["pretrain.compile=off", "finetune.compile=on", "pretrain.fused_optimizer=off"])
+    assert (cfg.pretrain.compile, cfg.finetune.compile, cfg.pretrain.fused_optimizer) == ("off", "on", "off")
+    with pytest.raises(ConfigError, match="pretrain.compile"):
+        load_config(None, ["pretrain.compile=maybe"])

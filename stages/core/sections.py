@@ -19,6 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEVICE = re.compile(r"auto|cpu(:\d+)?|cuda(:\d+)?")  # what stages.training.perf.resolve_device accepts
 
 
+def _switch_word(value: object) -> object:
+    """YAML reads a bare ``on``/``off`` (``--set pretrain.compile=off``) as a boolean: take it back as the word."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 def _device_name(value: str) -> str:
     if not DEVICE.fullmatch(value):
         raise ValueError("not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -209,6 +216,7 @@ class TrainConfig(Section):
     )
 
     _device = field_validator("device")(_device_name)
+    _switches = field_validator("compile", "fused_optimizer", mode="before")(_switch_word)
 
 
 class PretrainConfig(TrainConfig):
