@@ -6,7 +6,9 @@ asks for several processes) and commits. What Prefect adds is the retry policy: 
 transient failures are retried. A ``GptpipeError`` (bad config, bad data, parity failure)
 would fail the same way again, so it fails at once — unless it says it is transient (an S3
 endpoint that could not be reached after botocore's own retries may be back a minute later; a
-preempted training run resumes from its checkpoint).
+preempted training run resumes from its checkpoint). Nothing is retried in a process that was itself
+asked to stop (SIGTERM, SIGINT, a preemption notice): it is going away, and a retry here would train
+on until the platform's SIGKILL; the rerun elsewhere resumes from the checkpoint the stop left.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from prefect.cache_policies import NO_CACHE
 from stages.core.errors import GptpipeError
 from stages.executor import execute
 from stages.stage_call import StageCall
+from stages.training.preemption import stop_reason
 
 log = logging.getLogger("gptpipe.flow")
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only what may succeed on a second try: a GptpipeError only when it says ``transient``."""
+    """Retry only what may succeed on a second try: a GptpipeError only when it says ``transient``, and
+    nothing once this process was asked to stop."""
+    if stop_reason() is not None:
+        return False
     try:
         state.result()
     except GptpipeError as exc:

@@ -11,8 +11,9 @@ process it calls ``run_torchrun``, which runs
 (``python -m torch.distributed.run`` is torchrun itself, named by the interpreter so it is the
 one in this environment). Every rank runs the stage's ``run`` on the same call; rank 0 writes
 the files and logs into the stage's run, and writes a status file: the metrics, or the error
-it stopped on, typed (``preempted`` for a SIGTERM that left a checkpoint). The executor then
-hashes and commits the scratch directory, as for a stage run in its own process.
+it stopped on, typed (``preempted`` for a stop request that left a checkpoint). The executor then
+hashes and commits the scratch directory, as for a stage run in its own process. SIGTERM or
+SIGINT sent to the launching process is passed on to torchrun, which passes it to every rank.
 
 Multi-node: with ``nnodes`` > 1 the c10d rendezvous flags are used; every node must run the
 same command with ``GPTPIPE_RDZV_ENDPOINT=host:port`` of a node all can reach and the same
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.core.errors import ConfigError, GptpipeError
 from stages.core.stage import Sections, Stage
+from stages.training.preemption import Preempted, forward_stop
 
 if TYPE_CHECKING:
     from stages.stage_call import StageCall
@@ -95,7 +97,11 @@ def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[s
         cmd = command_line(call, scratch, status, run_id, child_env)
         shown = [arg if not arg.startswith("{") else "<call>" for arg in cmd]
         log.info("stage %s: launching %s", call.stage, shlex.join(shown))
-        returncode = subprocess.call(cmd, env=child_env, cwd=ROOT)  # ranks' output goes straight to ours
+        # Its own session: a terminal's Ctrl-C reaches this process alone, which passes the stop on once
+        # (torchrun passes it to every rank, which checkpoints); ranks' output goes straight to ours.
+        child = subprocess.Popen(cmd, env=child_env, cwd=ROOT, start_new_session=True)
+        with forward_stop(child):
+            returncode = child.wait()
         report = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else None
     if report is None or (returncode != 0 and "metrics" in report):
         raise GptpipeError(
@@ -109,8 +115,6 @@ def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[s
 
 def _error(report: dict[str, Any]) -> GptpipeError:
     """The exception rank 0 stopped on, from its status file."""
-    from stages.training.loop import Preempted
-
     if report.get("preempted"):
         return Preempted(report["error"])
     error = GptpipeError(report["error"])
@@ -123,7 +127,6 @@ def _rank_main(argv: list[str] | None = None) -> int:
     from stages.core.tracking import MemoryTracker, attach_run
     from stages.stage_call import StageCall
     from stages.storage.stores import open_store
-    from stages.training.loop import Preempted
 
     parser = argparse.ArgumentParser(prog="python -m stages.launchers", description=__doc__.splitlines()[0])
     parser.add_argument("--call", required=True, help="the stage call as JSON")
@@ -149,8 +152,8 @@ def _rank_main(argv: list[str] | None = None) -> int:
         report = {"error": str(exc), "transient": bool(getattr(exc, "transient", False))}
     if main_rank:
         Path(args.status).write_text(json.dumps(report), encoding="utf-8")
-    if "error" in report:
-        print(f"gptpipe: error: {report['error']}", file=sys.stderr)
+    if "error" in report:  # the launching process says it once, as ``gptpipe: error: …``
+        print(f"stage {call.stage}, rank {os.environ.get('RANK', '0')}: {report['error']}", file=sys.stderr)
         return 1
     return 0
 

@@ -17,6 +17,10 @@ the point of interruption is exact and the test needs no timing:
 * ``--sigstop-at N``: SIGSTOP after step N (a machine that hangs: alive, but its lease's heartbeat
   stops, so after ``--lease-s`` another run takes the key over).
 
+``--step-pause S`` makes every training step last S seconds longer (a sleep after it is logged),
+so a test that signals from outside (the signal matrix in tests/reliability/test_preemption.py) can land
+its signal mid-run; the weights do not change.
+
 Works under torchrun too: every rank runs it, rank 0 alone logs.
 """
 
@@ -28,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,8 +41,11 @@ import torch
 class SignallingTracker:
     """Appends metrics to a JSONL file; signals this process after a chosen training step."""
 
-    def __init__(self, path: Path, kill_at: int | None, term_at: int | None, stop_at: int | None = None):
+    def __init__(
+        self, path: Path, kill_at: int | None, term_at: int | None, stop_at: int | None = None, pause_s: float = 0.0
+    ):
         self.path, self.kill_at, self.term_at, self.stop_at = path, kill_at, term_at, stop_at
+        self.pause_s = pause_s
 
     def log_params(self, params):
         pass
@@ -52,6 +60,8 @@ class SignallingTracker:
             os.kill(os.getpid(), signal.SIGTERM)
         if trained and step == self.stop_at:
             os.kill(os.getpid(), signal.SIGSTOP)
+        if trained and self.pause_s:
+            time.sleep(self.pause_s)
 
     def log_artifact(self, path, artifact_path=None):
         pass
@@ -85,6 +95,7 @@ def main() -> int:
     for name in ("--sigkill-at", "--sigkill-in-checkpoint", "--sigterm-at", "--sigstop-at"):
         parser.add_argument(name, type=int, default=None)
     parser.add_argument("--lease-s", type=float, default=None, help="artifacts.lease_s of the run")
+    parser.add_argument("--step-pause", type=float, default=0.0, help="seconds each training step sleeps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 
@@ -117,7 +128,7 @@ def main() -> int:
         recipe = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
         stage, cfg = "finetune", load_config(recipe, ["tokenizer.threads=1", "pretrain.threads=1", *fields])
         inputs["pretrain"] = ref_from_path(args.model)
-    tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at, args.sigstop_at)
+    tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at, args.sigstop_at, args.step_pause)
     try:
         result = run_stage(stage, cfg, inputs, LocalStore(args.store), tracker)
     except GptpipeError as exc:

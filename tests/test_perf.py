@@ -13,8 +13,8 @@ from stages.core.config import parse_config
 from stages.core.errors import ConfigError
 from stages.core.tracking import MemoryTracker
 from stages.training import cpu_host, perf
-from stages.training.distributed import PreemptionGuard
 from stages.training.loop import Display, build_optimizer, train
+from stages.training.preemption import PreemptionGuard
 from tests._numeric import approx
 from tests._processes import start_process, stop_process
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream

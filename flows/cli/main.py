@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,7 +39,35 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
     add_override_argument(parser, help="override a recipe field, e.g. --set pretrain.max_steps=50 (repeatable)")
 
 
+class Stopped(BaseException):
+    """SIGTERM to ``gptpipe run`` outside a training step (a BaseException: no ``except Exception`` on
+    the way may swallow it). A training stage catches SIGTERM itself: it checkpoints and fails with
+    ``Preempted``, which says where it stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_run(signum: int, frame: object) -> None:
+    from stages.training.preemption import request_stop
+
+    request_stop(signal.Signals(signum).name)  # nothing in this process retries a stage from now on
+    raise Stopped(signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    # A container platform stops its main process with SIGTERM. While a flow runs Prefect's handler
+    # holds it and hands it back here once the flow run is marked crashed; during training the stage's
+    # guard holds it (it checkpoints, and the run fails with the line saying so).
+    previous = signal.signal(signal.SIGTERM, _stop_run)
+    try:
+        return _run_pipeline(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
     from stages.core.config import load_config
     from stages.core.tracking import check_reachable
 
@@ -252,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptpipe: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        print(
+            f"gptpipe: stopped by {name}; finished stages are kept: rerun the same command to continue", file=sys.stderr
+        )
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ this component decides how one run uses it. The loop hands it every step and ask
 
 * ``save(step, state, last_step=…)`` is called after every optimizer step. It writes
   ``<root>/step_00000050`` when the step is due — every ``interval`` steps (0: none between), the
-  last step, or ``force`` (SIGTERM) — and otherwise returns None without calling ``state``. A
+  last step, or ``force`` (a stop request) — and otherwise returns None without calling ``state``. A
   checkpoint holds the weights and optimizer (gathered from the shards under FSDP2), every RNG,
   the world size and the trainer's own ``state()`` (JSON); rank 0 writes it, then prunes to the
   newest ``keep`` and removes leftovers of interrupted writes; every rank waits for the write;

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -201,30 +199,3 @@ def set_gradient_sync(model: nn.Module, enabled: bool):
     if is_fsdp(model):
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
-
-
-class PreemptionGuard:
-    """Turns SIGTERM (a spot instance being reclaimed, torchrun or Kubernetes stopping the job)
-    into a flag the training loop checks after each step, so it can write a checkpoint and stop
-    cleanly instead of dying mid-step. Signals reach only the main thread: elsewhere (e.g. a
-    Prefect worker thread) the guard is inert and SIGTERM keeps its usual meaning."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._installed = False
-        self._previous: object = None
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._installed = False

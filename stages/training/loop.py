@@ -5,8 +5,10 @@ resumes from the newest checkpoint and hands over to ``_loop``, which reads in t
 optimizer step: learning rate → evaluation (every ``eval_interval`` steps and at the end) → the
 update (``grad_accum`` micro-steps, clip, step) → logging → checkpoint, each a named function.
 That checkpoint step calls the ``Checkpointer`` (``checkpoint_policy.py``) after every update;
-it decides whether one is due (every ``checkpoint_interval`` steps, the last step, SIGTERM) and
-which ones stay on disk.
+it decides whether one is due (every ``checkpoint_interval`` steps, the last step, a stop request)
+and which ones stay on disk. A stop request — SIGTERM, SIGINT or a preemption notice, gathered by
+``preemption.PreemptionGuard`` — is read at each step boundary: the step ends, its checkpoint is
+written and ``Preempted`` says how to resume.
 What a step carries to the next is a ``TrainState`` — exactly what a checkpoint carries on.
 
 What differs between pretraining and fine-tuning stays outside: the caller builds the model,
@@ -47,6 +49,7 @@ from stages.training.checkpoint_policy import Checkpointer
 from stages.training.loss import token_loss_sum
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
 from stages.training.perf import resolve_device
+from stages.training.preemption import Preempted, PreemptionGuard
 from stages.training.state import Hardware, LogWindow, TrainResult, TrainState, Update
 
 log = logging.getLogger("gptpipe.train")
@@ -148,23 +151,17 @@ class _Run:
     evaluate: Evaluate | None
     report: _Report
     checkpointer: Checkpointer
-    guard: distributed.PreemptionGuard
+    guard: PreemptionGuard
     params: list[torch.Tensor] = field(init=False)  # what the gradient norm is taken over
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
-class Preempted(TrainingError):
-    """SIGTERM stopped training after a checkpoint was written; rerunning resumes from it."""
-
-    transient = True  # an orchestrator may retry at once: the retry resumes, it does not repeat
-
-
 def _loop(run: _Run, state: TrainState) -> None:
     """Optimizer steps from ``state.step`` to ``max_steps``; the last one ends with the final evaluation.
 
-    The checkpointer sees every step and decides whether to write it; SIGTERM makes it write at once.
+    The checkpointer sees every step and decides whether to write it; a stop request makes it write at once.
     """
     cfg, started = run.cfg, time.perf_counter() - state.seconds
     trainer_state = partial(_trainer_state, run, state)
@@ -238,11 +235,11 @@ def _grad_norm(params: list[torch.Tensor], clip: float) -> float:
 
 
 def _update(run: _Run, step: int) -> Update:
-    """One optimizer step: micro-steps, the global loss (and SIGTERM flag), finiteness checks, clip, step."""
+    """One optimizer step: micro-steps, the global loss (and stop flag), finiteness checks, clip, step."""
     started = time.perf_counter()
     loss, tokens = _micro_steps(run, step)
     stop, world = run.guard.requested, run.info.world_size
-    if world > 1:  # one collective: the global mean loss, and whether any rank got SIGTERM
+    if world > 1:  # one collective: the global mean loss, and whether any rank was asked to stop
         loss, stops = distributed.all_reduce_sum([loss, float(stop)], run.device)
         stop, tokens = stops > 0, tokens * world
     if not math.isfinite(loss):
@@ -314,7 +311,8 @@ def _preempted(run: _Run, state: TrainState, trainer_state: Callable[[], dict[st
         if written
         else "no checkpoint directory, so this run's progress is lost"
     )
-    return Preempted(f"stopped by SIGTERM after step {state.step} of {run.cfg.max_steps}: {where}")
+    why = run.guard.reason or "a stop request on another rank"
+    return Preempted(f"stopped by {why} after step {state.step} of {run.cfg.max_steps}: {where}")
 
 
 def _not_finite(run: _Run, step: int, what: str, value: float) -> TrainingError:
@@ -343,7 +341,8 @@ def train(
     The model is moved to ``cfg.device``. When ``checkpoint_dir`` holds a checkpoint, training
     continues from its step with its weights, optimizer, RNG and data cursor, and says so in one
     line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
-    when SIGTERM arrives (then ``Preempted`` is raised), keeping the newest ``keep_checkpoints``.
+    when SIGTERM, SIGINT or a preemption notice arrives (then ``Preempted`` is raised), keeping the
+    newest ``keep_checkpoints``.
     ``evaluate`` runs at step 0, every ``eval_interval`` steps and at the end (before the last
     checkpoint, which records it); its ``val_loss`` becomes best/final.
 
@@ -363,7 +362,7 @@ def train(
     report = _Report(tracker, display, info.is_main)
     model.to(device)
     model.train()
-    with perf.backend_flags(settings), distributed.PreemptionGuard() as guard:
+    with perf.backend_flags(settings), PreemptionGuard(watch_notice=info.local_rank == 0) as guard:
         net = distributed.parallelize(model, settings, info, cfg.parallel)
         optimizer = build_optimizer(net, cfg, fused=settings.fused_optimizer)
         run = _Run(

@@ -121,7 +121,7 @@ class Update:
     tokens: int  # input tokens
     grad_norm: float
     seconds: float
-    stop: bool  # some rank received SIGTERM during the step
+    stop: bool  # some rank was asked to stop (SIGTERM, SIGINT, a preemption notice) during the step
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,21 @@ then SIGTERM on the resumed run, then a rerun to the end — the final weights a
 uninterrupted run's, bit for bit. Three seeds choose the points; each process is a real child.
 Fine-tuning (full and LoRA) goes through the same kills and must end the same way.
 
+Platforms stop a run from outside, at a moment of their choosing: the signal matrix (SIGTERM then
+SIGKILL after a grace period, SIGINT, a spot notice polled over HTTP, SIGKILL without warning)
+stops a pretraining run mid-run that way, states what landed and reruns it to the same weights.
+
 These tests replace the single-point SIGKILL/SIGTERM tests formerly in tests/test_resume.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +26,9 @@ import safetensors.torch
 import torch
 
 from stages.training import checkpoint_format as ckpt
-from tests._scale_fixtures import result_of, run_worker
+from stages.training.preemption import NOTICE_POLL_ENV, NOTICE_URL_ENV
+from tests._scale_fixtures import ROOT, result_of, run_worker, worker_args, worker_env
+from tests._spot_notice import SpotNoticeEndpoint
 
 # Every case trains in child processes and kills them: the slow tier.
 pytestmark = pytest.mark.slow
@@ -194,11 +202,6 @@ def test_a_dead_or_hung_lease_holder_is_taken_over_and_its_checkpoints_resumed(
     """The run holding pretraining's lease is killed (SIGKILL: its process is gone) or frozen (SIGSTOP:
     alive, silent, its heartbeat stops for ``artifacts.lease_s``); a second run takes the key over,
     resumes from the first run's checkpoint, says both, and ends with an uninterrupted run's weights."""
-    import os
-    import sys
-
-    from tests._scale_fixtures import ROOT, worker_args, worker_env
-
     store, metrics = tmp_path / "store", tmp_path / "metrics.jsonl"
     at = "--sigkill-at" if signal_name == "SIGKILL" else "--sigstop-at"
     holder = subprocess.Popen(
@@ -235,3 +238,78 @@ def _state(pid: int) -> str:
     """The process state letter from /proc (``T`` = stopped by a signal)."""
     text = Path(f"/proc/{pid}/stat").read_text()
     return text.rsplit(")", 1)[1].split()[0]
+
+
+# --- the signal matrix: stops as platforms deliver them -----------------------------------------
+
+GRACE_S = 20  # the platform's grace period before SIGKILL (Kubernetes' default is 30 s)
+PAUSE_S = "0.25"  # each step of the stopped run lasts this much longer: room to stop it mid-run
+STOPS = {  # how each platform stops a run, and the words the stopped run uses for it
+    "SIGTERM": "SIGTERM",  # Kubernetes eviction, docker/podman stop: then SIGKILL after the grace period
+    "SIGINT": "SIGINT",  # Modal's interrupt, Ctrl-C
+    "spot-notice": "a spot interruption notice (terminate at ",  # AWS spot: polled from instance metadata
+    "SIGKILL": None,  # a machine that vanishes: nothing to catch
+}
+
+
+def _trained_steps(metrics: Path, pid: int) -> list[int]:
+    """The training steps process ``pid`` has logged so far (complete lines only: it may be mid-write)."""
+    lines = metrics.read_text(encoding="utf-8").split("\n")[:-1] if metrics.exists() else []
+    points = [json.loads(line) for line in lines if line]
+    return [p["step"] for p in points if p["pid"] == pid and "train_loss" in p]
+
+
+def _stop_midway(proc: subprocess.Popen, metrics: Path, how: str, endpoint: SpotNoticeEndpoint) -> tuple[int, float]:
+    """Once step 5 is logged, stop the run as ``how`` says; SIGKILL it if it is still alive after the
+    grace period. Returns (its exit status, seconds from the stop to its exit)."""
+    deadline = time.monotonic() + 240
+    while not [s for s in _trained_steps(metrics, proc.pid) if s >= 5]:
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before step 5"
+        assert time.monotonic() < deadline, "the run never reached step 5"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    if how == "spot-notice":
+        endpoint.give_notice()
+    else:
+        proc.send_signal(getattr(signal, how))
+    try:
+        proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # as the platform does after the grace period
+        proc.wait()
+    return proc.returncode, time.monotonic() - sent
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_a_run_stopped_as_a_platform_does_lands_a_checkpoint_and_reruns_to_identical_weights(
+    how, reference, tiny_inputs, tmp_path
+):
+    store, metrics, log = tmp_path / "store", tmp_path / "metrics.jsonl", tmp_path / "stopped.log"
+    with SpotNoticeEndpoint() as endpoint, open(log, "w") as stderr:
+        env = {**worker_env(), NOTICE_URL_ENV: endpoint.url, NOTICE_POLL_ENV: "0.2"}  # every case polls
+        args = worker_args(store, tiny_inputs, metrics, PRETRAIN, "--step-pause", PAUSE_S)
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
+        try:
+            code, took = _stop_midway(proc, metrics, how, endpoint)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    said, trained, landed = log.read_text(encoding="utf-8"), _trained_steps(metrics, proc.pid), _checkpoints(store)[0]
+    assert _published(store) == [], "a stopped run publishes nothing"
+    if STOPS[how] is None:  # nothing to catch: what landed is the last periodic checkpoint
+        assert code == -signal.SIGKILL
+        assert landed[-1] % EVERY == 0 and trained[-1] - EVERY < landed[-1] <= trained[-1], (trained, landed)
+    else:  # a checkpoint at the step the stop came in, well within the grace period
+        assert code == 2 and took < GRACE_S, (how, code, took, said[-2000:])
+        assert landed[-1] == trained[-1] < STEPS, (trained, landed)
+        assert f"stopped by {STOPS[how]}" in said and f"after step {landed[-1]} of {STEPS}: checkpoint " in said
+    assert endpoint.polls, "the run polled the notice endpoint"
+
+    final = _run(store, tiny_inputs, metrics)
+    assert f"pretrain: resuming from step {landed[-1]}, checkpoint" in final.stderr, final.stderr[-2000:]
+    final = result_of(final)
+    expected, got = _weights(reference["uri"]), _weights(final["uri"])
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), how
+    assert _curve(final["uri"]) == _curve(reference["uri"]), "every step once, as uninterrupted"
