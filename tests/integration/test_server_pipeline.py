@@ -20,13 +20,17 @@ pytestmark = pytest.mark.slow
 STAGES = list(registry.ORDER)
 
 
-def prefect_runs(services) -> list[dict]:
+def prefect_runs(services, server_pipeline) -> list[dict]:
+    """The session pipeline's flow runs, oldest first: other tests of the session run flows on the same
+    server (three nightly runs, a deployment's), so they are told apart by the store they wrote to."""
     body = {
         "flows": {"name": {"any_": ["gptpipe"]}},
         "flow_runs": {"deployment_id": {"is_null_": True}},
         "sort": "START_TIME_ASC",
     }
-    return http_json(f"{services.prefect_url}/flow_runs/filter", body)
+    wanted = f"artifacts.store={server_pipeline['store']}"
+    runs = http_json(f"{services.prefect_url}/flow_runs/filter", body)
+    return [run for run in runs if wanted in (run.get("parameters") or {}).get("overrides", [])]
 
 
 def mlflow(services, endpoint: str, body: dict | None = None, **query: str) -> dict:
@@ -55,8 +59,8 @@ def tags(run: dict) -> dict[str, str]:
 
 
 def test_flow_runs_completed_with_report_artifact(services, server_pipeline):
-    runs = prefect_runs(services)
-    assert len(runs) >= 2
+    runs = prefect_runs(services, server_pipeline)
+    assert len(runs) >= 2, runs
     first = runs[-2]
     assert all(run["state_type"] == "COMPLETED" for run in runs[-2:])
     artifacts = http_json(
@@ -74,7 +78,7 @@ def test_flow_runs_completed_with_report_artifact(services, server_pipeline):
 
 
 def test_tasks_are_named_and_tagged_and_stage_logs_reach_prefect(services, server_pipeline):
-    first = prefect_runs(services)[-2]
+    first = prefect_runs(services, server_pipeline)[-2]
     tasks = http_json(f"{services.prefect_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [first["id"]]}}})
     by_name = {t["name"]: t for t in tasks}
     for stage in STAGES:
