@@ -34,7 +34,7 @@ from stages.core.errors import ArtifactError, ConfigError
 from stages.registry import ORDER
 from stages.serving import model_registry as registry
 from stages.storage.artifacts import MANIFEST, ArtifactRef, Manifest, read_manifest
-from stages.storage.stores import S3Store, ref_from_path
+from stages.storage.stores import ref_from_path, s3_output_manifest
 
 log = logging.getLogger("gptpipe.flow")
 
@@ -164,9 +164,7 @@ def read_output_manifest(ref: ArtifactRef) -> Manifest:
     """The manifest of a finished output (local or ``s3://``), checked against the reference's digest;
     only the manifest is read, so walking a lineage downloads no weights or shards."""
     if ref.uri.startswith("s3://"):
-        where, _, key = ref.uri.rstrip("/").rpartition("/")
-        store_uri, _, stage = where.rpartition("/")
-        manifest = S3Store(store_uri).find(stage, key) if store_uri.startswith("s3://") else None
+        manifest = s3_output_manifest(ref.uri)
     else:
         manifest = read_manifest(Path(ref.uri)) if (Path(ref.uri) / MANIFEST).is_file() else None
     if manifest is None:

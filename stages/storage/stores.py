@@ -334,13 +334,19 @@ class LocalStore:
         return path
 
 
+def s3_output_manifest(uri: str) -> Manifest | None:
+    """The manifest of the output at ``s3://bucket/prefix/<stage>/<key>``; None when there is none (only
+    the manifest is read: no weights or shards are downloaded)."""
+    parent, _, key = uri.rstrip("/").rpartition("/")
+    store_uri, _, stage = parent.rpartition("/")
+    return S3Store(store_uri).find(stage, key) if store_uri.startswith("s3://") else None
+
+
 def ref_from_path(path: str | Path) -> ArtifactRef:
     """Reference to an existing artifact (e.g. ``--input tokenizer=runs/store/...`` or ``s3://…/tokenizer/<key>``)."""
     if str(path).startswith("s3://"):
         uri = str(path).rstrip("/")
-        parent, _, key = uri.rpartition("/")
-        store_uri, _, stage = parent.rpartition("/")
-        manifest = S3Store(store_uri).find(stage, key) if store_uri.startswith("s3://") else None
+        manifest = s3_output_manifest(uri)
         if manifest is None:
             raise ArtifactError(
                 f"{uri}: no finished artifact there (expected s3://bucket/prefix/<stage>/<key> with a manifest)"
