@@ -6,6 +6,7 @@ from typing import Any
 
 from flows import mlflow_links
 from stages import registry
+from stages.viewer.eval_report import COMPARED
 
 # The status of a stage not run because its output is the parent model's (continue_from: the tokenizer).
 FROM_PARENT = "from parent"
@@ -60,14 +61,6 @@ def findings(report: dict[str, Any]) -> list[str]:
         for name, result in report["stages"].items()
         for finding in result["metrics"].get("diagnosis") or ()
     ]
-
-
-# The evaluate stage's challenger-vs-champion figures (stages/evaluation/champion.py), as the card shows them.
-COMPARED = (
-    ("task exact match", "exact_match", "{:.1%}", "{:+.1%}"),
-    ("frozen-set bits per byte", "frozen_bpb", "{:.4f}", "{:+.4f}"),
-    ("new val bits per byte", "val_bpb", "{:.4f}", "{:+.4f}"),
-)
 
 
 def comparison(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:

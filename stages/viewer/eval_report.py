@@ -49,6 +49,15 @@ def evaluation_markdown(report: dict, curves_image: str) -> str:
     return "\n".join(lines)
 
 
+# The challenger-vs-champion figures as both report cards show them: (label, key, value format, difference
+# format); the key names the figure in report.json's comparison and, prefixed, in the stage metrics.
+COMPARED = (
+    ("task exact match", "exact_match", "{:.1%}", "{:+.1%}"),
+    ("frozen-set bits per byte", "frozen_bpb", "{:.4f}", "{:+.4f}"),
+    ("new val bits per byte", "val_bpb", "{:.4f}", "{:+.4f}"),
+)
+
+
 def comparison_markdown(comparison: dict) -> list[str]:
     """One table: exact match, frozen-set and new-val bits per byte of champion and challenger, and the difference."""
     champion, challenger = comparison["champion"], comparison["challenger"]
@@ -56,13 +65,14 @@ def comparison_markdown(comparison: dict) -> list[str]:
     def described(texts: dict) -> str:
         return f"{texts['documents']} documents, {texts['bytes']:,} bytes"
 
-    rows = [
-        (f"task exact match ({comparison['task_items']} held-out items)", "exact_match", "{:.1%}", "{:+.1%}"),
-        (f"frozen-set bits per byte ({described(comparison['frozen_set'])})", "frozen_bpb", "{:.4f}", "{:+.4f}"),
-        (f"new val bits per byte ({described(comparison['val_set'])})", "val_bpb", "{:.4f}", "{:+.4f}"),
-    ]
+    which = {
+        "exact_match": f"{comparison['task_items']} held-out items",
+        "frozen_bpb": described(comparison["frozen_set"]),
+        "val_bpb": described(comparison["val_set"]),
+    }
     lines = ["## Challenger vs champion", "", "| metric | champion | challenger | difference |", "|---|---:|---:|---:|"]
-    for label, key, fmt, signed in rows:
+    for name, key, fmt, signed in COMPARED:
+        label = f"{name} ({which[key]})"
         figures = (
             fmt.format(champion[key]),
             fmt.format(challenger[key]),
