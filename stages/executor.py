@@ -197,7 +197,8 @@ def _claim(call: StageCall, store: Store, key: str, run_id: str) -> tuple[Lease 
     publishes — then it reuses that output — or stops renewing its lease (it died): then this run
     takes the lease over and, for a training stage, resumes from the holder's checkpoints.
     """
-    holder = LeaseHolder.current(run_id or "")
+    # The nodes of one multi-node run hold the key together (the first claims, the rest join).
+    holder = LeaseHolder.current(run_id or "", launchers.node_group(call.declared, call.sections()))
     started = time.monotonic()
     last_line = [0.0]
 
@@ -236,6 +237,10 @@ def _build(
     started = time.perf_counter()
     try:
         metrics = _launch(call, key, local_inputs, scratch, tracker)
+        if metrics is None:  # one node of a multi-node run, not the one with rank 0, which commits
+            manifest = _committed_by_rank_zero(call, store, key)
+            store.discard(scratch)  # what is left of this node's own work directory, if anything
+            return manifest, time.perf_counter() - started
         _check_headline(call.declared, metrics)
         wall = time.perf_counter() - started
         files = hash_files(scratch)
@@ -256,8 +261,31 @@ def _build(
         raise
 
 
-def _launch(call: StageCall, key: str, inputs: dict[str, Path], scratch: Path, tracker: Tracker) -> dict[str, Any]:
-    """Run the stage's code: here, or under torchrun when its own section asks for several processes."""
+def _committed_by_rank_zero(call: StageCall, store: Store, key: str) -> Manifest:
+    """The output the node with global rank 0 commits, once it is in the shared store.
+
+    That node trained alongside this one and is hashing (or uploading) the files now; it has
+    ``lease_s`` × 5 to finish, after which this node fails with what to do.
+    """
+    deadline = time.monotonic() + call.lease_s * 5
+    delay = 0.25
+    while (manifest := store.find(call.stage, key)) is None:
+        if time.monotonic() > deadline:
+            raise ArtifactError(
+                f"stage {call.stage}: this node's ranks finished, but the node with rank 0 did not publish "
+                f"key {key} within {call.lease_s * 5:.0f}s; see that node's log, then rerun the same command on every node"
+            )
+        time.sleep(delay)
+        delay = min(5.0, delay * 1.5)
+    log.info("stage %s: the node with rank 0 published %s", call.stage, store.ref(manifest).uri)
+    return manifest
+
+
+def _launch(
+    call: StageCall, key: str, inputs: dict[str, Path], scratch: Path, tracker: Tracker
+) -> dict[str, Any] | None:
+    """Run the stage's code: here, or under torchrun when its own section asks for several processes
+    (``None``: another node of a multi-node run holds rank 0 and commits)."""
     sections = call.sections()
     if launchers.needs_torchrun(call.declared, sections):
         return launchers.run_torchrun(call, scratch, getattr(tracker, "run_id", None))

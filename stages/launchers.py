@@ -18,7 +18,10 @@ SIGINT sent to the launching process is passed on to torchrun, which passes it t
 Multi-node: with ``nnodes`` > 1 the c10d rendezvous flags are used; every node must run the
 same command with ``GPTPIPE_RDZV_ENDPOINT=host:port`` of a node all can reach and the same
 ``GPTPIPE_RDZV_ID`` (the call travels in the command line, so the command is the same on
-every node); this module launches this node's share.
+every node); this module launches this node's share. The nodes hold the key's lease together
+(``node_group`` names their run), every node reports, and the node that got global rank 0 (the
+rendezvous decides which) commits: on every other node ``run_torchrun`` returns ``None``, and
+its executor waits for that output to appear in the shared store.
 """
 
 from __future__ import annotations
@@ -75,6 +78,16 @@ def torchrun_args(section: Any, name: str, env: dict[str, str] | None = None) ->
     ]
 
 
+def node_group(declared: Stage, sections: Sections, env: dict[str, str] | None = None) -> str:
+    """What the nodes of one multi-node run share, and no other run does: the rendezvous endpoint
+    and id. Empty for a stage on one node (its lease is its own)."""
+    env = os.environ if env is None else env
+    own = sections._values.get(declared.name)
+    if not needs_torchrun(declared, sections) or getattr(own, "nnodes", 1) <= 1:
+        return ""
+    return f"{env.get('GPTPIPE_RDZV_ENDPOINT', '')}/{env.get('GPTPIPE_RDZV_ID', 'gptpipe-' + declared.name)}"
+
+
 def command_line(
     call: StageCall, scratch: Path, status: Path, run_id: str | None = None, env: dict[str, str] | None = None
 ) -> list[str]:
@@ -88,8 +101,12 @@ def command_line(
     return cmd
 
 
-def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[str, str] | None = None) -> dict:
-    """Run the call's stage under torchrun into ``scratch``; return rank 0's metrics or raise its error."""
+def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[str, str] | None = None) -> dict | None:
+    """Run the call's stage under torchrun into ``scratch``; return rank 0's metrics or raise its error.
+
+    ``None``: this node's ranks finished, and global rank 0 ran on another node of the run,
+    which writes the files and commits them (only with ``nnodes`` > 1).
+    """
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory(prefix="gptpipe-launch-") as tmp:
@@ -103,14 +120,24 @@ def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[s
         with forward_stop(child):
             returncode = child.wait()
         report = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else None
-    if report is None or (returncode != 0 and "metrics" in report):
-        raise GptpipeError(
-            f"stage {call.stage} under torchrun exited with status {returncode} without a report; "
-            "see the worker log above"
-        )
+    if report is not None and set(report) == {"node_rank"} and returncode == 0:
+        log.info("stage %s: this node's ranks finished; node 0 of the run commits", call.stage)
+        return None
+    if report is None or (returncode != 0 and ("metrics" in report or set(report) == {"node_rank"})):
+        raise _no_report(call, returncode)
     if "metrics" in report:
         return report["metrics"]
     raise _error(report)
+
+
+def _no_report(call: StageCall, returncode: int) -> GptpipeError:
+    """A rank died without saying why (a crash, a kill, or, on several nodes, a lost peer)."""
+    message = (
+        f"stage {call.stage} under torchrun exited with status {returncode} without a report; see the worker log above"
+    )
+    if call.sections()._values[call.stage].nnodes > 1:
+        message += "; if a node was lost, rerun the same command on every node: it resumes from the last checkpoint"
+    return GptpipeError(message)
 
 
 def _error(report: dict[str, Any]) -> GptpipeError:
@@ -123,7 +150,8 @@ def _error(report: dict[str, Any]) -> GptpipeError:
 
 
 def _rank_main(argv: list[str] | None = None) -> int:
-    """One rank: run the stage on the call; rank 0 writes the status file."""
+    """One rank: run the stage on the call; rank 0 writes the status file (and so does the first
+    rank of every other node of a multi-node run, for its own node)."""
     from stages.core.tracking import MemoryTracker, attach_run
     from stages.stage_call import StageCall
     from stages.storage.stores import open_store
@@ -131,7 +159,7 @@ def _rank_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.launchers", description=__doc__.splitlines()[0])
     parser.add_argument("--call", required=True, help="the stage call as JSON")
     parser.add_argument("--scratch", required=True, help="the directory the stage writes its files into")
-    parser.add_argument("--status", required=True, help="where rank 0 writes its metrics or its error")
+    parser.add_argument("--status", required=True, help="where this node's report goes: metrics or an error")
     parser.add_argument("--run-id", default=None, help="the stage's MLflow run, which rank 0 logs into")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -139,6 +167,12 @@ def _rank_main(argv: list[str] | None = None) -> int:
     call = StageCall.from_dict(json.loads(args.call))
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
+    node_rank = int(os.environ.get("GROUP_RANK", "0"))
+    node_reporter = bool(node_rank) and os.environ.get("LOCAL_RANK", "0") == "0"
+    if node_reporter:
+        # Another node holds global rank 0 and reports the metrics; this node's report says only
+        # which node it was (worker ranks end inside the stage, so it is written before it runs).
+        Path(args.status).write_text(json.dumps({"node_rank": node_rank}), encoding="utf-8")
     report: dict[str, Any]
     try:
         store = open_store(call.store)
@@ -150,8 +184,8 @@ def _rank_main(argv: list[str] | None = None) -> int:
         report = {"error": str(exc), "preempted": True, "transient": True}
     except GptpipeError as exc:
         report = {"error": str(exc), "transient": bool(getattr(exc, "transient", False))}
-    if main_rank:
-        Path(args.status).write_text(json.dumps(report), encoding="utf-8")
+    if main_rank or (node_reporter and "error" in report):
+        Path(args.status).write_text(json.dumps({**report, "node_rank": node_rank}), encoding="utf-8")
     if "error" in report:  # the launching process says it once, as ``gptpipe: error: …``
         print(f"stage {call.stage}, rank {os.environ.get('RANK', '0')}: {report['error']}", file=sys.stderr)
         return 1

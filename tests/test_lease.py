@@ -241,3 +241,44 @@ def test_only_the_lease_holder_clears_a_directory_without_manifest_at_the_final_
     assert store.publish(*held).digest == held[1].digest
     assert other.publish(*private).digest == held[1].digest, "then it finds the holder's output"
     assert not private[0].exists() and [p.name for p in (tmp_path / STAGE).iterdir()] == [KEY]
+
+
+# --- the nodes of one multi-node run ---------------------------------------------------------------
+
+
+def test_the_nodes_of_one_run_share_its_claim_while_other_runs_still_wait(tmp_path):
+    """Nodes of one torchrun rendezvous (one ``group``) hold the key together: the first claims, the
+    others join and neither renew nor release; a run of another group, or of none, is kept out."""
+    store = LocalStore(tmp_path)
+    first = store.claim(STAGE, KEY, LeaseHolder.current(group="node1:29400/run-a"), lease_s=30)
+    other_node = LeaseHolder("", "node2", 1, group="node1:29400/run-a")
+    joined = store.claim(STAGE, KEY, other_node, lease_s=30)
+    assert first is not None and not first.joined
+    assert joined is not None and joined.joined and joined.held()
+    assert store.claim(STAGE, KEY, LeaseHolder.current(group="node1:29400/run-b"), lease_s=30) is None
+    assert store.claim(STAGE, KEY, LeaseHolder.current(), lease_s=30) is None, "single-flight between runs holds"
+
+    work = store.resume_dir(STAGE, KEY)
+    work.mkdir(parents=True)
+    (work / "rank0-wrote-this").write_text("x")
+    assert store.scratch(STAGE, KEY, joined) == work
+    assert (work / "rank0-wrote-this").exists(), "a joining node does not clear the run's work directory"
+
+    joined.renew()
+    joined.release()
+    assert first.held(), "only the claiming node releases"
+    first.release()
+    assert not joined.held()
+
+
+def test_a_node_that_reruns_takes_over_its_dead_claim_and_the_other_node_stays_joined(tmp_path):
+    store = LocalStore(tmp_path)
+    group = "node1:29400/rerun"
+    dead = store.claim(STAGE, KEY, LeaseHolder("", "node2", 1, group=group), lease_s=0.3)  # never renewed
+    joined = store.claim(STAGE, KEY, LeaseHolder("", "node1", 2, group=group), lease_s=30)
+    assert dead is not None and joined is not None and joined.joined
+    time.sleep(0.4)
+    taker = store.claim(STAGE, KEY, LeaseHolder.current(group=group), lease_s=30)
+    assert taker is not None and not taker.joined, "the stale record is taken over, not joined"
+    assert joined.held(), "the run still holds the key: the joined node may publish"
+    assert store.lease_holder(STAGE, KEY).describe().startswith(f"a run (nodes of {group}) on ")

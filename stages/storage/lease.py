@@ -19,6 +19,11 @@ resumable work directory (``store.resume_dir``); everybody else waits for the ou
   i.e. skew far below ``lease_s``.
 * **Release** deletes the record only if it is still ours (``If-Match`` on S3; under the flock
   locally).
+* **Join**: the nodes of one multi-node run (torchrun's rendezvous across machines) are one run,
+  not rivals. Their holders carry the same ``group`` (the rendezvous endpoint and id); the first
+  node to arrive claims the key, every later node of the group *joins* that claim
+  (``JoinedLease``: it neither renews nor releases — the claimer does), so all of them reach the
+  rendezvous. A holder of another group, or of none, still waits: two runs stay single-flight.
 
 Where the records live: ``<store>/.leases/<stage>/<key>.json`` (a local directory or the bucket
 prefix), beside — never inside — the outputs and work directories.
@@ -63,10 +68,11 @@ class LeaseHolder:
     run_id: str
     host: str
     pid: int
+    group: str = ""  # the nodes of one multi-node run share it, and with it the key's lease
 
     @classmethod
-    def current(cls, run_id: str = "") -> LeaseHolder:
-        return cls(run_id=run_id, host=socket.gethostname(), pid=os.getpid())
+    def current(cls, run_id: str = "", group: str = "") -> LeaseHolder:
+        return cls(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), group=group)
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,11 @@ class LeaseRecord:
     heartbeat: float
     pid_started: float = 0.0  # the holder process's start time, so a reused pid is not mistaken for it
     scope: str = ""  # machine + pid namespace of the holder: where its pid means something
+    group: str = ""  # a multi-node run's rendezvous: its other nodes join this claim
 
     @property
     def holder(self) -> LeaseHolder:
-        return LeaseHolder(self.run_id, self.host, self.pid)
+        return LeaseHolder(self.run_id, self.host, self.pid, self.group)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -110,9 +117,10 @@ class LeaseRecord:
     def describe(self, now: float | None = None) -> str:
         """One line for a waiting run: ``run R on host H (pid P) for 3m12s, last heartbeat 4s ago``."""
         now = time.time() if now is None else now
-        run = f"run {self.run_id} " if self.run_id else ""
+        run = f"run {self.run_id}" if self.run_id else "a run"
+        nodes = f" (nodes of {self.group})" if self.group else ""
         return (
-            f"{run}on {self.host} (pid {self.pid}) for {_duration(now - self.started)}, "
+            f"{run}{nodes} on {self.host} (pid {self.pid}) for {_duration(now - self.started)}, "
             f"last heartbeat {_duration(now - self.heartbeat)} ago"
         )
 
@@ -328,6 +336,8 @@ class LeasedStore(Protocol):
 class Lease:
     """A held lease. ``renew()`` heartbeats, ``release()`` frees it, ``keep_alive()`` renews in the background."""
 
+    joined = False  # True for a node that joined another node's claim of the same run (``JoinedLease``)
+
     def __init__(self, backend: LeaseBackend, record: LeaseRecord, version: str):
         self.backend = backend
         self.record = record
@@ -387,6 +397,32 @@ class Lease:
         return KeepAlive(self, every_s if every_s is not None else self.lease_s / 3)
 
 
+class JoinedLease(Lease):
+    """Another node's claim, joined by a node of the same multi-node run (the same ``group``).
+
+    The claiming node renews and releases the record; a joined node only checks that its group
+    still holds the key (a node that reruns after a crash may have taken the record over, with a
+    new token but the same group), so any node of the run may publish the output.
+    """
+
+    joined = True
+
+    def renew(self) -> None:
+        if not self.held():
+            raise LeaseLost(f"{self.backend.where(self.stage, self.key)}: the run's lease is gone")
+
+    def held(self) -> bool:
+        if self.lost:
+            return False
+        current = self.backend.read(self.stage, self.key)
+        if current is None or current[0].group != self.record.group:
+            self.lost = True
+        return not self.lost
+
+    def release(self) -> None:
+        """Nothing to free: the node that claimed the key releases it."""
+
+
 class KeepAlive:
     def __init__(self, lease: Lease, every_s: float):
         self.lease = lease
@@ -422,8 +458,10 @@ def claim(
     """The lease on ``(stage, key)`` for ``holder``, or None while another live holder has it.
 
     Free key: an exclusive create. Stale lease (see ``LeaseRecord.stale``): a conditional replace
-    of exactly the stale record read, so of several takers one wins. After winning, check
-    ``store.find`` again: the previous holder may have published just before letting go.
+    of exactly the stale record read, so of several takers one wins. A live lease of the
+    holder's own ``group`` (another node of the same multi-node run): a ``JoinedLease`` on it.
+    After winning, check ``store.find`` again: the previous holder may have published just
+    before letting go.
     """
     backend = store.leases
     for _ in range(3):  # compare-and-swap retries: a record released or replaced under our feet
@@ -440,6 +478,7 @@ def claim(
             heartbeat=now,
             pid_started=_process_started(holder.pid) if holder.pid == os.getpid() else 0.0,
             scope=_scope() if holder.pid == os.getpid() else "",
+            group=holder.group,
         )
         version = backend.create(record)
         if version is not None:
@@ -449,6 +488,9 @@ def claim(
             continue  # released between our create and read: try the create again
         found, found_version = current
         if not found.stale():
+            if holder.group and found.group == holder.group:
+                log.info("%s: joining the claim of %s", backend.where(stage, key), found.describe())
+                return JoinedLease(backend, found, found_version)
             return None
         version = backend.replace(record, found_version)
         if version is not None:

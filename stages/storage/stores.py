@@ -183,7 +183,8 @@ class LocalStore:
 
         With the key's lease (``lease``, or one claimed here and renewed in the background until
         ``commit``/``discard``): ``resume_dir``, emptied of a previous attempt's files but for its
-        ``checkpoints/``. Without it (a live run holds the lease): a new private directory.
+        ``checkpoints/`` (a node that joined another node's claim of its multi-node run leaves it
+        as it is). Without it (a live run holds the lease): a new private directory.
         """
         keep_alive = None
         if lease is None:
@@ -198,7 +199,8 @@ class LocalStore:
         if lease is not None:
             work = self.resume_dir(stage, key)
             work.mkdir(parents=True, exist_ok=True)
-            _clear(work, keep=CHECKPOINTS)  # a previous holder's half output; its checkpoints resume
+            if not lease.joined:  # the claiming node clears; a node that joined its run writes beside it
+                _clear(work, keep=CHECKPOINTS)  # a previous holder's half output; its checkpoints resume
         else:
             work = self.root / stage / f".work-{key}-{_tag()}"
             work.mkdir(parents=True)
@@ -289,6 +291,8 @@ class LocalStore:
             return
         if work.lease is None:
             shutil.rmtree(scratch, ignore_errors=True)
+        elif work.lease.joined:
+            pass  # the directory of a multi-node run: the node that claimed the key tidies it
         elif work.still_held() and scratch.is_dir():
             _clear(scratch, keep=CHECKPOINTS)
             if not any(scratch.iterdir()):

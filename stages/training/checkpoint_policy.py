@@ -108,8 +108,9 @@ class Checkpointer:
         found = self.latest()
         if self.info.enabled and not distributed.same_on_all_ranks(-1 if found is None else found[0], self.device):
             raise TrainingError(
-                f"{self.root}: the ranks see different checkpoints; on several nodes the artifact "
-                "store must be shared (s3:// or a shared filesystem) so every rank resumes from the same one"
+                f"{self.root}: the ranks see different checkpoints; on several nodes the store must be a "
+                "filesystem every node mounts (an s3:// store keeps checkpoints in each node's local cache) "
+                "so every rank resumes from the same one"
             )
         if found is None:
             return None
