@@ -12,6 +12,9 @@ plain checkpoint. The largest logit difference merged vs unmerged is recorded as
 ``replay_fraction`` of every batch's rows are windows of pretraining text (``ReplayMix``), so
 the model keeps its language modelling while it learns the chat format.
 
+Under torchrun (``nproc_per_node`` / ``nnodes`` > 1) every rank trains on its own batches of
+each step, as in pretraining, and rank 0 alone merges, writes and publishes.
+
 Outputs: ``model/`` (``checkpoint_format.save_model``), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
 
@@ -162,24 +165,12 @@ def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, f
     return merged, float((after - before).abs().max())
 
 
-def training_batches(fcfg: FinetuneConfig, x: torch.Tensor, y: torch.Tensor, data: Path | None, block: int):
-    """Packed chat rows, with ``replay_rows`` of every batch drawn from pretraining text when asked."""
-    from stages.storage.shards import TokenShards
-    from stages.training.batches import RandomWindows
-    from stages.training.chat_batches import PackedBatches, ReplayMix
-
-    n_replay = replay_rows(fcfg.replay_fraction, fcfg.batch_size)  # the recipe check made sure chat rows remain
-    batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
-    if n_replay:
-        batches = ReplayMix(batches, RandomWindows(TokenShards(data, "train"), block, n_replay, fcfg.seed + 1))
-    return batches, n_replay
-
-
 # --- the stage --------------------------------------------------------------------------------
 
 
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
-    from stages.training.chat_batches import fixed_batches, pack
+    from stages.training import distributed
+    from stages.training.chat_batches import fixed_batches, pack, training_batches
     from stages.training.loop import Display, train
     from stages.training.loss import evaluate_loss
     from stages.training.perf import resolve_device, set_threads
@@ -203,9 +194,10 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     x, y = pack(train_rendered, block + 1, pad_id)
     hx, hy = pack(held_rendered, block + 1, pad_id)
     held_batches = fixed_batches(hx, hy, fcfg.batch_size, fcfg.eval_batches)
-    with open(out / checkpoint.HELDOUT, "w", encoding="utf-8") as handle:
-        for record in heldout:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if distributed.from_env().is_main:  # under torchrun, rank 0 alone writes the outputs
+        with open(out / checkpoint.HELDOUT, "w", encoding="utf-8") as handle:
+            for record in heldout:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     batches, n_replay = training_batches(fcfg, x, y, inputs.get("data"), block)
     trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
@@ -229,6 +221,9 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         evaluate=lambda m: {"val_loss": evaluate_loss(m, held_batches)},
         display=Display("finetune", metric_prefix="finetune/"),
     )
+    if not distributed.current().is_main:
+        distributed.exit_worker()  # rank 0 merges, writes and publishes
+    distributed.teardown()
 
     metrics: dict = {"method": fcfg.method, "trainable_params": n_trainable, "replay_rows": n_replay}
     if fcfg.method == "lora":
@@ -296,4 +291,5 @@ STAGE = Stage(
     check=_problems,
     makes_model=True,
     trains=True,
+    torchrun=True,
 )

@@ -81,8 +81,6 @@ def test_missing_recipe_file(tmp_path: Path):
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        (["finetune.nproc_per_node=2"], "finetune.nproc_per_node = 2"),  # only pretrain may run under torchrun
-        (["finetune.nnodes=2"], "finetune.nnodes = 2"),
         (["stages=[tokenizer, pretrain]"], "stages: 'pretrain' needs data"),
         (["stages=[tokenizer, data, pretrain, export]", "export.source=finetune"], "stages: 'export' needs finetune"),
         (["finetune.replay_fraction=0.95"], "finetune.replay_fraction = 0.95"),

@@ -160,5 +160,5 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
     assert sent == call and "--standalone" not in cmd
     single = parse_config({"name": "x", "pretrain": {"nproc_per_node": 2}})
     assert torchrun_args(single.pretrain, "pretrain", env={})[0] == "--standalone"
-    with pytest.raises(ConfigError, match=r"finetune.nproc_per_node"):  # refused by the recipe, before any stage
-        parse_config({"name": "x", "finetune": {"nproc_per_node": 2}})
+    finetune = parse_config({"name": "x", "finetune": {"nproc_per_node": 2}})  # fine-tuning runs under torchrun too
+    assert needs_torchrun(registry.stage("finetune"), finetune.sections("finetune"))

@@ -12,12 +12,19 @@ would. ``fixed_batches`` is the held-out set the loss curve is scored on.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from stages.lm.chat import Rendered
 from stages.lm.targets import IGNORE
 from stages.training.batches import RandomWindows
+from stages.training.replay import replay_rows
+
+if TYPE_CHECKING:
+    from stages.core.sections import FinetuneConfig
 
 
 def pack(rendered: list[Rendered], row_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,3 +96,14 @@ def fixed_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``limit`` batches of rows in order: a fixed held-out set for the loss curve."""
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)][:limit]
+
+
+def training_batches(fcfg: FinetuneConfig, x: torch.Tensor, y: torch.Tensor, data: Path | None, block: int):
+    """Packed chat rows, with ``replay_rows`` of every batch drawn from pretraining text when asked."""
+    from stages.storage.shards import TokenShards
+
+    n_replay = replay_rows(fcfg.replay_fraction, fcfg.batch_size)  # the recipe check made sure chat rows remain
+    batches = PackedBatches(x, y, fcfg.batch_size - n_replay, fcfg.grad_accum, fcfg.seed)
+    if n_replay:
+        batches = ReplayMix(batches, RandomWindows(TokenShards(data, "train"), block, n_replay, fcfg.seed + 1))
+    return batches, n_replay

@@ -75,7 +75,6 @@ def test_an_override_yaml_cannot_read_is_named(capsys, tmp_path):
 @pytest.mark.parametrize(
     "override, shown",
     [
-        ("finetune.nproc_per_node=2", "finetune.nproc_per_node = 2"),  # only pretrain may run under torchrun
         ("finetune.replay_fraction=0.95", "finetune.replay_fraction = 0.95"),
         ("stages=[tokenizer, pretrain]", "stages: 'pretrain' needs data"),
     ],
