@@ -23,7 +23,7 @@ import logging
 import os
 from typing import Any
 
-from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, read_handoff_row
+from flows.stage_flow import FLOW_NAME, HANDOFF_KEY, PREEMPTED, read_handoff_row
 from stages.core.config import PipelineConfig, StageResources
 from stages.core.errors import ConfigError, ContainerError, GptpipeError
 from stages.executor import call_key
@@ -154,16 +154,28 @@ def run_stage_in_container(call: StageCall, cfg: PipelineConfig) -> dict[str, An
     deployment = deployment_name(name)
     pool_type = run_coro_as_sync(_pool_type(deployment))
     variables = job_variables(cfg, name, pool_type)
-    log.info("stage %s: starting a flow run of deployment %s (%s pool)", name, deployment, pool_type)
-    flow_run = run_deployment(
-        deployment,
-        parameters={"call": call.to_dict()},
-        job_variables=variables,
-        timeout=cfg.execution.timeout_s,
-        as_subflow=True,
-        tags=[f"stage:{name}", f"recipe:{cfg.name}"],
-    )
-    state = flow_run.state
+    for attempt in range(cfg.execution.restarts + 1):
+        log.info("stage %s: starting a flow run of deployment %s (%s pool)", name, deployment, pool_type)
+        flow_run = run_deployment(
+            deployment,
+            parameters={"call": call.to_dict()},
+            job_variables=variables,
+            timeout=cfg.execution.timeout_s,
+            as_subflow=True,
+            tags=[f"stage:{name}", f"recipe:{cfg.name}"],
+        )
+        state = flow_run.state
+        stopped = state is not None and (state.name == PREEMPTED or state.is_crashed())
+        if not stopped or attempt == cfg.execution.restarts:
+            break
+        log.warning(
+            "stage %s: flow run %r ended %s (the platform stopped its container); starting it again, %d of %d",
+            name,
+            flow_run.name,
+            state.name,
+            attempt + 1,
+            cfg.execution.restarts,
+        )
     if state is None or not state.is_completed():
         what = state.name if state is not None else "no state"
         message = (state.message or "").splitlines()[0] if state is not None and state.message else ""
@@ -182,11 +194,20 @@ def run_stage_in_container(call: StageCall, cfg: PipelineConfig) -> dict[str, An
     return record
 
 
+# Inside a stage container ``prefect flow-run execute`` is PID 1: it supervises the engine, which runs
+# in a child process. SIGTERM from the platform (``docker stop``, a pod eviction) reaches only PID 1,
+# which ignores it unless told what to do. ``reschedule``: tell the engine, pass SIGTERM on to it —
+# training checkpoints (mirrored beside the S3 store) — and put the flow run back in the queue, so the
+# worker starts a new container for the same flow run, which resumes.
+SIGTERM_BEHAVIOR = {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}
+
+
 def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: list[str] | None = None) -> list[str]:
     """Create (or update) one deployment of ``stage_flow`` per stage on work pool ``pool``."""
     from flows.stage_flow import stage_flow
     from stages.registry import ORDER
 
+    env = {**SIGTERM_BEHAVIOR, **env}
     names = []
     for stage in stages or ORDER:
         deployment = stage_flow.to_deployment(

@@ -8,7 +8,10 @@ the in-process pipeline uses — one stage call through one executor: same store
 child run under the pipeline's parent run, same retries — and then leaves a *handoff* record on
 its flow run: a table artifact with
 the output's reference and summary, which the pipeline reads back through the Prefect API.
-Artifact bytes never pass through Prefect: they are in the shared (S3) store.
+Artifact bytes never pass through Prefect: they are in the shared (S3) store. A stage the
+platform stops (``podman stop``, a pod evicted, a spot notice) checkpoints and ends in the
+state ``Failed`` named ``Preempted``, which the pipeline answers with a new flow run (a new
+container) that resumes from the checkpoints mirrored beside the store.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import json
 from typing import Any
 
 from prefect import flow
+from prefect.states import Failed
 
 from flows.prefect_artifacts import forward_stage_logs
 from flows.stage_task import stage_task
+from stages.training.preemption import Preempted
 
 HANDOFF_KEY = "gptpipe-stage-output"
 FLOW_NAME = "gptpipe-stage"
+PREEMPTED = "Preempted"  # the final state's name when the stage stopped on SIGTERM/SIGINT or a spot notice
 
 
 def handoff_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +55,10 @@ def stage_flow(call: dict[str, Any]) -> dict[str, Any]:
     from prefect.artifacts import create_table_artifact
 
     forward_stage_logs()
-    result = stage_task(call)
+    try:
+        result = stage_task(call)
+    except Preempted as exc:  # the platform is stopping this container: a state the pipeline restarts
+        return Failed(name=PREEMPTED, message=str(exc))
     create_table_artifact(
         [handoff_row(result)],
         key=HANDOFF_KEY,

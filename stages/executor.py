@@ -287,10 +287,22 @@ def _launch(
     """Run the stage's code: here, or under torchrun when its own section asks for several processes
     (``None``: another node of a multi-node run holds rank 0 and commits)."""
     sections = call.sections()
+    extra = run_extras(call, key)
     if launchers.needs_torchrun(call.declared, sections):
-        return launchers.run_torchrun(call, scratch, getattr(tracker, "run_id", None))
-    extra = {"work": work_location(call, key)} if call.declared.keeps_work else {}
+        return launchers.run_torchrun(call, scratch, getattr(tracker, "run_id", None), extras=extra)
     return call.declared.run(sections, inputs, scratch, tracker, **extra) or {}
+
+
+def run_extras(call: StageCall, key: str) -> dict[str, str]:
+    """What a stage's ``run`` takes besides its sections, inputs and directory: where it keeps state
+    across attempts that another machine must reach (the data stage's units; a training stage's
+    checkpoint mirror beside an ``s3://`` store)."""
+    from stages.training.checkpoint_mirror import mirror_uri
+
+    extra = {"work": work_location(call, key)} if call.declared.keeps_work else {}
+    if call.declared.trains and (mirror := mirror_uri(call.store, call.stage, key)):
+        extra["checkpoint_mirror"] = mirror
+    return extra
 
 
 def work_location(call: StageCall, key: str) -> str:

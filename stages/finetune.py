@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,9 +167,12 @@ def merge_lora(peft_model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, f
 # --- the stage --------------------------------------------------------------------------------
 
 
-def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
+def run(
+    cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, checkpoint_mirror: str | None = None
+) -> dict:
     from stages.training import distributed
     from stages.training.chat_batches import fixed_batches, pack, training_batches
+    from stages.training.checkpoint_mirror import drop_checkpoints
     from stages.training.loop import Display, train
     from stages.training.loss import evaluate_loss
     from stages.training.perf import resolve_device, set_threads
@@ -202,15 +204,12 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     batches, n_replay = training_batches(fcfg, x, y, inputs.get("data"), block)
     trainable: nn.Module = apply_lora(model, fcfg) if fcfg.method == "lora" else model
     n_trainable = sum(p.numel() for p in trainable.parameters() if p.requires_grad)
+    counts = (len(train_rendered), len(x), n_replay, fcfg.batch_size, n_trainable)
     log.info(
         "finetune (%s): %d conversations in %d rows, %d of %d rows per batch replay pretraining text, "
         "%d trainable parameters",
         fcfg.method,
-        len(train_rendered),
-        len(x),
-        n_replay,
-        fcfg.batch_size,
-        n_trainable,
+        *counts,
     )
     result = train(
         trainable,
@@ -220,6 +219,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": evaluate_loss(m, held_batches)},
         display=Display("finetune", metric_prefix="finetune/"),
+        checkpoint_mirror=checkpoint_mirror,
     )
     if not distributed.current().is_main:
         distributed.exit_worker()  # rank 0 merges, writes and publishes
@@ -232,7 +232,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         metrics["lora_merge_max_abs_dlogits"] = delta
         tracker.log_metrics({"finetune/lora_merge_max_abs_dlogits": delta})
     checkpoint.save_model(out / checkpoint.MODEL_DIR, model.to("cpu"))
-    shutil.rmtree(out / _WORK)  # the model is written: the resumable checkpoints have done their job
+    drop_checkpoints(out / _WORK, checkpoint_mirror)  # the model is written: they have done their job
 
     (out / checkpoint.CURVE).write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
     data = {

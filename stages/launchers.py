@@ -89,7 +89,12 @@ def node_group(declared: Stage, sections: Sections, env: dict[str, str] | None =
 
 
 def command_line(
-    call: StageCall, scratch: Path, status: Path, run_id: str | None = None, env: dict[str, str] | None = None
+    call: StageCall,
+    scratch: Path,
+    status: Path,
+    run_id: str | None = None,
+    env: dict[str, str] | None = None,
+    extras: dict[str, str] | None = None,
 ) -> list[str]:
     """The full argv: torchrun's flags, then this module as every rank's entry point."""
     section = call.sections()._values[call.stage]
@@ -98,10 +103,18 @@ def command_line(
     cmd += ["--scratch", str(scratch), "--status", str(status)]
     if run_id:
         cmd += ["--run-id", run_id]
+    if extras:
+        cmd += ["--extras", json.dumps(extras, sort_keys=True)]
     return cmd
 
 
-def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[str, str] | None = None) -> dict | None:
+def run_torchrun(
+    call: StageCall,
+    scratch: Path,
+    run_id: str | None,
+    env: dict[str, str] | None = None,
+    extras: dict[str, str] | None = None,
+) -> dict | None:
     """Run the call's stage under torchrun into ``scratch``; return rank 0's metrics or raise its error.
 
     ``None``: this node's ranks finished, and global rank 0 ran on another node of the run,
@@ -111,7 +124,7 @@ def run_torchrun(call: StageCall, scratch: Path, run_id: str | None, env: dict[s
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory(prefix="gptpipe-launch-") as tmp:
         status = Path(tmp) / "status.json"
-        cmd = command_line(call, scratch, status, run_id, child_env)
+        cmd = command_line(call, scratch, status, run_id, child_env, extras)
         shown = [arg if not arg.startswith("{") else "<call>" for arg in cmd]
         log.info("stage %s: launching %s", call.stage, shlex.join(shown))
         # Its own session: a terminal's Ctrl-C reaches this process alone, which passes the stop on once
@@ -161,6 +174,9 @@ def _rank_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", required=True, help="the directory the stage writes its files into")
     parser.add_argument("--status", required=True, help="where this node's report goes: metrics or an error")
     parser.add_argument("--run-id", default=None, help="the stage's MLflow run, which rank 0 logs into")
+    parser.add_argument(
+        "--extras", default="{}", help="JSON of the stage's other run() arguments (executor.run_extras)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -178,7 +194,8 @@ def _rank_main(argv: list[str] | None = None) -> int:
         store = open_store(call.store)
         inputs = {need: store.materialize(ref) for need, ref in call.inputs.items()}
         tracker = attach_run(call.tracking.uri, args.run_id) if args.run_id and main_rank and call.tracking else None
-        metrics = call.declared.run(call.sections(), inputs, scratch, tracker or MemoryTracker())
+        extras = json.loads(args.extras)
+        metrics = call.declared.run(call.sections(), inputs, scratch, tracker or MemoryTracker(), **extras)
         report = {"metrics": metrics or {}}
     except Preempted as exc:
         report = {"error": str(exc), "preempted": True, "transient": True}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +77,14 @@ def _global_val_loss(model: torch.nn.Module, batches: list, world: int) -> float
     return distributed.all_reduce_sum([loss], next(model.parameters()).device)[0] / world
 
 
-def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict[str, Any]:
+def run(
+    cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker, checkpoint_mirror: str | None = None
+) -> dict[str, Any]:
     from stages.storage.shards import TokenShards
     from stages.training import checkpoint_format as ckpt
     from stages.training import distributed
     from stages.training.batches import RandomWindows, fixed_windows
+    from stages.training.checkpoint_mirror import drop_checkpoints
     from stages.training.loop import Display, train
     from stages.training.perf import set_threads
 
@@ -126,6 +128,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
         checkpoint_dir=out / _WORK,
         evaluate=lambda m: {"val_loss": _global_val_loss(m, val_batches, world)},
         display=Display("pretrain"),
+        checkpoint_mirror=checkpoint_mirror,
     )
     if not distributed.current().is_main:
         distributed.exit_worker()  # rank 0 wrote the checkpoint; it alone writes and publishes the rest
@@ -135,7 +138,7 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     final = ckpt.latest_checkpoint(out / _WORK)
     assert final is not None, "train() writes a checkpoint at the end when given a directory"
     final.rename(out / MODEL_DIR)
-    shutil.rmtree(out / _WORK)
+    drop_checkpoints(out / _WORK, checkpoint_mirror)
     (out / CURVE).write_text(json.dumps(result.curve, indent=1), encoding="utf-8")
 
     return {**_metrics(result, model, vocab), **lineage}

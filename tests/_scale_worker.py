@@ -103,7 +103,7 @@ def main() -> int:
     from stages.core.config import load_config, parse_config
     from stages.core.errors import GptpipeError
     from stages.executor import run_stage
-    from stages.storage.stores import LocalStore, ref_from_path
+    from stages.storage.stores import open_store, ref_from_path
 
     torch.set_num_threads(1)
     if args.sigkill_in_checkpoint is not None:
@@ -130,11 +130,11 @@ def main() -> int:
         inputs["pretrain"] = ref_from_path(args.model)
     tracker = SignallingTracker(Path(args.metrics), args.sigkill_at, args.sigterm_at, args.sigstop_at, args.step_pause)
     try:
-        result = run_stage(stage, cfg, inputs, LocalStore(args.store), tracker)
+        result = run_stage(stage, cfg, inputs, open_store(args.store), tracker)
     except GptpipeError as exc:
         print(f"gptpipe: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"uri": result.ref.uri, "metrics": result.manifest.metrics}))
+    print(json.dumps({"uri": result.ref.uri, "digest": result.ref.digest, "metrics": result.manifest.metrics}))
     return 0
 
 

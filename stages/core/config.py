@@ -134,6 +134,12 @@ class ExecutionConfig(Section):
         description="Extra non-secret environment for stage containers; credentials come from the work pool.",
     )
     timeout_s: float | None = Field(None, gt=0, description="Give up waiting for one stage's flow run after this.")
+    restarts: int = Field(
+        2,
+        ge=0,
+        description="Start a stage's container again (a new flow run) this many times when the platform stopped it "
+        "(preempted, evicted, crashed); training resumes from its checkpoints.",
+    )
 
 
 class PipelineConfig(Section):

@@ -246,8 +246,9 @@ def open_object(uri: str, size: int | None = None) -> io.BufferedReader:
 
 
 class ObjectDirectory:
-    """An ``s3://`` prefix used as a work directory by the data stage's units on remote workers:
-    files go up whole, a unit's result JSON last (its presence marks the unit finished)."""
+    """An ``s3://`` prefix used as a work directory: by the data stage's units on remote workers (a
+    unit's result JSON goes up last and marks it finished) and by the training stages' checkpoint
+    mirror (``stages/training/checkpoint_mirror.py``). Files go up whole."""
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
@@ -282,11 +283,28 @@ class ObjectDirectory:
         except s3_errors() as exc:
             raise as_error(exc, "download", f"{self.uri}/{name}") from None
 
-    def remove_all(self) -> None:
-        """Delete every object under the prefix (the units, once assembled into the artifact)."""
-        s3 = client()
+    def names(self) -> list[str]:
+        """Every object under the prefix, as a name relative to it, sorted."""
+        start = self.prefix + "/" if self.prefix else ""
         try:
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
+            pages = client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
+            return sorted(item["Key"][len(start) :] for page in pages for item in page.get("Contents", []))
+        except s3_errors() as exc:
+            raise as_error(exc, "list", self.uri) from None
+
+    def remove(self, name: str) -> None:
+        try:
+            client().delete_object(Bucket=self.bucket, Key=self._key(name))
+        except s3_errors() as exc:
+            raise as_error(exc, "delete", f"{self.uri}/{name}") from None
+
+    def remove_all(self, under: str = "") -> None:
+        """Delete every object under the prefix (or under its folder ``under``): the units once
+        assembled into the artifact, a checkpoint no longer kept."""
+        s3 = client()
+        folder = "/".join(part for part in (self.prefix, under) if part) + "/"
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:
                     s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})

@@ -12,6 +12,8 @@ this component decides how one run uses it. The loop hands it every step and ask
   newest ``keep`` and removes leftovers of interrupted writes; every rank waits for the write;
 * ``resume_latest()`` loads the newest complete checkpoint into the model and optimizer,
   restores the RNGs and returns what the trainer saved, or None to start from scratch;
+* with a ``mirror`` (an ``s3://`` store), each checkpoint written is also copied up, and a run
+  resuming on a machine without it brings it back first (``checkpoint_mirror.py``);
 * ``latest()`` names that checkpoint (error messages point at it).
 
 Step numbers live in the directory names; only ``checkpoint_format.list_checkpoints`` reads them,
@@ -32,6 +34,7 @@ from torch import nn
 from stages.core.errors import TrainingError
 from stages.training import checkpoint_format as ckpt
 from stages.training import distributed
+from stages.training.checkpoint_mirror import CheckpointMirror
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Checkpointer:
         keep: int = 1,
         info: distributed.DistInfo | None = None,
         device: torch.device | None = None,
+        mirror: CheckpointMirror | None = None,
     ):
         if interval < 0 or keep < 1:
             raise ValueError(f"checkpoint interval {interval} must be >= 0 and keep {keep} >= 1")
@@ -64,6 +68,7 @@ class Checkpointer:
         self.interval, self.keep = interval, keep
         self.info = info or distributed.DistInfo()  # one process unless told otherwise
         self.device = device or torch.device("cpu")
+        self.mirror = mirror  # a copy beside an s3:// store, for a run that resumes on another machine
 
     @property
     def enabled(self) -> bool:
@@ -96,6 +101,8 @@ class Checkpointer:
             saved = {**state(), "rng": ckpt.rng_state(), "world_size": self.info.world_size}
             ckpt.save_checkpoint(directory, weights, self.optimizer, saved, optimizer_state=optimizer_state)
             self.prune()
+            if self.mirror is not None:
+                self.mirror.push(directory, self.keep)
         distributed.barrier()  # no rank may exit (or be killed by torchrun) while rank 0 writes
         return directory
 
@@ -104,13 +111,18 @@ class Checkpointer:
         return ckpt.prune_checkpoints(self.root, self.keep) if self.root is not None else []
 
     def resume_latest(self) -> Resumed | None:
-        """Load the newest checkpoint into the model and optimizer and restore the RNGs; None when there is none."""
+        """Load the newest checkpoint into the model and optimizer and restore the RNGs; None when there is none.
+        With a mirror, the first rank of each machine first brings back a newer checkpoint from it."""
+        if self.mirror is not None and self.root is not None:
+            if self.info.local_rank == 0:
+                self.mirror.pull_newer(self.root)
+            distributed.barrier()
         found = self.latest()
         if self.info.enabled and not distributed.same_on_all_ranks(-1 if found is None else found[0], self.device):
             raise TrainingError(
-                f"{self.root}: the ranks see different checkpoints; on several nodes the store must be a "
-                "filesystem every node mounts (an s3:// store keeps checkpoints in each node's local cache) "
-                "so every rank resumes from the same one"
+                f"{self.root}: the ranks see different checkpoints; on several nodes every node must use the "
+                "same store (a filesystem all of them mount, or s3://, whose mirrored checkpoints each node "
+                "brings back) so every rank resumes from the same one"
             )
         if found is None:
             return None

@@ -45,6 +45,7 @@ from stages.lm.targets import IGNORE
 from stages.training import distributed, perf
 from stages.training.batches import for_rank
 from stages.training.checkpoint_format import find_gpt
+from stages.training.checkpoint_mirror import CheckpointMirror
 from stages.training.checkpoint_policy import Checkpointer
 from stages.training.loss import token_loss_sum
 from stages.training.optimizer import build_optimizer, lr_at, set_lr
@@ -335,6 +336,7 @@ def train(
     checkpoint_dir: Path | None = None,
     evaluate: Evaluate | None = None,
     display: Display = Display(),  # frozen: one shared default is safe
+    checkpoint_mirror: str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` optimizer steps (resuming when possible).
 
@@ -342,7 +344,8 @@ def train(
     continues from its step with its weights, optimizer, RNG and data cursor, and says so in one
     line; the checkpointer writes one every ``checkpoint_interval`` steps, after the last one, and
     when SIGTERM, SIGINT or a preemption notice arrives (then ``Preempted`` is raised), keeping the
-    newest ``keep_checkpoints``.
+    newest ``keep_checkpoints``; ``checkpoint_mirror`` (an ``s3://`` prefix) keeps a copy of them
+    for a run that resumes on another machine.
     ``evaluate`` runs at step 0, every ``eval_interval`` steps and at the end (before the last
     checkpoint, which records it); its ``val_loss`` becomes best/final.
 
@@ -386,6 +389,7 @@ def train(
                 keep=cfg.keep_checkpoints,
                 info=info,
                 device=device,
+                mirror=CheckpointMirror(checkpoint_mirror) if checkpoint_mirror else None,
             ),
         )
         report.params(

@@ -91,8 +91,8 @@ def test_image_runs_as_non_root_and_holds_no_credentials(engine):
 
 
 @pytest.fixture(scope="module")
-def container_run(engine, services, client_env, tmp_path_factory):
-    """Stage deployments on a docker pool, a docker worker on podman's socket, one pipeline run."""
+def docker_worker(engine, services, client_env, tmp_path_factory):
+    """Stage deployments on a docker pool and a docker worker on podman's socket (for the module)."""
     cwd = tmp_path_factory.mktemp("containers-cwd")
     stage_env = [  # what the stage containers need to reach the host's S3 endpoint
         f"MLFLOW_S3_ENDPOINT_URL={services.s3_url}",
@@ -109,7 +109,8 @@ def container_run(engine, services, client_env, tmp_path_factory):
         deploy += ["--env", item]
     gptpipe(client_env, *deploy, cwd=cwd)
 
-    worker_log = open(engine["home"] / "worker.log", "w")
+    log_path = engine["home"] / "worker.log"
+    worker_log = open(log_path, "w")
     worker_env = {**client_env, "DOCKER_HOST": engine["docker_host"]}
     prefect = str(Path(sys.executable).parent / "prefect")
     worker = subprocess.Popen(
@@ -119,37 +120,41 @@ def container_run(engine, services, client_env, tmp_path_factory):
         stdout=worker_log,
         stderr=subprocess.STDOUT,
     )
+    yield {"cwd": cwd, "log": log_path}
+    worker.terminate()
     try:
-        started = time.monotonic()
-        # Its own recipe name: the Model Registry entry (gptpipe-<name>) is not the other tests'.
-        done = gptpipe(
-            client_env,
-            "run",
-            "--config",
-            str(MICRO),
-            "--set",
-            "name=micro-containers",
-            "--set",
-            f"artifacts.store={STORE}",
-            "--set",
-            "execution.mode=containers",
-            "--set",
-            "execution.resources.pretrain.memory=4g",
-            cwd=cwd,
-            timeout=1500,
-        )
-        elapsed = time.monotonic() - started
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        worker_log.close()
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "containers-worker.log").write_text((engine["home"] / "worker.log").read_text())
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+    worker_log.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "containers-worker.log").write_text(log_path.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def container_run(docker_worker, client_env):
+    """One pipeline run, each stage in its own container."""
+    started = time.monotonic()
+    # Its own recipe name: the Model Registry entry (gptpipe-<name>) is not the other tests'.
+    done = gptpipe(
+        client_env,
+        "run",
+        "--config",
+        str(MICRO),
+        "--set",
+        "name=micro-containers",
+        "--set",
+        f"artifacts.store={STORE}",
+        "--set",
+        "execution.mode=containers",
+        "--set",
+        "execution.resources.pretrain.memory=4g",
+        cwd=docker_worker["cwd"],
+        timeout=1500,
+    )
+    elapsed = time.monotonic() - started
     print(f"container pipeline: {elapsed:.0f}s")
-    return {"stdout": done.stdout, "stderr": done.stderr, "worker_log": (engine["home"] / "worker.log").read_text()}
+    return {"stdout": done.stdout, "stderr": done.stderr, "worker_log": docker_worker["log"].read_text()}
 
 
 def test_each_stage_ran_in_its_own_container_and_handed_off_through_s3(container_run, services):
@@ -195,3 +200,127 @@ def test_stage_child_runs_were_logged_from_the_containers(container_run, service
     # The pipeline registered the ONNX graph under the export child run the container created.
     parent_tags = {t["key"]: t["value"] for t in parent_run["data"]["tags"]}
     assert parent_tags["gptpipe.registered_model"].startswith("gptpipe-micro-containers/")
+
+
+# Long enough to stop mid-run (a step takes milliseconds), deterministic so the resumed weights
+# can equal an uninterrupted run's; the pipeline ends after pretraining (tokenizer and data are
+# the container pipeline's, reused from the store).
+STOP_STEPS = 300
+STOP_RECIPE = [
+    "name=micro-containers-stop",
+    f"artifacts.store={STORE}",
+    "execution.mode=containers",
+    "stages=[tokenizer, data, pretrain]",
+    f"pretrain.max_steps={STOP_STEPS}",
+    "pretrain.checkpoint_interval=25",
+    "pretrain.threads=1",
+    "pretrain.deterministic=true",
+]
+
+
+def _objects(client, prefix: str) -> list[str]:
+    return [item["Key"] for item in client.list_objects_v2(Bucket="gptpipe", Prefix=prefix).get("Contents", [])]
+
+
+def _running_pretrain(engine, other_than: set[str]) -> str | None:
+    found = _podman.run(
+        engine["env"], "podman", "ps", "-q", "--filter", "label=io.prefect.deployment-name=pretrain"
+    ).stdout.split()
+    fresh = [c for c in found if c not in other_than]
+    return fresh[0] if fresh else None
+
+
+def _wait_for(what, ready, run: subprocess.Popen, log: Path, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while (value := ready()) is None:
+        assert run.poll() is None, f"the pipeline ended before {what}:\n{log.read_text(errors='replace')[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s"
+        time.sleep(0.2)
+    return value
+
+
+def test_a_stage_container_stopped_then_killed_mid_pretraining_resumes_to_the_same_weights(
+    container_run, docker_worker, engine, services, client_env, tmp_path, monkeypatch
+):
+    """The pretraining container is stopped as platforms stop containers, twice in one run:
+
+    1. ``podman stop -t 30`` (SIGTERM, SIGKILL after the grace period: a pod eviction). Prefect's
+       supervisor (PID 1, ``PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule``) puts the flow run
+       back in the queue and stops the engine, and the worker starts a new container for it. What
+       lands is the newest checkpoint mirrored beside the S3 store: the periodic one, or the stop's
+       own when the engine acknowledged the reschedule within Prefect's 1 s.
+    2. ``podman kill`` (SIGKILL, no warning) on that new container once it has mirrored a newer
+       checkpoint. The worker reports the flow run Crashed, and the pipeline starts the stage again.
+
+    Each new container brings the newest checkpoint back and resumes; the final weights equal an
+    uninterrupted run of the same stage, bit for bit."""
+    import re
+
+    import safetensors.torch
+    import torch
+
+    from stages.core.config import load_config
+    from stages.executor import run_stage
+    from stages.storage.artifacts import ArtifactRef, read_manifest
+    from stages.storage.stores import LocalStore, S3Store, ref_from_path
+
+    command = [str(Path(sys.executable).parent / "gptpipe"), "run", "--config", str(MICRO)]
+    for item in STOP_RECIPE:
+        command += ["--set", item]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen(command, env=client_env, cwd=docker_worker["cwd"], stdout=out, stderr=subprocess.STDOUT)
+    s3 = s3_client(services)
+
+    def mirrored() -> set[str]:
+        return {k for k in _objects(s3, "containers/pretrain/.checkpoints-") if k.endswith(".done")}
+
+    def newest(keys: set[str]) -> int:
+        return max(int(re.search(r"step_(\d+)\.done$", key).group(1)) for key in keys)
+
+    _wait_for("a mirrored checkpoint", lambda: mirrored() or None, run, log)
+    first = _wait_for("the pretraining container", lambda: _running_pretrain(engine, set()), run, log)
+    _podman.run(engine["env"], "podman", "stop", "-t", "30", first)
+    after_stop = mirrored()  # the first container is gone: what it left is final
+
+    second = _wait_for("a new pretraining container", lambda: _running_pretrain(engine, {first}), run, log)
+    _wait_for("a newer mirrored checkpoint", lambda: (mirrored() - after_stop) or None, run, log)
+    _podman.run(engine["env"], "podman", "kill", second)
+    after_kill = mirrored()
+    assert run.wait(timeout=900) == 0, log.read_text(errors="replace")[-6000:]
+
+    text, worker_log = log.read_text(errors="replace"), docker_worker["log"].read_text(errors="replace")
+    assert "SIGTERM received, initiating graceful shutdown" in worker_log
+    assert "Flow run successfully rescheduled" in worker_log, "the stopped stage's flow run went back to the queue"
+    assert "ended Crashed (the platform stopped its container); starting it again, 1 of 2" in text, text[-4000:]
+    resumed = [int(step) for step in re.findall(r"pretrain: resuming from step (\d+), checkpoint", worker_log)]
+    assert resumed == [newest(after_stop), newest(after_kill)], (resumed, sorted(after_stop), sorted(after_kill))
+    assert 0 < resumed[0] < resumed[1] < STOP_STEPS
+    for step in resumed:
+        assert f"checkpoint step_{step:08d} brought back from s3://gptpipe/containers/pretrain/" in worker_log
+    assert not [k for k in _objects(s3, "containers/pretrain/.checkpoints-") if not k.endswith("/")], (
+        "the published model replaces the mirrored checkpoints"
+    )
+
+    # The uninterrupted reference: the same pretraining call, here on the host, from the same inputs.
+    for name, value in {
+        "AWS_ENDPOINT_URL_S3": services.s3_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = S3Store(STORE, cache_dir=tmp_path / "cache")
+    outputs = [k for k in _objects(s3, "containers/pretrain/") if k.endswith("/manifest.json") and "/." not in k]
+    manifests = [bucket.find("pretrain", key.split("/")[2]) for key in outputs]
+    (resumed,) = [m for m in manifests if m.config["pretrain"]["max_steps"] == STOP_STEPS]
+    inputs = {
+        name: ref_from_path(bucket.materialize(ArtifactRef.from_dict(ref))) for name, ref in resumed.inputs.items()
+    }
+    cfg = load_config(MICRO, STOP_RECIPE[3:] + ["artifacts.store=unused"])
+    reference = run_stage("pretrain", cfg, inputs, LocalStore(tmp_path / "reference"))
+    got = bucket.materialize(bucket.ref(resumed))
+    expected = safetensors.torch.load_file(str(Path(reference.ref.uri) / "model" / "model.safetensors"))
+    actual = safetensors.torch.load_file(str(got / "model" / "model.safetensors"))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert read_manifest(got).metrics["steps"] == STOP_STEPS
