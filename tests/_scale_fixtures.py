@@ -17,6 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_scale_worker.py"
 
 
+# Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
+# dropout makes the RNG state part of what a checkpoint has to carry.
+RESUMABLE_PRETRAIN = {
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
+    "max_steps": 16,
+    "checkpoint_interval": 4,
+    "keep_checkpoints": 2,
+    "batch_size": 4,
+    "warmup_steps": 2,
+    "eval_interval": 8,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "device": "cpu",
+    "threads": 1,
+    "deterministic": True,
+}
+
+
 def make_inputs(root: Path) -> dict[str, ArtifactRef]:
     """Tokenizer and data artifacts (hand-made shards of a learnable stream) in a store at ``root``."""
     store = LocalStore(root)

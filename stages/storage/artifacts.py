@@ -69,10 +69,15 @@ class Manifest:
                 f"{source}: not a valid gptpipe manifest (expected a JSON object, got {type(data).__name__})"
             )
         _check_shape(data, source)
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:  # named with repr: a key may hold a newline, and the message stays one line
+            raise ArtifactError(
+                f"{source}: not a valid gptpipe manifest (unexpected key(s) {', '.join(map(repr, unknown))})"
+            )
         try:
             manifest = cls(**data)
-        except TypeError as exc:  # missing or unexpected top-level keys
-            raise ArtifactError(f"{source}: not a valid gptpipe manifest ({exc})") from None
+        except TypeError as exc:  # missing top-level keys
+            raise ArtifactError(f"{source}: not a valid gptpipe manifest ({_first_line(exc)})") from None
         for rel in manifest.files:
             check_relative(rel, source)
         return manifest

@@ -45,3 +45,29 @@ def s3_client(layout):
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
+
+
+def moto_env(port: int) -> dict[str, str]:
+    """The environment that points gptpipe's S3 client (and boto3) at moto on 127.0.0.1:``port``."""
+    return {
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def moto_bucket(port: int, bucket: str):
+    """A boto3 client of moto on ``port`` on which ``bucket`` exists."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=bucket)
+    return client

@@ -14,6 +14,8 @@ import pytest
 
 from tests._data_fixtures import MICRO, stdlib_documents, stdlib_lines, write_corpus
 
+from ._servers import moto_bucket, moto_env
+
 pytestmark = pytest.mark.slow
 BUCKET = "gptpipe-data"
 
@@ -21,27 +23,11 @@ BUCKET = "gptpipe-data"
 @pytest.fixture
 def s3_client(moto, monkeypatch, tmp_path):
     """The environment points gptpipe (and processes started from here) at moto, whose bucket exists."""
-    import boto3
-
-    env = {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{moto}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "GPTPIPE_S3_CACHE": str(tmp_path / "s3-cache"),
-    }
+    env = {**moto_env(moto), "GPTPIPE_S3_CACHE": str(tmp_path / "s3-cache")}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
-        client.create_bucket(Bucket=BUCKET)
+    client = moto_bucket(moto, BUCKET)
     return client
 
 

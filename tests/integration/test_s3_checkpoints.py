@@ -21,47 +21,21 @@ import torch
 
 from stages.storage.artifacts import read_manifest
 from stages.storage.stores import S3Store
-from tests._scale_fixtures import make_inputs, result_of, worker_args, worker_env
+from tests._scale_fixtures import RESUMABLE_PRETRAIN, make_inputs, result_of, worker_args, worker_env
+
+from ._servers import moto_bucket, moto_env
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "gptpipe"
-PRETRAIN = {
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
-    "max_steps": 12,
-    "checkpoint_interval": 4,
-    "keep_checkpoints": 2,
-    "batch_size": 4,
-    "warmup_steps": 2,
-    "eval_interval": 6,
-    "eval_batches": 1,
-    "log_interval": 1,
-    "device": "cpu",
-    "threads": 1,
-    "deterministic": True,
-}
+PRETRAIN = RESUMABLE_PRETRAIN  # 16 steps, a checkpoint every 4, dropout: the RNG must resume too
 
 
 @pytest.fixture(scope="module")
 def s3(moto, tmp_path_factory):
     """The environment that points gptpipe at moto, a boto3 client, and the inputs in the bucket."""
-    import boto3
-
-    env = {
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{moto}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    direct = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    if BUCKET not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
-        direct.create_bucket(Bucket=BUCKET)
+    env = moto_env(moto)
+    direct = moto_bucket(moto, BUCKET)
     with pytest.MonkeyPatch.context() as patch:  # this process's uploads and downloads go to moto too
         for name, value in env.items():
             patch.setenv(name, value)
@@ -107,7 +81,7 @@ def test_a_run_whose_machine_is_lost_resumes_from_the_mirrored_checkpoint_to_the
     store, first_machine = f"s3://{BUCKET}/mirrored", tmp_path / "cache-a"
     stopped = _run(s3, store, first_machine, tmp_path, "--sigterm-at", "7")
     assert stopped.returncode == 2, stopped.stderr[-3000:]
-    assert "stopped by SIGTERM after step 7 of 12" in stopped.stderr
+    assert "stopped by SIGTERM after step 7 of 16" in stopped.stderr
     assert {"step_00000004.done", "step_00000007.done"} <= set(_mirrored(s3, "mirrored"))
     shutil.rmtree(first_machine)  # the machine is gone, and its cache with it
 

@@ -27,28 +27,13 @@ import torch
 
 from stages.training import checkpoint_format as ckpt
 from stages.training.preemption import NOTICE_POLL_ENV, NOTICE_URL_ENV
-from tests._scale_fixtures import ROOT, result_of, run_worker, worker_args, worker_env
+from tests._scale_fixtures import RESUMABLE_PRETRAIN, ROOT, result_of, run_worker, worker_args, worker_env
 from tests._spot_notice import SpotNoticeEndpoint
 
 # Every case trains in child processes and kills them: the slow tier.
 pytestmark = pytest.mark.slow
 
-# Tiny and deterministic: a resumed run must reproduce an uninterrupted one bit for bit, and
-# dropout makes the RNG state part of what a checkpoint has to carry.
-PRETRAIN = {
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16, "dropout": 0.1},
-    "max_steps": 16,
-    "checkpoint_interval": 4,
-    "keep_checkpoints": 2,
-    "batch_size": 4,
-    "warmup_steps": 2,
-    "eval_interval": 8,
-    "eval_batches": 1,
-    "log_interval": 1,
-    "device": "cpu",
-    "threads": 1,
-    "deterministic": True,
-}
+PRETRAIN = RESUMABLE_PRETRAIN
 STEPS, EVERY = PRETRAIN["max_steps"], PRETRAIN["checkpoint_interval"]
 TIMED = {"tokens_per_s", "mfu", "peak_memory_mb"}  # differ between runs by nature; nothing else may
 
