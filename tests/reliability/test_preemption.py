@@ -298,3 +298,34 @@ def test_a_run_stopped_as_a_platform_does_lands_a_checkpoint_and_reruns_to_ident
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected), how
     assert _curve(final["uri"]) == _curve(reference["uri"]), "every step once, as uninterrupted"
+
+
+def test_a_second_ctrl_c_ends_the_run_at_once_without_a_checkpoint(tiny_inputs, tmp_path):
+    """Ctrl-C asks for a checkpoint at the end of the step in progress; a person who will not wait
+    presses it again, and the run ends there: no checkpoint of that step, nothing published, the
+    last periodic checkpoint left for the rerun."""
+    store, metrics, log = tmp_path / "store", tmp_path / "metrics.jsonl", tmp_path / "stopped.log"
+    args = worker_args(store, tiny_inputs, metrics, PRETRAIN, "--step-pause", "3")  # both presses land in one step
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, *args], env=worker_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 240
+        while not [s for s in _trained_steps(metrics, proc.pid) if s >= 5]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 5"
+            time.sleep(0.05)
+        at = _trained_steps(metrics, proc.pid)[-1]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=GRACE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = log.read_text(encoding="utf-8")
+    assert proc.returncode not in (0, 2), (proc.returncode, said[-2000:])  # a KeyboardInterrupt, not the orderly 2
+    assert "stopped by SIGINT" not in said and "KeyboardInterrupt" in said
+    assert _trained_steps(metrics, proc.pid)[-1] == at, "no step after the second Ctrl-C"
+    landed = _checkpoints(store)[0]
+    assert landed and landed[-1] == at - at % EVERY, (at, landed)  # the periodic one, not one of step `at`
+    assert _published(store) == []
