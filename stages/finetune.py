@@ -12,8 +12,8 @@ plain checkpoint. The largest logit difference merged vs unmerged is recorded as
 ``replay_fraction`` of every batch's rows are windows of pretraining text (``ReplayMix``), so
 the model keeps its language modelling while it learns the chat format.
 
-Under torchrun (``nproc_per_node`` / ``nnodes`` > 1) every rank trains on its own batches of
-each step, as in pretraining, and rank 0 alone merges, writes and publishes.
+Under torchrun (``nproc_per_node`` / ``nnodes`` > 1, DDP) each rank trains on its own batches
+of every step and rank 0 alone merges, writes and publishes (FSDP: not yet, refused).
 
 Outputs: ``model/`` (``checkpoint_format.save_model``), ``heldout.jsonl`` (the held-out conversations,
 which ``evaluate`` scores), ``curve.json`` (the training curve) and ``data.json`` (counts).
@@ -265,6 +265,8 @@ def _problems(cfg: Sections) -> list[str]:
         )
     if ft.method == "lora" and not ft.lora_targets:
         problems.append("finetune.lora_targets = []: LoRA needs at least one layer name, e.g. ['qkv', 'proj']")
+    if ft.parallel == "fsdp" and ft.nproc_per_node * ft.nnodes > 1:  # its model is written from the shards
+        problems.append("finetune.parallel = 'fsdp': fine-tuning under FSDP is not supported yet; use 'ddp'")
     if ft.data == "synthetic":
         try:
             check_tasks(ft.tasks)

@@ -84,6 +84,7 @@ def test_missing_recipe_file(tmp_path: Path):
         (["stages=[tokenizer, pretrain]"], "stages: 'pretrain' needs data"),
         (["stages=[tokenizer, data, pretrain, export]", "export.source=finetune"], "stages: 'export' needs finetune"),
         (["finetune.replay_fraction=0.95"], "finetune.replay_fraction = 0.95"),
+        (["finetune.nproc_per_node=2", "finetune.parallel=fsdp"], "finetune.parallel = 'fsdp'"),
         (["finetune.tasks=[last, nope]"], "finetune.tasks = ['last', 'nope']"),
         (["finetune.method=lora", "finetune.lora_targets=[]"], "finetune.lora_targets = []"),
         (["pretrain.device=tpu"], "pretrain.device = 'tpu'"),
