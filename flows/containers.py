@@ -194,20 +194,11 @@ def run_stage_in_container(call: StageCall, cfg: PipelineConfig) -> dict[str, An
     return record
 
 
-# Inside a stage container ``prefect flow-run execute`` is PID 1: it supervises the engine, which runs
-# in a child process. SIGTERM from the platform (``docker stop``, a pod eviction) reaches only PID 1,
-# which ignores it unless told what to do. ``reschedule``: tell the engine, pass SIGTERM on to it —
-# training checkpoints (mirrored beside the S3 store) — and put the flow run back in the queue, so the
-# worker starts a new container for the same flow run, which resumes.
-SIGTERM_BEHAVIOR = {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}
-
-
 def deploy_stages(pool: str, image: str | None, env: dict[str, str], stages: list[str] | None = None) -> list[str]:
     """Create (or update) one deployment of ``stage_flow`` per stage on work pool ``pool``."""
     from flows.stage_flow import stage_flow
     from stages.registry import ORDER
 
-    env = {**SIGTERM_BEHAVIOR, **env}
     names = []
     for stage in stages or ORDER:
         deployment = stage_flow.to_deployment(

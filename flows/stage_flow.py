@@ -9,9 +9,10 @@ child run under the pipeline's parent run, same retries — and then leaves a *h
 its flow run: a table artifact with
 the output's reference and summary, which the pipeline reads back through the Prefect API.
 Artifact bytes never pass through Prefect: they are in the shared (S3) store. A stage the
-platform stops (``podman stop``, a pod evicted, a spot notice) checkpoints and ends in the
-state ``Failed`` named ``Preempted``, which the pipeline answers with a new flow run (a new
-container) that resumes from the checkpoints mirrored beside the store.
+platform stops (``podman stop``, a pod evicted, a spot notice: the image's entrypoint passes
+SIGTERM to this engine) checkpoints and ends in the state ``Failed`` named ``Preempted``, which
+the pipeline answers with a new flow run (a new container) that resumes from the checkpoints
+mirrored beside the store.
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ everything (wrong binary, wrapper swallowing the exit code) fails here instead o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +208,38 @@ def test_entrypoint_runs_stages_and_passes_programs_through(tmp_path):
     # a program on PATH runs as is: how Prefect's Docker worker starts a flow run in the image
     assert entry("prefect", "flow-run", "execute") == "prefect flow-run execute"
     assert entry("python", "-m", "torch.distributed.run") == "python -m torch.distributed.run"
+
+
+def test_entrypoint_passes_sigterm_to_the_flow_runs_engine_not_its_supervisor(tmp_path):
+    """In a stage container the entrypoint stays PID 1 for ``prefect flow-run execute`` and hands
+    the platform's SIGTERM to the engine (the supervisor's child), where training checkpoints."""
+    fake_prefect = tmp_path / "prefect"
+    fake_prefect.write_text(
+        "#!/bin/sh\n"
+        "trap 'echo supervisor got TERM' TERM\n"  # must not be reached: it is the engine's to handle
+        "sh -c 'trap \"echo engine got TERM; exit 0\" TERM; echo engine ready; while :; do sleep 0.05; done' &\n"
+        "engine=$!\n"
+        "while kill -0 $engine 2>/dev/null; do wait $engine; done\n"
+        "echo supervisor saw the engine end\n"
+    )
+    fake_prefect.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    entry = subprocess.Popen(
+        ["sh", str(DOCKER / "entrypoint.sh"), "prefect", "flow-run", "execute"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert entry.stdout.readline().strip() == "engine ready"
+        entry.send_signal(signal.SIGTERM)
+        out, _ = entry.communicate(timeout=30)
+    finally:  # a failing entrypoint leaves the fake engine running: end the whole group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(entry.pid, signal.SIGKILL)
+    assert entry.returncode == 0
+    assert out.split("\n")[:2] == ["engine got TERM", "supervisor saw the engine end"], out
 
 
 def test_dockerignore_keeps_state_out_of_the_context():
