@@ -16,7 +16,7 @@ import pytest
 
 from tests._processes import start_process, stop_process
 
-from ._servers import MICRO
+from ._servers import MICRO, moto_bucket
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -26,8 +26,6 @@ BUCKET = "gptpipe-test"
 @pytest.fixture
 def endpoint(moto, monkeypatch, tmp_path):
     """A killable proxy in front of moto; the environment points gptpipe's S3 client at it."""
-    import boto3
-
     from flows.cli.services import free_port
 
     port = free_port()
@@ -42,16 +40,7 @@ def endpoint(moto, monkeypatch, tmp_path):
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    direct = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{moto}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    if BUCKET not in {b["Name"] for b in direct.list_buckets()["Buckets"]}:
-        direct.create_bucket(Bucket=BUCKET)
-    state["direct"] = direct
+    state["direct"] = moto_bucket(moto, BUCKET)  # straight to moto, past the proxy
     state["restart"] = lambda: state.update(
         proxy=start_process([sys.executable, str(HERE / "_tcp_proxy.py"), str(port), str(moto)])
     )
