@@ -133,10 +133,11 @@ def run_torchrun(
         with forward_stop(child):
             returncode = child.wait()
         report = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else None
-    if report is not None and set(report) == {"node_rank"} and returncode == 0:
+    another_node = report is not None and set(report) == {"node_rank"}  # rank 0 ran elsewhere
+    if another_node and returncode == 0:
         log.info("stage %s: this node's ranks finished; node 0 of the run commits", call.stage)
         return None
-    if report is None or (returncode != 0 and ("metrics" in report or set(report) == {"node_rank"})):
+    if report is None or (returncode != 0 and ("metrics" in report or another_node)):
         raise _no_report(call, returncode)
     if "metrics" in report:
         return report["metrics"]

@@ -379,9 +379,13 @@ class Lease:
         if self.lost:
             return False
         current = self.backend.read(self.stage, self.key)
-        if current is None or current[0].token != self.record.token:
+        if current is None or not self._ours(current[0]):
             self.lost = True
         return not self.lost
+
+    def _ours(self, stored: LeaseRecord) -> bool:
+        """Whether the stored record is this claim: the same token."""
+        return stored.token == self.record.token
 
     def release(self) -> None:
         """Free the key for the next run; does nothing if the lease was already lost."""
@@ -411,13 +415,9 @@ class JoinedLease(Lease):
         if not self.held():
             raise LeaseLost(f"{self.backend.where(self.stage, self.key)}: the run's lease is gone")
 
-    def held(self) -> bool:
-        if self.lost:
-            return False
-        current = self.backend.read(self.stage, self.key)
-        if current is None or current[0].group != self.record.group:
-            self.lost = True
-        return not self.lost
+    def _ours(self, stored: LeaseRecord) -> bool:
+        """Any claim of the same multi-node run counts (a rerun node may have taken it over)."""
+        return stored.group == self.record.group
 
     def release(self) -> None:
         """Nothing to free: the node that claimed the key releases it."""

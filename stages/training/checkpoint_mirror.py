@@ -42,9 +42,11 @@ class CheckpointMirror:
         self.uri = uri.rstrip("/")
         self.objects = ObjectDirectory(self.uri)
 
-    def steps(self) -> list[str]:
-        """The names (``step_…``) of the complete checkpoints in the mirror, oldest first."""
-        return sorted(name[: -len(DONE)] for name in self.objects.names() if name.endswith(DONE) and "/" not in name)
+    def steps(self, names: list[str] | None = None) -> list[str]:
+        """The names (``step_…``) of the complete checkpoints in the mirror (or among ``names``, a
+        listing already made), oldest first."""
+        names = self.objects.names() if names is None else names
+        return sorted(name[: -len(DONE)] for name in names if name.endswith(DONE) and "/" not in name)
 
     def push(self, directory: Path, keep: int) -> None:
         """Copy the checkpoint ``directory`` up, mark it done, and drop all but the newest ``keep``."""
@@ -58,7 +60,8 @@ class CheckpointMirror:
     def pull_newer(self, root: Path) -> Path | None:
         """Bring the mirror's newest checkpoint into ``root`` when the machine has none as new; its
         local directory, or None when the machine is up to date (or the mirror is empty)."""
-        steps = self.steps()
+        names = self.objects.names()  # one listing for the steps and the newest one's files
+        steps = self.steps(names)
         if not steps:
             return None
         newest = steps[-1]
@@ -67,7 +70,7 @@ class CheckpointMirror:
             return None
         staging = root / f".tmp-{newest}-{uuid.uuid4().hex[:8]}"  # pruned as a leftover if this stops halfway
         prefix = newest + "/"
-        for name in self.objects.names():
+        for name in names:
             if name.startswith(prefix):
                 target = staging / name[len(prefix) :]
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import pytest
 from stages import registry
 from stages.storage.artifacts import MANIFEST, verify
 
+from ._servers import moto_bucket, moto_env
+
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs" / "micro.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # several micro pipelines at once
@@ -76,27 +78,10 @@ def test_three_runs_on_one_local_store_build_each_key_once(tmp_path):
 
 
 def test_two_runs_on_one_s3_store_build_each_key_once(tmp_path, moto):
-    import boto3
-
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PYTHONPATH": str(ROOT),
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{moto}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT), **moto_env(moto)}
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "GPTPIPE_S3_CACHE"):
         env.pop(name, None)
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{moto}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket="concurrent")
+    client = moto_bucket(moto, "concurrent")
     # Two runs, each in its own directory (its own S3 cache under its own HOME), one store.
     runs, dirs = [], []
     for index in range(2):
