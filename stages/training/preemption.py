@@ -195,8 +195,11 @@ class PreemptionGuard:
         self._seen.add(signum)
         request_stop(signal.Signals(signum).name)
         previous = self._previous.get(signum)
-        if again and signum == signal.SIGINT and callable(previous):
-            previous(signum, frame)  # Ctrl-C twice: out now (Python's own handler raises KeyboardInterrupt)
+        if again and signum == signal.SIGINT:  # Ctrl-C twice: out now
+            if callable(previous):
+                previous(signum, frame)  # Python's own handler raises KeyboardInterrupt
+            # Started with SIGINT ignored (a background job of a shell): no handler to chain to.
+            raise KeyboardInterrupt
 
     def _notice(self, reason: str) -> None:
         log.warning("%s: stopping after this step", reason)

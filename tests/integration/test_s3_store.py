@@ -65,7 +65,9 @@ def test_outage_mid_upload_fails_clearly_and_leaves_nothing_complete(endpoint, t
     from stages.storage.stores import S3Store
 
     store_uri = f"s3://{BUCKET}/outage"
-    cfg = micro(store_uri, "corpus.max_bytes=120000", "tokenizer.train_bytes=120000")
+    # The failed run cannot release its lease through a dead endpoint, so the rerun waits it out:
+    # a 6 s lease, not the default minute.
+    cfg = micro(store_uri, "corpus.max_bytes=120000", "tokenizer.train_bytes=120000", "artifacts.lease_s=6")
     key = call_key(StageCall.for_recipe("tokenizer", cfg, {}))
     uploaded: list[str] = []
 
