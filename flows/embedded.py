@@ -9,6 +9,11 @@ temporary server not to repeat them; after that, concurrent runs only read and a
 SQLite serialises (MLflow's connection waits up to a minute for the write lock, see
 ``stages.core.tracking.default_tracking_uri``).
 
+Migrating a new database runs every one of Prefect's Alembic migrations: ~9 s on 2 cores, paid by
+the first run under each ``PREFECT_HOME``. The migrated, empty database is kept once per Prefect
+version under ``~/.cache/gptpipe/prefect/`` (``$XDG_CACHE_HOME`` if set), and a new home starts
+from a copy of it, which Alembic then finds at head.
+
 For a team (many machines, many runs), use real servers: ``gptpipe services up`` or the Compose
 stack (docs/deployment.md).
 """
@@ -46,18 +51,47 @@ def prepare_prefect() -> None:
     from prefect.server.models.block_registration import run_block_auto_registration
     from prefect.settings import PREFECT_HOME
 
+    db = provide_database_interface()
+    url = db.database_config.connection_url
+    database = Path(url.split(":///", 1)[1]) if url.startswith("sqlite") and ":///" in url else None
+
     async def migrate_and_register() -> None:
-        db = provide_database_interface()
         await db.create_db()  # alembic upgrade head: a no-op once at head
         async with await db.session() as session:
             await run_block_auto_registration(session=session)
             await session.commit()
 
     with exclusive(Path(PREFECT_HOME.value()) / ".gptpipe-migrate.lock"):
+        template = _migrated_template()
+        fresh = database is not None and not database.exists()
+        if fresh and template.is_file():
+            _copy_sqlite(template, database)
         asyncio.run(migrate_and_register())
+        if fresh and not template.is_file():
+            _copy_sqlite(database, template)
     # The temporary server each run starts must not migrate or register again, beside another run.
     os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
     os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
+
+
+def _migrated_template() -> Path:
+    """Where this Prefect version's migrated, empty SQLite database is kept."""
+    import prefect
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return cache / "gptpipe" / "prefect" / f"prefect-{prefect.__version__}.db"
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database (its WAL included), renamed into place when whole."""
+    import sqlite3
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(partial)) as dst:
+        src.backup(dst)
+    os.replace(partial, target)
 
 
 def prepare_mlflow(uri: str, experiment: str, artifact_root: Path | None) -> None:

@@ -81,6 +81,10 @@ GROUP_OF_FIXTURE = {
     "servers": "reliability-servers",
     "prefect_harness": "prefect-harness",
 }
+# Modules that use the integration servers but run long on their own (an image build and a pipeline
+# in containers; three scheduled nights): groups of their own, so another worker can take them. A
+# worker that runs one of them starts its own server set (~15 s), which costs less than the wait.
+OWN_GROUP_FILES = {"test_containers.py": "containers", "test_nightly.py": "nightly"}
 # ``tests/_export_fixtures.exported`` keeps its store under the worker's own base temp dir: the
 # modules calling it share one worker so the micro export is built once.
 EXPORT_FILES = {
@@ -121,7 +125,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
         # Else one worker per module: a module-scoped fixture (the default recipe's training run,
         # a torchrun reference curve, a trained tokenizer) is built once, not once per worker.
-        group = module_group.get(module) or ("export" if name in EXPORT_FILES else module)
+        group = OWN_GROUP_FILES.get(name) or module_group.get(module) or ("export" if name in EXPORT_FILES else module)
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
     # Under xdist (the controller and every worker must collect the same order); one process keeps pytest's.
@@ -149,7 +153,9 @@ def pytest_collection_finish(session):
 # first keeps one worker from beginning a 5-minute unit while the other has nothing left.
 LONGEST_FIRST = [
     "tests/integration/test_default_recipe.py",
+    "containers",
     "integration-servers",
+    "nightly",
     "export",
     "tests/integration/test_concurrent_runs.py",
     "tests/integration/test_sweep.py",
