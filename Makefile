@@ -1,6 +1,6 @@
 # gptpipe — two commands on a fresh machine:
 #   make run    create .venv if missing, install, run the default pipeline (configs/tiny.yaml)
-#   make test   same bootstrap, then the test suite (two xdist workers)
+#   make test   same bootstrap, then the test suite (three xdist workers)
 #   make check  lint + the quick tier (unit and contract tests, no slow/browser/container): minutes
 # TORCH_SPEC picks the torch build (CI uses the local CPU wheel: TORCH_SPEC=torch==2.13.0).
 
@@ -9,10 +9,12 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch
 RECIPE     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
-# Two workers on the 2-core CI machine: many slow tests wait on servers and child processes, so a
-# second worker overlaps them. --dist loadgroup keeps each xdist_group (tests/conftest.py) on one
-# worker, so a worker does not start its own copy of a shared server set or export.
-PYTEST_WORKERS ?= 2
+# Three workers on the 2-core CI machine: much of the slow tier waits on servers, containers and
+# child processes, and every test process runs single-threaded under xdist (tests/conftest.py,
+# configs/micro.yaml), so a third worker fills those waits instead of contending at thread barriers.
+# --dist loadgroup keeps each xdist_group (tests/conftest.py) on one worker, so a worker does not
+# start its own copy of a shared server set or export.
+PYTEST_WORKERS ?= 3
 # --no-loadscope-reorder: hand groups out in collection order, which tests/conftest.py starts with
 # the longest ones (xdist's default order is by test count, which put the default recipe last).
 XDIST      := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder

@@ -2,7 +2,7 @@
 and the test tiers (markers) and xdist groups.
 
 Tiers: ``make check`` runs what is not marked ``slow``, ``browser`` or ``container`` (seconds per
-test); ``make test`` runs everything on two xdist workers. A test is ``slow`` when it trains a model
+test); ``make test`` runs everything on three xdist workers. A test is ``slow`` when it trains a model
 past a few steps, exports one, runs a pipeline or starts servers: its module says so, or it uses
 one of the fixtures that do (``SLOW_FIXTURES``), or its file is listed in ``SLOW_FILES`` (files
 other engineers own; marked here by name rather than edited).
@@ -150,7 +150,9 @@ def pytest_collection_finish(session):
 
 # The longest xdist groups, longest first (from --durations). Under xdist the units are handed out
 # in collection order (--no-loadscope-reorder) to whichever worker is free: starting the long ones
-# first keeps one worker from beginning a 5-minute unit while the other has nothing left.
+# first keeps one worker from beginning a 5-minute unit while the other has nothing left. At the start
+# xdist also hands a worker whose first unit holds at most two tests a second unit, which then waits
+# behind the first: the default recipe's run is read by three tests, so nothing queues behind it.
 LONGEST_FIRST = [
     "tests/integration/test_default_recipe.py",
     "containers",
