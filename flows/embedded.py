@@ -78,8 +78,9 @@ def _migrated_template() -> Path:
     """Where this Prefect version's migrated, empty SQLite database is kept."""
     import prefect
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    return cache / "gptpipe" / "prefect" / f"prefect-{prefect.__version__}.db"
+    from stages.storage.user_cache import user_cache
+
+    return user_cache("prefect") / f"prefect-{prefect.__version__}.db"
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:

@@ -46,6 +46,12 @@ def prefect_harness():
 _THREADS = max(1, min(2, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+@pytest.fixture(scope="session")
+def thread_share() -> int:
+    """The CPU threads one test process (or the pipeline it starts) should use: ``_THREADS``."""
+    return _THREADS
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch

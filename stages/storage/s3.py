@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.core.errors import ArtifactError
+from stages.storage.user_cache import user_cache
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 # Files at or above this size go up in parts of this size, several at a time.
@@ -163,7 +164,7 @@ def s3_errors() -> tuple[type[BaseException], ...]:
 
 def cache_root() -> Path:
     """Local home of downloaded S3 objects: ``$GPTPIPE_S3_CACHE`` or ``~/.cache/gptpipe/s3``."""
-    base = os.environ.get("GPTPIPE_S3_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "gptpipe" / "s3"
+    base = os.environ.get("GPTPIPE_S3_CACHE") or user_cache("s3")
     return Path(base).expanduser().resolve()
 
 

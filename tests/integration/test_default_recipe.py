@@ -27,12 +27,11 @@ from stages.core.sections import ExportConfig
 from stages.formats.layout import CERTIFICATE_FILE, GENAI_QUANTIZED_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-THREADS = max(1, min(2, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2500)]  # the run counts against the first test
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def report(tmp_path_factory, thread_share) -> dict:
     """The report of one ``gptpipe run`` of the default recipe, in a temporary directory."""
     tmp_path = tmp_path_factory.mktemp("default-recipe")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(ROOT)}
@@ -44,7 +43,7 @@ def report(tmp_path_factory) -> dict:
     recipe = load_config(ROOT / "configs" / "tiny.yaml")
     for name in registry.ORDER:  # every stage with a thread count
         if "threads" in type(getattr(recipe, name, None)).model_fields:
-            command += ["--set", f"{name}.threads={THREADS}"]
+            command += ["--set", f"{name}.threads={thread_share}"]
     # A generous limit: beside two other workers (or a second make run) the run takes far longer.
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
