@@ -14,10 +14,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from stages.core.errors import ArtifactError
+from stages.storage import lease as lease_module
 from stages.storage.artifacts import Manifest, files_digest, hash_files, verify
 from stages.storage.lease import STALE, LeaseHolder, LeaseLost, wait_for
 from stages.storage.stores import LocalStore
@@ -49,9 +51,10 @@ def test_of_simultaneous_claims_exactly_one_wins(tmp_path):
 
 def test_a_stale_lease_is_taken_over_by_exactly_one_of_several_takers(tmp_path):
     store = LocalStore(tmp_path / "store")
-    # 2 s, not less: the second claim must come while the lease is fresh, also on a loaded machine.
+    # A fresh lease is nobody else's: 30 s, so that no loaded machine turns it stale between the claims.
+    assert store.claim(STAGE, "fresh", ELSEWHERE, lease_s=30) is not None
+    assert store.claim(STAGE, "fresh", lease_s=30) is None, "a fresh lease is nobody else's"
     assert store.claim(STAGE, KEY, ELSEWHERE, lease_s=2) is not None
-    assert store.claim(STAGE, KEY, lease_s=30) is None, "a fresh lease is nobody else's"
     time.sleep(2.5)  # no heartbeat for longer than its 2 s: stale
     reports = race(str(store.root), "claim", tmp_path, 4, "30")
     assert wins(reports) == 1, reports
@@ -271,13 +274,15 @@ def test_the_nodes_of_one_run_share_its_claim_while_other_runs_still_wait(tmp_pa
     assert not joined.held()
 
 
-def test_a_node_that_reruns_takes_over_its_dead_claim_and_the_other_node_stays_joined(tmp_path):
+def test_a_node_that_reruns_takes_over_its_dead_claim_and_the_other_node_stays_joined(tmp_path, monkeypatch):
     store = LocalStore(tmp_path)
     group = "node1:29400/rerun"
-    dead = store.claim(STAGE, KEY, LeaseHolder("", "node2", 1, group=group), lease_s=0.3)  # never renewed
+    dead = store.claim(STAGE, KEY, LeaseHolder("", "node2", 1, group=group), lease_s=30)  # never renewed
     joined = store.claim(STAGE, KEY, LeaseHolder("", "node1", 2, group=group), lease_s=30)
     assert dead is not None and joined is not None and joined.joined
-    time.sleep(0.4)
+    # 31 s later, without waiting them out (a real clock would make "fresh, then stale" a race with load):
+    later = time.time() + 31
+    monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=lambda: later, monotonic=time.monotonic, sleep=time.sleep))
     taker = store.claim(STAGE, KEY, LeaseHolder.current(group=group), lease_s=30)
     assert taker is not None and not taker.joined, "the stale record is taken over, not joined"
     assert joined.held(), "the run still holds the key: the joined node may publish"

@@ -183,9 +183,11 @@ def test_s3_claims_have_one_winner_and_a_stale_lease_one_taker(endpoint, tmp_pat
         assert sum(r["won"] for r in reports) == 1, reports
 
     store = S3Store(uri, cache_dir=tmp_path / "c")
-    # 2 s: the second claim (two S3 round trips) must come while the lease is fresh, also under load.
+    # A fresh lease is nobody else's: 30 s, so that no loaded machine turns it stale between the claims.
+    assert store.claim("race", "fresh", LeaseHolder("gone", "another-host", 1), lease_s=30) is not None
+    assert store.claim("race", "fresh", lease_s=30) is None, "a fresh lease is nobody else's"
     stalled = store.claim("race", "k", LeaseHolder("gone", "another-host", 1), lease_s=2)
-    assert stalled is not None and store.claim("race", "k", lease_s=30) is None
+    assert stalled is not None
     assert "leases/.leases/race/k.json" in _objects(endpoint["direct"], "leases/.leases/")
     time.sleep(2.5)
     reports = race(uri, "claim", tmp_path, 4, "30")
