@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _export_fixtures import export_config, exported, reuse_graphs
 
-from stages.core.errors import ConfigError, ParityError
+from stages.core.errors import ArtifactError, ConfigError, ParityError
 from stages.core.sections import ExportConfig
 from stages.executor import run_stage
 from stages.formats.genai import package as genai_package
@@ -192,3 +194,12 @@ def test_a_pinned_runtime_the_recipe_does_not_build_is_refused_before_the_export
         parse_config({"export": {"serving": {"runtime": "quantized"}, "quantized": {"enabled": False}}})
     with pytest.raises(ConfigError, match=r"export.serving.runtime = 'genai' needs export.genai.enabled=true"):
         parse_config({"export": {"serving": {"runtime": "genai"}, "genai": {"enabled": False}}})
+
+
+def test_a_builder_failure_is_one_artifact_error_and_leaves_the_process_as_it_was(tmp_path):
+    not_a_checkpoint = tmp_path / "hf"
+    not_a_checkpoint.mkdir()
+    argv, handlers = list(sys.argv), list(logging.getLogger().handlers)
+    with pytest.raises(ArtifactError, match=r"builder failed on hf/ \(exit \d+\): \S"):
+        genai_package.build_package(not_a_checkpoint, tmp_path / "genai")
+    assert sys.argv == argv and logging.getLogger().handlers == handlers

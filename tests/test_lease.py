@@ -282,7 +282,9 @@ def test_a_node_that_reruns_takes_over_its_dead_claim_and_the_other_node_stays_j
     assert dead is not None and joined is not None and joined.joined
     # 31 s later, without waiting them out (a real clock would make "fresh, then stale" a race with load):
     later = time.time() + 31
-    monkeypatch.setattr(lease_module, "time", SimpleNamespace(time=lambda: later, monotonic=time.monotonic, sleep=time.sleep))
+    monkeypatch.setattr(
+        lease_module, "time", SimpleNamespace(time=lambda: later, monotonic=time.monotonic, sleep=time.sleep)
+    )
     taker = store.claim(STAGE, KEY, LeaseHolder.current(group=group), lease_s=30)
     assert taker is not None and not taker.joined, "the stale record is taken over, not joined"
     assert joined.held(), "the run still holds the key: the joined node may publish"
