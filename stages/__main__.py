@@ -25,10 +25,10 @@ from stages.registry import ORDER
 # __mp_main__), and a worker needs none of them, only what its task unpickles.
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str = "python -m stages") -> argparse.Namespace:
     from stages.core.config import add_override_argument
 
-    parser = argparse.ArgumentParser(prog="python -m stages", description="Run one gptpipe stage.")
+    parser = argparse.ArgumentParser(prog=prog, description="Run one gptpipe stage.")
     parser.add_argument("stage", choices=ORDER, help="stage to run")
     parser.add_argument("--config", "-c", default=None, help="recipe YAML (default: built-in defaults)")
     add_override_argument(parser, help="override a recipe field (repeatable)")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m stages") -> int:
     from stages.core.config import load_config
     from stages.core.progress import quiet_library_bars
     from stages.executor import execute
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     quiet_library_bars()  # a container's log is not a terminal
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         overrides = list(args.overrides)
         if args.out:

@@ -114,7 +114,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from stages.__main__ import main as stage_main
 
-    return stage_main(args.rest)
+    return stage_main(args.rest, prog="gptpipe stage")
 
 
 def _experiment_id(uri: str, name: str) -> str | None:
@@ -272,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     prepare_environment()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stage"]:  # everything after it is the stage's own command line, --help included
+        args = argparse.Namespace(func=cmd_stage, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GptpipeError as exc:
