@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 
+from stages.core.cpu_threads import wait_passively
 from stages.core.errors import GptpipeError
 from stages.registry import ORDER
 
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m stages") -> argpar
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m stages") -> int:
+    wait_passively()  # before the imports below load torch
     from stages.core.config import load_config
     from stages.core.progress import quiet_library_bars
     from stages.executor import execute

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flows import mlflow_links
 from stages.core.config import add_override_argument
+from stages.core.cpu_threads import wait_passively
 from stages.core.errors import GptpipeError
 from stages.core.progress import quiet_library_bars
 
@@ -22,7 +23,9 @@ DEFAULT_RECIPE = "configs/tiny.yaml"
 
 
 def prepare_environment() -> None:
-    """Embedded-mode defaults: Prefect state under the project, no telemetry, stage logs forwarded."""
+    """Embedded-mode defaults: Prefect state under the project, no telemetry, stage logs forwarded,
+    CPU threads that sleep rather than spin while they wait (``stages.core.cpu_threads``)."""
+    wait_passively()  # before anything imports torch
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptpipe")
