@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from stages.core.cpu_threads import wait_passively
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Before anything imports prefect: keep its state out of the user's home and stop telemetry.
@@ -30,6 +32,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 # directly (no flow run) would then warn on every log line.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+wait_passively()  # as in every gptpipe process, before torch loads: the workers outnumber the cores
 
 
 @pytest.fixture(scope="session")
