@@ -28,8 +28,8 @@ from typing import Any
 from stages.core.errors import ArtifactError, ConfigError
 
 CONFIG_FILE = "genai_config.json"  # what og.Model reads first
-PRECISIONS = ("fp32", "int4", "int8")
-BUILDER = "onnxruntime_genai.models.builder"  # what the builder's -p accepts for the CPU provider
+PRECISIONS = ("fp32", "int4", "int8")  # what the builder's -p accepts for the CPU provider
+BUILDER = "onnxruntime_genai.models.builder"  # the module `python -m` runs as the builder's command line
 
 
 def require_genai() -> Any:
