@@ -32,9 +32,10 @@ from flows.lineage import (
     stage_inputs,
     tokenizer_drift,
 )
-from flows.prefect_artifacts import forward_stage_logs, full_markdown, publish_artifacts
+from flows.prefect_artifacts import full_markdown, publish_artifacts
 from flows.registration import register_and_gate
 from flows.report import FROM_PARENT
+from flows.run_logs import explain_errors_in_one_line, forward_stage_logs
 from flows.stage_task import stage_task
 from stages.core.config import PipelineConfig, load_config
 from stages.core.tracking import MlflowTracker, default_tracking_uri, redact_uri, start_run
@@ -126,6 +127,7 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run the recipe's stages in order; reuse every stage whose content key already has an output."""
     forward_stage_logs()
+    explain_errors_in_one_line()
     cfg = load_config(config_path, overrides or [])
     order = ordered_stages(cfg)
     if cfg.execution.mode == "containers":

@@ -8,36 +8,17 @@ keeps a history of each across runs):
 * ``gptpipe-mlflow-<recipe>`` — a link to the MLflow parent run (an http tracking server), or
   the ``mlflow ui`` command for an embedded SQLite store;
 * ``gptpipe-netron-<recipe>`` — where the Netron bundle's ``index.html`` lives.
-
-Also here: stage loggers (``gptpipe.*``) are forwarded to the Prefect run logs, the same way
-``PREFECT_LOGGING_EXTRA_LOGGERS`` does, so a flow run started by a worker whose environment
-lacks that variable still shows what the stages said.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from flows import mlflow_links
 from flows.report import promotion_markdown, report_markdown
-
-STAGE_LOGGER = "gptpipe"
-
-
-def forward_stage_logs(name: str = STAGE_LOGGER) -> None:
-    """Give logger ``name`` the handlers Prefect gives its 'extra' loggers (API + console), once."""
-    target = logging.getLogger(name)
-    extra = logging.getLogger("prefect.extra")
-    known = {type(h) for h in target.handlers}
-    for handler in extra.handlers:
-        if type(handler) not in known:
-            target.addHandler(handler)
-    if target.level == logging.NOTSET or target.level > logging.INFO:
-        target.setLevel(logging.INFO)
 
 
 def slug(text: str) -> str:

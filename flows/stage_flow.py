@@ -23,7 +23,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Failed
 
-from flows.prefect_artifacts import forward_stage_logs
+from flows.run_logs import explain_errors_in_one_line, forward_stage_logs
 from flows.stage_task import stage_task
 from stages.training.preemption import Preempted
 
@@ -56,6 +56,7 @@ def stage_flow(call: dict[str, Any]) -> dict[str, Any]:
     from prefect.artifacts import create_table_artifact
 
     forward_stage_logs()
+    explain_errors_in_one_line()
     try:
         result = stage_task(call)
     except Preempted as exc:  # the platform is stopping this container: a state the pipeline restarts
