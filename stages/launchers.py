@@ -8,12 +8,13 @@ process it calls ``run_torchrun``, which runs
     torchrun --standalone --nproc_per_node N -m stages.launchers --call '<stage call JSON>' \\
         --scratch <dir> --status <file> [--run-id <the stage's MLflow run>]
 
-(``python -m torch.distributed.run`` is torchrun itself, named by the interpreter so it is the
-one in this environment). Every rank runs the stage's ``run`` on the same call; rank 0 writes
-the files and logs into the stage's run, and writes a status file: the metrics, or the error
-it stopped on, typed (``preempted`` for a stop request that left a checkpoint). The executor then
-hashes and commits the scratch directory, as for a stage run in its own process. SIGTERM or
-SIGINT sent to the launching process is passed on to torchrun, which passes it to every rank.
+(torchrun as ``python -m stages.torchrun_agent``: ``python -m torch.distributed.run``, the one in
+this environment, ending without a traceback when it passes a stop on). Every rank runs the
+stage's ``run`` on the same call; rank 0 writes the files and logs into the stage's run, and
+writes a status file: the metrics, or the error it stopped on, typed (``preempted`` for a stop
+request that left a checkpoint). The executor then hashes and commits the scratch directory, as
+for a stage run in its own process. SIGTERM or SIGINT sent to the launching process is passed on
+to torchrun, which passes it to every rank.
 
 Multi-node: with ``nnodes`` > 1 the c10d rendezvous flags are used; every node must run the
 same command with ``GPTPIPE_RDZV_ENDPOINT=host:port`` of a node all can reach and the same
@@ -98,7 +99,7 @@ def command_line(
 ) -> list[str]:
     """The full argv: torchrun's flags, then this module as every rank's entry point."""
     section = call.sections()._values[call.stage]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(section, call.stage, env)]
+    cmd = [sys.executable, "-m", "stages.torchrun_agent", *torchrun_args(section, call.stage, env)]
     cmd += ["-m", "stages.launchers", "--call", json.dumps(call.to_dict(), sort_keys=True)]
     cmd += ["--scratch", str(scratch), "--status", str(status)]
     if run_id:

@@ -153,7 +153,7 @@ def test_launch_command_uses_torchrun_flags_and_the_stage_entry_point(inputs, tm
         torchrun_args(cfg.pretrain, "pretrain", env={})
     call = StageCall.for_recipe("pretrain", cfg, inputs)
     cmd = command_line(call, tmp_path / "out", tmp_path / "status.json", env={"GPTPIPE_RDZV_ENDPOINT": "node0:29400"})
-    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[1:3] == ["-m", "stages.torchrun_agent"]  # torchrun, quiet on a stop it passes on
     assert {"--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400"} <= set(cmd)
     assert cmd[cmd.index("-m", 3) :][:3] == ["-m", "stages.launchers", "--call"]
     sent = StageCall.from_dict(json.loads(cmd[cmd.index("--call") + 1]))  # the same command on every node

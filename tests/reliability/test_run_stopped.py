@@ -86,6 +86,7 @@ def test_sigterm_to_gptpipe_run_checkpoints_exits_promptly_and_the_rerun_resumes
     step = int(stopped[0][0])
     ours = [line for line in said.splitlines() if line.startswith("gptpipe: ")]
     assert len(ours) == 1 and ours[0].endswith("rerun the same command to resume"), ours  # one line says it all
+    assert "Traceback" not in said, said[-3000:]  # an explained stop, not a crash (flows/run_logs.py)
     assert 10 <= step < STEPS and _checkpoints(store)[-1] == step, (step, _checkpoints(store))
     assert not [p for p in (store / "pretrain").iterdir() if not p.name.startswith(".")], "nothing published"
     print(f"SIGTERM to exit: {took:.1f} s, stopped after step {step}")
