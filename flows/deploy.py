@@ -27,21 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.process_env import RUN_ENV
 from stages.core.config import add_override_argument
-from stages.core.cpu_threads import WAIT_POLICY
 from stages.core.errors import ConfigError, GptpipeError
 
 PROJECT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 POOL_TYPES = ("process", "docker", "kubernetes")
-# Stage loggers reach the Prefect run logs in runs a worker starts, whatever its own environment,
-# and their CPU threads sleep while they wait (stages.core.cpu_threads).
-RUN_ENV = {
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "gptpipe",
-    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-    **WAIT_POLICY,
-}
 
 
 @dataclass

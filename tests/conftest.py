@@ -16,23 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from stages.core.cpu_threads import wait_passively
+from flows.process_env import EMBEDDED_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Before anything imports prefect: keep its state out of the user's home and stop telemetry.
+# Before anything imports prefect or torch: keep Prefect's state out of the user's home (and out of
+# the project's .prefect, the gptpipe command's), and the environment every gptpipe process has
+# (the workers outnumber the cores: idle CPU threads sleep).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="gptpipe-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptpipe")
-os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+for _name, _value in EMBEDDED_ENV.items():
+    os.environ.setdefault(_name, _value)
 # Stage loggers carry Prefect's API handler once a flow ran in this process; stages the tests call
 # directly (no flow run) would then warn on every log line.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-wait_passively()  # as in every gptpipe process, before torch loads: the workers outnumber the cores
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli.main import prepare_environment
-from flows.deploy import RUN_ENV
+from flows.process_env import RUN_ENV
 from stages.core.cpu_threads import WAIT_POLICY, wait_passively
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from flows import mlflow_links
+from flows.process_env import EMBEDDED_ENV
 from stages.core.config import add_override_argument
-from stages.core.cpu_threads import wait_passively
 from stages.core.errors import GptpipeError
 from stages.core.progress import quiet_library_bars
 
@@ -23,17 +23,11 @@ DEFAULT_RECIPE = "configs/tiny.yaml"
 
 
 def prepare_environment() -> None:
-    """Embedded-mode defaults: Prefect state under the project, no telemetry, stage logs forwarded,
-    CPU threads that sleep rather than spin while they wait (``stages.core.cpu_threads``)."""
-    wait_passively()  # before anything imports torch
+    """Embedded-mode defaults: Prefect state under the project, and ``flows.process_env.EMBEDDED_ENV``
+    (no telemetry, stage logs forwarded, CPU threads that sleep rather than spin while they wait)."""
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gptpipe")
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    # The temporary Prefect server migrates a fresh database on its first start; on 2 busy cores
-    # that took longer than Prefect's default 20 s wait and failed `make run` on a new machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    for name, value in EMBEDDED_ENV.items():  # before anything imports prefect, mlflow or torch
+        os.environ.setdefault(name, value)
     quiet_library_bars()  # in a log file, MLflow's and transformers' bars would be carriage-return frames
 
 

@@ -11,7 +11,7 @@ value) in the environment wins over this default.
 
 OpenMP reads the variable once, when torch's libraries load, so it is set before anything
 imports torch: by the ``gptpipe`` command, by ``python -m stages`` (a stage's container), in the
-environment of the runs a Prefect worker starts (``flows.deploy.RUN_ENV``), and torchrun's workers
+environment of the runs a Prefect worker starts (``flows.process_env.RUN_ENV``), and torchrun's workers
 inherit it.
 """
 
