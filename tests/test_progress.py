@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from stages.core.progress import LineProgress, progress_bar
+from stages.core.progress import ENV, LineProgress, progress_bar
 from stages.core.tracking import MemoryTracker
 from stages.training.loop import train
 from tests._training_fixtures import StreamBatches, micro_config, micro_model, repetitive_stream
@@ -49,6 +49,16 @@ def test_disabled_and_forced_bar(monkeypatch):
     assert not isinstance(progress_bar(total=4, file=io.StringIO()), LineProgress)
 
 
+def test_our_bar_on_a_terminal_stays_on_where_library_bars_were_turned_off(monkeypatch):
+    """quiet_library_bars sets TQDM_DISABLE for the libraries' plain tqdm bars in a process whose
+    stderr is a log; a bar of gptpipe's own drawn in that process (or a child) on a terminal stays."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv(ENV, "bar")
+    bar = progress_bar(total=5, desc="pretrain", file=io.StringIO())
+    assert not bar.disable
+    bar.close()
+
+
 def test_training_progress_in_a_log_has_no_carriage_returns(capsys, monkeypatch):
     monkeypatch.delenv("GPTPIPE_PROGRESS", raising=False)
     batches = StreamBatches(repetitive_stream(), 32, 4)
@@ -67,9 +77,10 @@ def test_training_progress_in_a_log_has_no_carriage_returns(capsys, monkeypatch)
 
 
 def test_library_bars_are_off_in_a_log_and_a_users_choice_is_kept(tmp_path):
-    """MLflow's artifact bar and transformers' weight-loading bar wrote carriage-return frames
-    into `make run > log`; with stderr a file, quiet_library_bars turns both off (checked in the
-    libraries themselves, imported afterwards), and leaves alone a value the user set."""
+    """MLflow's artifact bar, transformers' weight-loading bar and its GGUF reader's bar wrote
+    carriage-return frames into `make run > log`; with stderr a file, quiet_library_bars turns them
+    off (checked in the libraries themselves, imported afterwards), and leaves alone a value the
+    user set."""
     import os
     import subprocess
     import sys
@@ -78,7 +89,8 @@ def test_library_bars_are_off_in_a_log_and_a_users_choice_is_kept(tmp_path):
         "from stages.core.progress import quiet_library_bars; quiet_library_bars()\n"
         "from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as m\n"
         "from transformers.utils import logging as t\n"
-        "print(m.get(), t.is_progress_bar_enabled())\n"
+        "from tqdm.auto import tqdm\n"
+        "print(m.get(), t.is_progress_bar_enabled(), not tqdm(range(3)).disable)\n"
     )
     from stages.core.progress import ENV, LIBRARY_BAR_SWITCHES
 
@@ -93,10 +105,10 @@ def test_library_bars_are_off_in_a_log_and_a_users_choice_is_kept(tmp_path):
             text=True,
             check=True,
         ).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]  # any plain tqdm bar too (transformers' GGUF reader)
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true"
     with open(tmp_path / "err.log", "w") as log:
         out = subprocess.run(
             [sys.executable, "-c", probe], env=env, stderr=log, stdout=subprocess.PIPE, text=True, check=True
         ).stdout
-    assert out.split() == ["True", "False"]
+    assert out.split() == ["True", "False", "False"]

@@ -11,7 +11,8 @@ ordinary line every ``every`` items (default: each 10 % of ``total``) and one at
 multiplexer that does not look like a TTY, ``lines`` to test what a log file will show).
 
 Libraries draw bars of their own (MLflow downloading a logged model's artifacts, transformers
-loading weights); ``quiet_library_bars`` turns those off too when the output is not a terminal.
+loading weights or reading a GGUF file); ``quiet_library_bars`` turns those off too when the output
+is not a terminal.
 (lm-evaluation-harness's bars, its own and datasets', are silenced where ``stages.lm.harness`` runs it.)
 """
 
@@ -20,9 +21,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 ENV = "GPTPIPE_PROGRESS"
 
@@ -115,13 +117,18 @@ class LineProgress:
         self.close()
 
 
-Progress = tqdm | LineProgress  # what progress_bar returns
+Progress: TypeAlias = "tqdm | LineProgress"  # what progress_bar returns
 
 
 # Environment switches that turn third-party tqdm bars off; read when the library is imported.
 LIBRARY_BAR_SWITCHES = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # MLflow's artifact uploads and downloads
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub, and transformers' "Loading weights"
+    # Every other plain tqdm bar (transformers' GGUF reader: "Converting and de-quantizing GGUF
+    # tensors"): tqdm reads TQDM_<ARG> as the argument's default when it is imported (so this module
+    # imports it only to draw a bar). gptpipe's own bars are tqdm only on a terminal, and pass
+    # ``disable`` themselves.
+    "TQDM_DISABLE": "1",
 }
 
 
@@ -144,7 +151,9 @@ def progress_bar(
     """
     stream = file if file is not None else sys.stderr
     if is_terminal(stream):
-        return tqdm(total=total, desc=desc, file=stream, **kwargs)
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, file=stream, **{"disable": False, **kwargs})
     return LineProgress(
         total=total,
         desc=desc,
