@@ -68,11 +68,18 @@ def record(metrics: dict, fmt, result, seconds: dict[str, float]) -> None:
     metrics["seconds"][fmt.name] = {step: round(s, 3) for step, s in seconds.items()}
 
 
-def log_result(tracker: Tracker, out: Path, fmt, result) -> None:
+def verdict(result) -> str:
+    """How a format came out, for its progress line."""
+    return "written and gated" if result.kept else "written, then dropped by its quality gate"
+
+
+def log_result(tracker: Tracker, out: Path, fmt, result, step: str, seconds: float) -> None:
+    """The format's artifact and metrics to the tracker, and its progress line (``step``: "export 2/6: onnx")."""
     if fmt.artifact and result.kept:
         tracker.log_artifact(out / fmt.files[0].name, fmt.artifact)
     if result.logged:
         tracker.log_metrics(result.logged)
+    log.info("%s %s in %.1fs", step, verdict(result), seconds)
 
 
 def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> dict:
@@ -89,13 +96,14 @@ def run(cfg: Sections, inputs: dict[str, Path], out: Path, tracker: Tracker) -> 
     copy_tokenizer(inputs["tokenizer"], out)
     metrics, results = {"seconds": {}}, {}
     try:
-        for fmt in chosen:  # ---- write, gate, log: the same steps for every format
+        for done, fmt in enumerate(chosen, 1):  # ---- write, gate, log: the same steps for every format
             started = time.perf_counter()
             fmt.write(job)
             written = time.perf_counter()
             results[fmt.name] = result = fmt.gate(job, gate_inputs)
-            record(metrics, fmt, result, {"write": written - started, "gate": time.perf_counter() - written})
-            log_result(tracker, out, fmt, result)
+            seconds = {"write": written - started, "gate": time.perf_counter() - written}
+            record(metrics, fmt, result, seconds)
+            log_result(tracker, out, fmt, result, f"export {done}/{len(chosen)}: {fmt.name}", sum(seconds.values()))
         started = time.perf_counter()  # ---- which certified runtime serves: timed here, on this machine
         serving = [f for f in chosen if f.serving and results[f.name].kept]
         metrics["decode_ms"] = time_serving(job, serving)

@@ -5,6 +5,8 @@ in one line naming its new home."""
 from __future__ import annotations
 
 import ast
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +50,7 @@ DUMMY = Format(
 )
 
 
-def test_a_format_added_to_the_registry_is_exported_gated_and_certified(tmp_path, monkeypatch):
+def test_a_format_added_to_the_registry_is_exported_gated_and_certified(tmp_path, monkeypatch, caplog):
     store = LocalStore(tmp_path / "store")
     tokenizer = make_tokenizer(store)
     from stages.lm.tokenizer import Tokenizer
@@ -68,7 +70,8 @@ def test_a_format_added_to_the_registry_is_exported_gated_and_certified(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     tracker = MemoryTracker()
-    metrics = export.run(cfg, {"tokenizer": Path(tokenizer.uri), "finetune": Path(model.uri)}, out, tracker)
+    with caplog.at_level(logging.INFO, logger="gptpipe.export"):
+        metrics = export.run(cfg, {"tokenizer": Path(tokenizer.uri), "finetune": Path(model.uri)}, out, tracker)
 
     assert (out / DUMMY_FILE).read_text() == "2 layers\n"  # written
     assert metrics["dummy"] == {"layers": 2, "prompts_seen": 2}  # gated, its result in the metrics
@@ -82,6 +85,15 @@ def test_a_format_added_to_the_registry_is_exported_gated_and_certified(tmp_path
     ]
     assert "| dummy.txt (a test format) |" in (out / CERTIFICATE_FILE).read_text()  # in the certificate
     assert {"hf", "gguf", "genai", "quantized", "pt2"}.isdisjoint(metrics["seconds"])  # turned off: not run
+    ran = [name for name in metrics["seconds"] if name != "timing"]
+    progress = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("export ") and "/" in r.getMessage()
+    ]
+    said = [re.fullmatch(r"export (\d+)/(\d+): (\w+) written and gated in \d+\.\ds", line) for line in progress]
+    assert all(said), progress  # one progress line per format, in order, the added one last
+    assert list(dict.fromkeys((int(m[1]), int(m[2]), m[3]) for m in said)) == [
+        (i, len(ran), name) for i, name in enumerate(ran, 1)
+    ]
 
 
 def test_each_format_description_is_the_one_export_and_publish_read():
